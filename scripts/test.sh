@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs everything strata's tests need on a fresh machine, then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and exactly: a looser request could pull a multi-GB CUDA build.
+python -m pip install -q "torch>=2.6,<2.14"
+python -m pip install -q -e ".[test]"
+python -m pytest -q -ra "$@"

@@ -1,0 +1,90 @@
+"""Shape and hyper-parameters of a Llama-family model, parsed once from its files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a Hugging Face `config.json` (LlamaConfig) that the forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF-style rope_scaling dict ("rope_type": "llama3" | "linear" | "dynamic" ...), or None.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    name: str = "llama"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def head_size(self) -> int:
+        """Per-head dimension (explicit head_dim wins over hidden/heads)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids as a list, whatever form the config gave."""
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "llama") -> LlamaConfig:
+        """Build from a parsed Hugging Face config.json."""
+        known = {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+            "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim",
+            "bos_token_id", "eos_token_id",
+        }
+        kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
+        kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        # transformers >= 5 moves rope_theta into rope_parameters.
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                kwargs.setdefault("rope_theta", rp["rope_theta"])
+            if rp.get("rope_type", "default") != "default":
+                kwargs.setdefault("rope_scaling", rp)
+        return cls(**kwargs, name=name)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json transformers' LlamaForCausalLM accepts."""
+        d: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "head_dim": self.head_size,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            d["eos_token_id"] = self.eos_token_id
+        return d
