@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import pytest
+
+from strata.routing.resource_match import ResourceMatch, estimate, fleet_rates
+from strata.routing.types import ReplicaState, Snapshot
+
+from .helpers import replica, report, request
+
+RM = ResourceMatch()
+
+
+def pick(*rs: ReplicaState, req=None, seq: int = 0) -> str | None:
+    chosen = RM.pick(req or request(), Snapshot(tuple(rs), seq))
+    return chosen.url if chosen else None
+
+
+def test_prefers_the_replica_with_less_prefill_queued() -> None:
+    a = replica("a", report(waiting=2, waiting_prompt_tokens=4000))
+    b = replica("b", report(waiting=1, waiting_prompt_tokens=500))
+    assert pick(a, b) == "b"
+
+
+def test_counts_requests_dispatched_since_the_report() -> None:
+    a = replica("a", report(), pending_requests=3, pending_prompt_tokens=3000)
+    b = replica("b", report(waiting_prompt_tokens=1000))
+    assert pick(a, b) == "b"
+
+
+def test_uses_each_replicas_own_measured_rates() -> None:
+    # Same queue; b prefills 4x faster (say, a bigger GPU): b wins despite more tokens queued.
+    a = replica("a", report(waiting_prompt_tokens=1000, prefill_token_s=4e-4))
+    b = replica("b", report(waiting_prompt_tokens=2000, prefill_token_s=1e-4))
+    assert pick(a, b) == "b"
+    # Without prefill_token_s the prompt rate is used.
+    c = replica("c", report(waiting_prompt_tokens=1000, prefill_token_s=0.0,
+                            prompt_tokens_per_s=100_000.0))
+    assert pick(a, c) == "c"
+
+
+def test_expected_prefix_hit_attracts_the_request() -> None:
+    req = request(prompt_tokens=3000)
+    a = replica("a", report(waiting_prompt_tokens=500))
+    b = replica("b", report(waiting_prompt_tokens=500), prefix_match_tokens=2800)
+    assert pick(a, b, req=req) == "b"
+    # But not when b's queue outweighs the saving.
+    b2 = replica("b", report(waiting_prompt_tokens=5000), prefix_match_tokens=2800)
+    assert pick(a, b2, req=req) == "a"
+
+
+def test_running_decodes_slow_chunked_prefill() -> None:
+    # Equal prefill queues; a's budget per step is eaten by 2000 running decodes.
+    a = replica("a", report(running=2000, max_num_seqs=4096, max_num_batched_tokens=2048,
+                            waiting_prompt_tokens=1000))
+    b = replica("b", report(running=10, waiting_prompt_tokens=1000))
+    est_a = estimate(request(), a, fleet_rates((a, b)))
+    est_b = estimate(request(), b, fleet_rates((a, b)))
+    assert est_a.ttft_s > est_b.ttft_s
+    assert pick(a, b) == "b"
+
+
+def test_full_sequence_slots_add_a_wait_from_the_completion_rate() -> None:
+    full = report(running=64, max_num_seqs=64)
+    a = replica("a", full, completions_per_s=2.0)
+    e = estimate(request(), a, fleet_rates((a,)))
+    # One slot ahead to free, at 2 completions/s: at least 0.5 s.
+    assert e.ttft_s >= 0.5
+    b = replica("b", report(running=60, waiting_prompt_tokens=3000))
+    assert pick(a, b) == "b"
+
+
+def test_rejects_replicas_whose_kv_cannot_hold_the_request() -> None:
+    req = request(prompt_tokens=1600, max_tokens=800)  # 150 blocks of 16
+    tight = replica("tight", report(free_kv_blocks=100))  # idle, but no room now
+    roomy = replica("roomy", report(waiting_prompt_tokens=3000, free_kv_blocks=900))
+    assert pick(tight, roomy, req=req) == "roomy"
+    # Queued prompt tokens will claim blocks first.
+    claimed = replica("claimed", report(free_kv_blocks=200, waiting_prompt_tokens=1600))
+    assert pick(claimed, roomy, req=req) == "roomy"
+
+
+def test_queues_for_memory_when_nothing_fits_now_and_rejects_too_large() -> None:
+    req = request(prompt_tokens=1600, max_tokens=800)
+    a = replica("a", report(free_kv_blocks=10, waiting_prompt_tokens=100))
+    b = replica("b", report(free_kv_blocks=20, waiting_prompt_tokens=900))
+    assert pick(a, b, req=req) == "a"  # both must wait for memory: the shorter queue
+    huge = request(prompt_tokens=16 * 1000, max_tokens=100)  # larger than the whole cache
+    assert pick(a, b, req=huge) is None
+
+
+def test_unmeasured_replicas_borrow_the_fleet_median() -> None:
+    fresh = replica("fresh", report(prefill_token_s=0.0, prompt_tokens_per_s=0.0,
+                                    waiting_prompt_tokens=100))
+    busy = replica("busy", report(waiting_prompt_tokens=5000))
+    assert fleet_rates((fresh, busy)).prefill_token_s == pytest.approx(1e-4)
+    assert pick(fresh, busy) == "fresh"
+
+
+def test_without_any_measurement_it_orders_by_queued_tokens() -> None:
+    cold = dict(prefill_token_s=0.0, prompt_tokens_per_s=0.0, decode_step_s=0.0)
+    a = replica("a", report(waiting_prompt_tokens=900, **cold))
+    b = replica("b", report(waiting_prompt_tokens=90, **cold))
+    assert fleet_rates((a, b)).prefill_token_s == 1.0
+    assert pick(a, b) == "b"
+
+
+def test_metrics_only_replicas_are_estimated_from_waiting_counts() -> None:
+    strata_busy = replica("s", report(waiting=5, waiting_prompt_tokens=5000))
+    vllm_idle = replica("v", waiting=0, running=1, kv_usage=0.3)
+    vllm_busy = replica("w", waiting=9, running=20, kv_usage=0.3)
+    assert pick(strata_busy, vllm_idle) == "v"
+    assert pick(vllm_busy, vllm_idle) == "v"
+    assert pick(replica("full", kv_usage=1.0), vllm_busy) == "w"
+
+
+def test_ties_go_to_least_load_then_rotate() -> None:
+    a = replica("a", report(), in_flight=2)
+    b = replica("b", report(), in_flight=0)
+    c = replica("c", report(), in_flight=0)
+    assert {pick(a, b, c, seq=s) for s in range(6)} == {"b", "c"}
+
+
+def test_skips_draining_replicas() -> None:
+    a = replica("a", report(draining=True))
+    b = replica("b", report(waiting_prompt_tokens=9000))
+    assert pick(a, b) == "b"
