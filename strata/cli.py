@@ -1,0 +1,119 @@
+"""The `strata` command line: one Typer app for every service and tool."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="strata",
+    help="Cloud-native LLM inference serving: engines, gateway, stages, autoscaling, benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _cache_dir() -> Path | None:
+    """The model cache: STRATA_CACHE_DIR if set (read here, at the edge, only)."""
+    value = os.environ.get("STRATA_CACHE_DIR")
+    return Path(value) if value else None
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="Model: a .gguf file or Hugging Face directory; default: bundled SmolLM2-135M-Instruct."),
+]
+
+
+@app.command()
+def engine(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name the API reports.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (measured), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="Torch threads; default: all cores.")] = None,
+    kv_cache: Annotated[str, typer.Option(help="KV cache size in bytes (e.g. 1GiB).")] = "1GiB",
+    num_kv_blocks: Annotated[int | None, typer.Option(help="KV blocks (overrides --kv-cache).")] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    max_num_seqs: Annotated[int, typer.Option(help="Max sequences per batch.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (prefill chunk).")] = 512,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
+    no_prefix_caching: Annotated[bool, typer.Option(help="Disable automatic prefix caching.")] = False,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Serve one model replica over the OpenAI API (plus /health, /metrics, /load)."""
+    import uvicorn
+
+    from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
+    from strata.engine.server import build_app
+
+    _setup_logging(log_level)
+    cfg = EngineConfig(
+        model=model,
+        served_model_name=served_model_name,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        block_size=block_size,
+        kv_cache_bytes=_parse_bytes(kv_cache),
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_prefix_caching=not no_prefix_caching,
+        cache_dir=_cache_dir(),
+    )
+    core = build_engine_core(cfg)
+    eng = AsyncEngine(core)
+    eng.start()
+    try:
+        uvicorn.run(build_app(eng), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        eng.stop()
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Serve the model locally on the embedded default (one engine replica for now)."""
+    engine(model=model, host=host, port=port)
+
+
+def _mount_optional() -> None:
+    """Mount sub-apps of packages that provide one."""
+    try:
+        from strata.bench.cli import app as bench_app
+    except ImportError:
+        return
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_optional()
+
+
+if __name__ == "__main__":
+    app()

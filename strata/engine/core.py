@@ -1,0 +1,350 @@
+"""The synchronous engine core: scheduler + runner + sampler + detokenizer, one step at a time.
+
+`EngineCore.step()` runs one iteration and returns per-sequence output deltas.
+It owns no thread and no event loop; `strata.engine.engine.AsyncEngine` drives
+it from a background thread and the HTTP server consumes its outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from strata.engine.kv_cache import BlockManager
+from strata.engine.runner import ModelRunner
+from strata.engine.sampler import Sampler, SampleRequest, TokenLogprobs, logprobs_of
+from strata.engine.sampling import SamplingParams
+from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from strata.engine.sequence import Sequence
+from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from strata.load import LoadReport
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (maps to HTTP 400)."""
+
+
+@dataclass
+class SeqOutput:
+    """What one step produced for one sequence."""
+
+    seq_id: int
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class _SeqState:
+    """Per-sequence output-side state the scheduler does not need."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    text: str = ""  # full output text so far (after stop-string truncation)
+    emitted: int = 0  # characters of `text` already handed out
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+
+class _RateWindow:
+    """Counts over a sliding time window, for the load report's measured rates."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.events: deque[tuple[float, int, int]] = deque()
+
+    def add(self, now: float, prompt: int, gen: int) -> None:
+        self.events.append((now, prompt, gen))
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+
+    def rates(self, now: float) -> tuple[float, float]:
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+        if not self.events:
+            return 0.0, 0.0
+        span = max(now - self.events[0][0], 1e-3)
+        return (
+            sum(e[1] for e in self.events) / span,
+            sum(e[2] for e in self.events) / span,
+        )
+
+
+class EngineCore:
+    """One model replica's batching loop body."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        scheduler_config: SchedulerConfig,
+        model_name: str,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.config = scheduler_config
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.blocks)
+        self.sampler = Sampler()
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids)
+        self.states: dict[int, _SeqState] = {}
+        self.rates = _RateWindow()
+        self.decode_step_s = 0.0
+        self.prefill_token_s = 0.0
+        self.total_prompt_tokens = 0
+        self.total_generation_tokens = 0
+        self.draining = False
+
+    # -- requests -------------------------------------------------------------
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise RequestError when a prompt or its budget cannot ever fit."""
+        max_len = self.config.max_model_len
+        if num_prompt_tokens == 0:
+            raise RequestError("the prompt is empty; send at least one token")
+        if num_prompt_tokens + params.max_tokens > max_len:
+            raise RequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {num_prompt_tokens + params.max_tokens} tokens "
+                f"({num_prompt_tokens} in the messages, {params.max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+        bs = self.runner.block_size
+        need = -(-(num_prompt_tokens + params.max_tokens) // bs)
+        if need > self.blocks.num_blocks:
+            raise RequestError(
+                f"the request needs {need} KV blocks but this replica has only "
+                f"{self.blocks.num_blocks}; reduce max_tokens or the prompt"
+            )
+        vocab = self.runner.model.config.vocab_size
+        for t in params.stop_token_ids:
+            if not 0 <= t < vocab:
+                raise RequestError(f"stop_token_ids contains {t}, outside the vocabulary")
+        for t in params.logit_bias:
+            if not 0 <= t < vocab:
+                raise RequestError(f"logit_bias has token id {t}, outside the vocabulary")
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float) -> None:
+        """Queue a validated sequence."""
+        vocab = self.runner.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        self.check_request(len(prompt_ids), params)
+        seq = Sequence(seq_id, list(prompt_ids), params, arrival_time=now)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed(params.seed)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
+        )
+        st = _SeqState(seq, detok, gen)
+        if params.prompt_logprobs is not None:
+            st.prompt_logprobs = [None]
+        self.states[seq_id] = st
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop a sequence and free its KV blocks; False if it was unknown or done."""
+        self.states.pop(seq_id, None)
+        return self.scheduler.abort(seq_id) is not None
+
+    @property
+    def has_work(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step ---------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        """Schedule, run the model, sample, detokenize, and check stop conditions."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.step()
+        for seq in batch.preempted:
+            st = self.states.get(seq.seq_id)
+            if st is not None:
+                st.pending_logprobs.clear()
+        if not batch:
+            return []
+        inputs = self.runner.prepare(batch)
+        hidden = self.runner.forward(inputs)
+        rows = list(inputs.sample_rows)
+        plp_ranges = self._prompt_logprob_rows(batch, len(batch.decodes))
+        extra = [r for rng in plp_ranges.values() for r in range(*rng)]
+        logits = self.runner.logits(hidden, rows + extra)
+        sample_entries = [e for e in batch.entries if e.samples]
+        reqs = []
+        for e in sample_entries:
+            st = self.states[e.seq.seq_id]
+            reqs.append(
+                SampleRequest(
+                    e.seq.params,
+                    e.seq.prompt_token_ids,
+                    e.seq.output_token_ids,
+                    self.eos_token_ids,
+                    st.generator,
+                )
+            )
+        tokens, lps = self.sampler(logits[: len(rows)], reqs) if reqs else ([], [])
+        if extra:
+            self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :])
+        self.scheduler.on_step_done(batch)
+        outputs: list[SeqOutput] = []
+        for e, tok, lp in zip(sample_entries, tokens, lps, strict=True):
+            out = self._append_token(e.seq, tok, lp)
+            if out is not None:
+                outputs.append(out)
+        self._account(batch, len(sample_entries), time.perf_counter() - t0)
+        return outputs
+
+    def _prompt_logprob_rows(self, batch: Batch, offset: int) -> dict[int, tuple[int, int]]:
+        ranges: dict[int, tuple[int, int]] = {}
+        for e in batch.prefills:
+            st = self.states.get(e.seq.seq_id)
+            if st is not None and st.prompt_logprobs is not None and not st.prompt_logprobs_sent:
+                if e.start < e.seq.num_prompt_tokens:
+                    ranges[e.seq.seq_id] = (offset, offset + e.num_tokens)
+            offset += e.num_tokens
+        return ranges
+
+    def _collect_prompt_logprobs(
+        self, batch: Batch, ranges: dict[int, tuple[int, int]], logits: torch.Tensor
+    ) -> None:
+        lp_all = torch.log_softmax(logits, dim=-1)
+        i = 0
+        for e in batch.prefills:
+            rng = ranges.get(e.seq.seq_id)
+            if rng is None:
+                continue
+            st = self.states[e.seq.seq_id]
+            assert st.prompt_logprobs is not None
+            n_prompt = e.seq.num_prompt_tokens
+            top_n = e.seq.params.prompt_logprobs or 0
+            for j in range(e.num_tokens):
+                nxt = e.start + j + 1
+                if nxt < n_prompt and len(st.prompt_logprobs) == nxt:
+                    tok = e.seq.prompt_token_ids[nxt]
+                    st.prompt_logprobs.append(logprobs_of(lp_all[i + j], tok, top_n))
+            i += rng[1] - rng[0]
+
+    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> SeqOutput | None:
+        st = self.states.get(seq.seq_id)
+        if st is None:
+            return None
+        seq.output_token_ids.append(token)
+        if lp is not None:
+            st.pending_logprobs.append(lp)
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        finish: str | None = None
+        stop_reason: str | int | None = None
+        is_stop_token = n_out >= p.min_tokens and (
+            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        )
+        if is_stop_token:
+            finish = "stop"
+            stop_reason = token if token in p.stop_token_ids else None
+        else:
+            st.text += st.detok.add(token)
+        if finish is None and p.stop and n_out >= p.min_tokens:
+            hit = self._find_stop(st, p)
+            if hit is not None:
+                finish, stop_reason = "stop", hit
+        if finish is None and (n_out >= p.max_tokens or seq.num_tokens >= self.config.max_model_len):
+            finish = "length"
+        if finish is not None and not isinstance(stop_reason, str):
+            st.text += st.detok.flush()
+        # Hold back a possible stop-string prefix until it is resolved.
+        hold = 0 if finish else max((len(s) for s in p.stop), default=1) - 1
+        upto = max(st.emitted, len(st.text) - hold)
+        delta = st.text[st.emitted : upto]
+        st.emitted = upto
+        out = SeqOutput(
+            seq_id=seq.seq_id,
+            token_ids=[token],
+            text=delta,
+            finished=finish is not None,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            logprobs=st.pending_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=n_out,
+        )
+        st.pending_logprobs = []
+        if st.prompt_logprobs is not None and not st.prompt_logprobs_sent:
+            out.prompt_logprobs = st.prompt_logprobs
+            st.prompt_logprobs_sent = True
+        if finish is not None:
+            self.scheduler.finish(seq, finish)
+            del self.states[seq.seq_id]
+        return out
+
+    @staticmethod
+    def _find_stop(st: _SeqState, p: SamplingParams) -> str | None:
+        longest = max(len(s) for s in p.stop)
+        # Only the tail can contain a new match: text emitted before was checked already.
+        search_from = max(0, st.emitted - longest)
+        best: tuple[int, str] | None = None
+        for s in p.stop:
+            i = st.text.find(s, search_from)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
+        st.emitted = min(st.emitted, len(st.text))
+        return s
+
+    def _account(self, batch: Batch, n_sampled: int, step_s: float) -> None:
+        now = time.monotonic()
+        prompt_toks = batch.num_prefill_tokens
+        self.total_prompt_tokens += prompt_toks
+        self.total_generation_tokens += n_sampled
+        self.rates.add(now, prompt_toks, n_sampled)
+        alpha = 0.2
+        if not batch.prefills:
+            self.decode_step_s = (
+                step_s if self.decode_step_s == 0 else (1 - alpha) * self.decode_step_s + alpha * step_s
+            )
+        elif prompt_toks >= 32:
+            per_tok = step_s / batch.num_tokens
+            self.prefill_token_s = (
+                per_tok
+                if self.prefill_token_s == 0
+                else (1 - alpha) * self.prefill_token_s + alpha * per_tok
+            )
+
+    def load_report(self, ready: bool = True) -> LoadReport:
+        """This replica's load right now."""
+        prompt_rate, gen_rate = self.rates.rates(time.monotonic())
+        return LoadReport(
+            model=self.model_name,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            waiting_prompt_tokens=self.scheduler.waiting_prompt_tokens(),
+            free_kv_blocks=self.blocks.num_free_blocks,
+            total_kv_blocks=self.blocks.num_blocks,
+            block_size=self.blocks.block_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            prefix_hit_rate=self.blocks.stats().hit_rate,
+            prompt_tokens_per_s=prompt_rate,
+            generation_tokens_per_s=gen_rate,
+            decode_step_s=self.decode_step_s,
+            prefill_token_s=self.prefill_token_s,
+            ready=ready,
+            draining=self.draining,
+        )

@@ -1,0 +1,217 @@
+"""The engine loop: a background thread stepping EngineCore, bridged to asyncio.
+
+The HTTP side never touches the scheduler: it submits requests and aborts
+through a queue and reads per-request output queues, the narrow seam vLLM v1
+keeps between its API server and engine core. The thread releases the GIL
+inside torch ops, so the event loop keeps serving while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from strata.engine.core import EngineCore, RequestError, SeqOutput
+from strata.engine.model import LlamaModel
+from strata.engine.runner import ModelRunner, kv_bytes_per_block
+from strata.engine.sampling import SamplingParams
+from strata.engine.scheduler import SchedulerConfig
+from strata.engine.tokenizer import load_tokenizer
+from strata.engine.weights import load_config, load_state_dict, resolve_model
+
+log = logging.getLogger("strata.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build one engine replica."""
+
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch intra-op threads; None: all cores
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    cache_dir: Path | None = None
+
+
+def pick_device(device: str) -> torch.device:
+    """cuda when asked or available under auto, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _matmul_tflops(dtype: torch.dtype, m: int = 64, k: int = 576, n: int = 1536) -> float:
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    reps = 50
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e12
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Resolve "auto" by measurement: bf16 only where this CPU runs it faster (AMX)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+        return table[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16
+    fp32 = _matmul_tflops(torch.float32)
+    bf16 = _matmul_tflops(torch.bfloat16)
+    choice = torch.bfloat16 if bf16 > 1.25 * fp32 else torch.float32
+    log.info("dtype auto: fp32 %.3f TFLOP/s, bf16 %.3f TFLOP/s -> %s", fp32, bf16, choice)
+    return choice
+
+
+def build_engine_core(cfg: EngineConfig) -> EngineCore:
+    """Load the model and tokenizer and size the KV cache."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    path = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
+    config = load_config(path)
+    tokenizer = load_tokenizer(path)
+    state = load_state_dict(path, config, dtype=torch.float32)
+    model = LlamaModel(config)
+    model.load_weights(state)
+    del state
+    model = model.to(device=device, dtype=dtype).eval()
+    per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
+    num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
+    max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device)
+    name = cfg.served_model_name or (
+        "SmolLM2-135M-Instruct" if cfg.model in (None, "bundled", "smollm2-135m") else path.stem
+    )
+    sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
+    log.info(
+        "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB)",
+        name, dtype, device, torch.get_num_threads(), num_blocks, cfg.block_size,
+        num_blocks * per_block / 2**20,
+    )
+    return EngineCore(runner, tokenizer, sched, name, cfg.enable_prefix_caching)
+
+
+class AsyncEngine:
+    """Runs EngineCore in a thread; `generate` streams one sequence's outputs."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[tuple[int, list[int], SamplingParams, float]] = []
+        self._aborts: list[int] = []
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the engine thread after the current step."""
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        core = self.core
+        try:
+            while not self._stopped:
+                with self._lock:
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                    self._wake.clear()
+                for sid in aborts:
+                    core.abort(sid)
+                for sid, ids, params, now in adds:
+                    if sid in self._queues:
+                        try:
+                            core.add(sid, ids, params, now)
+                        except RequestError as e:
+                            self._deliver([(sid, e)])
+                if not core.has_work:
+                    self._wake.wait(timeout=1.0)
+                    continue
+                outputs = core.step()
+                if outputs:
+                    self._deliver([(o.seq_id, o) for o in outputs])
+        except BaseException as e:  # noqa: BLE001 - surfaced to every waiter and /health
+            log.exception("engine loop died")
+            self.dead = e
+            self._deliver([(sid, e) for sid in list(self._queues)])
+
+    def _deliver(self, items: list[tuple[int, SeqOutput | BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for sid, item in items:
+            entry = self._queues.get(sid)
+            if entry is None:
+                continue
+            loop, q = entry
+            by_loop.setdefault(loop, []).append((q, item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
+
+    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Validate a request up front so errors become 400s before streaming starts."""
+        self.core.check_request(num_prompt_tokens, params)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
+        """Yield output deltas until the sequence finishes; aborts it if the caller stops."""
+        if self.dead is not None:
+            raise RuntimeError("the engine loop has died; restart this replica")
+        sid = next(self._ids)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[sid] = (asyncio.get_running_loop(), q)
+        with self._lock:
+            self._adds.append((sid, prompt_ids, params, time.monotonic()))
+            self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._queues.pop(sid, None)
+            if not finished:
+                with self._lock:
+                    self._aborts.append(sid)
+                    self._wake.set()
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in pairs:
+        q.put_nowait(item)

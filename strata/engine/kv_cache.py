@@ -1,0 +1,176 @@
+"""Paged KV-cache bookkeeping: block pool, block tables and the automatic prefix cache.
+
+Pure: this module only counts and hashes blocks (no tensors, no clock), so the
+simulator drives it unchanged. A full block is keyed by a hash chain over its
+token ids and every token before it; blocks are shared with reference counts,
+and free blocks that still hold a cached prefix are evicted least recently used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from strata.engine.sequence import Sequence
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """Hash of a full block chained on its parent's hash (so equal hashes mean equal prefixes)."""
+    return hash((parent, tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheStats:
+    """Lifetime prompt-token counts seen by the prefix cache."""
+
+    queried_tokens: int
+    hit_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Cached prompt tokens over prompt tokens looked up."""
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class BlockManager:
+    """Allocates fixed-size KV blocks to sequences and shares cached prefixes."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        # Free blocks in eviction order: uncached ones first, then cached ones LRU-first.
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    # -- capacity ---------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with no user (cached-but-free ones count as free: they are evictable)."""
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences."""
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs so that `num_tokens` tokens fit in its table."""
+        need = -(-num_tokens // self.block_size)
+        return max(0, need - len(seq.block_table))
+
+    def stats(self) -> PrefixCacheStats:
+        """Prefix-cache hit counters."""
+        return PrefixCacheStats(self.queried_tokens, self.hit_tokens)
+
+    # -- allocation -------------------------------------------------------------
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hashes[block]
+        if h is not None:  # evict the cached prefix it held
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hashes[block] = None
+            self.block_tokens[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach cached blocks of seq's prompt; return the number of tokens they cover.
+
+        Called once when a sequence is admitted with an empty block table. At least
+        one prompt token is always left to compute, so the model yields logits.
+        """
+        assert not seq.block_table
+        n_prompt = seq.num_prompt_tokens
+        self.queried_tokens += n_prompt
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0
+        parent: int | None = None
+        hits: list[int] = []
+        hashes: list[int] = []
+        for start in range(0, n_prompt - self.block_size + 1, self.block_size):
+            tokens = tuple(seq.prompt_token_ids[start : start + self.block_size])
+            h = block_hash(parent, tokens)
+            block = self.cached.get(h)
+            if block is None or self.block_tokens[block] != tokens:
+                break
+            hits.append(block)
+            hashes.append(h)
+            parent = h
+        for block in hits:
+            self._ref(block)
+        seq.block_table.extend(hits)
+        seq.block_hashes = hashes
+        seq.num_hashed_blocks = len(hits)
+        cached = len(hits) * self.block_size
+        if cached >= seq.num_tokens:
+            cached = seq.num_tokens - 1  # recompute the last token (same K/V rewritten)
+        seq.num_cached_tokens = cached
+        seq.num_computed_tokens = cached
+        self.hit_tokens += cached
+        return cached
+
+    def unmatch(self, seq: Sequence) -> None:
+        """Undo `match_prefix` for a sequence that could not be admitted after all."""
+        self.queried_tokens -= seq.num_prompt_tokens
+        self.hit_tokens -= seq.num_cached_tokens
+        seq.num_cached_tokens = 0
+        self.free_sequence(seq)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """Whether num_blocks free (or evictable) blocks exist."""
+        return num_blocks <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens; False (no change) if full."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Register seq's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(seq.num_hashed_blocks, full):
+            tokens = tuple(seq.tokens(i * self.block_size, (i + 1) * self.block_size))
+            h = block_hash(parent, tokens)
+            block = seq.block_table[i]
+            if h not in self.cached and self.block_hashes[block] is None:
+                self.cached[h] = block
+                self.block_hashes[block] = h
+                self.block_tokens[block] = tokens
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop seq's references; blocks nobody uses become free, cached ones stay hittable."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                if self.block_hashes[block] is None:
+                    # Uncached blocks are reused first, keeping cached prefixes longer.
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0

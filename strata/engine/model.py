@@ -1,0 +1,305 @@
+"""Llama-family transformer whose forward runs any contiguous layer range [a, b).
+
+The same module serves a whole engine (embedding + all layers + head) and a
+layer-range stage (any subset, embedding and head optional). Attention reads and
+writes a paged KV cache described by `AttentionMetadata`; without metadata the
+forward is a plain causal pass over one sequence, used as a reference in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.engine.model_config import LlamaConfig
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk of new tokens inside the flattened batch."""
+
+    start: int  # index of its first token in the flattened batch
+    length: int  # number of new tokens
+    context_len: int  # tokens already in the KV cache before this chunk
+    # Slots of all context_len + length tokens, only needed when context_len > 0.
+    gather_slots: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to.
+
+    The flattened batch holds `num_decodes` single-token decodes first, then the
+    prefill spans. Decodes attend over padded gathers of their cached tokens.
+    """
+
+    slot_mapping: torch.Tensor  # [T] flat KV slot for every token of the batch
+    num_decodes: int = 0
+    decode_slots: torch.Tensor | None = None  # [D, Lmax] slots, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, Lmax] bool, True = attend
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies, with the config's rope scaling applied (HF semantics)."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in ("default", None):
+        return inv_freq.float()
+    if rope_type == "linear":
+        return (inv_freq / float(scaling["factor"])).float()
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, smoothed, scaled).float()
+    raise ValueError(
+        f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF-layout rotation: the head's two halves are the real and imaginary parts."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a paged KV cache."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_size
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if meta is None:
+            out = self._causal(q, k, v)
+        else:
+            assert kv_cache is not None
+            k_cache, v_cache = kv_cache
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
+            out = torch.empty_like(q)
+            d = meta.num_decodes
+            if d:
+                out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
+            for span in meta.prefills:
+                s, e = span.start, span.start + span.length
+                if span.context_len == 0:
+                    out[s:e] = self._causal(q[s:e], k[s:e], v[s:e])
+                else:
+                    assert span.gather_slots is not None
+                    out[s:e] = self._causal(
+                        q[s:e],
+                        k_cache[span.gather_slots],
+                        v_cache[span.gather_slots],
+                        context_len=span.context_len,
+                    )
+        return self.o_proj(out.reshape(t, self.q_size))
+
+    def _causal(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int = 0
+    ) -> torch.Tensor:
+        """Causal attention of q (the last len(q) positions) over k/v."""
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
+        kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, Lk, D]
+        vh = v.transpose(0, 1).unsqueeze(0)
+        if context_len == 0:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            lq, lk = q.shape[0], k.shape[0]
+            # Bottom-right aligned causal mask: query i sits at position context_len + i.
+            rows = torch.arange(lq, device=q.device).unsqueeze(1) + context_len
+            mask = torch.arange(lk, device=q.device).unsqueeze(0) <= rows
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """One query per sequence over its gathered, padded context."""
+        assert meta.decode_slots is not None and meta.decode_mask is not None
+        kg = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
+        vg = v_cache[meta.decode_slots].transpose(1, 2)
+        qh = q.unsqueeze(2)  # [D, H, 1, Dh]
+        o = F.scaled_dot_product_attention(
+            qh, kg, vg, attn_mask=meta.decode_mask, enable_gqa=True
+        )
+        return o.squeeze(2)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with the gate and up projections fused into one matmul."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, meta, kv_cache):  # type: ignore[no-untyped-def]
+        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
+        x = x + self.self_attn(h, cos, sin, meta, kv_cache)
+        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
+        return x + self.mlp(h)
+
+
+class LlamaModel(nn.Module):
+    """Layers [layer_start, layer_end) of a Llama model, with optional embedding and head."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        has_embed: bool = True,
+        has_head: bool = True,
+    ) -> None:
+        super().__init__()
+        layer_end = config.num_hidden_layers if layer_end is None else layer_end
+        if not 0 <= layer_start <= layer_end <= config.num_hidden_layers:
+            raise ValueError(
+                f"layer range {layer_start}:{layer_end} is outside the model's "
+                f"0:{config.num_hidden_layers} layers"
+            )
+        self.config = config
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.has_embed, self.has_head = has_embed, has_head
+        self.embed_tokens = (
+            nn.Embedding(config.vocab_size, config.hidden_size) if has_embed else None
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_start, layer_end))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size)) if has_head else None
+        self.lm_head = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_head else None
+        )
+        self.register_buffer("inv_freq", _rope_inv_freq(config), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers this model part holds."""
+        return self.layer_end - self.layer_start
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up projections."""
+        dtype = next(self.parameters()).dtype
+
+        def get(name: str) -> torch.Tensor:
+            if name not in state_dict:
+                raise KeyError(f"weight {name!r} missing from the model files")
+            return state_dict[name].to(dtype)
+
+        with torch.no_grad():
+            if self.embed_tokens is not None:
+                self.embed_tokens.weight.copy_(get("model.embed_tokens.weight"))
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{self.layer_start + i}."
+                attn = layer.self_attn
+                qkv = torch.cat(
+                    [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
+                )
+                attn.qkv_proj.weight.copy_(qkv)
+                attn.o_proj.weight.copy_(get(p + "self_attn.o_proj.weight"))
+                gate_up = torch.cat(
+                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0
+                )
+                layer.mlp.gate_up_proj.weight.copy_(gate_up)
+                layer.mlp.down_proj.weight.copy_(get(p + "mlp.down_proj.weight"))
+                layer.input_layernorm.copy_(get(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.copy_(get(p + "post_attention_layernorm.weight"))
+            if self.has_head:
+                assert self.norm is not None and self.lm_head is not None
+                self.norm.copy_(get("model.norm.weight"))
+                head = state_dict.get("lm_head.weight")
+                if head is None:  # tied embeddings
+                    head = state_dict["model.embed_tokens.weight"]
+                self.lm_head.weight.copy_(head.to(dtype))
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [T, 1, head_dim] for the given absolute positions."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | None = None,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Token ids [T] (with embedding) or hidden states [T, H] in; hidden states out.
+
+        With a head, the output is normalised and ready for `compute_logits`.
+        """
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(inputs)
+        else:
+            x = inputs
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        if self.norm is not None:
+            x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (fp32) of normalised hidden states."""
+        assert self.lm_head is not None, "this model part has no head"
+        return self.lm_head(hidden).float()

@@ -1,0 +1,135 @@
+"""Batch -> tensors -> model -> hidden states or logits, on one device.
+
+The runner owns the KV-cache tensors (one flat slot array per layer) and turns a
+scheduler Batch into the flattened token batch and AttentionMetadata the model
+expects. It is shared by whole engines and by layer-range stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan
+from strata.engine.scheduler import Batch, ScheduledSeq
+
+
+@dataclass
+class StepInputs:
+    """Flattened tensors of one step, in batch order (decodes, then prefill chunks)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # flat index of the last token of each sampling entry
+    entries: list[ScheduledSeq]
+
+
+def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across this model part's layers."""
+    c = model.config
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * c.num_key_value_heads * c.head_size * elem
+
+
+class ModelRunner:
+    """Runs a (part of a) model over paged-KV batches."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = torch.device(device)
+        c = model.config
+        shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+            for _ in range(model.num_layers)
+        ]
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        bs = self.block_size
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // bs] * bs + pos % bs
+
+    def prepare(self, batch: Batch) -> StepInputs:
+        """Build the flat token batch and attention metadata for `batch`."""
+        entries = batch.entries
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        d = len(batch.decodes)
+        decode_slots = decode_mask = None
+        if d:
+            lens = [e.start + 1 for e in batch.decodes]
+            lmax = max(lens)
+            decode_slots = torch.zeros((d, lmax), dtype=torch.long)
+            for i, e in enumerate(batch.decodes):
+                s = self._slots(e.seq.block_table, 0, lens[i])
+                decode_slots[i, : lens[i]] = s
+                ids.append(e.seq.token_at(e.start))
+                slot_parts.append(s[-1:])
+                sample_rows.append(i)
+            positions.append(torch.tensor([e.start for e in batch.decodes], dtype=torch.long))
+            decode_mask = (torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))
+            decode_mask = decode_mask[:, None, None, :]
+        spans: list[PrefillSpan] = []
+        offset = d
+        for e in batch.prefills:
+            end = e.start + e.num_tokens
+            ids.extend(e.seq.tokens(e.start, end))
+            positions.append(torch.arange(e.start, end))
+            if e.start == 0:
+                slots = self._slots(e.seq.block_table, 0, end)
+                slot_parts.append(slots)
+                gather = None
+            else:
+                all_slots = self._slots(e.seq.block_table, 0, end)
+                slot_parts.append(all_slots[e.start :])
+                gather = all_slots.to(self.device)
+            spans.append(PrefillSpan(offset, e.num_tokens, e.start, gather))
+            if e.samples:
+                sample_rows.append(offset + e.num_tokens - 1)
+            offset += e.num_tokens
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts).to(dev),
+            num_decodes=d,
+            decode_slots=None if decode_slots is None else decode_slots.to(dev),
+            decode_mask=None if decode_mask is None else decode_mask.to(dev),
+            prefills=spans,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            meta=meta,
+            sample_rows=sample_rows,
+            entries=entries,
+        )
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model part; token ids feed the embedding, else `hidden_in` is used."""
+        x = inputs.input_ids if self.model.has_embed else hidden_in
+        assert x is not None, "a stage without embedding needs hidden states in"
+        return self.model(x, inputs.positions, inputs.meta, self.kv_caches)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int] | torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the selected flat rows, on the CPU."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, idx)).cpu()

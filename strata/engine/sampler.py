@@ -1,0 +1,128 @@
+"""Turns a batch of logits into next tokens, honouring each sequence's SamplingParams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.engine.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    """The sampled token's logprob, its rank, and the top-N alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SampleRequest:
+    """What the sampler needs of one row: params, history and how many tokens it has made."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+    generator: torch.Generator | None = None
+
+
+def logprobs_of(logprobs_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
+    """Logprob, rank (1 = most likely) and top-N of one position's distribution."""
+    lp = float(logprobs_row[token_id])
+    rank = int((logprobs_row > logprobs_row[token_id]).sum()) + 1
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        vals, idx = logprobs_row.topk(top_n)
+        top = list(zip(idx.tolist(), vals.tolist(), strict=True))
+    return TokenLogprobs(token_id, lp, rank, top)
+
+
+class Sampler:
+    """Stateless apart from the per-request generators the caller owns."""
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SampleRequest]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Sample one token per row of logits [N, V] (fp32)."""
+        n, vocab = logits.shape
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            if len(r.output_token_ids) < p.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < vocab]
+                if banned:
+                    logits[i, banned] = float("-inf")
+            if p.needs_penalties:
+                self._penalize(logits[i], r)
+
+        greedy = torch.tensor([r.params.greedy for r in rows])
+        tokens = torch.empty(n, dtype=torch.long)
+        if bool(greedy.any()):
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        rand_idx = (~greedy).nonzero().flatten().tolist()
+        if rand_idx:
+            sub = logits[rand_idx]
+            temps = torch.tensor([rows[i].params.temperature for i in rand_idx]).unsqueeze(1)
+            probs = torch.softmax(sub / temps, dim=-1)
+            probs = self._truncate(probs, [rows[i].params for i in rand_idx])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rand_idx):
+                noise[j].exponential_(generator=rows[i].generator)
+            # Exponential race: argmax p/q with q ~ Exp(1) samples from p exactly.
+            tokens[rand_idx] = (probs / noise).argmax(dim=-1)
+
+        token_list = tokens.tolist()
+        lps: list[TokenLogprobs | None] = []
+        for i, r in enumerate(rows):
+            if raw_logprobs is None or r.params.logprobs is None:
+                lps.append(None)
+            else:
+                lps.append(logprobs_of(raw_logprobs[i], token_list[i], r.params.logprobs))
+        return token_list, lps
+
+    @staticmethod
+    def _penalize(row: torch.Tensor, r: SampleRequest) -> None:
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)))
+            if len(seen):
+                vals = row[seen]
+                row[seen] = torch.where(
+                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+                )
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            out = torch.tensor(r.output_token_ids)
+            counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
+            row -= p.frequency_penalty * counts
+            row -= p.presence_penalty * (counts > 0).to(row.dtype)
+
+    @staticmethod
+    def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Apply top-k, top-p and min-p by zeroing excluded probabilities."""
+        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            thresh = torch.tensor(min_p).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(probs < thresh, torch.zeros_like(probs), probs)
+        if any(top_k) or any(x < 1.0 for x in top_p):
+            sorted_p, sorted_idx = probs.sort(dim=-1, descending=True)
+            vocab = probs.shape[-1]
+            ranks = torch.arange(vocab).unsqueeze(0)
+            k = torch.tensor([k if k else vocab for k in top_k]).unsqueeze(1)
+            drop = ranks >= k
+            cum = sorted_p.cumsum(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (always keep the first).
+            drop |= (cum - sorted_p) >= torch.tensor(top_p).unsqueeze(1)
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_p)
+        return probs

@@ -1,0 +1,195 @@
+"""Iteration-level continuous batching with chunked prefill.
+
+Pure: `step()` turns queue state into the next batch; no clock, I/O or torch, so
+the discrete-event simulator drives this very class. Each step first continues
+the running sequences (decodes and unfinished prefill chunks), then admits
+waiting ones, all under one token budget. When KV blocks run out the newest
+running sequence is preempted and later recomputed (its prefix is often still
+cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from strata.engine.kv_cache import BlockManager
+from strata.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget of one step (chunked-prefill size)
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class ScheduledSeq:
+    """A sequence's share of one step: tokens [start, start + num_tokens)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's end, so a token is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    """The work of one engine step; decodes first, then prefill chunks."""
+
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[ScheduledSeq]:
+        """All scheduled sequences in batch order."""
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model runs this step."""
+        return len(self.decodes) + sum(e.num_tokens for e in self.prefills)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt (or recomputed) tokens in this step."""
+        return sum(e.num_tokens for e in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._by_id: dict[int, Sequence] = {}
+
+    # -- queue changes --------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (FCFS)."""
+        if seq.num_prompt_tokens == 0:
+            raise ValueError("a sequence needs at least one prompt token")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._by_id[seq.seq_id] = seq
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Remove a sequence wherever it is and free its blocks."""
+        seq = self._by_id.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a running sequence that met a stop condition."""
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self._by_id.pop(seq.seq_id, None)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running."""
+        return len(self.waiting) + len(self.running)
+
+    def waiting_prompt_tokens(self) -> int:
+        """Tokens still to prefill across waiting and partially prefilled sequences."""
+        total = sum(s.num_uncomputed_tokens for s in self.waiting)
+        total += sum(s.num_uncomputed_tokens - 1 for s in self.running if s.is_prefill)
+        return total
+
+    # -- the policy -------------------------------------------------------------
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def step(self) -> Batch:
+        """Choose the next batch; mutates block tables and queue membership."""
+        batch = Batch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[int] = set()
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            start = seq.num_computed_tokens
+            while not self.blocks.allocate(seq, start + n):
+                victim = self.running[-1]
+                if victim is seq:
+                    break
+                self._preempt(victim, batch)
+            else:
+                entry = ScheduledSeq(seq, start, n)
+                (batch.decodes if n == 1 and not seq.is_prefill else batch.prefills).append(entry)
+                scheduled.add(seq.seq_id)
+                budget -= n
+                i += 1
+                continue
+            # Could not fit even alone: preempt this one too.
+            self._preempt(seq, batch)
+        # 2. Admit waiting sequences while budget, slots and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            matched = not seq.block_table
+            if matched:
+                self.blocks.match_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            start = seq.num_computed_tokens
+            if not self.blocks.allocate(seq, start + n):
+                fits = False
+                if not self.running and not batch:
+                    # Nothing else holds blocks: a smaller chunk may still fit.
+                    free_tokens = (
+                        len(seq.block_table) + self.blocks.num_free_blocks
+                    ) * self.blocks.block_size - start
+                    n = min(n, free_tokens)
+                    fits = n > 0 and self.blocks.allocate(seq, start + n)
+                if not fits:
+                    if matched:
+                        self.blocks.unmatch(seq)  # hold no blocks while waiting
+                    break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            entry = ScheduledSeq(seq, start, n)
+            (batch.decodes if n == 1 and not seq.is_prefill else batch.prefills).append(entry)
+            budget -= n
+        return batch
+
+    def on_step_done(self, batch: Batch) -> None:
+        """Advance computed-token counts and publish new full blocks to the prefix cache."""
+        for entry in batch.entries:
+            entry.seq.num_computed_tokens = entry.start + entry.num_tokens
+            self.blocks.commit(entry.seq)

@@ -1,0 +1,266 @@
+"""HTTP face of one engine replica: OpenAI API, /health, /metrics, /load.
+
+Every failure a client can cause becomes an OpenAI-format 4xx; the engine thread
+never sees an invalid request, and a client that goes away aborts its sequences
+(freeing their KV blocks) through the async generator's cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ValidationError
+
+from strata.engine.core import EngineCore
+from strata.engine.engine import AsyncEngine
+from strata.engine.serving import Serving
+from strata.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    OpenAIError,
+    error_body,
+)
+
+log = logging.getLogger("strata.server")
+
+MAX_BODY_BYTES = 8 << 20
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine core at scrape time (no per-step bookkeeping)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        r = self.core.load_report()
+        labels = ["model_name"]
+        m = [self.core.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(m, value)
+            return g
+
+        yield gauge("strata_num_requests_running", "Sequences in the running batch.", r.running)
+        yield gauge("strata_num_requests_waiting", "Sequences waiting to be scheduled.", r.waiting)
+        yield gauge("strata_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", r.kv_usage)
+        yield gauge("strata_kv_cache_free_blocks", "Free (or evictable) KV blocks.", r.free_kv_blocks)
+        yield gauge("strata_kv_cache_total_blocks", "KV blocks of this replica.", r.total_kv_blocks)
+        yield gauge("strata_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache.", r.prefix_hit_rate)
+        yield gauge("strata_generation_tokens_per_second", "Output tokens/s, recent window.", r.generation_tokens_per_s)
+        yield gauge("strata_prompt_tokens_per_second", "Prefilled tokens/s, recent window.", r.prompt_tokens_per_s)
+        c = CounterMetricFamily("strata_prompt_tokens", "Prefilled prompt tokens.", labels=labels)
+        c.add_metric(m, self.core.total_prompt_tokens)
+        yield c
+        c = CounterMetricFamily("strata_generation_tokens", "Generated tokens.", labels=labels)
+        c.add_metric(m, self.core.total_generation_tokens)
+        yield c
+
+
+class _Metrics:
+    """Request-level histograms observed by the HTTP layer."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(core))
+        lbl = ["model_name"]
+        self.ttft = Histogram("strata_time_to_first_token_seconds", "Time to first token.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("strata_time_per_output_token_seconds", "Mean time per output token after the first.", lbl, registry=self.registry, buckets=_TPOT_BUCKETS)
+        self.e2e = Histogram("strata_e2e_request_latency_seconds", "Request latency end to end.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.requests = Counter("strata_requests", "Finished requests by finish reason.", lbl + ["finish_reason"], registry=self.registry)
+        self.errors = Counter("strata_request_errors", "Rejected requests by HTTP status.", lbl + ["status"], registry=self.registry)
+
+
+async def _timed(
+    gen: AsyncIterator[bytes], metrics: _Metrics, model: str, t0: float
+) -> AsyncIterator[bytes]:
+    """Pass SSE frames through while observing TTFT/TPOT/E2E."""
+    first: float | None = None
+    n = 0
+    finished = False
+    try:
+        async for frame in gen:
+            if first is None and n == 0:
+                first = time.perf_counter()
+                metrics.ttft.labels(model).observe(first - t0)
+            n += 1
+            yield frame
+        finished = True
+    finally:
+        end = time.perf_counter()
+        metrics.e2e.labels(model).observe(end - t0)
+        if first is not None and n > 2:
+            metrics.tpot.labels(model).observe((end - first) / (n - 2))
+        metrics.requests.labels(model, "completed" if finished else "abort").inc()
+
+
+def _error(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status_code)
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise OpenAIError(f"request body exceeds {MAX_BODY_BYTES} bytes", 413, "RequestTooLarge")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenAIError(f"invalid JSON body: {e}") from e
+    if not isinstance(data, dict):
+        raise OpenAIError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise OpenAIError(f"{loc}: {msg}" if loc else msg, param=loc) from e
+
+
+async def _until_disconnect(request: Request, coro: Any) -> Any:
+    """Await coro, cancelling it (and so aborting its sequences) if the client leaves."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise OpenAIError("client disconnected", 499, "ClientClosedRequest")
+
+
+def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> FastAPI:
+    """The FastAPI app of one replica."""
+    core = engine.core
+    serving = Serving(engine, core.tokenizer, core.model_name)
+    metrics = _Metrics(core)
+    model = core.model_name
+    app = FastAPI(title="strata engine", docs_url=None, redoc_url=None)
+    is_ready = ready or (lambda: True)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        metrics.errors.labels(model, str(e.status_code)).inc()
+        return _error(e)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"no route {request.url.path}", "NotFoundError", None, 404), 404
+        )
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"method {request.method} not allowed on {request.url.path}", "MethodNotAllowed", None, 405),
+            405,
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(error_body(f"internal error: {e}", "InternalServerError", None, 500), 500)
+
+    def admit() -> None:
+        if core.draining:
+            raise OpenAIError("this replica is draining; retry on another", 503, "ServiceUnavailable")
+        if engine.dead is not None:
+            raise OpenAIError("the engine loop has died", 503, "ServiceUnavailable")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        admit()
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        if req.stream:
+            prepared = serving.prepare_completion(req)
+            gen = _timed(serving.completion_stream(req, prepared), metrics, model, t0)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        body = await _until_disconnect(request, serving.completion(req))
+        _observe_whole(metrics, model, t0, body)
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        t0 = time.perf_counter()
+        admit()
+        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        if req.stream:
+            prepared = serving.prepare_chat(req)
+            gen = _timed(serving.chat_stream(req, prepared), metrics, model, t0)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        body = await _until_disconnect(request, serving.chat(req))
+        _observe_whole(metrics, model, t0, body)
+        return JSONResponse(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = ModelCard(id=model, root=model, max_model_len=core.config.max_model_len)
+        return {"object": "list", "data": [card.model_dump()]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        data = await request.json()
+        if "messages" in data:
+            req = ChatCompletionRequest.model_validate({**data, "max_tokens": 1})
+            ids, _, _ = serving.prepare_chat(req)
+        elif isinstance(data.get("prompt"), str):
+            ids = core.tokenizer.encode(data["prompt"], add_special_tokens=False)
+        else:
+            raise OpenAIError("tokenize needs a string `prompt` or `messages`", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": core.config.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        data = await request.json()
+        ids = data.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise OpenAIError("detokenize needs `tokens`, a list of token ids", param="tokens")
+        return {"prompt": core.tokenizer.decode(ids)}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.dead is not None:
+            return JSONResponse({"status": "dead", "error": str(engine.dead)}, 503)
+        if core.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not is_ready():
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/load")
+    async def load() -> dict[str, Any]:
+        return core.load_report(ready=is_ready() and engine.dead is None).to_dict()
+
+    @app.post("/drain")
+    async def drain() -> dict[str, Any]:
+        core.draining = True
+        return {"status": "draining", "unfinished": core.scheduler.num_unfinished}
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _observe_whole(metrics: _Metrics, model: str, t0: float, body: dict[str, Any]) -> None:
+    dt = time.perf_counter() - t0
+    metrics.e2e.labels(model).observe(dt)
+    for c in body.get("choices", []):
+        metrics.requests.labels(model, c.get("finish_reason") or "unknown").inc()

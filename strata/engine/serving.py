@@ -1,0 +1,479 @@
+"""OpenAI request -> engine sequences -> OpenAI responses (streamed or whole).
+
+Holds the API semantics (n, echo, logprobs, usage, stop reasons) apart from the
+HTTP wiring in server.py, so both stay short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from strata.engine.core import SeqOutput
+from strata.engine.engine import AsyncEngine
+from strata.engine.sampler import TokenLogprobs
+from strata.engine.sampling import SamplingParams
+from strata.engine.tokenizer import Tokenizer
+from strata.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    new_id,
+    now_s,
+    sse,
+)
+
+
+def sampling_params(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+    seed_offset: int = 0,
+) -> SamplingParams:
+    """Map request fields onto SamplingParams; ValueErrors become 400s."""
+    try:
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+    except ValueError as e:
+        raise OpenAIError("logit_bias keys must be token ids", param="logit_bias") from e
+    for k, v in bias.items():
+        if not -100 <= v <= 100:
+            raise OpenAIError(f"logit_bias[{k}] must be in [-100, 100]", param="logit_bias")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=None if req.seed is None else req.seed + seed_offset,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            stop=tuple(req.stop_list()),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logit_bias=bias,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise OpenAIError(str(e)) from e
+
+
+@dataclass
+class _Choice:
+    """Accumulated state of one choice."""
+
+    index: int
+    prompt_idx: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class Serving:
+    """Turns validated requests into engine calls and OpenAI-shaped results."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.core.config.max_model_len
+        self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # -- shared -----------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        """404 for a model this replica does not serve (None means the default)."""
+        if name is not None and name != self.model_name:
+            raise OpenAIError(
+                f"The model `{name}` does not exist.", 404, "NotFoundError", "model"
+            )
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text or token-id prompt, checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            vocab = self.tokenizer.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise OpenAIError(
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )
+        if not ids:
+            raise OpenAIError("the prompt is empty; send at least one token", param="prompt")
+        return ids
+
+    def default_max_tokens(self, requested: int | None, n_prompt: int) -> int:
+        """vLLM's rule: absent max_tokens means the rest of the context."""
+        if requested is not None:
+            return requested
+        rest = self.max_model_len - n_prompt
+        if rest < 1:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {n_prompt}.",
+                param="messages",
+            )
+        return rest
+
+    def _lp_completion(self, lps: list[TokenLogprobs | None], offset0: int) -> dict[str, Any]:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        off = offset0
+        for lp in lps:
+            if lp is None:  # the first prompt token has no logprob
+                continue
+            tok = self._token_text(lp.token_id)
+            tokens.append(tok)
+            token_lps.append(lp.logprob)
+            tops.append({self._token_text(t): v for t, v in lp.top} if lp.top else None)
+            offsets.append(off)
+            off += len(tok)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _lp_chat(self, lps: list[TokenLogprobs]) -> dict[str, Any]:
+        content = []
+        for lp in lps:
+            tok = self._token_text(lp.token_id)
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": lp.logprob,
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": self._token_text(t),
+                            "logprob": v,
+                            "bytes": list(self._token_text(t).encode()),
+                        }
+                        for t, v in lp.top
+                    ],
+                }
+            )
+        return {"content": content}
+
+    async def _fan_in(
+        self, jobs: list[tuple[int, list[int], SamplingParams]]
+    ) -> AsyncIterator[tuple[int, SeqOutput]]:
+        """Run several sequences and yield (choice index, output) as they arrive."""
+        if len(jobs) == 1:
+            idx, ids, params = jobs[0]
+            async for out in self.engine.generate(ids, params):
+                yield idx, out
+            return
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(idx: int, ids: list[int], params: SamplingParams) -> None:
+            try:
+                async for out in self.engine.generate(ids, params):
+                    await q.put((idx, out))
+            except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
+                await q.put((idx, e))
+
+        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+        remaining = len(jobs)
+        try:
+            while remaining:
+                idx, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield idx, item
+                if item.finished:
+                    remaining -= 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- completions --------------------------------------------------------------
+    def prepare_completion(
+        self, req: CompletionRequest
+    ) -> tuple[list[list[int]], list[tuple[int, list[int], SamplingParams]]]:
+        """Tokenize prompts and build one job per (prompt, n)."""
+        self.check_model(req.model)
+        prompts = [self.tokenize_prompt(p) for p in req.prompts()]
+        want_prompt_lp = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            want_prompt_lp = max(req.logprobs, want_prompt_lp or 0)
+        jobs = []
+        for pi, ids in enumerate(prompts):
+            max_tokens = self.default_max_tokens(req.max_tokens or 16, len(ids))
+            for j in range(req.n):
+                params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j)
+                self.check_engine(len(ids), params)
+                jobs.append((pi * req.n + j, ids, params))
+        return prompts, jobs
+
+    def check_engine(self, n_prompt: int, params: SamplingParams) -> None:
+        """Engine-side limits (context length, KV capacity) as 400s."""
+        try:
+            self.engine.check(n_prompt, params)
+        except ValueError as e:
+            raise OpenAIError(str(e), param="max_tokens") from e
+
+    async def completion(self, req: CompletionRequest) -> dict[str, Any]:
+        """Whole (non-streaming) completion response."""
+        prompts, jobs = self.prepare_completion(req)
+        choices = {idx: _Choice(idx, idx // req.n) for idx, _, _ in jobs}
+        prompt_lps: dict[int, list] = {}
+        cached = {}
+        async for idx, out in self._fan_in(jobs):
+            c = choices[idx]
+            c.text += out.text
+            c.token_ids += out.token_ids
+            c.logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                prompt_lps[idx] = out.prompt_logprobs
+            cached[c.prompt_idx] = out.num_cached_tokens
+            if out.finished:
+                c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+        result = []
+        for idx in sorted(choices):
+            c = choices[idx]
+            text, lp_list = c.text, list(c.logprobs)
+            if req.echo:
+                prompt = req.prompts()[c.prompt_idx]
+                ptext = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                text = ptext + text
+                if req.logprobs is not None:
+                    plp = prompt_lps.get(idx, [])
+                    lp_list = list(plp) + lp_list
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._lp_completion(lp_list, 0)
+            result.append(
+                {
+                    "index": idx,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        n_prompt = sum(len(p) for p in prompts)
+        n_out = sum(len(c.token_ids) for c in choices.values())
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now_s(),
+            "model": self.model_name,
+            "choices": result,
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": n_out,
+                "total_tokens": n_prompt + n_out,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+            },
+        }
+
+    async def completion_stream(
+        self, req: CompletionRequest, prepared: tuple[list[list[int]], list]
+    ) -> AsyncIterator[bytes]:
+        """SSE frames of a streaming completion."""
+        prompts, jobs = prepared
+        rid, created = new_id("cmpl"), now_s()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        n_out = 0
+        cached: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        n_prompt = sum(len(p) for p in prompts)
+        if req.echo:
+            for idx, _, _ in jobs:
+                prompt = req.prompts()[idx // req.n]
+                ptext = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                offsets[idx] = len(ptext)
+                if req.logprobs is None:
+                    yield sse(self._chunk(rid, created, idx, ptext, None, None, None))
+        async for idx, out in self._fan_in(jobs):
+            n_out += len(out.token_ids)
+            cached[idx // req.n] = out.num_cached_tokens
+            logprobs = None
+            text = out.text
+            if req.logprobs is not None:
+                lps: list[TokenLogprobs | None] = list(out.logprobs)
+                if req.echo and out.prompt_logprobs is not None:
+                    prompt = req.prompts()[idx // req.n]
+                    ptext = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                    text = ptext + text
+                    lps = list(out.prompt_logprobs) + lps
+                    offsets[idx] = 0
+                logprobs = self._lp_completion(lps, offsets.get(idx, 0))
+                offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in logprobs["tokens"])
+            chunk = self._chunk(
+                rid, created, idx, text, logprobs, out.finish_reason, out.stop_reason
+            )
+            if continuous:
+                chunk["usage"] = self._usage(n_prompt, n_out, cached)
+            yield sse(chunk)
+        if include_usage:
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [],
+                    "usage": self._usage(n_prompt, n_out, cached),
+                }
+            )
+        yield SSE_DONE
+
+    @staticmethod
+    def _usage(n_prompt: int, n_out: int, cached: dict[int, int]) -> dict[str, Any]:
+        return {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_out,
+            "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+        }
+
+    def _chunk(self, rid, created, idx, text, logprobs, finish, stop_reason) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": idx,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                }
+            ],
+        }
+
+    # -- chat ---------------------------------------------------------------------
+    def prepare_chat(
+        self, req: ChatCompletionRequest
+    ) -> tuple[list[int], list[tuple[int, list[int], SamplingParams]], str]:
+        """Render the chat template, tokenize, and build n jobs."""
+        self.check_model(req.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            prompt = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from e
+        ids = self.tokenize_prompt(prompt)
+        requested = req.max_completion_tokens or req.max_tokens
+        max_tokens = self.default_max_tokens(requested, len(ids))
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        jobs = []
+        for j in range(req.n):
+            params = sampling_params(req, max_tokens, top, None, j)
+            self.check_engine(len(ids), params)
+            jobs.append((j, ids, params))
+        last = messages[-1]["content"] if req.echo and messages else ""
+        return ids, jobs, last
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """Whole (non-streaming) chat completion response."""
+        ids, jobs, echo_text = self.prepare_chat(req)
+        choices = {idx: _Choice(idx, 0) for idx, _, _ in jobs}
+        cached = 0
+        async for idx, out in self._fan_in(jobs):
+            c = choices[idx]
+            c.text += out.text
+            c.token_ids += out.token_ids
+            c.logprobs += out.logprobs
+            cached = out.num_cached_tokens
+            if out.finished:
+                c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+        n_out = sum(len(c.token_ids) for c in choices.values())
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now_s(),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": echo_text + c.text},
+                    "logprobs": self._lp_chat(c.logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in (choices[i] for i in sorted(choices))
+            ],
+            "usage": self._usage(len(ids), n_out, {0: cached}),
+        }
+
+    async def chat_stream(
+        self, req: ChatCompletionRequest, prepared: tuple[list[int], list, str]
+    ) -> AsyncIterator[bytes]:
+        """SSE frames of a streaming chat completion."""
+        ids, jobs, echo_text = prepared
+        rid, created = new_id("chatcmpl"), now_s()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+        def chunk(idx: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+            choice = {"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}
+            choice.update(extra)
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [choice],
+            }
+
+        for idx, _, _ in jobs:
+            yield sse(chunk(idx, {"role": "assistant", "content": ""}))
+            if echo_text:
+                yield sse(chunk(idx, {"content": echo_text}))
+        n_out, cached = 0, 0
+        async for idx, out in self._fan_in(jobs):
+            n_out += len(out.token_ids)
+            cached = out.num_cached_tokens
+            extra: dict[str, Any] = {}
+            if req.logprobs:
+                extra["logprobs"] = self._lp_chat(out.logprobs)
+            if out.finished:
+                extra["finish_reason"] = out.finish_reason
+                extra["stop_reason"] = out.stop_reason
+            if not out.text and not out.finished and not req.logprobs:
+                continue
+            c = chunk(idx, {"content": out.text} if out.text else {}, **extra)
+            if continuous:
+                c["usage"] = self._usage(len(ids), n_out, {0: cached})
+            yield sse(c)
+        if include_usage:
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [],
+                    "usage": self._usage(len(ids), n_out, {0: cached}),
+                }
+            )
+        yield SSE_DONE
