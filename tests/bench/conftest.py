@@ -57,3 +57,19 @@ def fake_backend() -> Iterator[Callable[..., str]]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():  # noqa: ANN201 - the Tokenizer protocol of strata.bench.prompts
+    """The bundled model's tokenizer (fetched and cached on first use)."""
+    from strata.bench.prompts import load_bench_tokenizer
+
+    return load_bench_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def synthesizer(bundled_tokenizer):  # noqa: ANN001, ANN201
+    """One prompt synthesizer for the session: its safe vocabulary takes a moment to build."""
+    from strata.bench.prompts import PromptSynthesizer
+
+    return PromptSynthesizer(bundled_tokenizer, seed=0)
