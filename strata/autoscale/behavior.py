@@ -143,7 +143,9 @@ class Normalized:
     desired: int
     stabilized: int  # the recommendation after stabilization, before rate limits
     stabilization: str  # ScaleUpStabilized | ScaleDownStabilized | ReadyForNewScale
-    limit: str  # DesiredWithinRange | ScaleUpLimit | ScaleDownLimit | TooManyReplicas | TooFewReplicas
+    limit: (
+        str  # DesiredWithinRange | ScaleUpLimit | ScaleDownLimit | TooManyReplicas | TooFewReplicas
+    )
 
 
 def _change_in_period(events: list[_ScaleEvent], period_s: int, now: float) -> int:

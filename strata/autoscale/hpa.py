@@ -77,17 +77,25 @@ class HpaMetric(ConfigModel):
                 f"{', '.join(sorted(known))} or a name starting with {CUSTOM_PREFIX!r} "
                 "(read from the sample's extra values)"
             )
-        allowed = ("Utilization", "AverageValue") if self.source == "replica" else ("Value", "AverageValue")
+        allowed = (
+            ("Utilization", "AverageValue")
+            if self.source == "replica"
+            else ("Value", "AverageValue")
+        )
         if self.type not in allowed:
             raise ValueError(
                 f"metrics[].type {self.type!r} is not valid for a {self.source} metric; "
                 f"use one of {', '.join(allowed)}"
             )
-        field = {"Utilization": "average_utilization", "AverageValue": "average_value", "Value": "value"}[
-            self.type
-        ]
+        field = {
+            "Utilization": "average_utilization",
+            "AverageValue": "average_value",
+            "Value": "value",
+        }[self.type]
         if getattr(self, field) is None:
-            raise ValueError(f"metric {self.name!r} of type {self.type} needs a target: set {field}")
+            raise ValueError(
+                f"metric {self.name!r} of type {self.type} needs a target: set {field}"
+            )
         return self
 
     @property
@@ -160,16 +168,18 @@ class HpaPolicy:
                 raise MetricUnavailable(f"tier metric {metric.name} is not observed")
             if metric.type == "Value":
                 assert metric.value is not None
-                return tier_value_replicas(current, value, metric.value, state.ready_count, tolerances), value
+                return tier_value_replicas(
+                    current, value, metric.value, state.ready_count, tolerances
+                ), value
             assert metric.average_value is not None
             status = len(state.live_replicas)
-            return tier_average_value_replicas(status, value, metric.average_value, tolerances), value
+            return tier_average_value_replicas(
+                status, value, metric.average_value, tolerances
+            ), value
         if not state.replicas:
             raise MetricUnavailable("no replicas to read a per-replica metric from")
         values = {
-            r.replica_id: v
-            for r in state.replicas
-            if (v := r.metric(metric.name)) is not None
+            r.replica_id: v for r in state.replicas if (v := r.metric(metric.name)) is not None
         }
         groups = group_replicas(
             state.replicas,
@@ -256,7 +266,9 @@ class HpaPolicy:
                     reasons.append(normalized.limit)
 
         if cfg.min_replicas == 0:
-            desired, why = self.zero_gate.apply(state, desired, cfg.min_replicas, cfg.max_replicas, now)
+            desired, why = self.zero_gate.apply(
+                state, desired, cfg.min_replicas, cfg.max_replicas, now
+            )
             if why:
                 reasons.append(why)
         if desired != current:

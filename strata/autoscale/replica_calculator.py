@@ -161,7 +161,9 @@ def utilization_replicas(
     dropped = groups.ignored | groups.unready
     metrics = {rid: _milli(v) for rid, v in values.items() if rid not in dropped}
     if not metrics:
-        raise MetricUnavailable("did not receive metrics for targeted replicas (they may be unready)")
+        raise MetricUnavailable(
+            "did not receive metrics for targeted replicas (they may be unready)"
+        )
     utilization, _ = _utilization(metrics)
     usage_ratio = utilization / target_utilization
 
@@ -202,7 +204,9 @@ def average_value_replicas(
     dropped = groups.ignored | groups.unready
     metrics = {rid: _milli(v) for rid, v in values.items() if rid not in dropped}
     if not metrics:
-        raise MetricUnavailable("did not receive metrics for targeted replicas (they may be unready)")
+        raise MetricUnavailable(
+            "did not receive metrics for targeted replicas (they may be unready)"
+        )
     usage = sum(metrics.values()) // len(metrics)
     usage_ratio = usage / target
 
