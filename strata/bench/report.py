@@ -107,14 +107,15 @@ def compare_table(a: BenchResult, b: BenchResult, name_a: str, name_b: str) -> T
     return table
 
 
-def _cdf(ax: plt.Axes, values_ms: list[float], label: str, slo_ms: float | None) -> None:
+def _cdf(ax: plt.Axes, values_ms: list[float], label: str, slo_ms: float | None,
+         unit: str = "requests") -> None:
     if values_ms:
         xs = np.sort(np.asarray(values_ms))
         ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
     if slo_ms is not None:
         ax.axvline(slo_ms, color="red", linestyle="--", linewidth=1, label="SLO")
     ax.set_xlabel(f"{label} (ms)")
-    ax.set_ylabel("fraction of requests")
+    ax.set_ylabel(f"fraction of {unit}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
 
@@ -128,7 +129,7 @@ def plot_cdfs(result: BenchResult, path: Path) -> None:
          s.slo_ttft_ms)
     _cdf(axes[0][1], [r.tpot_s * 1e3 for r in ok if r.tpot_s is not None], "TPOT",
          s.slo_tpot_ms)
-    _cdf(axes[1][0], [g * 1e3 for r in ok for g in r.itl_s], "ITL", None)
+    _cdf(axes[1][0], [g * 1e3 for r in ok for g in r.itl_s], "ITL", None, unit="token gaps")
     _cdf(axes[1][1], [r.e2e_s * 1e3 for r in ok if r.e2e_s is not None], "E2E", None)
     fig.suptitle(f"latency CDFs: {result.config.trace} -> {result.config.target}")
     fig.tight_layout()
@@ -142,14 +143,15 @@ def plot_timeline(result: BenchResult, path: Path) -> None:
     fig, (ax_rate, ax_rep, ax_ttft) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     sent = np.asarray([r.sent_s for r in result.requests])
     end = max(result.summary.duration_s, float(sent.max()) if len(sent) else 1.0)
-    bins = np.arange(0.0, end + 1.0, 1.0)
+    width = max(0.1, end / 60.0)  # about 60 bins whatever the run's length
+    bins = np.arange(0.0, end + width, width)
     if len(sent):
         counts, edges = np.histogram(sent, bins=bins)
-        ax_rate.step(edges[:-1], counts, where="post", label="sent")
+        ax_rate.step(edges[:-1], counts / width, where="post", label="sent")
         done = [r.sent_s + r.e2e_s for r in result.requests if r.status == "ok" and r.e2e_s]
         if done:
             c_done, _ = np.histogram(done, bins=bins)
-            ax_rate.step(edges[:-1], c_done, where="post", label="completed")
+            ax_rate.step(edges[:-1], c_done / width, where="post", label="completed")
     ax_rate.set_ylabel("requests/s")
     ax_rate.legend(loc="upper right")
     plotted = False

@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench.results import Sample
@@ -38,7 +38,7 @@ def select_samples(text: str) -> dict[str, float]:
 class MetricsScraper:
     """Polls ``<target>/metrics`` every ``interval_s`` until stopped; keeps a time series."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, t0: float,
+    def __init__(self, client: aiohttp.ClientSession, url: str, t0: float,
                  interval_s: float = 1.0) -> None:
         """``t0`` is the run's perf_counter origin, so samples share the requests' clock."""
         self.client = client
@@ -54,10 +54,11 @@ class MetricsScraper:
         """Take one sample of every kept series; count a failure instead of raising."""
         now = time.perf_counter() - self.t0
         try:
-            response = await self.client.get(self.url, timeout=max(self.interval_s, 1.0))
-            response.raise_for_status()
-            samples = select_samples(response.text)
-        except (httpx.HTTPError, ValueError) as err:
+            timeout = aiohttp.ClientTimeout(total=max(self.interval_s, 1.0))
+            async with self.client.get(self.url, timeout=timeout) as response:
+                response.raise_for_status()
+                samples = select_samples(await response.text())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             self.errors += 1
             self.last_error = f"{type(err).__name__}: {err}"
             return
