@@ -1,0 +1,258 @@
+"""Read Llama-family GGUF files (llama.cpp's format): config, tokenizer metadata, weights.
+
+Weights come back under Hugging Face names and in Hugging Face layout, so the forward pass
+has a single weight convention whatever file the model came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from strata.engine.model_config import LlamaConfig
+
+# Architectures whose GGUF tensors are laid out exactly like llama's (no biases, SwiGLU MLP).
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# Per-layer tensors: Hugging Face suffix -> llama.cpp name inside "blk.{i}.".
+_LAYER_TENSORS = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
+def open_reader(path: Path) -> GGUFReader:
+    """Parse a GGUF file once per process (parsing the token list takes seconds)."""
+    st = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """A metadata value as a Python object (str, int, float, bool or list), or default."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    if isinstance(value, float):
+        # GGUF stores float32; its shortest repr (1e-05, not 9.9999997e-06) is the intended value.
+        value = float(str(np.float32(value)))
+    return value
+
+
+def metadata_digest(path: Path) -> str:
+    """sha256 of the GGUF header (all metadata, no tensor data): the tokenizer's identity."""
+    reader = open_reader(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(reader.data_offset))
+    return h.hexdigest()
+
+
+def _architecture(reader: GGUFReader, path: Path) -> str:
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF general.architecture={arch!r} is not supported; strata runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models. Use a Llama-family model."
+        )
+    return arch
+
+
+def _tensor_names(reader: GGUFReader) -> dict[str, Any]:
+    return {t.name: t for t in reader.tensors}
+
+
+def config_from_gguf(path: Path) -> LlamaConfig:
+    """Build the model config from GGUF metadata (llama.cpp's `llama.*` and `tokenizer.ggml.*`)."""
+    reader = open_reader(path)
+    arch = _architecture(reader, path)
+    tensors = _tensor_names(reader)
+
+    def req(key: str) -> Any:
+        value = field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}; the file is incomplete.")
+        return value
+
+    hidden = int(req("embedding_length"))
+    n_heads = int(req("attention.head_count"))
+    n_kv_heads = int(field(reader, f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = field(reader, f"{arch}.attention.key_length")
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor.")
+    # The embedding's row count is what the forward pass indexes; it equals the token list
+    # length in practice (some converters pad it, and then the tensor wins).
+    vocab_size = int(embd.shape[-1])  # ggml lists dims innermost first: [hidden, vocab]
+    eos_ids = [
+        int(v)
+        for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+        if (v := field(reader, f"tokenizer.ggml.{key}")) is not None
+    ]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(req("feed_forward_length")),
+        num_hidden_layers=int(req("block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=int(field(reader, f"{arch}.context_length", 8192)),
+        rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch, path, head_dim or hidden // n_heads),
+        tie_word_embeddings="output.weight" not in tensors,
+        head_dim=int(head_dim) if head_dim is not None else None,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
+        name=Path(path).stem,
+        extra={"source_format": "gguf", "gguf_file_type": field(reader, "general.file_type")},
+    )
+
+
+def _rope_scaling(reader: GGUFReader, arch: str, path: Path, head_dim: int) -> dict[str, Any] | None:
+    """HF rope_scaling from `{arch}.rope.scaling.*` keys or from a llama3 `rope_freqs` tensor."""
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    factor = field(reader, f"{arch}.rope.scaling.factor")
+    original = field(reader, f"{arch}.rope.scaling.original_context_length")
+    if kind in ("linear", "yarn") and factor:
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    if kind not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling type {kind!r} is not supported.")
+    freqs = _tensor_names(reader).get("rope_freqs.weight")
+    if freqs is None:
+        return None
+    factors = np.asarray(dequantize(freqs.data, freqs.tensor_type), dtype=np.float64).reshape(-1)
+    theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
+    return _llama3_scaling_from_factors(factors, theta, head_dim, path)
+
+
+def _llama3_scaling_from_factors(
+    factors: np.ndarray, theta: float, head_dim: int, path: Path
+) -> dict[str, Any]:
+    """Recover Llama 3 rope parameters from llama.cpp's precomputed per-frequency factors.
+
+    llama.cpp stores only the factors; every released Llama 3.x uses low/high frequency
+    factors 1 and 4 over an 8192-token original context, so try that and check it reproduces
+    the tensor exactly rather than guess silently.
+    """
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(f"{factors.max():.6g}"),  # undo float32 storage: 7.9999995 -> 8
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if not np.allclose(llama3_rope_factors(scaling, theta, head_dim), factors, rtol=1e-4):
+        raise ValueError(
+            f"{path}: the rope_freqs tensor does not match Llama 3 rope scaling with the usual "
+            "parameters; convert this model to a Hugging Face directory and load that instead."
+        )
+    return scaling
+
+
+def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes as rope_freqs for Llama 3."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wavelen = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_wavelen = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"]
+            )
+            out.append(1.0 / ((1 - smooth) / scaling["factor"] + smooth))
+    return np.asarray(out)
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for a Hugging Face Llama parameter name."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".", 3)  # model, layers, i, suffix
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_TENSORS:
+        return f"blk.{parts[2]}.{_LAYER_TENSORS[parts[3]]}"
+    raise KeyError(f"no GGUF tensor corresponds to {hf_name!r}")
+
+
+def layer_tensor_names(layer: int) -> list[str]:
+    """Hugging Face names of one decoder layer's parameters."""
+    return [f"model.layers.{layer}.{suffix}" for suffix in _LAYER_TENSORS]
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf.py's q/k row permutation (interleaved rope -> rotate_half).
+
+    llama.cpp reorders each head's rows from [first half | second half] to interleaved
+    pairs; transformers' GGUF loader applies this same inverse.
+    """
+    half = weight.shape[0] // n_heads // 2
+    w = weight.reshape(n_heads, half, 2, *weight.shape[1:])
+    return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_state_dict(
+    path: Path, config: LlamaConfig, names: Iterable[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Dequantize just the named tensors (HF names); untouched ones are never read from disk."""
+    reader = open_reader(path)
+    tensors = _tensor_names(reader)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        src = gguf_name(name)
+        t = tensors.get(src)
+        if t is None:
+            raise ValueError(f"{path}: GGUF file lacks tensor {src} (for {name}).")
+        w = dequantize(t.data, t.tensor_type)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rope_rows(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rope_rows(w, config.num_key_value_heads)
+        # Copy out of the read-only memmap before handing the tensor to torch.
+        out[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
+    return out
+
+
+def tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF's chat template and special-token ids, as a tokenizer needs them."""
+    reader = open_reader(path)
+    keys = ("bos", "eos", "eot", "eom", "unknown", "padding")
+    meta: dict[str, Any] = {f"{k}_token_id": field(reader, f"tokenizer.ggml.{k}_token_id") for k in keys}
+    meta["chat_template"] = field(reader, "tokenizer.chat_template")
+    meta["add_bos_token"] = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
+    return meta

