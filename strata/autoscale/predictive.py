@@ -115,7 +115,8 @@ class PredictivePolicy(LlmPolicy):
             return Recommendation(llm.replicas, llm.signal, notes + llm.notes, metrics)
 
         assert capacity is not None
-        forecast_replicas = math.ceil(forecast / (capacity * cfg.target_utilization))
+        # The epsilon keeps float noise (29.000000001) from asking for a replica too many.
+        forecast_replicas = math.ceil(forecast / (capacity * cfg.target_utilization) - 1e-9)
         metrics["forecast.proposal"] = float(forecast_replicas)
         metrics["forecast_used"] = 1.0
         note = (
