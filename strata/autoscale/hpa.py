@@ -140,6 +140,7 @@ class HpaPolicy:
     """A Kubernetes HPA for one tier; its history lives here and advances only in ``decide``."""
 
     name = "hpa"
+    recommended_tick_s = 15.0  # --horizontal-pod-autoscaler-sync-period
 
     def __init__(self, config: HpaConfig) -> None:
         self.config = config

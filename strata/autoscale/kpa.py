@@ -92,9 +92,11 @@ class _WindowAverage:
         self._samples: deque[tuple[float, float]] = deque()
 
     def record(self, now: float, value: float) -> None:
+        """Add the value observed at ``now``."""
         self._samples.append((now, value))
 
     def average(self, now: float) -> float:
+        """Mean over the window ending at ``now``; 0 when nothing is in it (Knative too)."""
         cutoff = now - self.window_s
         while self._samples and self._samples[0][0] <= cutoff:
             self._samples.popleft()
@@ -111,6 +113,7 @@ class _MaxWindow:
         self._values: deque[tuple[float, int]] = deque()
 
     def record(self, now: float, value: int) -> int:
+        """Add ``value`` at ``now`` and return the highest one still in the window."""
         self._values.append((now, value))
         cutoff = now - self.window_s
         while self._values and self._values[0][0] <= cutoff:
@@ -122,6 +125,7 @@ class KpaPolicy:
     """A Knative KPA decider for one tier, with its windows and panic state."""
 
     name = "kpa"
+    recommended_tick_s = 2.0  # Knative's decider tick interval
 
     def __init__(self, config: KpaConfig) -> None:
         self.config = config

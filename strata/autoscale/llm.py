@@ -191,6 +191,7 @@ class LlmPolicy:
     """The LLM-aware policy for one tier: signals, then the HPA behaviour step, then bounds."""
 
     name = "llm"
+    recommended_tick_s = 5.0  # load reports refresh about this often
 
     def __init__(self, config: LlmConfig) -> None:
         self.config = config

@@ -264,6 +264,18 @@ class ScaleDecision:
         """True when the platform must change the replica count."""
         return self.desired != self.current
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form for the decision log."""
+        return {
+            "tier": self.tier,
+            "at": self.at,
+            "policy": self.policy,
+            "current": self.current,
+            "desired": self.desired,
+            "reason": self.reason,
+            "metrics": dict(self.metrics),
+        }
+
 
 class ConfigModel(BaseModel):
     """Base of every autoscaling config model: strict, immutable, snake_case or camelCase.
@@ -282,9 +294,15 @@ class ConfigModel(BaseModel):
 
 
 class AutoscalingPolicy(Protocol):
-    """A pure policy: its config and its own history, advanced only by ``decide``."""
+    """A pure policy: its config and its own history, advanced only by ``decide``.
+
+    The caller must apply every decision it gets (as the Kubernetes controller does):
+    policies remember the changes they asked for, for their rate limits and windows.
+    ``recommended_tick_s`` is how often the original calls its decider.
+    """
 
     name: str
+    recommended_tick_s: float
 
     def decide(self, state: TierState, now: float) -> ScaleDecision:
         """The desired replica count for the tier at time ``now`` (seconds)."""

@@ -35,6 +35,7 @@ def test_names() -> None:
 def test_each_policy_builds_from_a_dict_and_decides(block: dict, cls: type) -> None:
     policy = build_policy(block)
     assert isinstance(policy, cls) and policy.name == block["policy"]
+    assert policy.recommended_tick_s > 0
     d = policy.decide(TierState(tier="t", current_replicas=1), 0.0)
     assert d.policy == block["policy"] and d.tier == "t" and d.at == 0.0
 

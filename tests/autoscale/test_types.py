@@ -75,3 +75,16 @@ def test_invalid_state_fails_fast() -> None:
 def test_decision_says_whether_it_scales() -> None:
     assert ScaleDecision("t", 2, 3, "hpa", "r").scales
     assert not ScaleDecision("t", 2, 2, "hpa", "r").scales
+
+
+def test_decision_log_form() -> None:
+    d = ScaleDecision("t", 2, 3, "llm", "kv signal", {"kv_usage": 0.9}, at=12.0)
+    assert d.to_dict() == {
+        "tier": "t",
+        "at": 12.0,
+        "policy": "llm",
+        "current": 2,
+        "desired": 3,
+        "reason": "kv signal",
+        "metrics": {"kv_usage": 0.9},
+    }
