@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -84,6 +85,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choice
 
 
+def default_model_name(path: Path) -> str:
+    """The API's model id: the file or directory name without a quantization suffix."""
+    stem = path.stem if path.is_file() else path.name
+    return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
+
+
 def build_engine_core(cfg: EngineConfig) -> EngineCore:
     """Load the model and tokenizer and size the KV cache."""
     if cfg.threads:
@@ -102,9 +109,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device)
-    name = cfg.served_model_name or (
-        "SmolLM2-135M-Instruct" if cfg.model in (None, "bundled", "smollm2-135m") else path.stem
-    )
+    name = cfg.served_model_name or default_model_name(path)
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     log.info(
         "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB)",
