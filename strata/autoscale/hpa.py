@@ -169,6 +169,8 @@ class HpaPolicy:
                 raise MetricUnavailable(f"tier metric {metric.name} is not observed")
             if metric.type == "Value":
                 assert metric.value is not None
+                if current != 0 and not state.replicas:
+                    raise MetricUnavailable("no replicas to count for a tier-wide value")
                 return tier_value_replicas(
                     current, value, metric.value, state.ready_count, tolerances
                 ), value

@@ -248,8 +248,6 @@ def tier_value_replicas(
         return math.ceil(usage_ratio)
     if tolerances.within(usage_ratio):
         return current
-    if ready_count <= 0:
-        raise MetricUnavailable("no ready replicas to scale a tier-wide value from")
     return math.ceil(usage_ratio * ready_count)
 
 

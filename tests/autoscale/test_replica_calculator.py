@@ -202,8 +202,8 @@ def test_tier_value_uses_ready_count_and_tolerance() -> None:
     # ratio 1.05 -> within -> current; ratio 1.5 with 2 ready -> 3.
     assert tier_value_replicas(4, 10.5, 10.0, 4, TOL) == 4
     assert tier_value_replicas(4, 15.0, 10.0, 2, TOL) == 3
-    with pytest.raises(MetricUnavailable):
-        tier_value_replicas(4, 15.0, 10.0, 0, TOL)
+    # Replicas exist but none is ready: Kubernetes multiplies by 0 ready pods.
+    assert tier_value_replicas(4, 15.0, 10.0, 0, TOL) == 0
 
 
 def test_tier_average_value_is_total_over_target() -> None:
