@@ -8,7 +8,11 @@ largest wins (like the HPA over several metrics):
 * ``kv``: mean KV-cache usage vs ``target_kv_usage`` (0.75), with the HPA's utilization
   calculation (tolerance, missing and not-yet-ready replicas).
 * ``queue``: waiting requests (on the replicas plus held by the activator) per replica vs
-  ``target_waiting_per_replica``; this one also works from zero replicas.
+  ``target_waiting_per_replica``; this one also works from zero replicas. A backlog is a
+  stock, not a flow: while new replicas start it keeps growing, and ``ceil(waiting /
+  target)`` would keep adding replicas that cannot help yet. So once replicas are ready
+  the queue may propose at most ``queue_max_step`` times the ready count (never less than
+  the current count), the way the HPA dampens scale-ups by counting unready pods as idle.
 * ``ttft``/``tpot``: the SLO percentile (p90) of recent observations vs the SLO. A
   violation scales up in proportion (``ceil(ready * p90 / slo)``, at most ``slo_max_step``
   times per decision, never down); a p90 within ``slo_scale_down_headroom`` of the SLO
@@ -56,6 +60,7 @@ class LlmConfig(ConfigModel):
     max_replicas: int = Field(ge=1)
     target_kv_usage: float = Field(default=0.75, gt=0.0, le=1.0)
     target_waiting_per_replica: float = Field(default=2.0, gt=0.0)
+    queue_max_step: float = Field(default=2.0, ge=1.0)
     ttft_slo_s: float | None = Field(default=None, gt=0.0)
     tpot_slo_s: float | None = Field(default=None, gt=0.0)
     slo_percentile: float = Field(default=90.0, gt=0.0, le=100.0)
@@ -157,9 +162,15 @@ class LlmRecommender:
             r.report.waiting for r in live if r.report is not None
         )
         rec.metrics["waiting"] = float(waiting)
-        proposals["queue"] = tier_average_value_replicas(
+        queue = tier_average_value_replicas(
             len(live), float(waiting), cfg.target_waiting_per_replica, tolerances
         )
+        if state.ready_count > 0:
+            cap = max(math.ceil(state.ready_count * cfg.queue_max_step), current)
+            if queue > cap:
+                rec.notes.append(f"queue proposal {queue} capped at {cap} (ready x step)")
+                queue = cap
+        proposals["queue"] = queue
 
         for name, obs, slo in (
             ("ttft", state.ttft_s, cfg.ttft_slo_s),

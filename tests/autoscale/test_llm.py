@@ -23,9 +23,19 @@ def test_scales_up_on_kv_pressure() -> None:
 def test_scales_up_on_waiting_requests_including_the_activators() -> None:
     reps = tuple(replica(f"r{i}", kv=0.3, waiting=5) for i in range(2))
     state = TierState(tier="t", current_replicas=2, replicas=reps, pending_requests=2)
-    d = llm().decide(state, 0.0)
+    d = llm(queue_max_step=4).decide(state, 0.0)
     assert d.metrics["waiting"] == 12 and d.metrics["queue.proposal"] == 6
     assert d.desired == 6 and "queue signal" in d.reason
+
+
+def test_queue_signal_is_capped_by_ready_replicas_while_others_start() -> None:
+    # 2 ready with a backlog of 40, 4 more already starting: ceil(40 / 2) = 20 would
+    # order replicas that cannot help yet; the proposal stays at 2 x ready = 4 <= current.
+    reps = tuple(replica(f"r{i}", kv=0.5, waiting=20) for i in range(2))
+    reps += tuple(replica(f"s{i}", ready=False, ready_changed_at=None) for i in range(4))
+    d = llm().decide(TierState(tier="t", current_replicas=6, replicas=reps), 0.0)
+    assert d.metrics["queue.proposal"] == 6 and d.desired == 6
+    assert "capped" in d.reason
 
 
 def test_ttft_slo_violation_scales_up_proportionally_capped() -> None:
@@ -87,8 +97,8 @@ def test_scale_down_is_stabilized_for_five_minutes_by_default() -> None:
 
 
 def test_scale_up_follows_the_default_rate_limits() -> None:
-    p = llm()
     reps = tuple(replica(f"r{i}", kv=0.5, waiting=40) for i in range(2))
+    p = llm(queue_max_step=100)
     d = p.decide(TierState(tier="t", current_replicas=2, replicas=reps), 0.0)
     assert d.metrics["queue.proposal"] == 40 and d.desired == 6  # max(2 + 4, 2 * 2)
     assert "ScaleUpLimit" in d.reason
