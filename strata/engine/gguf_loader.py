@@ -10,12 +10,13 @@ import functools
 import hashlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 from strata.engine.model_config import LlamaConfig
@@ -37,22 +38,25 @@ _LAYER_TENSORS = {
 }
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
-    return GGUFReader(path)
+# Metadata arrays longer than this (token list, merges, scores) are left out of the index:
+# as Python objects they cost ~150 MiB, and only the one-off tokenizer conversion needs them.
+_MAX_ARRAY_FIELD = 1024
 
 
-def open_reader(path: Path) -> GGUFReader:
-    """Parse a GGUF file once per process (parsing the token list takes seconds)."""
-    st = Path(path).stat()
-    return _cached_reader(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+@dataclass(frozen=True)
+class GGUFIndex:
+    """What a GGUF file holds, minus its big tokenizer arrays; tensors stay memory-mapped."""
+
+    metadata: dict[str, Any]
+    tensors: dict[str, ReaderTensor]
+    data_offset: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value (str, int, float, bool or short list), or default."""
+        return self.metadata.get(key, default)
 
 
-def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python object (str, int, float, bool or list), or default."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
+def _value(f: ReaderField) -> Any:
     value = f.contents()
     if isinstance(value, float):
         # GGUF stores float32; its shortest repr (1e-05, not 9.9999997e-06) is the intended value.
@@ -60,17 +64,33 @@ def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_index(path: str, mtime_ns: int, size: int) -> GGUFIndex:
+    reader = GGUFReader(path)
+    metadata = {
+        key: _value(f) for key, f in reader.fields.items()
+        if not (f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > _MAX_ARRAY_FIELD)
+    }
+    return GGUFIndex(metadata, {t.name: t for t in reader.tensors}, reader.data_offset)
+
+
+def open_gguf(path: Path) -> GGUFIndex:
+    """Parse a GGUF file once per process (GGUFReader takes seconds on a large vocabulary)."""
+    st = Path(path).stat()
+    return _cached_index(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
 def metadata_digest(path: Path) -> str:
     """sha256 of the GGUF header (all metadata, no tensor data): the tokenizer's identity."""
-    reader = open_reader(path)
+    index = open_gguf(path)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        h.update(fh.read(reader.data_offset))
+        h.update(fh.read(index.data_offset))
     return h.hexdigest()
 
 
-def _architecture(reader: GGUFReader, path: Path) -> str:
-    arch = field(reader, "general.architecture")
+def _architecture(index: GGUFIndex, path: Path) -> str:
+    arch = index.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF general.architecture={arch!r} is not supported; strata runs "
@@ -79,26 +99,22 @@ def _architecture(reader: GGUFReader, path: Path) -> str:
     return arch
 
 
-def _tensor_names(reader: GGUFReader) -> dict[str, Any]:
-    return {t.name: t for t in reader.tensors}
-
-
 def config_from_gguf(path: Path) -> LlamaConfig:
     """Build the model config from GGUF metadata (llama.cpp's `llama.*` and `tokenizer.ggml.*`)."""
-    reader = open_reader(path)
-    arch = _architecture(reader, path)
-    tensors = _tensor_names(reader)
+    index = open_gguf(path)
+    arch = _architecture(index, path)
+    tensors = index.tensors
 
     def req(key: str) -> Any:
-        value = field(reader, f"{arch}.{key}")
+        value = index.get(f"{arch}.{key}")
         if value is None:
             raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}; the file is incomplete.")
         return value
 
     hidden = int(req("embedding_length"))
     n_heads = int(req("attention.head_count"))
-    n_kv_heads = int(field(reader, f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = field(reader, f"{arch}.attention.key_length")
+    n_kv_heads = int(index.get(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = index.get(f"{arch}.attention.key_length")
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor.")
@@ -108,10 +124,10 @@ def config_from_gguf(path: Path) -> LlamaConfig:
     eos_ids = [
         int(v)
         for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-        if (v := field(reader, f"tokenizer.ggml.{key}")) is not None
+        if (v := index.get(f"tokenizer.ggml.{key}")) is not None
     ]
     eos_ids = list(dict.fromkeys(eos_ids))
-    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    bos = index.get("tokenizer.ggml.bos_token_id")
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -119,24 +135,24 @@ def config_from_gguf(path: Path) -> LlamaConfig:
         num_hidden_layers=int(req("block_count")),
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
-        max_position_embeddings=int(field(reader, f"{arch}.context_length", 8192)),
-        rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(reader, arch, path, head_dim or hidden // n_heads),
+        max_position_embeddings=int(index.get(f"{arch}.context_length", 8192)),
+        rms_norm_eps=float(index.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(index.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(index, arch, path, head_dim or hidden // n_heads),
         tie_word_embeddings="output.weight" not in tensors,
         head_dim=int(head_dim) if head_dim is not None else None,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
         name=Path(path).stem,
-        extra={"source_format": "gguf", "gguf_file_type": field(reader, "general.file_type")},
+        extra={"source_format": "gguf", "gguf_file_type": index.get("general.file_type")},
     )
 
 
-def _rope_scaling(reader: GGUFReader, arch: str, path: Path, head_dim: int) -> dict[str, Any] | None:
+def _rope_scaling(index: GGUFIndex, arch: str, path: Path, head_dim: int) -> dict[str, Any] | None:
     """HF rope_scaling from `{arch}.rope.scaling.*` keys or from a llama3 `rope_freqs` tensor."""
-    kind = field(reader, f"{arch}.rope.scaling.type")
-    factor = field(reader, f"{arch}.rope.scaling.factor")
-    original = field(reader, f"{arch}.rope.scaling.original_context_length")
+    kind = index.get(f"{arch}.rope.scaling.type")
+    factor = index.get(f"{arch}.rope.scaling.factor")
+    original = index.get(f"{arch}.rope.scaling.original_context_length")
     if kind in ("linear", "yarn") and factor:
         scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
         if original:
@@ -144,11 +160,11 @@ def _rope_scaling(reader: GGUFReader, arch: str, path: Path, head_dim: int) -> d
         return scaling
     if kind not in (None, "none"):
         raise ValueError(f"{path}: GGUF rope scaling type {kind!r} is not supported.")
-    freqs = _tensor_names(reader).get("rope_freqs.weight")
+    freqs = index.tensors.get("rope_freqs.weight")
     if freqs is None:
         return None
     factors = np.asarray(dequantize(freqs.data, freqs.tensor_type), dtype=np.float64).reshape(-1)
-    theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
+    theta = float(index.get(f"{arch}.rope.freq_base", 10000.0))
     return _llama3_scaling_from_factors(factors, theta, head_dim, path)
 
 
@@ -230,8 +246,7 @@ def gguf_state_dict(
     path: Path, config: LlamaConfig, names: Iterable[str], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Dequantize just the named tensors (HF names); untouched ones are never read from disk."""
-    reader = open_reader(path)
-    tensors = _tensor_names(reader)
+    tensors = open_gguf(path).tensors
     out: dict[str, torch.Tensor] = {}
     for name in names:
         src = gguf_name(name)
@@ -250,9 +265,8 @@ def gguf_state_dict(
 
 def tokenizer_metadata(path: Path) -> dict[str, Any]:
     """The GGUF's chat template and special-token ids, as a tokenizer needs them."""
-    reader = open_reader(path)
+    index = open_gguf(path)
     keys = ("bos", "eos", "eot", "eom", "unknown", "padding")
-    meta: dict[str, Any] = {f"{k}_token_id": field(reader, f"tokenizer.ggml.{k}_token_id") for k in keys}
-    meta["chat_template"] = field(reader, "tokenizer.chat_template")
-    meta["add_bos_token"] = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
+    meta: dict[str, Any] = {f"{k}_token_id": index.get(f"tokenizer.ggml.{k}_token_id") for k in keys}
+    meta["chat_template"] = index.get("tokenizer.chat_template")
     return meta

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize
 
 from strata.engine import gguf_loader, weights
 from strata.engine.model_config import LlamaConfig
@@ -149,10 +150,7 @@ def test_gguf_state_dict_equals_transformers_gguf_load(
 ) -> None:  # noqa: ANN001
     assert_same_tensors(bundled_state, dict(transformers_from_gguf.state_dict()))
     # The check above covers q/k: make sure they really differ from the raw GGUF row order.
-    raw_q = gguf_loader.open_reader(bundled_gguf).tensors
-    q = next(t for t in raw_q if t.name == "blk.0.attn_q.weight")
-    from gguf.quants import dequantize
-
+    q = gguf_loader.open_gguf(bundled_gguf).tensors["blk.0.attn_q.weight"]
     raw = torch.from_numpy(np.array(dequantize(q.data, q.tensor_type)))
     assert not torch.equal(raw, bundled_state["model.layers.0.self_attn.q_proj.weight"])
 
