@@ -31,7 +31,6 @@ whole cache is smaller than prompt + max_tokens is rejected outright.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 from strata.routing.types import ReplicaState, RouteRequest, Snapshot
@@ -58,13 +57,25 @@ def measured_rates(r: ReplicaState) -> Rates | None:
     return Rates(prefill_token_s=p, decode_step_s=max(0.0, load.decode_step_s))
 
 
+_UNIT_RATES = Rates(prefill_token_s=1.0, decode_step_s=0.0)
+
+
+def _median(values: list[float]) -> float:
+    values.sort()
+    n = len(values)
+    mid = n // 2
+    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def fleet_rates(replicas: tuple[ReplicaState, ...]) -> Rates:
     """Median measured rates of the fleet; unit rates when nothing is measured."""
     known = [m for m in (measured_rates(r) for r in replicas) if m is not None]
     if not known:
-        return Rates(prefill_token_s=1.0, decode_step_s=0.0)
-    return Rates(prefill_token_s=statistics.median(k.prefill_token_s for k in known),
-                 decode_step_s=statistics.median(k.decode_step_s for k in known))
+        return _UNIT_RATES
+    if len(known) == 1:
+        return known[0]
+    return Rates(prefill_token_s=_median([k.prefill_token_s for k in known]),
+                 decode_step_s=_median([k.decode_step_s for k in known]))
 
 
 def expected_hit_tokens(request: RouteRequest, r: ReplicaState) -> int:

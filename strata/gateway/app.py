@@ -1,0 +1,279 @@
+"""The gateway service: an OpenAI-compatible front over a set of replicas.
+
+The two generation endpoints are served by a raw ASGI handler (no framework routing, the
+body parsed once, the upstream bytes passed through) because they carry the latency
+budget; /v1/models, /health and /metrics go through Starlette. Admission order for a
+generation request: body size -> API key -> parse -> rate limit -> per-model slot ->
+route (hold while no replica is ready) -> proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from strata.gateway.admission import Admission, QueueFull, QueueTimeout
+from strata.gateway.auth import ApiKeys, KeyInfo
+from strata.gateway.demand import DemandTracker
+from strata.gateway.metrics import GatewayMetrics
+from strata.gateway.proxy import (
+    ClientState,
+    GatewayError,
+    MidstreamFailure,
+    Proxy,
+    ProxyConfig,
+)
+from strata.gateway.ratelimit import Limits, RateLimiter
+from strata.gateway.replicas import OnDemand, ReplicaSet, ReplicaSetConfig
+from strata.routing.prompt import PromptError, PromptEstimator
+from strata.routing.registry import DEFAULT_POLICY, make_policy
+
+log = logging.getLogger("strata.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_GENERATION_PATHS = {"/v1/completions": False, "/v1/chat/completions": True}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway is configured with, parsed once at start-up."""
+
+    replicas: tuple[str, ...] = ()
+    tier: str = "engine"
+    policy: str = DEFAULT_POLICY
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    replica_set: ReplicaSetConfig = field(default_factory=ReplicaSetConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    estimator: PromptEstimator = field(default_factory=PromptEstimator)
+    api_keys: ApiKeys | None = None  # None or empty: no authentication
+    default_limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_in_flight_per_model: int | None = None
+    max_queued_per_model: int = 1024
+    queue_timeout_s: float = 30.0
+    demand_tau_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.queue_timeout_s < 0:
+            raise ValueError("queue_timeout_s must be >= 0")
+
+
+class Gateway:
+    """The ASGI application: hot generation paths by hand, the rest through Starlette."""
+
+    def __init__(self, config: GatewayConfig, on_demand: OnDemand | None = None) -> None:
+        """Build every part; replicas start polling when the app's lifespan starts."""
+        self.config = config
+        self.policy = make_policy(config.policy, **config.policy_params)
+        self.metrics = GatewayMetrics(config.policy)
+        self.replicas = ReplicaSet(config.tier, config.replica_set, self.metrics, on_demand,
+                                   config.estimator.chunk_tokens)
+        threshold = int(getattr(self.policy, "threshold_tokens", 1024))
+        self.proxy = Proxy(self.replicas, self.policy, self.metrics, config.proxy,
+                           DemandTracker(threshold, config.demand_tau_s))
+        self.admission = Admission(config.max_in_flight_per_model, config.max_queued_per_model)
+        self.limiter = RateLimiter()
+        self.metrics.in_flight.set_function(
+            lambda: sum(r.in_flight for r in self.replicas.replicas.values()))
+        self.keys = config.api_keys if config.api_keys is not None and len(config.api_keys) \
+            else None
+        self.starlette = Starlette(
+            routes=[Route("/v1/models", self._models, methods=["GET"]),
+                    Route("/health", self._health, methods=["GET"]),
+                    Route("/metrics", self._metrics, methods=["GET"])],
+            lifespan=self._lifespan)
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.replicas.set_endpoints(self.config.replicas)
+        try:
+            yield
+        finally:
+            await self.replicas.close()
+
+    async def set_endpoints(self, urls: list[str]) -> None:
+        """Replace the replica set (the platform's feed calls this)."""
+        await self.replicas.set_endpoints(urls)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] == "http":
+            chat = _GENERATION_PATHS.get(scope["path"])
+            if chat is not None:
+                await self._generation(scope, receive, send, chat)
+                return
+        await self.starlette(scope, receive, send)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _generation(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
+        t0 = time.perf_counter()
+        client = ClientState()
+        try:
+            if scope["method"] != "POST":
+                raise GatewayError(405, f"{scope['path']} accepts POST only")
+            who = self._authenticate(scope)
+            body = await self._read_body(scope, receive)
+            try:
+                parsed = json.loads(body)
+            except ValueError as err:
+                raise GatewayError(400, f"request body is not valid JSON: {err}") from None
+            if not isinstance(parsed, dict):
+                raise GatewayError(400, "request body must be a JSON object")
+            try:
+                route = self.config.estimator.from_body(parsed, chat)
+            except PromptError as err:
+                raise GatewayError(400, str(err), param=err.param) from None
+            self._rate_limit(who, scope, route.total_tokens)
+            queue = self.admission.queue(route.model)
+            try:
+                await queue.acquire(self.config.queue_timeout_s)
+            except QueueTimeout as err:
+                raise GatewayError(503, str(err), code="queue_timeout",
+                                   headers=[(b"retry-after", b"1")]) from None
+            except QueueFull as err:
+                raise GatewayError(503, str(err), code="queue_full",
+                                   headers=[(b"retry-after", b"1")]) from None
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = asyncio.create_task(_watch_disconnect(receive, task, client))
+            try:
+                await self.proxy.forward(send, scope["path"], body, route, queue, t0, client)
+            except asyncio.CancelledError:
+                if not client.disconnected:
+                    raise  # shutdown, not the client
+                task.uncancel()
+                self.metrics.disconnects.inc()
+            finally:
+                watcher.cancel()
+                queue.release()
+        except GatewayError as err:
+            self.metrics.rejected.labels(reason=err.code or str(err.status)).inc()
+            await _send_error(send, err)
+        except _ClientGone:
+            self.metrics.disconnects.inc()
+        except MidstreamFailure as err:
+            # Headers are out; closing the connection is the only honest signal left.
+            log.warning("response aborted: %s", err)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.config.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise GatewayError(413, f"request body exceeds {limit} bytes",
+                                   code="body_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"request body exceeds {limit} bytes",
+                                   code="body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _authenticate(self, scope: Scope) -> KeyInfo | None:
+        if self.keys is None:
+            return None
+        auth = next((v.decode("latin-1") for k, v in scope["headers"]
+                     if k == b"authorization"), None)
+        info = self.keys.verify(auth)
+        if info is None:
+            raise GatewayError(401, "missing or invalid API key; send 'Authorization: Bearer "
+                               "<key>'", type_="authentication_error", code="invalid_api_key")
+        return info
+
+    def _rate_limit(self, who: KeyInfo | None, scope: Scope, tokens: int) -> None:
+        d = self.config.default_limits
+        if who is not None:
+            limits = Limits(rpm=d.rpm if who.rpm is None else who.rpm,
+                            tpm=d.tpm if who.tpm is None else who.tpm)
+            client = "key:" + who.name
+        else:
+            limits = d
+            client = "addr:" + (scope.get("client") or ("?",))[0]
+        if limits.rpm <= 0 and limits.tpm <= 0:
+            return
+        verdict = self.limiter.check(client, limits, tokens, time.monotonic())
+        if verdict.allowed:
+            return
+        if verdict.retry_after_s == float("inf"):
+            raise GatewayError(400, f"this request's ~{tokens} tokens exceed the {limits.tpm} "
+                               "tokens/min limit by themselves; lower max_tokens",
+                               param="max_tokens", code="exceeds_token_limit")
+        retry = max(1, int(verdict.retry_after_s + 0.999))
+        what = "requests" if verdict.limit == "rpm" else "tokens"
+        raise GatewayError(429, f"rate limit of {what} per minute reached; retry in {retry} s",
+                           type_=what, code="rate_limit_exceeded",
+                           headers=[(b"retry-after", str(retry).encode())])
+
+    # -- plain endpoints -----------------------------------------------------------------
+
+    async def _models(self, request: Request) -> Response:
+        if self.keys is not None:
+            info = self.keys.verify(request.headers.get("authorization"))
+            if info is None:
+                err = GatewayError(401, "missing or invalid API key",
+                                   type_="authentication_error", code="invalid_api_key")
+                return Response(err.body(), 401, media_type="application/json")
+        return JSONResponse({"object": "list", "data": self.replicas.model_cards()})
+
+    async def _health(self, request: Request) -> Response:
+        ready = self.replicas.ready_count()
+        ok = ready > 0 or self.replicas.on_demand is not None
+        return JSONResponse({"status": "ok" if ok else "no_ready_replica", "tier":
+                             self.replicas.tier, "ready_replicas": ready,
+                             "replicas": len(self.replicas.replicas)},
+                            status_code=200 if ok else 503)
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while sending its request."""
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any],
+                            client: ClientState) -> None:
+    """Cancel the forwarding task when the client goes away before the answer ends."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not client.finished:
+                client.disconnected = True
+                task.cancel()
+            return
+
+
+async def _send_error(send: Send, err: GatewayError) -> None:
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), *err.headers]})
+    await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+
+
+def create_app(config: GatewayConfig, on_demand: OnDemand | None = None) -> Gateway:
+    """The gateway as an ASGI app (serve it with uvicorn; lifespan must be on)."""
+    return Gateway(config, on_demand)

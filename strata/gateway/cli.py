@@ -1,0 +1,119 @@
+"""``strata gateway``: run the OpenAI-compatible gateway in front of replicas.
+
+The root CLI mounts ``gateway_command``; ``python -m strata.gateway.cli`` runs it alone.
+Secrets come from the environment or a file, never from flags that show up in ``ps``:
+``STRATA_API_KEYS`` (comma-separated client keys) and ``STRATA_UPSTREAM_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from strata.gateway.app import GatewayConfig, create_app
+from strata.gateway.auth import ApiKeys
+from strata.gateway.proxy import ProxyConfig
+from strata.gateway.ratelimit import Limits
+from strata.gateway.replicas import ReplicaSetConfig
+from strata.routing.prompt import PromptEstimator
+from strata.routing.registry import DEFAULT_POLICY, make_policy, policy_names
+
+
+def parse_policy_params(items: list[str]) -> dict[str, Any]:
+    """``["load_factor=1.5", "key_chunks=3"]`` -> typed keyword arguments."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--policy-param {item!r} must look like name=value")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+def gateway_command(
+    replica: Annotated[list[str], typer.Option(
+        "--replica", "-r", help="Replica base URL (repeat for several).")] = [],  # noqa: B006
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    policy: Annotated[str, typer.Option(
+        help=f"Routing policy: {', '.join(policy_names())}.")] = DEFAULT_POLICY,
+    policy_param: Annotated[list[str], typer.Option(
+        help="Policy parameter name=value (repeatable), e.g. load_factor=1.5.")] = [],  # noqa: B006
+    tier: Annotated[str, typer.Option(help="Tier label of these replicas.")] = "engine",
+    poll_interval_s: Annotated[float, typer.Option(help="Load polling period.")] = 0.2,
+    health_interval_s: Annotated[float, typer.Option(help="Health check period.")] = 1.0,
+    connect_timeout_s: Annotated[float, typer.Option(help="Upstream connect timeout.")] = 3.0,
+    read_timeout_s: Annotated[float, typer.Option(
+        help="Longest upstream silence (first token included).")] = 300.0,
+    max_retries: Annotated[int, typer.Option(
+        help="Other replicas to try when one fails before its first token.")] = 2,
+    eject_after_failures: Annotated[int, typer.Option(
+        help="Consecutive failures that take a replica out.")] = 3,
+    api_keys_file: Annotated[Path | None, typer.Option(
+        help="File of client API keys (see strata.gateway.auth); also STRATA_API_KEYS.",
+        exists=True, dir_okay=False)] = None,
+    rate_limit_rpm: Annotated[int, typer.Option(
+        help="Default requests/min per key (per client address without keys); 0: off.")] = 0,
+    rate_limit_tpm: Annotated[int, typer.Option(
+        help="Default tokens/min (prompt estimate + max_tokens); 0: off.")] = 0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 8 << 20,
+    max_in_flight_per_model: Annotated[int | None, typer.Option(
+        help="Requests proxied at once per model; unset: no limit.")] = None,
+    max_queued_per_model: Annotated[int, typer.Option(
+        help="Requests waiting per model before 503.")] = 1024,
+    queue_timeout_s: Annotated[float, typer.Option(help="Longest wait for a slot.")] = 30.0,
+    hold_timeout_s: Annotated[float, typer.Option(
+        help="Longest wait for a ready replica (scale from zero).")] = 30.0,
+    bytes_per_token: Annotated[float, typer.Option(
+        help="Prompt bytes per token for routing estimates.")] = 4.0,
+    prefix_chunk_tokens: Annotated[int, typer.Option(
+        help="Tokens per prefix-hash chunk.")] = 64,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+) -> None:
+    """Serve the OpenAI API, routing each request to the replica that fits it best."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    params = parse_policy_params(policy_param)
+    try:
+        make_policy(policy, **params)
+        keys = ApiKeys.load(api_keys_file, os.environ.get("STRATA_API_KEYS"))
+        config = GatewayConfig(
+            replicas=tuple(replica), tier=tier, policy=policy, policy_params=params,
+            replica_set=ReplicaSetConfig(
+                poll_interval_s=poll_interval_s, health_interval_s=health_interval_s,
+                connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                eject_after_failures=eject_after_failures,
+                upstream_api_key=os.environ.get("STRATA_UPSTREAM_API_KEY") or None),
+            proxy=ProxyConfig(max_retries=max_retries, hold_timeout_s=hold_timeout_s),
+            estimator=PromptEstimator(bytes_per_token=bytes_per_token,
+                                      chunk_tokens=prefix_chunk_tokens),
+            api_keys=keys, default_limits=Limits(rpm=rate_limit_rpm, tpm=rate_limit_tpm),
+            max_body_bytes=max_body_bytes, max_in_flight_per_model=max_in_flight_per_model,
+            max_queued_per_model=max_queued_per_model, queue_timeout_s=queue_timeout_s)
+        app = create_app(config)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if not replica:
+        logging.getLogger("strata.gateway").warning(
+            "no --replica given: requests wait for replicas added at runtime")
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
+                log_level=log_level.lower(), access_log=False, lifespan="on",
+                timeout_keep_alive=75)
+
+
+app = typer.Typer(add_completion=False)
+app.command("gateway")(gateway_command)
+
+if __name__ == "__main__":
+    typer.run(gateway_command)
