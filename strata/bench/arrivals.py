@@ -1,4 +1,4 @@
-"""Synthetic arrival processes: Poisson, and gamma with a burstiness coefficient.
+"""Synthetic arrival processes: Poisson, gamma with a burstiness coefficient, constant.
 
 Gamma inter-arrival times with coefficient of variation ``cv`` have shape ``1/cv**2``;
 ``cv = 1`` is exactly Poisson, ``cv > 1`` is burstier than Poisson and ``cv < 1`` smoother.
@@ -31,6 +31,13 @@ def gamma_arrivals(rate: float, n: int, burstiness: float = 1.0, seed: int = 0) 
 def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
     """Arrival times of a Poisson process: exponential gaps at mean ``rate`` req/s."""
     return gamma_arrivals(rate, n, 1.0, seed)
+
+
+def constant_arrivals(rate: float, n: int) -> list[float]:
+    """Evenly spaced arrivals at ``rate`` req/s: the no-variance case, for calibration."""
+    if rate <= 0:
+        raise ValueError(f"--rate must be > 0 req/s, got {rate}")
+    return [i / rate for i in range(max(n, 0))]
 
 
 def count_for_duration(rate: float, duration_s: float) -> int:

@@ -76,8 +76,9 @@ def bench(
     on_bad_rows: Annotated[str, typer.Option(help="error | skip invalid trace rows.")
                            ] = "error",
     arrivals: Annotated[str | None, typer.Option(
-        help="trace | poisson | gamma (default: trace, or poisson for synthetic).")] = None,
-    rate: Annotated[float | None, typer.Option(help="Requests/s for poisson/gamma.")] = None,
+        help="trace | poisson | gamma | constant (default: trace, or poisson for synthetic).")] = None,
+    rate: Annotated[float | None, typer.Option(
+        help="Requests/s for poisson/gamma/constant arrivals.")] = None,
     burstiness: Annotated[float, typer.Option(
         help="Gamma coefficient of variation (1 = Poisson, >1 burstier).")] = 1.0,
     duration: Annotated[float | None, typer.Option(help="Seconds of synthetic arrivals.")

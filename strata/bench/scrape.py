@@ -19,7 +19,7 @@ from strata.bench.results import Sample
 
 _KEEP = re.compile(
     r"replicas|num_requests_(running|waiting)|requests_(running|waiting)|kv_cache_usage"
-    r"|gpu_cache_usage|kv_usage")
+    r"|gpu_cache_usage|kv_usage|prefix_cache_hit")
 _SKIP_SUFFIXES = ("_created", "_bucket", "_sum", "_count")
 
 

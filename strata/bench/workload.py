@@ -60,19 +60,18 @@ def parse_window(text: str | None) -> tuple[float, float | None] | None:
 
 def build_trace(opts: WorkloadOptions) -> Trace:
     """The trace to replay, with every transform applied and recorded."""
-    if opts.arrivals not in ("trace", "poisson", "gamma"):
-        raise ValueError(f"--arrivals must be trace, poisson or gamma, got {opts.arrivals!r}")
+    if opts.arrivals not in ("trace", "poisson", "gamma", "constant"):
+        raise ValueError("--arrivals must be trace, poisson, gamma or constant, "
+                         f"got {opts.arrivals!r}")
     synthetic_arrivals = opts.arrivals != "trace"
     if synthetic_arrivals and opts.rate is None:
         raise ValueError(f"--arrivals {opts.arrivals} needs --rate (requests/s)")
-    burst = opts.burstiness if opts.arrivals == "gamma" else 1.0
     if opts.trace == "synthetic":
         if not synthetic_arrivals:
-            raise ValueError("--trace synthetic needs --arrivals poisson or gamma")
-        n = _synthetic_count(opts)
-        times = arr.gamma_arrivals(opts.rate or 0.0, n, burst, opts.seed)
+            raise ValueError("--trace synthetic needs --arrivals poisson, gamma or constant")
+        times = _synthetic_times(opts, _synthetic_count(opts))
         trace = arr.synthetic_trace(times, opts.input_tokens, opts.output_tokens,
-                                    f"{opts.arrivals} {opts.rate:g}/s cv {burst:g}")
+                                    _arrivals_label(opts))
         return traces.fit_lengths(trace, 1.0, opts.max_context)
     full = traces.load_trace(opts.trace, opts.data_dir, opts.skip_bad_rows)
     factor = opts.length_factor or traces.auto_length_factor(full, opts.max_context)
@@ -84,14 +83,27 @@ def build_trace(opts: WorkloadOptions) -> Trace:
     if opts.time_scale != 1.0:
         trace = traces.scale_time(trace, opts.time_scale)
     if synthetic_arrivals:
-        n = min(len(trace.records), _synthetic_count(opts))
-        times = arr.gamma_arrivals(opts.rate or 0.0, n, burst, opts.seed)
-        trace = arr.retime(trace, times, f"{opts.arrivals} {opts.rate:g}/s cv {burst:g}")
+        times = _synthetic_times(opts, min(len(trace.records), _synthetic_count(opts)))
+        trace = arr.retime(trace, times, _arrivals_label(opts))
     if opts.max_requests:
         trace = traces.head(trace, opts.max_requests)
     if not trace.records:
         raise ValueError("the chosen window/limits leave no request to send")
     return traces.fit_lengths(trace, factor, opts.max_context)
+
+
+def _synthetic_times(opts: WorkloadOptions, n: int) -> list[float]:
+    rate = opts.rate or 0.0
+    if opts.arrivals == "constant":
+        return arr.constant_arrivals(rate, n)
+    burst = opts.burstiness if opts.arrivals == "gamma" else 1.0
+    return arr.gamma_arrivals(rate, n, burst, opts.seed)
+
+
+def _arrivals_label(opts: WorkloadOptions) -> str:
+    if opts.arrivals == "gamma":
+        return f"gamma {opts.rate:g}/s cv {opts.burstiness:g}"
+    return f"{opts.arrivals} {opts.rate:g}/s"
 
 
 def _synthetic_count(opts: WorkloadOptions) -> int:

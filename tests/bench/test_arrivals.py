@@ -28,6 +28,10 @@ def test_gamma_cv_matches_burstiness(burstiness: float) -> None:
     assert cv == pytest.approx(burstiness, rel=0.08)
 
 
+def test_constant_arrivals_are_evenly_spaced() -> None:
+    assert arrivals.constant_arrivals(4.0, 5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
 def test_synthetic_trace_and_validation() -> None:
     n = arrivals.count_for_duration(4.0, 10.0)
     trace = arrivals.synthetic_trace(arrivals.poisson_arrivals(4.0, n), 64, 8, "poisson 4/s")

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -23,6 +24,7 @@ def _root() -> typer.Typer:
     return root
 
 
+@pytest.mark.slow
 def test_open_loop_mooncake_then_closed_loop_and_compare(
         fake_backend: Callable[..., str], tmp_path: Path) -> None:
     runner = CliRunner()
