@@ -228,25 +228,26 @@ class Proxy:
                 break
             if attempt:
                 self.metrics.retries.inc()
-            replica.begin(route, time.monotonic())
+            ticket = replica.begin(route, time.monotonic())
             self.metrics.routed_to(replica.url)
             try:
                 resp, first = await self.open(replica, path, body)
             except UpstreamFailure as failure:
-                replica.end(time.monotonic(), completed=False)
+                replica.end(ticket, time.monotonic(), completed=False)
                 self.replicas.note_failure(replica, failure.refused, failure.kind)
                 tried.add(replica.url)
                 last = failure
                 continue
             except BaseException:
-                replica.end(time.monotonic(), completed=False)
+                replica.end(ticket, time.monotonic(), completed=False)
                 raise
-            await self._stream(send, resp, first, replica, route, t0, client)
+            replica.first_byte(ticket)
+            await self._stream(send, resp, first, replica, ticket, route, t0, client)
             return
         raise self._exhausted(last, len(tried))
 
     async def _stream(self, send: Send, resp: UpstreamResponse, first: bytes,
-                      replica: Replica, route: RouteRequest, t0: float,
+                      replica: Replica, ticket: int, route: RouteRequest, t0: float,
                       client: ClientState) -> None:
         clean = False
         try:
@@ -276,7 +277,7 @@ class Proxy:
                 resp.release()  # keep-alive: the connection goes back to the pool
             else:
                 resp.close()  # closing the upstream connection cancels the request there
-            replica.end(time.monotonic(), completed=clean)
+            replica.end(ticket, time.monotonic(), completed=clean)
 
     def _exhausted(self, last: UpstreamFailure | None, tried: int) -> GatewayError:
         if last is None:

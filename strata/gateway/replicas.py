@@ -17,10 +17,11 @@ tier has no ready replica a request can call the ``on_demand(tier)`` activator a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,9 @@ class ReplicaSetConfig:
     eject_max_s: float = 60.0
     prefix_capacity_chunks: int = 8192  # until the replica reports its KV size
     upstream_api_key: str | None = None
+    # After on_demand(tier) returns, the replica it started needs time to load and pass a
+    # health check; asking again sooner would only start more replicas for the same burst.
+    reactivate_after_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0 or self.health_interval_s <= 0:
@@ -94,9 +98,11 @@ class Replica:
         self.load: LoadReport | None = None
         self.metrics_load: MetricsLoad | None = None
         self.load_source = "unknown"  # "load" | "metrics" | "none" | "unknown"
-        # (dispatch time, prompt tokens) of requests no load reading has included yet
-        self.pending: deque[tuple[float, int]] = deque()
+        # ticket -> (dispatch time, prompt tokens) of requests still waiting for their first
+        # byte that no load reading has included yet (their prefill is still ahead)
+        self.pending: OrderedDict[int, tuple[float, int]] = OrderedDict()
         self.pending_tokens = 0
+        self._tickets = itertools.count()
         self.prefix = PrefixIndex(config.prefix_capacity_chunks)
         self.finishes: deque[float] = deque()
         self.models: frozenset[str] = frozenset()
@@ -112,16 +118,24 @@ class Replica:
 
     # -- request bookkeeping -------------------------------------------------------------
 
-    def begin(self, request: RouteRequest, now: float) -> None:
-        """Count a dispatched request and remember its prefix as likely cached here."""
+    def begin(self, request: RouteRequest, now: float) -> int:
+        """Count a dispatched request, remember its prefix as likely cached; a ticket."""
         self.in_flight += 1
-        if self.load_source != "none":  # nothing would ever report them
-            self.pending.append((now, request.prompt_tokens))
-            self.pending_tokens += request.prompt_tokens
+        ticket = next(self._tickets)
+        self.pending[ticket] = (now, request.prompt_tokens)
+        self.pending_tokens += request.prompt_tokens
         self.prefix.insert(request.prefix_hashes)
+        return ticket
 
-    def end(self, now: float, completed: bool) -> None:
+    def first_byte(self, ticket: int) -> None:
+        """The request's prefill is done: it no longer waits in the replica's queue."""
+        entry = self.pending.pop(ticket, None)
+        if entry is not None:
+            self.pending_tokens -= entry[1]
+
+    def end(self, ticket: int, now: float, completed: bool) -> None:
         """Un-count a request; completed ones feed the measured completion rate."""
+        self.first_byte(ticket)
         self.in_flight -= 1
         if completed:
             self.finishes.append(now)
@@ -154,8 +168,12 @@ class Replica:
     def accept_report(self, sent_at: float, chunk_tokens: int) -> None:
         """A load reading requested at ``sent_at`` includes requests dispatched before it."""
         p = self.pending
-        while p and p[0][0] < sent_at:
-            self.pending_tokens -= p.popleft()[1]
+        while p:
+            ticket, (t, tokens) = next(iter(p.items()))
+            if t >= sent_at:
+                break
+            del p[ticket]
+            self.pending_tokens -= tokens
         load = self.load
         if load is not None and load.total_kv_blocks > 0 and load.block_size > 0:
             # The replica can hold at most its KV cache's worth of prefixes.
@@ -198,6 +216,7 @@ class ReplicaSet:
         self.replicas: dict[str, Replica] = {}
         self._changed = asyncio.Event()
         self._activation: asyncio.Task[None] | None = None
+        self._activated_at = 0.0
         self._ready = 0
         self._http: httpx.AsyncClient | None = None
         self.metrics.tier_replicas.labels(tier=tier).set(0)
@@ -289,10 +308,15 @@ class ReplicaSet:
             pass
 
     def activate(self) -> asyncio.Task[None] | None:
-        """Call ``on_demand(tier)`` unless a call is already running; None without a hook."""
+        """Call ``on_demand(tier)`` unless one is running or finished recently.
+
+        Returns the current (or just finished) activation task, None without a hook.
+        """
         if self.on_demand is None:
             return None
-        if self._activation is None or self._activation.done():
+        a = self._activation
+        if a is None or (a.done() and time.monotonic() - self._activated_at
+                         >= self.config.reactivate_after_s):
             self._activation = asyncio.create_task(self._run_activation(),
                                                    name=f"activate {self.tier}")
         return self._activation
@@ -301,7 +325,11 @@ class ReplicaSet:
         assert self.on_demand is not None
         try:
             await self.on_demand(self.tier)
+        except Exception:
+            log.exception("activating tier %s failed", self.tier)
+            raise
         finally:
+            self._activated_at = time.monotonic()
             self._notify()  # waiters re-check, success or not
 
     def note_failure(self, r: Replica, refused: bool, kind: str) -> None:
@@ -335,8 +363,6 @@ class ReplicaSet:
                 if r.routable(time.monotonic()) != before:
                     self._set_health_gauge(r)
                     self._notify()
-            elif r.load_source == "none":
-                r.accept_report(time.monotonic(), self.chunk_tokens)  # nothing else will
             until_health = max(0.001, next_health - time.monotonic())
             if r.healthy:
                 await asyncio.sleep(min(self.config.poll_interval_s, until_health))
