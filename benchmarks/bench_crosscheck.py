@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="target model's tokenizer (default: bundled)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results")
     args = parser.parse_args()
+    args.out_dir = args.out_dir.resolve()  # guidellm runs in that folder
     console = Console()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     exe = ensure_guidellm(console)

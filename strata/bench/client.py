@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -221,11 +222,20 @@ async def _closed_loop(client: aiohttp.ClientSession, specs: Sequence[RequestSpe
     return sorted(records, key=lambda r: r.index)
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each in-flight request is a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 async def run_load(specs: Sequence[RequestSpec], options: ClientOptions,
                    concurrency: int | None = None, on_done: Hook | None = None) -> RunOutput:
     """Run the whole load (open loop, or closed loop when ``concurrency`` is given)."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
+    raise_open_files_limit()
     async with make_client(options) as client:
         t0 = time.perf_counter()
         scraper = MetricsScraper(client, base_url(options.target) + "/metrics", t0,
@@ -244,10 +254,14 @@ async def run_load(specs: Sequence[RequestSpec], options: ClientOptions,
 
 async def discover_model(options: ClientOptions) -> str:
     """The first model the target lists at /v1/models, for requests that must name one."""
-    async with make_client(options) as session, session.get(
-            base_url(options.target) + "/v1/models") as response:
-        response.raise_for_status()
-        models = (await response.json()).get("data") or []
+    url = base_url(options.target) + "/v1/models"
+    try:
+        async with make_client(options) as session, session.get(url) as response:
+            response.raise_for_status()
+            models = (await response.json()).get("data") or []
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise ValueError(f"cannot list models at {url} ({type(err).__name__}: {err}); "
+                         "check --target, or pass --model NAME") from err
     if not models:
         raise ValueError(f"{options.target}/v1/models lists no model; pass --model")
     return str(models[0]["id"])

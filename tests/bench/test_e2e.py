@@ -72,3 +72,6 @@ def test_cli_errors_name_the_fix(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "line 2" in res.output and "--on-bad-rows" in res.output
     res = runner.invoke(_root(), ["bench", "--trace", "synthetic"])
     assert res.exit_code == 2 and "--target" in res.output
+    res = runner.invoke(_root(), ["bench", "--target", "http://127.0.0.1:9", "--rate", "1",
+                                  "--max-requests", "1", "--output", str(tmp_path / "y.json")])
+    assert res.exit_code == 2 and "--model" in res.output
