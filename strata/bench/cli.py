@@ -179,4 +179,5 @@ def compare(
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    console.print(compare_table(result_a, result_b, a.stem, b.stem))
+    name_a, name_b = (a.stem, b.stem) if a.stem != b.stem else (str(a), str(b))
+    console.print(compare_table(result_a, result_b, f"A: {name_a}", f"B: {name_b}"))

@@ -103,7 +103,8 @@ def compare_table(a: BenchResult, b: BenchResult, name_a: str, name_b: str) -> T
     table.add_column("B/A", justify="right")
     for label, va, vb in _compare_rows(a, b):
         ratio = "-" if va in (None, 0) or vb is None else f"{vb / va:.2f}x"
-        table.add_row(label, _fmt(va, 2), _fmt(vb, 2), ratio)
+        digits = 0 if label in ("completed", "failed") else 2
+        table.add_row(label, _fmt(va, digits), _fmt(vb, digits), ratio)
     return table
 
 
