@@ -22,6 +22,7 @@ import torch
 
 from strata.engine.core import EngineCore, RequestError, SeqOutput
 from strata.engine.model import LlamaModel
+from strata.engine.quant import int8_supported, quantize_linears
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
@@ -37,7 +38,7 @@ class EngineConfig:
 
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch intra-op threads; None: all cores
     block_size: int = 16
@@ -71,10 +72,15 @@ def _matmul_tflops(dtype: torch.dtype, m: int = 64, k: int = 576, n: int = 1536)
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Resolve "auto" by measurement: bf16 only where this CPU runs it faster (AMX)."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    table = {
+        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+        "int8": torch.float32,  # int8 weights, fp32 activations and KV cache
+    }
     if dtype != "auto":
         if dtype not in table:
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16, float16 or int8; got {dtype!r}"
+            )
         return table[dtype]
     if device.type == "cuda":
         return torch.bfloat16
@@ -99,12 +105,16 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     dtype = pick_dtype(cfg.dtype, device)
     path = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
     config = load_config(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cache_dir=cfg.cache_dir)
     state = load_state_dict(path, config, dtype=torch.float32)
     model = LlamaModel(config)
     model.load_weights(state)
     del state
     model = model.to(device=device, dtype=dtype).eval()
+    if cfg.dtype == "int8":
+        if device.type != "cpu" or not int8_supported():
+            raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
+        quantize_linears(model)
     per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
     num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)

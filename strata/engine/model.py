@@ -41,6 +41,10 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_slots: torch.Tensor | None = None  # [D, Lmax] slots, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, Lmax] bool, True = attend
+    # For the native kernel instead of slots/mask: block tables and context lengths.
+    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int32
+    decode_lens: torch.Tensor | None = None  # [D] int32
+    block_size: int = 16
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -157,7 +161,13 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """One query per sequence over its gathered, padded context."""
+        """One query per sequence over its context in the paged cache."""
+        if meta.decode_block_tables is not None:
+            assert meta.decode_lens is not None
+            return torch.ops.strata.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
+                meta.block_size, self.scale,
+            )
         assert meta.decode_slots is not None and meta.decode_mask is not None
         kg = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
         vg = v_cache[meta.decode_slots].transpose(1, 2)

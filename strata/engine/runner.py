@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.engine.kernels import load_paged_attention
 from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan
 from strata.engine.scheduler import Batch, ScheduledSeq
 
@@ -43,12 +44,16 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        native_attention: bool | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = torch.device(device)
+        if native_attention is None:
+            native_attention = self.device.type == "cpu" and load_paged_attention()
+        self.native_attention = native_attention
         c = model.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
         self.kv_caches = [
@@ -73,20 +78,29 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         sample_rows: list[int] = []
         d = len(batch.decodes)
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = tables = lens_t = None
         if d:
+            bs = self.block_size
             lens = [e.start + 1 for e in batch.decodes]
-            lmax = max(lens)
-            decode_slots = torch.zeros((d, lmax), dtype=torch.long)
+            nblocks = -(-max(lens) // bs)
+            tables = torch.zeros((d, nblocks), dtype=torch.int32)
+            last_slots = []
             for i, e in enumerate(batch.decodes):
-                s = self._slots(e.seq.block_table, 0, lens[i])
-                decode_slots[i, : lens[i]] = s
+                bt = e.seq.block_table
+                n = -(-lens[i] // bs)
+                tables[i, :n] = torch.tensor(bt[:n], dtype=torch.int32)
                 ids.append(e.seq.token_at(e.start))
-                slot_parts.append(s[-1:])
+                last_slots.append(bt[e.start // bs] * bs + e.start % bs)
                 sample_rows.append(i)
+            slot_parts.append(torch.tensor(last_slots, dtype=torch.long))
             positions.append(torch.tensor([e.start for e in batch.decodes], dtype=torch.long))
-            decode_mask = (torch.arange(lmax).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))
-            decode_mask = decode_mask[:, None, None, :]
+            lens_t = torch.tensor(lens, dtype=torch.int32)
+            if not self.native_attention:
+                lmax = max(lens)
+                pos = torch.arange(lmax)
+                decode_slots = tables.long()[:, pos // bs] * bs + pos % bs
+                decode_mask = (pos.unsqueeze(0) < lens_t.unsqueeze(1))[:, None, None, :]
+                tables = lens_t = None
         spans: list[PrefillSpan] = []
         offset = d
         for e in batch.prefills:
@@ -111,6 +125,9 @@ class ModelRunner:
             num_decodes=d,
             decode_slots=None if decode_slots is None else decode_slots.to(dev),
             decode_mask=None if decode_mask is None else decode_mask.to(dev),
+            decode_block_tables=tables,
+            decode_lens=lens_t,
+            block_size=self.block_size,
             prefills=spans,
         )
         return StepInputs(

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
+from strata.engine.kernels import load_paged_attention
 from strata.engine.kv_cache import BlockManager
 from strata.engine.model import LlamaModel
 from strata.engine.model_config import LlamaConfig
@@ -65,10 +66,13 @@ def test_layer_range_parts_compose_to_the_whole() -> None:
         LlamaModel(cfg, 2, 5)
 
 
-def test_paged_chunked_prefill_and_decode_match_reference() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native-attention", "torch-attention"])
+def test_paged_chunked_prefill_and_decode_match_reference(native: bool) -> None:
     """Drive the real scheduler and runner; every sampled position's logits must match."""
     _, model = tiny_pair()
-    runner = ModelRunner(model, num_blocks=64, block_size=4, dtype=torch.float32)
+    if native:
+        assert load_paged_attention(), "the native kernel must build on CI machines"
+    runner = ModelRunner(model, num_blocks=64, block_size=4, dtype=torch.float32, native_attention=native)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=13), BlockManager(64, 4))
     g = torch.Generator().manual_seed(1)
     seqs = []
