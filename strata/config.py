@@ -23,7 +23,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from strata.autoscale.kpa import KpaConfig
 from strata.autoscale.llm import LlmConfig
 from strata.autoscale.registry import AutoscalingConfig, policy_names
 from strata.routing.registry import DEFAULT_POLICY, make_policy
@@ -255,9 +254,8 @@ class ClusterConfig(_Strict):
     def autoscaling_for(self, tier: str) -> Any:
         """The tier's autoscaling config with the cluster SLOs filled in; None if fixed."""
         cfg = self.tiers[tier].autoscaling
-        if cfg is None or isinstance(cfg, KpaConfig):
+        if not isinstance(cfg, LlmConfig):  # None, hpa, kpa: no SLO fields
             return cfg
-        assert isinstance(cfg, LlmConfig)  # llm or predictive
         update: dict[str, Any] = {}
         if "ttft_slo_s" not in cfg.model_fields_set and self.slos.ttft_s is not None:
             update["ttft_slo_s"] = self.slos.ttft_s

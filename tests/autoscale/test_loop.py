@@ -1,0 +1,206 @@
+"""The control loop: observe -> decide -> actuate, decision records, gauges and activation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from autoscale_helpers import replica
+from prometheus_client import CollectorRegistry
+
+from strata.autoscale.hpa import HpaConfig, HpaMetric, HpaPolicy
+from strata.autoscale.llm import LlmConfig, LlmPolicy
+from strata.autoscale.loop import Autoscaler
+from strata.autoscale.observe import ObservationError
+from strata.autoscale.types import TierState
+from strata.platform.base import Endpoint, Replica
+
+
+class MemoryPlatform:
+    """A Platform whose replicas become ready when the test says so."""
+
+    def __init__(self) -> None:
+        self.wanted: dict[str, int] = {"engine": 1}
+        self.ready: list[Endpoint] = []
+        self.crashed = False
+        self.calls: list[tuple[str, int]] = []
+        self._changed = asyncio.Event()
+
+    async def scale(self, tier: str, replicas: int) -> None:
+        self.calls.append((tier, replicas))
+        self.wanted[tier] = replicas
+
+    def endpoints(self, tier: str) -> list[Endpoint]:
+        return list(self.ready)
+
+    async def drain(self, replica_id: str) -> None:
+        raise NotImplementedError
+
+    def desired(self, tier: str) -> int:
+        return self.wanted[tier]
+
+    def replicas(self, tier: str) -> list[Replica]:
+        phase = "backoff" if self.crashed else ("ready" if self.ready else "starting")
+        return [Replica(tier, f"{tier}-{i}", phase, None, 0.0,  # type: ignore[arg-type]
+                        last_exit="exited with status 1" if self.crashed else "")
+                for i in range(self.wanted[tier])]
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    async def close(self) -> None:
+        pass
+
+    def make_ready(self) -> None:
+        self.ready = [Endpoint("engine", "engine-0", "http://127.0.0.1:1")]
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class ScriptedObserver:
+    """Returns the tier states (or errors) it was given, one per call."""
+
+    def __init__(self, *states: TierState | Exception) -> None:
+        self.states = list(states)
+        self.calls: list[float] = []
+
+    async def observe(self, tier: str, now: float) -> TierState:
+        self.calls.append(now)
+        item = self.states.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def busy(current: int, kv: float) -> TierState:
+    return TierState(tier="engine", current_replicas=current,
+                     replicas=tuple(replica(f"r{i}", kv=kv) for i in range(current)))
+
+
+def hpa(max_replicas: int = 4) -> HpaPolicy:
+    return HpaPolicy(HpaConfig(max_replicas=max_replicas, metrics=(
+        HpaMetric(name="kv_usage", type="Utilization", average_utilization=50),)))
+
+
+def make(platform: MemoryPlatform, observer: ScriptedObserver, registry: CollectorRegistry,
+         tmp_path: Path | None = None, **kw: object) -> Autoscaler:
+    times = iter(range(1000, 100_000, 15))
+    clock = kw.pop("clock", lambda: float(next(times)))
+    return Autoscaler(platform, observer, {"engine": kw.pop("policy", hpa())},  # type: ignore[arg-type]
+                      period_s=15, registry=registry, clock=clock,  # type: ignore[arg-type]
+                      wall_clock=lambda: 1.7e9,
+                      decision_log=None if tmp_path is None else tmp_path / "d.jsonl", **kw)  # type: ignore[arg-type]
+
+
+def gauge(registry: CollectorRegistry, series: str, **labels: str) -> float | None:
+    return registry.get_sample_value(series, labels)
+
+
+async def test_tick_decides_actuates_records_and_exports(tmp_path: Path) -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(busy(1, 0.9)), registry, tmp_path)
+    [d] = await loop.tick()
+    assert (d.current, d.desired, d.policy) == (1, 2, "hpa")  # ceil(1 * 90 / 50)
+    assert platform.calls == [("engine", 2)]
+    assert gauge(registry, "strata_autoscaler_desired_replicas", tier="engine", policy="hpa") == 2
+    assert gauge(registry, "strata_autoscaler_current_replicas", tier="engine", policy="hpa") == 1
+    assert gauge(registry, "strata_autoscaler_metric", tier="engine", policy="hpa",
+                 name="kv_usage") == 90
+    assert gauge(registry, "strata_autoscaler_scale_events_total", tier="engine", policy="hpa",
+                 direction="up") == 1
+    [rec] = loop.recent()
+    assert rec.source == "metrics" and rec.decision is d
+    line = json.loads((tmp_path / "d.jsonl").read_text())
+    assert line["desired"] == 2 and line["metrics"]["kv_usage"] == 90 and line["time"] == 1.7e9
+
+
+async def test_hold_is_recorded_but_not_actuated() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(busy(1, 0.5)), registry)
+    [d] = await loop.tick()
+    assert d.desired == d.current == 1 and platform.calls == []
+    assert len(loop.recent()) == 1
+
+
+async def test_metric_gauges_follow_the_latest_decision() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    llm = LlmPolicy(LlmConfig(max_replicas=3))
+    loop = make(platform, ScriptedObserver(busy(1, 0.5), TierState("engine", 1)), registry,
+                policy=llm)
+    await loop.tick()
+    assert gauge(registry, "strata_autoscaler_metric", tier="engine", policy="llm",
+                 name="kv_usage") == 0.5
+    await loop.tick()  # no replicas reported: kv_usage is no longer part of the decision
+    assert gauge(registry, "strata_autoscaler_metric", tier="engine", policy="llm",
+                 name="kv_usage") is None
+    assert gauge(registry, "strata_autoscaler_metric", tier="engine", policy="llm",
+                 name="waiting") == 0
+
+
+async def test_unobservable_tier_is_skipped_and_counted() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(ObservationError("prometheus down"), busy(1, 0.9)),
+                registry)
+    assert await loop.tick() == []
+    assert loop.last_error("engine") == "prometheus down"
+    assert gauge(registry, "strata_autoscaler_observe_errors_total", tier="engine") == 1
+    assert len(await loop.tick()) == 1
+    assert loop.last_error("engine") is None
+
+
+async def test_other_observer_failures_are_not_swallowed() -> None:
+    loop = make(MemoryPlatform(), ScriptedObserver(KeyError("bug")), CollectorRegistry())
+    with pytest.raises(KeyError):
+        await loop.tick()
+
+
+async def test_activation_from_zero_asks_for_one_and_waits_for_ready() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    platform.wanted["engine"] = 0
+    loop = make(platform, ScriptedObserver(), registry, max_replicas={"engine": 2},
+                clock=time.monotonic)
+    task = asyncio.create_task(loop.activate("engine", timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert platform.calls == [("engine", 1)] and not task.done()
+    platform.make_ready()
+    await asyncio.wait_for(task, 2)
+    [rec] = loop.recent()
+    assert rec.source == "activator" and (rec.decision.current, rec.decision.desired) == (0, 1)
+    assert "activator" in rec.decision.reason
+    await loop.activate("engine", timeout_s=1)  # ready already: nothing more to ask
+    assert platform.calls == [("engine", 1)]
+
+
+async def test_activation_fails_clearly() -> None:
+    platform = MemoryPlatform()
+    platform.wanted["engine"] = 0
+    loop = make(platform, ScriptedObserver(), CollectorRegistry(), max_replicas={"engine": 0},
+                clock=time.monotonic)
+    with pytest.raises(RuntimeError, match="max_replicas 0"):
+        await loop.activate("engine", timeout_s=1)
+    loop.max_replicas = {"engine": 1}
+    with pytest.raises(RuntimeError, match="became ready within 0.2 s"):
+        await loop.activate("engine", timeout_s=0.2)
+    platform.crashed = True
+    with pytest.raises(RuntimeError, match="engine-0 exited with status 1"):
+        await loop.activate("engine", timeout_s=5)
+
+
+async def test_run_ticks_every_period_and_rejects_short_periods() -> None:
+    observer = ScriptedObserver(*[busy(1, 0.5) for _ in range(10)])
+    loop = Autoscaler(MemoryPlatform(), observer, {"engine": hpa()}, period_s=1.0)
+    task = asyncio.create_task(loop.run())
+    await asyncio.sleep(1.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(observer.calls) == 2
+    assert observer.calls[1] - observer.calls[0] == pytest.approx(1.0, abs=0.3)
+    with pytest.raises(ValueError, match="period_s must be >= 1 s"):
+        Autoscaler(MemoryPlatform(), observer, {}, period_s=0.5)

@@ -1,0 +1,145 @@
+"""The cluster file: defaults, the bundled example, and errors that name the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from strata.autoscale.hpa import HpaConfig
+from strata.autoscale.llm import LlmConfig
+from strata.config import (
+    ClusterConfig,
+    ClusterConfigError,
+    load_cluster_config,
+    parse_bytes,
+    parse_cluster_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "cluster.example.yaml"
+
+
+def parse(text: str) -> ClusterConfig:
+    return parse_cluster_config(yaml.safe_load(text), "c.yaml")
+
+
+def error(text: str) -> str:
+    with pytest.raises(ClusterConfigError) as info:
+        parse(text)
+    return str(info.value)
+
+
+def test_no_file_is_a_one_replica_cluster_on_port_8000() -> None:
+    c = load_cluster_config(None)
+    assert c == ClusterConfig() == parse("") == parse("{}")
+    assert c.tier_name == "engine"
+    tier = c.tiers["engine"]
+    assert (tier.kind, tier.autoscaling, tier.initial_replicas) == ("engine", None, 1)
+    assert (tier.min_replicas, tier.max_replicas) == (1, 1)
+    assert (c.gateway.host, c.gateway.port) == ("127.0.0.1", 8000)
+    assert c.model.path is None and c.prometheus.url is None
+    assert c.autoscaler.period_s == 15.0
+
+
+def test_bundled_example_validates_and_matches_the_defaults_it_documents() -> None:
+    c = load_cluster_config(EXAMPLE)
+    default = ClusterConfig()
+    for section in ("model", "engine", "routing", "autoscaler", "slos", "gateway", "platform",
+                    "prometheus"):
+        assert getattr(c, section) == getattr(default, section), section
+    auto = c.tiers["engine"].autoscaling
+    assert isinstance(auto, LlmConfig) and (auto.min_replicas, auto.max_replicas) == (1, 2)
+    assert auto.behavior.scale_down is not None
+    assert auto.behavior.scale_down.stabilization_window_seconds == 60
+
+
+def test_autoscaling_block_is_the_autoscalers_own_model_with_bounds() -> None:
+    c = parse("""
+tiers:
+  engine:
+    replicas: 5
+    autoscaling: {policy: hpa, min_replicas: 0, max_replicas: 3,
+                  metrics: [{name: concurrency, source: tier, type: AverageValue, average_value: 4}]}
+""")
+    tier = c.tiers["engine"]
+    assert isinstance(tier.autoscaling, HpaConfig)
+    assert (tier.min_replicas, tier.max_replicas, tier.initial_replicas) == (0, 3, 3)
+    assert c.autoscaling_for("engine") is tier.autoscaling  # hpa has no SLO fields
+
+
+def test_kpa_without_max_replicas_is_bounded_by_its_starting_count() -> None:
+    tier = parse("tiers: {engine: {replicas: 2, autoscaling: {policy: kpa}}}").tiers["engine"]
+    assert (tier.min_replicas, tier.max_replicas, tier.initial_replicas) == (0, 2, 2)
+
+
+def test_cluster_slos_fill_llm_policies_unless_the_tier_sets_its_own() -> None:
+    c = parse("""
+slos: {ttft_s: 1.5, tpot_s: 0.1, percentile: 95}
+tiers: {engine: {autoscaling: {policy: predictive, max_replicas: 2, tpot_slo_s: 0.05}}}
+""")
+    cfg = c.autoscaling_for("engine")
+    assert (cfg.ttft_slo_s, cfg.tpot_slo_s, cfg.slo_percentile) == (1.5, 0.05, 95.0)
+    assert cfg.policy == "predictive"
+
+
+def test_model_shorthand_and_engine_sizes() -> None:
+    c = parse("model: /models/x.gguf\nengine: {kv_cache: 256MiB, threads: 2}")
+    assert c.model.path == "/models/x.gguf"
+    assert c.engine.kv_cache_bytes == 256 << 20 and c.engine.threads == 2
+    assert parse_bytes("1GiB") == parse_bytes("1g") == 1 << 30
+    assert parse_bytes(4096) == 4096
+
+
+def test_tier_engine_section_overrides_the_cluster_one() -> None:
+    c = parse("engine: {max_num_seqs: 8}\ntiers: {engine: {engine: {max_num_seqs: 4}}}")
+    assert c.engine_for("engine").max_num_seqs == 4
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("tiers: {engine: {autoscaling: {policy: hpa}}}",
+     "c.yaml: tiers.engine.autoscaling.max_replicas: Field required; fix: add max_replicas"),
+    ("tiers: {engine: {autoscalng: {policy: hpa}}}",
+     "tiers.engine.autoscalng: Extra inputs are not permitted; fix: did you mean 'autoscaling'?"),
+    ("tiers: {engine: {autoscaling: {policy: llm, max_replicas: 2, targt_kv_usage: 0.5}}}",
+     "tiers.engine.autoscaling.targt_kv_usage: Extra inputs are not permitted; fix: did you "
+     "mean 'target_kv_usage'?"),
+    ("tiers: {engine: {autoscaling: {policy: hpx, max_replicas: 2}}}",
+     "fix: set policy to one of hpa, kpa, llm, predictive"),
+    ("gateway: {prot: 80}", "gateway.prot: Extra inputs are not permitted; fix: did you mean 'port'?"),
+    ("autoscaler: {period_s: 0.5}",
+     "autoscaler.period_s: Input should be greater than or equal to 1; fix: change the value"),
+    ("engine: {kv_cache: 12x}", "engine.kv_cache: '12x' is not a size; write e.g. 256MiB"),
+    ("engine: {dtype: fp8}", "engine.dtype: Input should be 'auto', 'float32'"),
+    ("routing: {policy: fastest}", "routing: policy 'fastest' is unknown; use one of resource_match"),
+    ("routing: {policy: round_robin, params: {speed: 3}}", "bad parameters for routing policy"),
+    ("tiers: {engine: {}, stage-a: {}}", "tiers: exactly one engine tier is supported for now"),
+    ("tiers: {Engine_1: {}}", "tiers: name 'Engine_1' must be lowercase letters"),
+    ("tiers: {engine: {custom_metrics: {custom_q: 'sum(up)'}}}", "set prometheus.url"),
+    ("tiers: {engine: {custom_metrics: {q: 'sum(up)'}}}", "must be named custom_<something>"),
+    ("prometheus: {url: localhost:9090}", "must look like http://host:9090"),
+    ("tiers: {engine: {autoscaling: {policy: llm, min_replicas: 3, max_replicas: 2}}}",
+     "min_replicas (3) must be <= max_replicas (2)"),
+    ("- a\n- b", "c.yaml: the top level must be a mapping of sections"),
+])
+def test_errors_name_the_field_and_the_fix(text: str, expected: str) -> None:
+    assert expected in error(text)
+
+
+def test_several_errors_are_reported_together() -> None:
+    lines = error("gateway: {port: -1}\nplatform: {stop_timeout_s: 0}").splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("c.yaml: gateway.port:")
+    assert lines[1].startswith("c.yaml: platform.stop_timeout_s:")
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ClusterConfigError, match="cannot read the cluster file"):
+        load_cluster_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers: [unclosed")
+    with pytest.raises(ClusterConfigError, match="not valid YAML"):
+        load_cluster_config(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("gateway: {port: 9000}\n")
+    assert load_cluster_config(ok).gateway.port == 9000
