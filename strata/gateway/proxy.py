@@ -253,24 +253,32 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": self._response_headers(resp, replica)})
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            # The body's last bytes go out with the end marker: one write fewer per request.
+            last = resp.at_eof
+            if last:
+                client.finished = True
+            await send({"type": "http.response.body", "body": first, "more_body": not last})
             if resp.status < 400:
                 self.metrics.observe_ttft(route.model, time.perf_counter() - t0)
                 replica.record_success()
             read = resp.read
             try:
-                while chunk := await read():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                while not last:
+                    chunk = await read()
+                    last = resp.at_eof
+                    if last:
+                        client.finished = True
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": not last})
                 clean = True
             except UpstreamError as err:
                 self.replicas.note_failure(replica, False, "midstream")
                 if resp.content_type != b"text/event-stream":
                     raise MidstreamFailure(str(err)) from None  # abort: a truncated body
                 error = GatewayError(502, f"replica failed mid-stream: {err}")
+                client.finished = True
                 await send({"type": "http.response.body",
-                            "body": b"data: " + error.body() + b"\n\n", "more_body": True})
-            client.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                            "body": b"data: " + error.body() + b"\n\n", "more_body": False})
             self.metrics.observe_e2e(route.model, time.perf_counter() - t0)
         finally:
             if clean:

@@ -190,6 +190,11 @@ class UpstreamResponse:
                 raise self._error
             await self._wait()
 
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has been received and read."""
+        return self._complete and not self._chunks
+
     async def read_all(self, limit: int) -> bytes:
         """The body, up to ``limit`` bytes (for short error bodies)."""
         out = b""
