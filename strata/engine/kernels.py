@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled once per machine on first use (torch's JIT extension cache).
 
-Only what torch lacks: decode attention that reads the paged KV cache in place.
+Only what torch lacks: decode attention that reads the paged KV cache in place, and
+fused element-wise ops that replace many tiny torch calls per layer.
 If the compiler is missing the engine falls back to gather + SDPA and says so.
 """
 
@@ -18,22 +19,25 @@ _state: dict[str, bool] = {}
 
 
 def load_paged_attention() -> bool:
-    """Build/load the paged decode-attention op; True when torch.ops.strata has it."""
+    """Build/load the native ops (paged attention, fused rope/norm/activation); True if loaded."""
     with _lock:
         if "paged" in _state:
             return _state["paged"]
         try:
             from torch.utils.cpp_extension import load
 
-            src = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+            csrc = Path(__file__).with_name("csrc")
             load(
-                name="strata_paged_attention",
-                sources=[str(src)],
+                name="strata_cpu_kernels",
+                sources=[str(csrc / "paged_attention.cpp"), str(csrc / "fused_ops.cpp")],
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
                 is_python_module=False,
                 verbose=False,
             )
-            ok = hasattr(torch.ops.strata, "paged_decode_attention")
+            ok = all(
+                hasattr(torch.ops.strata, op)
+                for op in ("paged_decode_attention", "rope_and_cache_", "add_rms_norm_", "silu_and_mul")
+            )
         except Exception as e:  # noqa: BLE001 - reported, and the torch path still works
             log.warning("native paged attention unavailable (%s); using gather + SDPA", e)
             ok = False

@@ -45,6 +45,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int32
     decode_lens: torch.Tensor | None = None  # [D] int32
     block_size: int = 16
+    # Set when the native fused ops run: positions [T] and the rotary table [max_pos, D].
+    positions: torch.Tensor | None = None
+    cos_sin: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -106,19 +109,29 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        native = meta is not None and meta.cos_sin is not None
+        if native:
+            assert kv_cache is not None and meta is not None
+            # Rotates q and k inside qkv and writes k, v into the cache in one call.
+            torch.ops.strata.rope_and_cache_(
+                qkv, meta.positions, meta.cos_sin, kv_cache[0], kv_cache[1],
+                meta.slot_mapping, self.num_heads, self.num_kv_heads,
+            )
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if not native:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if meta is None:
             out = self._causal(q, k, v)
         else:
             assert kv_cache is not None
             k_cache, v_cache = kv_cache
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
+            if not native:
+                k_cache.index_copy_(0, meta.slot_mapping, k)
+                v_cache.index_copy_(0, meta.slot_mapping, v)
             out = torch.empty_like(q)
             d = meta.num_decodes
             if d:
@@ -187,7 +200,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native: bool = False) -> torch.Tensor:
+        if native:
+            return self.down_proj(torch.ops.strata.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -208,6 +223,28 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(h, cos, sin, meta, kv_cache)
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
         return x + self.mlp(h)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Native path with a deferred residual: returns (branch output, residual stream).
+
+        The residual add of one block is fused into the next block's RMSNorm.
+        """
+        add_norm = torch.ops.strata.add_rms_norm_
+        if residual is None:
+            residual = x
+            h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
+        else:
+            h = add_norm(x, residual, self.input_layernorm, self.eps)  # x += residual
+            residual = x
+        a = self.self_attn(h, None, None, meta, kv_cache)
+        h = add_norm(a, residual, self.post_attention_layernorm, self.eps)  # a += residual
+        return self.mlp(h, native=True), a
 
 
 class LlamaModel(nn.Module):
@@ -302,12 +339,31 @@ class LlamaModel(nn.Module):
             x = self.embed_tokens(inputs)
         else:
             x = inputs
+        if meta is not None and meta.cos_sin is not None:
+            assert kv_caches is not None
+            meta.positions = positions
+            residual: torch.Tensor | None = None
+            for i, layer in enumerate(self.layers):
+                x, residual = layer.forward_fused(x, residual, meta, kv_caches[i])
+            if residual is None:  # no layers in this part
+                residual, x = x, torch.zeros_like(x)
+            if self.norm is not None:
+                return torch.ops.strata.add_rms_norm_(
+                    x, residual, self.norm, self.config.rms_norm_eps
+                )
+            return x + residual
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         if self.norm is not None:
             x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
         return x
+
+    def rope_table(self) -> torch.Tensor:
+        """[max_positions, head_dim] float32: cos of each frequency, then sin (native ops)."""
+        pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float64)
+        freqs = pos.unsqueeze(1) * self.inv_freq.double().cpu().unsqueeze(0)
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float().contiguous()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (fp32) of normalised hidden states."""

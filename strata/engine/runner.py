@@ -54,6 +54,7 @@ class ModelRunner:
         if native_attention is None:
             native_attention = self.device.type == "cpu" and load_paged_attention()
         self.native_attention = native_attention
+        self.cos_sin = model.rope_table().to(self.device) if native_attention else None
         c = model.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
         self.kv_caches = [
@@ -128,6 +129,7 @@ class ModelRunner:
             decode_block_tables=tables,
             decode_lens=lens_t,
             block_size=self.block_size,
+            cos_sin=self.cos_sin,
             prefills=spans,
         )
         return StepInputs(

@@ -89,7 +89,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   return out;
 }
 
-TORCH_LIBRARY(strata, m) {
+TORCH_LIBRARY_FRAGMENT(strata, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, int block_size, float scale) -> Tensor");
 }
