@@ -103,16 +103,16 @@ def serve(
     engine(model=model, host=host, port=port)
 
 
-def _mount_optional() -> None:
-    """Mount sub-apps of packages that provide one."""
-    try:
-        from strata.bench.cli import app as bench_app
-    except ImportError:
-        return
+def _mount() -> None:
+    """Attach the commands that live with their packages."""
+    from strata.bench.cli import app as bench_app
+    from strata.gateway.cli import gateway_command
+
     app.add_typer(bench_app, name="bench")
+    app.command(name="gateway")(gateway_command)
 
 
-_mount_optional()
+_mount()
 
 
 if __name__ == "__main__":
