@@ -52,7 +52,7 @@ def engine(
     served_model_name: Annotated[str | None, typer.Option(help="Model name the API reports.")] = None,
     dtype: Annotated[str, typer.Option(help="auto (measured: bf16 where faster, else fp32), float32, bfloat16, float16, int8 (W8A8 on CPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Torch threads; default: all cores.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads; default: measured (1 or all usable cores).")] = None,
     kv_cache: Annotated[str, typer.Option(help="KV cache size in bytes (e.g. 1GiB).")] = "1GiB",
     num_kv_blocks: Annotated[int | None, typer.Option(help="KV blocks (overrides --kv-cache).")] = None,
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ class EngineConfig:
     served_model_name: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads; None: all cores
+    threads: int | None = None  # torch intra-op threads; None: measured (1 or all cores)
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
@@ -97,10 +98,30 @@ def default_model_name(path: Path) -> str:
     return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
 
 
+def pick_threads(requested: int | None) -> int:
+    """Torch intra-op threads: as asked, else the faster of 1 and all usable cores, measured.
+
+    Measured because on a shared or oversubscribed CPU the synchronisation of a parallel
+    region can cost more than it saves on this model's small matmuls.
+    """
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    if cores == 1:
+        return 1
+    speed = {}
+    for n in (1, cores):
+        torch.set_num_threads(n)
+        speed[n] = _matmul_tflops(torch.float32, m=1) + _matmul_tflops(torch.float32, m=64)
+    best = max(speed, key=speed.__getitem__)
+    log.info("threads auto: %s -> %d", {k: round(v, 3) for k, v in speed.items()}, best)
+    return best
+
+
 def build_engine_core(cfg: EngineConfig) -> EngineCore:
     """Load the model and tokenizer and size the KV cache."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(pick_threads(cfg.threads))
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     path = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
