@@ -80,6 +80,8 @@ def gateway_command(
         help="Prompt bytes per token for routing estimates.")] = 4.0,
     prefix_chunk_tokens: Annotated[int, typer.Option(
         help="Tokens per prefix-hash chunk.")] = 64,
+    replica_header: Annotated[bool, typer.Option(
+        help="Name the serving replica in an x-strata-replica response header.")] = True,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
 ) -> None:
     """Serve the OpenAI API, routing each request to the replica that fits it best."""
@@ -95,7 +97,8 @@ def gateway_command(
                 connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
                 eject_after_failures=eject_after_failures,
                 upstream_api_key=os.environ.get("STRATA_UPSTREAM_API_KEY") or None),
-            proxy=ProxyConfig(max_retries=max_retries, hold_timeout_s=hold_timeout_s),
+            proxy=ProxyConfig(max_retries=max_retries, hold_timeout_s=hold_timeout_s,
+                              replica_header=replica_header),
             estimator=PromptEstimator(bytes_per_token=bytes_per_token,
                                       chunk_tokens=prefix_chunk_tokens),
             api_keys=keys, default_limits=Limits(rpm=rate_limit_rpm, tpm=rate_limit_tpm),

@@ -168,9 +168,9 @@ class Proxy:
             self.metrics.queued.labels(model=route.model).dec()
 
     def _check_model_exists(self, model: str) -> None:
-        """404 when every replica that knows its models is healthy and none serves ``model``."""
+        """404 when every replica's model list is known and none serves ``model``."""
         rs = list(self.replicas.replicas.values())
-        if model and rs and all(r.healthy and r.models for r in rs) and \
+        if model and rs and all(r.models for r in rs) and \
                 not any(model in r.models for r in rs):
             served = sorted(set().union(*(r.models for r in rs)))
             raise GatewayError(404, f"model {model!r} is not served here; available: "
