@@ -301,6 +301,8 @@ def print_status(url: str = "http://127.0.0.1:8000", api_key: str | None = None)
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # piped or captured: do not squeeze the tables to 80
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         resp = httpx.get(url.rstrip("/") + "/admin/status", headers=headers, timeout=5)

@@ -34,7 +34,9 @@ def status_payload(cluster: Cluster) -> dict[str, Any]:
             load = g.load if g is not None else None
             replicas.append({
                 "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
-                "restarts": r.restarts, "age_s": now - r.started_at, "startup_s": r.startup_s,
+                "restarts": r.restarts, "crash_streak": r.crash_streak,
+                "age_s": now - r.started_at, "startup_s": r.startup_s,
+                "ready_for_s": None if r.ready_at is None else now - r.ready_at,
                 "last_exit": r.last_exit,
                 "in_flight": g.in_flight if g is not None else None,
                 "running": load.running if load else None,
@@ -75,24 +77,27 @@ def render_status(payload: dict[str, Any], console: Console) -> None:
     tiers = Table(title="Tiers")
     for col in ("tier", "kind", "policy", "ready/desired", "min..max", "note"):
         tiers.add_column(col)
-    replicas = Table(title="Replicas")
-    for col in ("replica", "tier", "phase", "url", "pid", "restarts", "age", "running",
-                "waiting", "kv", "tokens/s", "in flight"):
-        replicas.add_column(col, justify="right" if col in ("pid", "restarts", "running",
-                                                             "waiting", "kv", "tokens/s",
-                                                             "in flight") else "left")
+    tables = []
     for t in payload["tiers"]:
         tiers.add_row(t["name"], t["kind"], t["policy"], f"{t['ready']}/{t['desired']}",
                       f"{t['min']}..{t['max']}", t["last_error"] or "")
+        replicas = Table(title=f"Replicas of tier {t['name']}")
+        for col in ("replica", "phase", "address", "pid"):
+            replicas.add_column(col, no_wrap=True)
+        for col in ("restarts", "age", "run", "wait", "kv", "tok/s", "in-flight"):
+            replicas.add_column(col, justify="right")
         for r in t["replicas"]:
             phase = r["phase"] if not r["last_exit"] or r["phase"] == "ready" else \
                 f"{r['phase']} ({r['last_exit']})"
-            replicas.add_row(r["id"], t["name"], phase, r["url"] or "-", _num(r["pid"]),
-                             str(r["restarts"]), _age(r["age_s"]), _num(r["running"]),
-                             _num(r["waiting"]), _num(r["kv_usage"], "{:.0%}"),
-                             _num(r["tokens_per_s"]), _num(r["in_flight"]))
+            replicas.add_row(r["id"], phase, (r["url"] or "-").removeprefix("http://"),
+                             _num(r["pid"]), str(r["restarts"]), _age(r["age_s"]),
+                             _num(r["running"]), _num(r["waiting"]),
+                             _num(r["kv_usage"], "{:.0%}"), _num(r["tokens_per_s"]),
+                             _num(r["in_flight"]))
+        tables.append(replicas)
     console.print(tiers)
-    console.print(replicas)
+    for table in tables:
+        console.print(table)
     decisions = Table(title=f"Last scaling decisions (of {len(payload['decisions'])} kept)")
     for col in ("time", "tier", "policy", "replicas", "reason", "metrics"):
         decisions.add_column(col, overflow="fold")

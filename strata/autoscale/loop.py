@@ -33,6 +33,10 @@ from strata.platform.base import Platform
 
 log = logging.getLogger("strata.autoscaler")
 
+# Crashes in a row after which a held request stops waiting for the replica (the gateway
+# answers 503 at once rather than at the end of its hold).
+CRASH_LOOP_STREAK = 3
+
 
 class TierObserver(Protocol):
     """Anything that can build a tier's state (``strata.autoscale.observe.Observer``)."""
@@ -179,8 +183,8 @@ class Autoscaler:
     async def activate(self, tier: str, timeout_s: float) -> None:
         """Bring a tier at zero to one ready replica (the gateway's activator hook).
 
-        Raises RuntimeError when the tier may not grow, its replica crashed and waits to be
-        restarted, or none is ready within ``timeout_s``; the gateway turns that into a 503.
+        Raises RuntimeError when the tier may not grow, its replicas are crash-looping, or
+        none is ready within ``timeout_s``; the gateway turns that into a 503.
         """
         if self.platform.desired(tier) == 0:
             limit = self.max_replicas.get(tier, 1)
@@ -194,16 +198,20 @@ class Autoscaler:
             await self._apply(d, "activator")
         deadline = self.clock() + timeout_s
         while not self.platform.endpoints(tier):
-            crashed = [r for r in self.platform.replicas(tier) if r.phase == "backoff"]
-            if crashed and not any(r.phase in ("starting", "ready") for r in
-                                   self.platform.replicas(tier)):
-                r = crashed[0]
-                raise RuntimeError(f"replica {r.replica_id} {r.last_exit}; it is restarted "
-                                   "after a back-off")
+            replicas = self.platform.replicas(tier)
+            looping = [r for r in replicas
+                       if r.phase == "backoff" and r.crash_streak >= CRASH_LOOP_STREAK]
+            if looping and not any(r.phase in ("starting", "ready") for r in replicas):
+                r = looping[0]
+                raise RuntimeError(f"replica {r.replica_id} keeps crashing ({r.crash_streak} "
+                                   f"times in a row, last: {r.last_exit}); see its log")
             remaining = deadline - self.clock()
             if remaining <= 0:
+                why = "; ".join(f"{r.replica_id} {r.phase}" + (f" ({r.last_exit})"
+                                                              if r.last_exit else "")
+                                for r in replicas)
                 raise RuntimeError(f"no replica of tier {tier!r} became ready within "
-                                   f"{timeout_s:g} s")
+                                   f"{timeout_s:g} s" + (f": {why}" if why else ""))
             await self.platform.wait_changed(min(remaining, 1.0))
 
     # -- views ------------------------------------------------------------------------------

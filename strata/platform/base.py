@@ -39,6 +39,7 @@ class Replica:
     started_at: float  # when the current process was launched
     ready_at: float | None = None  # when it last became ready; None: not yet
     restarts: int = 0  # processes started after the first one (crashes, failed starts)
+    crash_streak: int = 0  # crashes in a row without a stable run (CrashLoopBackOff when high)
     pid: int | None = None
     last_exit: str = ""  # why the previous process ended, for status and logs
 

@@ -78,7 +78,8 @@ class _Slot:
         return Replica(tier=self.tier, replica_id=self.replica_id, phase=self.phase,
                        url=f"http://{host}:{self.port}" if alive else None,
                        started_at=self.started_at, ready_at=self.ready_at,
-                       restarts=self.restarts, pid=self.proc.pid if alive and self.proc else None,
+                       restarts=self.restarts, crash_streak=self.streak,
+                       pid=self.proc.pid if alive and self.proc else None,
                        last_exit=self.last_exit)
 
 

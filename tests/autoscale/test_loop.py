@@ -25,7 +25,7 @@ class MemoryPlatform:
     def __init__(self) -> None:
         self.wanted: dict[str, int] = {"engine": 1}
         self.ready: list[Endpoint] = []
-        self.crashed = False
+        self.crashed = 0  # crashes in a row
         self.calls: list[tuple[str, int]] = []
         self._changed = asyncio.Event()
 
@@ -45,7 +45,8 @@ class MemoryPlatform:
     def replicas(self, tier: str) -> list[Replica]:
         phase = "backoff" if self.crashed else ("ready" if self.ready else "starting")
         return [Replica(tier, f"{tier}-{i}", phase, None, 0.0,  # type: ignore[arg-type]
-                        last_exit="exited with status 1" if self.crashed else "")
+                        last_exit="exited with status 1" if self.crashed else "",
+                        crash_streak=self.crashed)
                 for i in range(self.wanted[tier])]
 
     async def wait_changed(self, timeout_s: float) -> None:
@@ -185,11 +186,17 @@ async def test_activation_fails_clearly() -> None:
     with pytest.raises(RuntimeError, match="max_replicas 0"):
         await loop.activate("engine", timeout_s=1)
     loop.max_replicas = {"engine": 1}
-    with pytest.raises(RuntimeError, match="became ready within 0.2 s"):
+    with pytest.raises(RuntimeError, match="became ready within 0.2 s: engine-0 starting"):
         await loop.activate("engine", timeout_s=0.2)
-    platform.crashed = True
-    with pytest.raises(RuntimeError, match="engine-0 exited with status 1"):
+    platform.crashed = 1  # one crash: it is being restarted, keep waiting
+    with pytest.raises(RuntimeError, match=r"within 0.2 s: engine-0 backoff \(exited with"):
+        await loop.activate("engine", timeout_s=0.2)
+    platform.crashed = 3  # crash-looping: give up at once
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"engine-0 keeps crashing \(3 times in a row, "
+                       r"last: exited with status 1\)"):
         await loop.activate("engine", timeout_s=5)
+    assert time.monotonic() - t0 < 1
 
 
 async def test_run_ticks_every_period_and_rejects_short_periods() -> None:

@@ -1,0 +1,222 @@
+"""``strata serve`` end to end: real engine processes behind the gateway, scaled by the loop.
+
+One cluster process (a tiny random-weight Llama, so a replica starts in seconds) goes
+through: scale from zero on the first request, scale up under load, scale down with a
+request still streaming on the drained replica, a replica killed and restarted, ``strata
+status``, and Ctrl-C leaving no process behind. A second cluster whose model cannot load
+shows the activator's bounded wait ending in a clear 503.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from strata.cluster import print_status
+from strata.platform.process import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def start_cluster(config: dict[str, Any], tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "cluster.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from strata.cluster import serve_cluster; serve_cluster(Path(sys.argv[1]))", str(path)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{config['gateway']['port']}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, (tmp_path / "cluster.log").read_text()
+        try:
+            if httpx.get(url + "/admin/status", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "cluster did not come up"
+        time.sleep(0.2)
+
+
+def stop_cluster(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    return proc.returncode
+
+
+def status(url: str) -> dict[str, Any]:
+    return httpx.get(url + "/admin/status", timeout=5).json()
+
+
+def tier(url: str) -> dict[str, Any]:
+    return status(url)["tiers"][0]
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.25)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except (ProcessLookupError, OSError):
+        return False
+
+
+def complete(url: str, max_tokens: int = 16, **extra: Any) -> httpx.Response:
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0, **extra}
+    return httpx.post(url + "/v1/completions", json=body, timeout=180)
+
+
+@pytest.fixture
+def cluster(tiny_hf_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    config = {
+        "model": {"path": str(tiny_hf_dir), "served_model_name": "tiny"},
+        "engine": {"dtype": "float32", "kv_cache": "16MiB", "threads": 1, "max_num_seqs": 8},
+        "tiers": {"engine": {"replicas": 0, "autoscaling": {
+            "policy": "hpa", "min_replicas": 0, "max_replicas": 2,
+            "metrics": [{"name": "concurrency", "source": "tier", "type": "AverageValue",
+                         "average_value": 1}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 5}},
+            "scale_to_zero_grace_s": 3600}}},
+        "autoscaler": {"period_s": 1, "window_s": 10},
+        "gateway": {"port": free_port(), "hold_timeout_s": 120},
+        "platform": {"log_dir": str(tmp_path / "replicas"), "restart_backoff_s": 0.5,
+                     "health_interval_s": 0.2, "drain_timeout_s": 120},
+    }
+    proc, url = start_cluster(config, tmp_path)
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        print((tmp_path / "cluster.log").read_text()[-5000:])
+
+
+def test_cluster_lifecycle(cluster: tuple[subprocess.Popen, str],
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    proc, url = cluster
+    assert tier(url)["desired"] == 0 and tier(url)["replicas"] == []
+
+    # Scale from zero: the request is held while the activator starts a replica.
+    first = complete(url)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["completion_tokens"] == 16
+    decisions = status(url)["decisions"]
+    assert any(d["source"] == "activator" and (d["current"], d["desired"]) == (0, 1)
+               for d in decisions)
+
+    # Scale up: four clients in a closed loop until a second replica is ready and used.
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            r = complete(url, max_tokens=64)
+            results.append((r.status_code, r.headers.get("x-strata-replica", "")))
+
+    workers = [threading.Thread(target=client) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: tier(url)["ready"] == 2, 150, "a second ready replica")
+        n = len(results)
+        wait_for(lambda: len({rep for _, rep in results[n:]}) == 2, 60, "traffic on both")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+    assert results and all(code == 200 for code, _ in results)
+    assert any(d["source"] == "metrics" and d["desired"] == 2 for d in status(url)["decisions"])
+
+    # Scale down drains: a long stream on the newest replica (the one removed) must finish.
+    replicas = tier(url)["replicas"]
+    victim = min(replicas, key=lambda r: r["ready_for_s"])
+    keeper = max(replicas, key=lambda r: r["ready_for_s"])
+    chunks: list[str] = []
+    with httpx.stream("POST", victim["url"] + "/v1/completions", timeout=180, json={
+            "model": "tiny", "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(line)
+                if len(chunks) == 2:  # now the gateway's tier is idle: 2 -> 1
+                    wait_for(lambda: tier(url)["desired"] == 1, 30, "the scale-down decision")
+                    states = {r["id"]: r["phase"] for r in tier(url)["replicas"]}
+                    assert states[victim["id"]] == "draining", states
+    assert json.loads(chunks[-1][6:])["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) >= 1500 // 2  # the whole answer came through
+    wait_for(lambda: [r["id"] for r in tier(url)["replicas"]] == [keeper["id"]], 30,
+             "the drained replica to exit")
+    assert not alive(victim["pid"])
+
+    # A replica killed outright is restarted; a request meanwhile waits and succeeds.
+    os.kill(keeper["pid"], signal.SIGKILL)
+    during = complete(url)
+    assert during.status_code == 200, during.text
+    [again] = tier(url)["replicas"]
+    assert again["id"] == keeper["id"] and again["restarts"] == 1
+    assert again["pid"] != keeper["pid"] and "status -9" in again["last_exit"]
+
+    assert print_status(url) == 0
+    out = capsys.readouterr().out
+    assert "Replicas of tier engine" in out and keeper["id"] in out
+    assert "Last scaling decisions" in out and "hpa (metrics)" in out
+
+    # Ctrl-C: everything stops, nothing is left behind.
+    assert stop_cluster(proc) == 0
+    assert not alive(again["pid"])
+    assert print_status(url) == 1
+
+
+def test_activation_of_a_broken_tier_ends_in_a_clear_503(tmp_path: Path) -> None:
+    config = {
+        "model": {"path": str(tmp_path / "no-such-model.gguf")},
+        "engine": {"threads": 1, "kv_cache": "16MiB"},
+        "tiers": {"engine": {"replicas": 0, "autoscaling": {
+            "policy": "llm", "min_replicas": 0, "max_replicas": 1}}},
+        "autoscaler": {"period_s": 5},
+        "gateway": {"port": free_port(), "hold_timeout_s": 120},
+        "platform": {"log_dir": str(tmp_path / "replicas"), "restart_backoff_s": 0.2,
+                     "restart_backoff_max_s": 0.5},
+    }
+    proc, url = start_cluster(config, tmp_path)
+    try:
+        t0 = time.monotonic()
+        r = complete(url)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "activation_failed"
+        assert "engine-0 keeps crashing (3 times in a row, last: exited with status 1)" \
+            in error["message"]
+        assert elapsed < 110  # before the hold timeout: a crash loop fails fast
+        assert r.headers.get("retry-after")
+    finally:
+        assert stop_cluster(proc) == 0
