@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# System packages: Prometheus (a real server for the autoscaler's integration test) and a
+# C++ compiler for strata's native CPU kernels (present on most machines already).
+bash scripts/install_prometheus.sh
+command -v g++ >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q g++; }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
