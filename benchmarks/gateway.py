@@ -8,8 +8,9 @@ sit behind each router in turn. Two measurements per target:
    noise hit all alike; time to the first body byte, p50/p99, minus the same for the
    backends called directly (the client round-robins over them itself).
 2. **Sustained requests/s**: closed loop at each ``--concurrency`` level for
-   ``--duration-s`` seconds (after a warm-up second); the best level with no failed
-   request counts.
+   ``--duration-s`` seconds (after a warm-up second), ``--repeats`` rounds with targets
+   interleaved; per level the median round, and the best level with no failed request
+   counts.
 
 Peers are installed from PyPI into their own venv (``peers/router-venv``, git-ignored) on
 first use. The client is strata's own pooled HTTP/1.1 client (strata.gateway.upstream), the
@@ -17,7 +18,7 @@ cheapest available, so that it perturbs the measurement least; on a small machin
 process here shares the same cores, so compare targets with each other within one run.
 
     python benchmarks/gateway.py                    # prints a table, writes results/gateway.json
-    python benchmarks/gateway.py --backends 4 --concurrency 8 32 128 --duration-s 8
+    python benchmarks/gateway.py --backends 4 --concurrency 8 32 128 --duration-s 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -248,12 +250,26 @@ async def run(args: argparse.Namespace, targets: dict[str, list[str]]
     for name, values in samples.items():
         p50, p99 = percentile_ms(values, 0.5), percentile_ms(values, 0.99)
         results[name] = TargetResult(name, p50, p99, p50 - base50, p99 - base99)
-    for name, group in pools.items():
+    # Throughput in rounds: every target at every level once per round, targets in a fresh
+    # random order, so a noisy neighbour or a slow minute hits all targets alike.
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for rnd in range(args.repeats):
         for c in args.concurrency:
-            level = await measure_rps(group, body, args.tokens, c, args.duration_s)
-            results[name].levels.append(level)
-            print(f"  {name:32s} c={c:4d} {level['rps']:8.1f} req/s "
-                  f"errors={int(level['errors'])}", flush=True)
+            names = list(pools)
+            random.shuffle(names)
+            for name in names:
+                level = await measure_rps(pools[name], body, args.tokens, c, args.duration_s)
+                runs.setdefault((name, c), []).append(level)
+                print(f"  round {rnd + 1} {name:32s} c={c:4d} {level['rps']:8.1f} req/s "
+                      f"errors={int(level['errors'])}", flush=True)
+    for name in pools:
+        for c in args.concurrency:
+            levels = runs[(name, c)]
+            results[name].levels.append({
+                "concurrency": c, "rps": statistics.median(lv["rps"] for lv in levels),
+                "errors": sum(lv["errors"] for lv in levels),
+                "ttft_p50_ms": statistics.median(lv["ttft_p50_ms"] for lv in levels),
+                "rps_rounds": [lv["rps"] for lv in levels]})
         ok = [lv for lv in results[name].levels if lv["errors"] == 0] or results[name].levels
         best = max(ok, key=lambda lv: lv["rps"])
         results[name].best_rps = best["rps"]
@@ -287,7 +303,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=400, help="sequential TTFT samples per target")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
-    p.add_argument("--duration-s", type=float, default=8.0)
+    p.add_argument("--duration-s", type=float, default=4.0, help="per level and round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; the median counts")
     p.add_argument("--peers-venv", default=str(PEERS_VENV))
     p.add_argument("--out", default=str(ROOT / "results" / "gateway.json"))
     args = p.parse_args()
