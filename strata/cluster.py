@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from strata.autoscale.loop import Autoscaler
 from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, SignalSource
@@ -66,6 +68,27 @@ def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayCo
         api_keys=api_keys, default_limits=Limits(rpm=g.rate_limit_rpm, tpm=g.rate_limit_tpm),
         max_body_bytes=g.max_body_bytes, max_in_flight_per_model=g.max_in_flight_per_model,
         max_queued_per_model=g.max_queued_per_model, queue_timeout_s=g.queue_timeout_s)
+
+
+class _PlatformCollector(Collector):
+    """``strata_platform_replicas{tier,phase}``: what the platform runs, read at scrape time.
+
+    Starting and draining replicas cost as much as serving ones, so this (not the ready
+    count) is what replica-seconds are integrated from.
+    """
+
+    def __init__(self, platform: Platform, tiers: list[str]) -> None:
+        self.platform = platform
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("strata_platform_replicas", "Replicas by phase.",
+                              labels=["tier", "phase"])
+        for tier in self.tiers:
+            phases = [r.phase for r in self.platform.replicas(tier)]
+            for phase in ("starting", "ready", "unready", "draining", "stopping", "backoff"):
+                g.add_metric([tier, phase], phases.count(phase))
+        yield g
 
 
 class ClusterFront:
@@ -143,6 +166,7 @@ class Cluster:
         self.tier = config.tier_name
         self.platform = platform or LocalPlatform.from_config(config)
         self.registry = CollectorRegistry()
+        self.registry.register(_PlatformCollector(self.platform, list(config.tiers)))
         self.gateway = create_app(gateway_config(config, api_keys), on_demand=self._on_demand)
         self.front = ClusterFront(self.gateway, self.tier, self.registry, self._status)
         self.http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
@@ -257,15 +281,20 @@ def _describe(cluster: Cluster) -> str:
 
 
 def serve_cluster(config_path: Path | None = None, host: str | None = None,
-                  port: int | None = None) -> None:
-    """Run a cluster file (or the defaults) until Ctrl-C; ``host``/``port`` override the gateway's.
+                  port: int | None = None, model: str | None = None) -> None:
+    """Run a cluster file (or the defaults) until Ctrl-C.
 
-    Raises ``strata.config.ClusterConfigError`` for an invalid file.
+    ``host``/``port`` override the gateway's address and ``model`` the model path, so
+    ``strata serve --model X --port P`` needs no file. Raises
+    ``strata.config.ClusterConfigError`` for an invalid file.
     """
     config = load_cluster_config(config_path)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"gateway": config.gateway.model_copy(update=overrides)})
+    if model is not None:
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"path": model})})
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

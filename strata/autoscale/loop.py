@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -145,7 +145,15 @@ class Autoscaler:
                 raise state
             self._last_error.pop(tier, None)
             decision = self.policies[tier].decide(state, now)
-            await self._apply(decision, self.source)
+            asked = self.platform.desired(tier)
+            if asked != state.current_replicas:
+                # The activator changed the count while this tick observed: the decision
+                # was made on a stale state, so it is recorded but not applied.
+                decision = replace(decision, reason=f"{decision.reason}; not applied: "
+                                   f"replicas changed to {asked} during the tick")
+                self._record(decision, self.source, applied=False)
+            else:
+                await self._apply(decision, self.source)
             decisions.append(decision)
         return decisions
 
@@ -154,10 +162,11 @@ class Autoscaler:
             await self.platform.scale(decision.tier, decision.desired)
         self._record(decision, source)
 
-    def _record(self, d: ScaleDecision, source: str) -> None:
+    def _record(self, d: ScaleDecision, source: str, applied: bool = True) -> None:
         record = DecisionRecord(d, self.wall_clock(), source)
         self._history.append(record)
-        self.metrics.export(d)
+        if applied:
+            self.metrics.export(d)
         metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(d.metrics.items()))
         level = logging.INFO if d.desired != d.current else logging.DEBUG
         log.log(level, "tier %s [%s]: %d -> %d: %s | %s", d.tier, d.policy, d.current,

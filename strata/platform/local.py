@@ -230,7 +230,13 @@ class LocalPlatform:
                         break
                     slot.restarts += 1
                 launches += 1
-                await self._launch(slot)
+                try:
+                    await self._launch(slot)
+                except OSError as err:  # e.g. the command does not exist: a crash, retried
+                    slot.streak += 1
+                    slot.last_exit = f"could not start: {err}"
+                    log.error("replica %s could not start: %s", slot.replica_id, err)
+                    continue
                 outcome = await self._until_ready(slot)
                 if outcome == "ready":
                     slot.ready_at = self.clock()

@@ -144,6 +144,24 @@ async def test_metric_gauges_follow_the_latest_decision() -> None:
                  name="waiting") == 0
 
 
+async def test_a_decision_on_a_state_the_activator_changed_is_not_applied() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    platform.wanted["engine"] = 0
+
+    class Racing(ScriptedObserver):
+        async def observe(self, tier: str, now: float) -> TierState:
+            state = TierState("engine", 0)  # idle at zero...
+            platform.wanted["engine"] = 1  # ...while a request activates the tier
+            return state
+
+    loop = make(platform, Racing(), registry)
+    [d] = await loop.tick()
+    assert d.desired == 0 and "not applied: replicas changed to 1" in d.reason
+    assert platform.calls == [] and platform.desired("engine") == 1
+    assert gauge(registry, "strata_autoscaler_desired_replicas", tier="engine",
+                 policy="hpa") is None
+
+
 async def test_unobservable_tier_is_skipped_and_counted() -> None:
     platform, registry = MemoryPlatform(), CollectorRegistry()
     loop = make(platform, ScriptedObserver(ObservationError("prometheus down"), busy(1, 0.9)),
