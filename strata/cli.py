@@ -95,12 +95,35 @@ def engine(
 
 @app.command()
 def serve(
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Cluster file (YAML); default: built-in defaults.")
+    ] = None,
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Gateway bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default 8000).")] = None,
 ) -> None:
-    """Serve the model locally on the embedded default (one engine replica for now)."""
-    engine(model=model, host=host, port=port)
+    """Run the local cluster: gateway, engine replicas and autoscaler (the embedded default)."""
+    from strata.cluster import serve_cluster
+    from strata.config import ClusterConfigError
+
+    try:
+        serve_cluster(file, host=host, port=port, model=model)
+    except ClusterConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def status(
+    url: Annotated[str, typer.Option(help="The cluster's gateway URL.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="STRATA_API_KEY", help="API key if the gateway needs one.")
+    ] = None,
+) -> None:
+    """Print tiers, replicas, their load and the last scaling decisions of a running cluster."""
+    from strata.cluster import print_status
+
+    raise typer.Exit(print_status(url, api_key))
 
 
 def _mount() -> None:
