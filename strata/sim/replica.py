@@ -1,0 +1,561 @@
+"""A simulated engine replica: strata's real scheduler and block manager, timed by a cost model.
+
+Each replica owns a real ``strata.engine.scheduler.Scheduler`` and
+``strata.engine.kv_cache.BlockManager`` and loops as ``EngineCore`` does: ``step()``,
+"run" the batch for the cost model's iteration time, ``on_step_done``, append one token to
+every sequence that samples, finish those that reached ``max_tokens``, repeat. Arrivals
+join the waiting queue between steps, as the engine thread picks up new requests.
+
+**Skipping decode runs.** Most iterations of a busy replica are pure decode steps whose
+outcome is known in advance: the same sequences each gain one token. After a real step
+that (a) scheduled every running sequence as a decode, (b) admitted, preempted and finished
+nothing and (c) saw no arrival, every following step is the same until a sequence reaches
+its ``max_tokens``, the KV cache runs out of free blocks, or a request arrives. The replica
+then advances those ``k`` steps in closed form: the cost model gives step ``i`` as
+``a + b i`` (``decode_piece``), the sequences get their tokens, blocks and prefix-cache
+commits exactly as ``k`` calls of ``step``/``on_step_done`` would give them, and the next
+change (a finish, an arrival cutting the run short at the end of the step in progress, a
+load report) is handled by the real scheduler again. ``fast_forward=False`` turns this
+off; tests check that both give identical results.
+
+The load report mirrors ``EngineCore.load_report``: the same 10 s rate window and the same
+EWMAs of decode step time and per-token prefill time (``alpha`` 0.2).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from strata.engine.kv_cache import BlockManager
+from strata.engine.sampling import SamplingParams
+from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from strata.engine.sequence import Sequence
+from strata.load import LoadReport
+from strata.sim.events import EventLoop
+from strata.sim.perf_model import PipelineCost, ReplicaModel, StepFeatures
+
+_EWMA_ALPHA = 0.2  # EngineCore._account
+_RATE_WINDOW_S = 10.0  # EngineCore._RateWindow
+_PREFILL_MIN_TOKENS = 32  # steps with fewer prompt tokens do not update prefill_token_s
+_ZEROS = [0] * 4096  # sampled token ids: their values never matter to the scheduler
+
+
+class SimRequest:
+    """One request of the replayed trace and what happened to it (times in virtual s)."""
+
+    __slots__ = ("req_id", "arrival_s", "prompt_tokens", "output_tokens", "hash_ids",
+                 "dispatched_s", "first_token_s", "finish_s", "replica", "status",
+                 "preemptions", "cached_tokens")
+
+    def __init__(self, req_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
+                 hash_ids: tuple[int, ...] = ()) -> None:
+        self.req_id = req_id
+        self.arrival_s = arrival_s
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.hash_ids = hash_ids
+        self.dispatched_s = -1.0
+        self.first_token_s = -1.0
+        self.finish_s = -1.0
+        self.replica = ""
+        self.status = "pending"  # pending | running | ok | rejected | unfinished
+        self.preemptions = 0
+        self.cached_tokens = 0
+
+
+class ReplicaListener(Protocol):
+    """What a replica tells its cluster."""
+
+    def on_first_token(self, replica: SimReplica, req: SimRequest, now: float) -> None:
+        """A request's first output token left the replica."""
+        ...
+
+    def on_finish(self, replica: SimReplica, req: SimRequest, now: float) -> None:
+        """A request's last token left the replica."""
+        ...
+
+    def on_stopped(self, replica: SimReplica, now: float) -> None:
+        """A draining replica has finished its work and released its GPUs."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine options a simulated replica honours (the cluster file's ``engine``)."""
+
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 8192
+    prefix_caching: bool = True
+
+
+class ReplicaState(enum.Enum):
+    """Life of a replica: provisioned, serving, on its way out, gone."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class _Run:
+    """A pure-decode run being skipped through: step i (from t0) takes a + b i seconds.
+
+    ``slack`` holds each sequence's free token slots in its last KV block at t0: a
+    sequence needs a new block at steps slack+1, slack+1+block_size, ...
+    """
+
+    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0")
+
+    def __init__(self, t0: float, a: float, b: float, k: int, seqs: list[Sequence],
+                 slack: list[int], block_size: int, free0: int) -> None:
+        self.t0, self.a, self.b, self.k, self.seqs = t0, a, b, k, seqs
+        self.slack, self.block_size, self.free0 = slack, block_size, free0
+
+    def time_of(self, j: int) -> float:
+        """Seconds from t0 to the end of step j - 1 (j steps)."""
+        return self.a * j + self.b * j * (j - 1) * 0.5
+
+    def blocks_needed(self, j: int) -> int:
+        """New KV blocks the sequences need for j steps."""
+        bs = self.block_size
+        return sum(-(-(j - r) // bs) for r in self.slack if j > r)
+
+    def steps_done(self, elapsed: float) -> int:
+        """Steps completed within ``elapsed`` seconds of t0 (at most k)."""
+        if elapsed <= 0:
+            return 0
+        a, b = self.a, self.b
+        if b <= 0:
+            j = int(elapsed / a)
+        else:
+            h = a - 0.5 * b
+            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
+        # Repair float rounding at the boundaries.
+        while j > 0 and self.time_of(j) > elapsed:
+            j -= 1
+        while j < self.k and self.time_of(j + 1) <= elapsed:
+            j += 1
+        return min(j, self.k)
+
+
+def ewma_after(d0: float, a: float, b: float, j: int, alpha: float = _EWMA_ALPHA) -> float:
+    """EngineCore's step-time EWMA after j more values a, a + b, ..., a + b (j - 1).
+
+    Closed form of j updates ``d = (1 - alpha) d + alpha v`` (the first value is taken as
+    is when ``d0`` is 0, as the engine does).
+    """
+    if j <= 0:
+        return d0
+    if d0 == 0:
+        d0, a, j = a, a + b, j - 1
+        if j == 0:
+            return d0
+    r = 1.0 - alpha
+    rj = r ** j
+    s0 = (1.0 - rj) / (1.0 - r)
+    s1 = r * (1.0 - j * r ** (j - 1) + (j - 1) * rj) / (1.0 - r) ** 2
+    return rj * d0 + alpha * ((a + b * (j - 1)) * s0 - b * s1)
+
+
+class SimReplica:
+    """One engine replica (or one virtual engine of a stage pipeline) in virtual time."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        spec: ReplicaModel,
+        engine: EngineSettings,
+        loop: EventLoop,
+        listener: ReplicaListener,
+        prompt_ids: Callable[[SimRequest], list[int]],
+        *,
+        created_at: float,
+        unit: str = "",
+        fast_forward: bool = True,
+    ) -> None:
+        self.replica_id = replica_id
+        self.unit = unit or replica_id  # the scaled unit (a pipeline groups virtual engines)
+        self.spec = spec
+        self.engine = engine
+        self.loop = loop
+        self.listener = listener
+        self.prompt_ids = prompt_ids
+        self.fast_forward = fast_forward
+        self.blocks = BlockManager(engine.num_blocks, engine.block_size, engine.prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens,
+                            engine.max_model_len), self.blocks)
+        self.state = ReplicaState.STARTING
+        self.created_at = created_at
+        self.ready_at: float | None = None
+        self.stopped_at: float | None = None
+        self.requests: dict[int, SimRequest] = {}
+        # engine loop state
+        self._version = 0
+        self._busy = False
+        self._batch: Batch | None = None
+        self._waiting_after_step = 0
+        self._run: _Run | None = None
+        self._waiting_tokens: int | None = None  # cache: changes only at real steps, arrivals
+        # measurements (EngineCore's, plus the simulator's own accounting)
+        self._rates: deque[tuple[float, int, int]] = deque()
+        self._rate_prompt = 0
+        self._rate_gen = 0
+        self.decode_step_s = 0.0
+        self.prefill_token_s = 0.0
+        self.busy_s = 0.0  # wall seconds with a step in progress (completed steps)
+        self.busy_gpu_s = 0.0
+        self.steps = 0  # iterations, real or skipped
+        self.real_steps = 0  # scheduler.step() calls
+        self.prompt_tokens_done = 0
+        self.generated_tokens = 0
+        self._is_pipeline = isinstance(spec.cost, PipelineCost)
+        self._gpus = max(spec.gpus, 1)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Serving or draining (it answers /load as ready)."""
+        return self.state in (ReplicaState.READY, ReplicaState.DRAINING)
+
+    @property
+    def routable(self) -> bool:
+        """Takes new requests."""
+        return self.state is ReplicaState.READY
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests waiting or running here."""
+        return len(self.requests)
+
+    def mark_ready(self, now: float) -> None:
+        """Start-up is over: the replica serves from now on."""
+        if self.state is ReplicaState.STARTING:
+            self.state = ReplicaState.READY
+            self.ready_at = now
+
+    def drain(self, now: float) -> None:
+        """Take no new requests; stop once the current ones are done (or now if starting)."""
+        if self.state is ReplicaState.STARTING or (
+                self.state is ReplicaState.READY and not self.requests):
+            self._stop(now)
+        elif self.state is ReplicaState.READY:
+            self.state = ReplicaState.DRAINING
+
+    def _stop(self, now: float) -> None:
+        self.materialize(now)
+        self.state = ReplicaState.STOPPED
+        self.stopped_at = now
+        self._version += 1
+        self.listener.on_stopped(self, now)
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, req: SimRequest, now: float) -> None:
+        """Queue a request; it joins the batch at the next step boundary."""
+        seq = Sequence(req.req_id, self.prompt_ids(req), SamplingParams(max_tokens=req.output_tokens),
+                       arrival_time=now)
+        self.requests[req.req_id] = req
+        self._waiting_tokens = None
+        req.replica = self.replica_id
+        req.status = "running"
+        self.scheduler.add(seq)
+        run = self._run
+        if run is not None:
+            # The engine picks the request up once the step in progress ends.
+            j = run.steps_done(now - run.t0)
+            if j + 1 < run.k:
+                run.k = j + 1
+                self._version += 1
+                self.loop.at(run.t0 + run.time_of(run.k), self._on_run_end, self._version)
+        elif not self._busy:
+            self._real_step(now)
+
+    # -- the engine loop ------------------------------------------------------------------
+    def _set_idle(self) -> None:
+        self._busy = False
+        self._batch = None
+
+    def _real_step(self, now: float) -> None:
+        self._waiting_tokens = None
+        batch = self.scheduler.step()
+        self.real_steps += 1
+        if not batch:
+            self._set_idle()
+            return
+        f = StepFeatures.of(batch)
+        dt = self.spec.cost.step_s(f)
+        self._busy = True
+        self._batch = batch
+        self._waiting_after_step = len(self.scheduler.waiting)
+        self.busy_s += dt
+        self.busy_gpu_s += self.spec.busy_gpu_s(f, dt)
+        self.steps += 1
+        self._step_dt = dt
+        self._step_f = f
+        self.loop.at(now + dt, self._on_step_done, self._version)
+
+    def _on_step_done(self, version: int) -> None:
+        if version != self._version:
+            return
+        now = self.loop.now
+        batch = self._batch
+        assert batch is not None
+        sched = self.scheduler
+        sched.on_step_done(batch)
+        self._waiting_tokens = None
+        finished = False
+        listener = self.listener
+        for group in (batch.decodes, batch.prefills):
+            for e in group:
+                seq = e.seq
+                if e.start + e.num_tokens != seq.num_tokens:  # ScheduledSeq.samples
+                    continue
+                out = seq.output_token_ids
+                out.append(0)
+                req = self.requests[seq.seq_id]
+                if len(out) == 1:
+                    req.cached_tokens = seq.num_cached_tokens
+                    listener.on_first_token(self, req, now)
+                if len(out) >= seq.params.max_tokens:
+                    self._finish(seq, req, now)
+                    finished = True
+        for seq in batch.preempted:
+            self.requests[seq.seq_id].preemptions += 1
+        self._account(batch, now)
+        if self.state is ReplicaState.STOPPED:
+            return
+        running = sched.running
+        # A pure-decode step that left a waiting request unadmitted will leave it so
+        # while nothing finishes or arrives (free blocks only shrink during a run).
+        repeats = (not finished and not batch.prefills and not batch.preempted and running
+                   and len(batch.decodes) == len(running)
+                   and len(sched.waiting) == self._waiting_after_step)
+        self._continue(now, repeats)
+
+    def _continue(self, now: float, repeats: bool = False) -> None:
+        """Between steps: skip a decode run when the next steps are known, else step."""
+        sched = self.scheduler
+        running = sched.running
+        if self.fast_forward and running and (repeats or self._next_is_pure_decode()):
+            if self._start_run(now):
+                return
+        if sched.waiting or running:
+            self._real_step(now)
+        else:
+            self._set_idle()
+
+    def _next_is_pure_decode(self) -> bool:
+        """Whether the next ``step()`` surely schedules every running sequence as a decode
+        and admits nothing (unless it runs out of blocks, which the run bounds)."""
+        sched = self.scheduler
+        running = sched.running
+        cfg = sched.config
+        n = len(running)
+        if n > cfg.max_num_batched_tokens:
+            return False
+        if sched.waiting and n < cfg.max_num_seqs and n < cfg.max_num_batched_tokens:
+            return False  # admission would be tried: only a real step knows its outcome
+        for seq in running:
+            if seq.num_tokens - seq.num_computed_tokens != 1:
+                return False
+        return True
+
+    def _finish(self, seq: Sequence, req: SimRequest, now: float) -> None:
+        self.scheduler.finish(seq, "length")
+        del self.requests[seq.seq_id]
+        req.status = "ok"
+        self.listener.on_finish(self, req, now)
+        if self.state is ReplicaState.DRAINING and not self.requests:
+            self._stop(now)
+
+    def _account(self, batch: Batch, now: float) -> None:
+        """EngineCore._account: rate window and EWMAs of step times."""
+        prompt = batch.num_prefill_tokens
+        gen = self._step_f.sampled
+        self.prompt_tokens_done += prompt
+        self.generated_tokens += gen
+        self._rate_add(now, prompt, gen)
+        dt = self._step_dt
+        if not batch.prefills:
+            d = self.decode_step_s
+            self.decode_step_s = dt if d == 0 else (1 - _EWMA_ALPHA) * d + _EWMA_ALPHA * dt
+        elif prompt >= _PREFILL_MIN_TOKENS:
+            per_tok = dt / batch.num_tokens
+            p = self.prefill_token_s
+            self.prefill_token_s = per_tok if p == 0 else (1 - _EWMA_ALPHA) * p + _EWMA_ALPHA * per_tok
+
+    def _rate_add(self, now: float, prompt: int, gen: int) -> None:
+        self._rates.append((now, prompt, gen))
+        self._rate_prompt += prompt
+        self._rate_gen += gen
+        self._rate_trim(now)
+
+    def _rate_trim(self, now: float) -> None:
+        ev = self._rates
+        cutoff = now - _RATE_WINDOW_S
+        while ev and ev[0][0] < cutoff:
+            _, p, g = ev.popleft()
+            self._rate_prompt -= p
+            self._rate_gen -= g
+
+    # -- skipping pure-decode runs --------------------------------------------------------
+    def _start_run(self, now: float) -> bool:
+        seqs = list(self.scheduler.running)
+        ntok = [len(s.prompt_token_ids) + len(s.output_token_ids) for s in seqs]
+        k = min(s.params.max_tokens - len(s.output_token_ids) for s in seqs)
+        bs = self.blocks.block_size
+        free = self.blocks.num_free_blocks
+        # Step i allocates for num_tokens + i tokens (see _Run.slack).
+        slack = [len(s.block_table) * bs - (n - 1) for s, n in zip(seqs, ntok, strict=True)]
+        run = _Run(now, 0.0, 0.0, k, seqs, slack, bs, free)
+        if run.blocks_needed(k) > free:
+            lo, hi = 0, k  # blocks_needed(lo) <= free < blocks_needed(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if run.blocks_needed(mid) <= free:
+                    lo = mid
+                else:
+                    hi = mid
+            k = lo
+        if k < 1:
+            return False
+        a, b, k = self.spec.cost.decode_piece(len(seqs), sum(ntok), k, max(ntok))
+        if a <= 0:
+            return False
+        run.a, run.b, run.k = a, b, k
+        self._run = run
+        self._batch = None
+        self.loop.at(now + run.time_of(k), self._on_run_end, self._version)
+        return True
+
+    def _advance_run(self, run: _Run, j: int) -> None:
+        """Apply the first j skipped decode steps to the sequences and the measurements."""
+        if j <= 0:
+            return
+        blocks = self.blocks
+        caching = blocks.enable_prefix_caching
+        zeros = _ZEROS[:j] if j <= len(_ZEROS) else [0] * j
+        for s in run.seqs:
+            if not s.output_token_ids:
+                # A prompt whose last chunk left one token runs it as a "decode": its first
+                # sample comes at the end of the run's first step.
+                req = self.requests[s.seq_id]
+                req.cached_tokens = s.num_cached_tokens
+                self.listener.on_first_token(self, req, run.t0 + run.a)
+            s.output_token_ids += zeros
+            s.num_computed_tokens += j
+            ok = blocks.allocate(s, s.num_computed_tokens)
+            assert ok, "decode run outgrew the free KV blocks"
+            if caching:
+                blocks.commit(s)
+        n = len(run.seqs)
+        dur = run.time_of(j)
+        end = run.t0 + dur
+        self.steps += j
+        self.busy_s += dur
+        if self._is_pipeline:
+            cost = self.spec.cost
+            assert isinstance(cost, PipelineCost)
+            transfer = (len(cost.stages) - 1) * cost.transfer_s(n)
+            self.busy_gpu_s += self._gpus // len(cost.stages) * (dur - j * transfer)
+        else:
+            self.busy_gpu_s += self._gpus * dur
+        self.generated_tokens += n * j
+        self._rate_add(end, 0, n * j)
+        self.decode_step_s = ewma_after(self.decode_step_s, run.a, run.b, j)
+        bs = run.block_size
+        run.slack = [r - j if r >= j else (r - j) % bs for r in run.slack]
+        run.free0 = blocks.num_free_blocks
+        run.t0 = end
+        run.a += run.b * j
+        run.k -= j
+
+    def _on_run_end(self, version: int) -> None:
+        if version != self._version:
+            return
+        now = self.loop.now
+        run = self._run
+        assert run is not None
+        self._run = None
+        self._advance_run(run, run.k)
+        for s in run.seqs:
+            if len(s.output_token_ids) >= s.params.max_tokens:
+                self._finish(s, self.requests[s.seq_id], now)
+        if self.state is ReplicaState.STOPPED:
+            return
+        self._continue(now)
+
+    def materialize(self, now: float) -> None:
+        """Bring a skipped run's sequences up to the steps completed by ``now``."""
+        run = self._run
+        if run is not None:
+            self._advance_run(run, run.steps_done(now - run.t0))
+
+    # -- what the gateway and autoscaler read ---------------------------------------------
+    def rates(self, now: float) -> tuple[float, float]:
+        """Prompt and generated tokens/s over the recent window (EngineCore's definition).
+
+        Steps of a run being skipped count as if each had been recorded when it ended.
+        """
+        self._rate_trim(now)
+        ev = self._rates
+        prompt, gen = self._rate_prompt, self._rate_gen
+        first = ev[0][0] if ev else math.inf
+        run = self._run
+        if run is not None:
+            j = run.steps_done(now - run.t0)
+            if j > 0:
+                j_old = run.steps_done(now - _RATE_WINDOW_S - run.t0)
+                if j > j_old:
+                    gen += len(run.seqs) * (j - j_old)
+                    first = min(first, run.t0 + run.time_of(j_old + 1))
+        if first == math.inf:
+            return 0.0, 0.0
+        span = max(now - first, 1e-3)
+        return prompt / span, gen / span
+
+    def _waiting_prompt_tokens(self) -> int:
+        # Skipped decode steps leave it unchanged: decodes have nothing left to prefill.
+        if self._waiting_tokens is None:
+            self._waiting_tokens = self.scheduler.waiting_prompt_tokens()
+        return self._waiting_tokens
+
+    def load_report(self, now: float) -> LoadReport:
+        """GET /load as the replica would answer it now (a skipped run is not materialized)."""
+        prompt_rate, gen_rate = self.rates(now)
+        sched = self.scheduler
+        e = self.engine
+        free = self.blocks.num_free_blocks
+        decode_step_s = self.decode_step_s
+        run = self._run
+        if run is not None:
+            j = run.steps_done(now - run.t0)
+            if j > 0:
+                free = run.free0 - run.blocks_needed(j)
+                decode_step_s = ewma_after(decode_step_s, run.a, run.b, j)
+        return LoadReport(
+            model=self.spec.model_name,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            waiting_prompt_tokens=self._waiting_prompt_tokens(),
+            free_kv_blocks=free,
+            total_kv_blocks=e.num_blocks,
+            block_size=e.block_size,
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            prefix_hit_rate=self.blocks.stats().hit_rate,
+            prompt_tokens_per_s=prompt_rate,
+            generation_tokens_per_s=gen_rate,
+            decode_step_s=decode_step_s,
+            prefill_token_s=self.prefill_token_s,
+            ready=self.ready,
+            draining=self.state is ReplicaState.DRAINING,
+        )
