@@ -1,0 +1,338 @@
+"""A downstream stage as a service: frames in, its layers, frames out; HTTP for the platform.
+
+Frames from any upstream link go into one FIFO (so the steps of one pipeline path run
+in the order the head sent them, which keeps block reuse safe); one compute thread runs
+them while the event loop keeps receiving and sending, so a stage overlaps its
+transfers with its compute. Results and errors return to the head over the link the
+head opened; a broken next hop becomes an ERROR frame to the head, never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from strata.load import LoadReport
+from strata.stages.protocol import CONTROL, StepMessage, StepResult, control_frame, error_frame
+from strata.stages.runtime import StageRuntime
+from strata.stages.transport import HELLO, STEP, Connection, Frame, connect, serve, split_addr
+
+log = logging.getLogger("strata.stages.worker")
+
+
+class BusyWindow:
+    """Compute seconds and tokens over a sliding window: utilization and rates."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.events: deque[tuple[float, float, int, int]] = deque()
+        self.started = time.monotonic()
+        self.decode_step_s = 0.0
+        self.prefill_token_s = 0.0
+        self.total_prefill_tokens = 0
+        self.total_decode_tokens = 0
+
+    def add(self, now: float, busy_s: float, prefill_tokens: int, decode_tokens: int) -> None:
+        """Record one step's compute time and token counts."""
+        self.events.append((now, busy_s, prefill_tokens, decode_tokens))
+        self.total_prefill_tokens += prefill_tokens
+        self.total_decode_tokens += decode_tokens
+        a = 0.2
+        if prefill_tokens == 0 and decode_tokens:
+            self.decode_step_s = busy_s if not self.decode_step_s else (1 - a) * self.decode_step_s + a * busy_s
+        elif prefill_tokens >= 32:
+            per = busy_s / (prefill_tokens + decode_tokens)
+            self.prefill_token_s = per if not self.prefill_token_s else (1 - a) * self.prefill_token_s + a * per
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+
+    def snapshot(self, now: float) -> tuple[float, float, float]:
+        """(busy ratio 0..1, prefill tokens/s, decode tokens/s) over the window."""
+        self._trim(now)
+        span = min(self.window_s, max(now - self.started, 1e-3))
+        busy = sum(e[1] for e in self.events)
+        return (
+            min(1.0, busy / span),
+            sum(e[2] for e in self.events) / span,
+            sum(e[3] for e in self.events) / span,
+        )
+
+
+class StageWorker:
+    """One replica of a downstream stage: data port for frames, HTTP for health and load."""
+
+    def __init__(
+        self, runtime: StageRuntime, model_name: str, host: str, data_port: int,
+        http_url: str, join: str | None = None, join_timeout_s: float = 300.0,
+    ) -> None:
+        self.rt = runtime
+        self.model_name = model_name
+        self.host = host
+        self.data_port = data_port
+        self.http_url = http_url
+        self.join_url = join
+        self.join_timeout_s = join_timeout_s
+        self.head: Connection | None = None
+        self.links: dict[str, Connection] = {}
+        self.inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{runtime.name}")
+        self.busy = BusyWindow()
+        self.kv_free: int | None = None
+        self.draining = False
+        self.ready = False
+        self.steps = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def data_addr(self) -> str:
+        """host:port of the frame listener."""
+        return f"{self.host}:{self.data_port}"
+
+    async def start(self) -> None:
+        """Listen for frames and start the compute loop (and the join loop)."""
+        self._server = await serve(self.host, self.data_port, self._on_connection)
+        self.data_port = self._server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._compute_loop()))
+        self.ready = True
+        if self.join_url:
+            self._tasks.append(asyncio.create_task(self._join()))
+        log.info("stage %s: frames on %s", self.rt.name, self.data_addr)
+
+    async def stop(self) -> None:
+        """Close the listener and every link."""
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        for c in [*self.links.values(), *([self.head] if self.head else [])]:
+            c.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- links ------------------------------------------------------------------
+    async def _on_connection(self, conn: Connection) -> None:
+        hello = await conn.recv()
+        if hello is None:
+            return
+        if hello.kind != HELLO:
+            conn.close()
+            return
+        if hello.meta.get("role") == "head":
+            try:
+                self.rt.attach(int(hello.meta["num_blocks"]), int(hello.meta["block_size"]),
+                               tuple(hello.meta.get("eos_token_ids", ())))
+            except (KeyError, ValueError) as e:
+                await conn.send(Frame(HELLO, 0, {"ok": False, "error": str(e)}))
+                conn.close()
+                return
+            if self.head is not None and self.head is not conn:
+                self.head.close()
+            self.head = conn
+            await conn.send(Frame(HELLO, 0, {
+                "ok": True, "layers": [self.rt.model.layer_start, self.rt.model.layer_end],
+                "draining": self.draining,
+            }))
+            log.info("stage %s: head connected from %s", self.rt.name, conn.peer)
+        while True:
+            frame = await conn.recv()
+            if frame is None:
+                break
+            if frame.kind == STEP:
+                self.inbox.put_nowait(frame)
+            elif frame.kind == CONTROL:
+                self.rt.drop([int(s) for s in frame.meta.get("drop", [])])
+        if conn is self.head:
+            self.head = None
+            log.warning("stage %s: head link closed", self.rt.name)
+            if self.join_url:
+                self._tasks.append(asyncio.create_task(self._join()))
+
+    async def _next(self, addr: str) -> Connection:
+        conn = self.links.get(addr)
+        if conn is None or conn.is_closed:
+            host, port = split_addr(addr)
+            conn = await connect(host, port)
+            await conn.send(Frame(HELLO, 0, {"role": "stage", "from": self.data_addr}))
+            self.links[addr] = conn
+        return conn
+
+    async def _to_head(self, frame: Frame) -> None:
+        if self.head is None:
+            log.warning("stage %s: no head link; dropping a %d frame", self.rt.name, frame.kind)
+            return
+        with contextlib.suppress(ConnectionError):
+            await self.head.send(frame)
+
+    async def _join(self) -> None:
+        """Register with the head (retrying until it answers), so scale-up needs no wiring."""
+        assert self.join_url
+        deadline = time.monotonic() + self.join_timeout_s
+        async with httpx.AsyncClient(timeout=10) as http:
+            while time.monotonic() < deadline:
+                try:
+                    r = await http.post(f"{self.join_url}/stages/replicas", json={"url": self.http_url})
+                    if r.status_code == 200:
+                        log.info("stage %s: joined %s", self.rt.name, self.join_url)
+                        return
+                    log.warning("stage %s: join refused: %s", self.rt.name, r.text)
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(1.0)
+        log.error("stage %s: could not join %s within %.0f s", self.rt.name, self.join_url,
+                  self.join_timeout_s)
+
+    # -- compute ----------------------------------------------------------------
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self.inbox.get()
+            t0 = time.perf_counter()
+            try:
+                msg = StepMessage.from_frame(frame)
+                if msg.kv_free:
+                    self.kv_free = msg.kv_free.get(self.data_addr, self.kv_free)
+                out = await loop.run_in_executor(self.executor, self.rt.run, msg)
+            except Exception as e:  # noqa: BLE001 - reported to the head as an ERROR frame
+                log.exception("stage %s: step %d failed", self.rt.name, frame.step_id)
+                await self._to_head(error_frame(frame.step_id, self.rt.name, self.data_addr, str(e)))
+                continue
+            busy = time.perf_counter() - t0
+            n_pre = sum(length for _, length, _ in msg.spans)
+            self.busy.add(time.monotonic(), busy, n_pre, msg.num_decodes)
+            self.steps += 1
+            if isinstance(out, StepResult):
+                await self._to_head(out.to_frame(frame.step_id))
+                continue
+            if not msg.hops:
+                await self._to_head(error_frame(frame.step_id, self.rt.name, self.data_addr,
+                                                "a step reached a non-tail stage with no hops left"))
+                continue
+            nxt = msg.hops[0]
+            try:
+                link = await self._next(nxt)
+                await link.send(out.to_frame(frame.step_id))
+            except (TimeoutError, OSError, ConnectionError) as e:
+                self.links.pop(nxt, None)
+                await self._to_head(error_frame(
+                    frame.step_id, self.rt.name, self.data_addr,
+                    f"stage {self.rt.name} could not reach the next stage at {nxt}: {e}",
+                ))
+
+    # -- load -------------------------------------------------------------------
+    def load_report(self) -> LoadReport:
+        """This replica's load, in the one report every replica publishes (stage='a:b')."""
+        _, prefill_rate, decode_rate = self.busy.snapshot(time.monotonic())
+        total = self.rt.num_blocks
+        free = total if self.kv_free is None else min(self.kv_free, total)
+        return LoadReport(
+            model=self.model_name,
+            running=len(self.rt.known),
+            waiting=self.inbox.qsize(),
+            waiting_prompt_tokens=0,
+            free_kv_blocks=free,
+            total_kv_blocks=total,
+            block_size=self.rt.runner.block_size if self.rt.runner else 0,
+            max_num_seqs=0,
+            max_num_batched_tokens=0,
+            prefix_hit_rate=0.0,
+            prompt_tokens_per_s=prefill_rate,
+            generation_tokens_per_s=decode_rate,
+            decode_step_s=self.busy.decode_step_s,
+            prefill_token_s=self.busy.prefill_token_s,
+            ready=self.ready,
+            draining=self.draining,
+            stage=self.rt.name,
+        )
+
+    def load_body(self) -> dict[str, Any]:
+        """GET /load: the report plus the stage signals the autoscaler scales on."""
+        busy, _, _ = self.busy.snapshot(time.monotonic())
+        body = self.load_report().to_dict()
+        body.update(busy_ratio=busy, queued_frames=self.inbox.qsize(), steps=self.steps)
+        return body
+
+    async def drain(self) -> None:
+        """Take no new sequences: tell the head, which pins nothing new here."""
+        self.draining = True
+        if self.head is not None:
+            await self._to_head(control_frame(draining=True))
+
+
+class _StageCollector(Collector):
+    def __init__(self, worker: StageWorker) -> None:
+        self.w = worker
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        body = self.w.load_body()
+        labels = ["model_name", "stage"]
+        m = [self.w.model_name, self.w.rt.name]
+        for name, doc, key in (
+            ("strata_stage_busy_ratio", "Fraction of recent wall time spent computing (0-1).", "busy_ratio"),
+            ("strata_stage_queued_steps", "Micro-batches waiting for this stage's compute.", "queued_frames"),
+            ("strata_num_requests_running", "Sequences with KV on this stage replica.", "running"),
+            ("strata_kv_cache_usage_ratio", "Fraction of KV blocks in use (head's view, 0-1).", "kv_usage"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(m, float(body[key]))
+            yield g
+        c = CounterMetricFamily("strata_stage_tokens", "Tokens run through this stage's layers.", labels=labels)
+        c.add_metric(m, self.w.busy.total_prefill_tokens + self.w.busy.total_decode_tokens)
+        yield c
+
+
+def build_worker_app(worker: StageWorker) -> FastAPI:
+    """HTTP face of a stage replica: /health, /load, /info, /drain, /metrics."""
+    app = FastAPI(title="strata stage", docs_url=None, redoc_url=None)
+    registry = CollectorRegistry()
+    registry.register(_StageCollector(worker))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if worker.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not worker.ready:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        rt = worker.rt
+        return {
+            "model": worker.model_name,
+            "layers": [rt.model.layer_start, rt.model.layer_end],
+            "stage": rt.name,
+            "is_tail": rt.is_tail,
+            "data_addr": worker.data_addr,
+            "dtype": str(rt.dtype).removeprefix("torch."),
+            "max_kv_bytes": rt.max_kv_bytes,
+        }
+
+    @app.get("/load")
+    async def load() -> dict[str, Any]:
+        return worker.load_body()
+
+    @app.post("/drain")
+    async def drain() -> dict[str, Any]:
+        await worker.drain()
+        return {"status": "draining", "unfinished": len(worker.rt.known)}
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    return app
