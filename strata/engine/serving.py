@@ -390,7 +390,10 @@ class Serving:
             params = sampling_params(req, max_tokens, top, None, j)
             self.check_engine(len(ids), params)
             jobs.append((j, ids, params))
-        last = messages[-1]["content"] if req.echo and messages else ""
+        # vLLM's chat echo: the last message is prepended when it is the assistant's own.
+        last = ""
+        if req.echo and messages and messages[-1]["role"] == "assistant":
+            last = messages[-1]["content"]
         return ids, jobs, last
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
