@@ -35,7 +35,8 @@ from strata.gateway.proxy import (
     ProxyConfig,
 )
 from strata.gateway.ratelimit import Limits, RateLimiter
-from strata.gateway.replicas import OnDemand, ReplicaSet, ReplicaSetConfig
+from strata.gateway.replica import ReplicaSetConfig
+from strata.gateway.replicas import OnDemand, ReplicaSet
 from strata.routing.prompt import PromptError, PromptEstimator
 from strata.routing.registry import DEFAULT_POLICY, make_policy
 

@@ -19,7 +19,7 @@ from strata.gateway.app import GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
-from strata.gateway.replicas import ReplicaSetConfig
+from strata.gateway.replica import ReplicaSetConfig
 from strata.routing.prompt import PromptEstimator
 from strata.routing.registry import DEFAULT_POLICY, make_policy, policy_names
 
