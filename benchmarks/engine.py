@@ -221,8 +221,8 @@ class Options:
 
 
 def requests_for(opts: Options, concurrency: int) -> int:
-    """Requests sent at one level: fixed, or two waves (at least 8)."""
-    return opts.requests or max(2 * concurrency, 8)
+    """Requests sent at one level: fixed, or two waves (at least 4)."""
+    return opts.requests or max(2 * concurrency, 4)
 
 
 def make_prompts(n: int, tokens: int, seed: int) -> tuple[list[str], list[list[int]]]:
@@ -422,7 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help=f"comma-separated subset of {','.join(ALL_SERVERS)}")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests per level (default: max(2 x concurrency, 8))")
+                   help="requests per level (default: max(2 x concurrency, 4))")
     p.add_argument("--input-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)

@@ -332,7 +332,10 @@ def vllm_server(hf_dir: Path, threads: int, dtype: str = "bfloat16", max_num_seq
             "--port", str(port), "--gpu-memory-utilization", "0.4",
             "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048",
             "--disable-log-stats"]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "all", "OMP_NUM_THREADS": str(threads)}
+    # Bind the OpenMP workers to CPUs 0..threads-1: "auto" keeps a CPU back for the API
+    # server, which leaves one of two cores to compute on.
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+           "OMP_NUM_THREADS": str(threads)}
     return PeerServer("vllm", argv, port, health_path="/health", env=env)
 
 
