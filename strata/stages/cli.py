@@ -31,7 +31,7 @@ def stage_command(
     model: Annotated[str | None, typer.Option(help="Model: a .gguf file or HF directory; default: bundled SmolLM2-135M-Instruct.")] = None,
     host: Annotated[str, typer.Option(help="Bind address (HTTP and frames).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (OpenAI API on the head; /health, /load, /info on stages).")] = 8000,
-    data_port: Annotated[int | None, typer.Option(help="Downstream stages: TCP port for hidden-state frames; default HTTP port + 1.")] = None,
+    data_port: Annotated[int, typer.Option(help="Downstream stages: TCP port for hidden-state frames; 0: any free port (reported at /info).")] = 0,
     stages: Annotated[str | None, typer.Option(help="Head: the whole split, e.g. 0:10,10:20,20:30; default: --layers and the rest.")] = None,
     replica: Annotated[list[str] | None, typer.Option(help="Head: URL of a downstream stage replica to connect (repeat).")] = None,
     join: Annotated[str | None, typer.Option(help="Downstream stage: the head's URL to register with (and re-register after it restarts).")] = None,
@@ -57,7 +57,7 @@ def stage_command(
     )
     cache = os.environ.get("STRATA_CACHE_DIR")
     cache_dir = Path(cache) if cache else None
-    from strata.stages.runtime import parse_layers
+    from strata.stages.plan import parse_layers
 
     start, end = parse_layers(layers)
     if start == 0:
@@ -73,8 +73,8 @@ def stage_command(
         return
     if stages or replica:
         raise typer.BadParameter("--stages and --replica belong to the head (--layers 0:b)")
-    _run_stage(layers, model, host, port, data_port if data_port is not None else port + 1,
-               join, dtype, device, threads, kv_cache, cache_dir)
+    _run_stage(layers, model, host, port, data_port, join, dtype, device, threads, kv_cache,
+               cache_dir)
 
 
 def _run_head(
@@ -87,13 +87,8 @@ def _run_head(
     import uvicorn
 
     from strata.engine.weights import load_config, resolve_model
-    from strata.stages.head_server import (
-        HeadConfig,
-        build_head,
-        build_head_app,
-        connect_initial,
-        parse_stages,
-    )
+    from strata.stages.head_server import HeadConfig, build_head, build_head_app, connect_initial
+    from strata.stages.plan import parse_stages
 
     if stages:
         split = parse_stages(stages)

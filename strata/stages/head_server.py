@@ -27,7 +27,8 @@ from strata.engine.weights import load_config, resolve_model
 from strata.protocol import OpenAIError
 from strata.stages.head import HeadCore
 from strata.stages.head_engine import HeadEngine
-from strata.stages.runtime import load_stage_model, parse_layers
+from strata.stages.plan import check_split
+from strata.stages.runtime import load_stage_model
 
 log = logging.getLogger("strata.stages.head")
 
@@ -54,28 +55,6 @@ class HeadConfig:
     replicas: tuple[str, ...] = ()  # downstream replica URLs to connect at start
     cache_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def check_split(stages: list[tuple[int, int]], num_layers: int) -> None:
-    """The stages must tile [0, num_layers) in order; the message names the gap or overlap."""
-    if not stages:
-        raise ValueError("stages: give at least two layer ranges, e.g. 0:15,15:30")
-    if stages[0][0] != 0:
-        raise ValueError(f"stages: the first stage must start at layer 0, not {stages[0][0]}")
-    for (a0, b0), (a1, b1) in zip(stages, stages[1:], strict=False):
-        if a1 != b0:
-            raise ValueError(f"stages: {a0}:{b0} is followed by {a1}:{b1}; each stage must "
-                             f"start where the previous one ends ({b0})")
-    if stages[-1][1] != num_layers:
-        raise ValueError(f"stages: the last stage must end at layer {num_layers} (the model's "
-                         f"layer count), not {stages[-1][1]}")
-    if len(stages) < 2:
-        raise ValueError("stages: one stage holding every layer is an engine; run `strata engine`")
-
-
-def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
-    """'0:15,15:30' -> ((0, 15), (15, 30))."""
-    return tuple(parse_layers(part.strip()) for part in text.split(",") if part.strip())
 
 
 def build_head(cfg: HeadConfig) -> HeadEngine:

@@ -21,22 +21,10 @@ from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampler import Sampler, SampleRequest
 from strata.engine.sampling import SamplingParams
 from strata.engine.weights import load_config, load_state_dict
+from strata.stages.plan import parse_layers
 from strata.stages.protocol import StepMessage, StepResult
 
 log = logging.getLogger("strata.stages")
-
-
-def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, int]:
-    """'a:b' -> (a, b), the half-open layer range [a, b) of one stage."""
-    a, sep, b = text.partition(":")
-    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
-        raise ValueError(f"layers {text!r} must look like a:b (first layer, end), e.g. 0:15")
-    start, end = int(a), int(b)
-    if start >= end:
-        raise ValueError(f"layers {text!r}: the range is empty; write a:b with a < b")
-    if num_layers is not None and end > num_layers:
-        raise ValueError(f"layers {text!r}: the model has {num_layers} layers (0:{num_layers})")
-    return start, end
 
 
 @dataclass

@@ -13,7 +13,7 @@ from strata.engine.sampler import TokenLogprobs
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
-from strata.stages.head_server import check_split, parse_stages
+from strata.stages.plan import check_split, parse_layers, parse_stages
 from strata.stages.protocol import (
     NewSeq,
     StepMessage,
@@ -22,7 +22,6 @@ from strata.stages.protocol import (
     params_to_json,
     step_message,
 )
-from strata.stages.runtime import parse_layers
 from strata.stages.transport import decode_frame, encode_frame
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

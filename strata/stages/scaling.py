@@ -1,0 +1,107 @@
+"""Per-stage autoscaling: each downstream stage is a tier scaled on its own signals.
+
+A stage replica's `/load` carries the one LoadReport (stage="a:b") plus two stage
+signals: `busy_ratio` (compute seconds over wall time, recent window) and
+`queued_frames` (micro-batches waiting for its compute). They enter the autoscaler as
+the replica sample's custom metrics, so the existing policies scale a stage unchanged:
+HPA on ``custom_stage_busy`` with a Utilization target adds replicas to the stage that
+is the bottleneck (its busy ratio sits near 1 while the others wait on it) and removes
+them where stages idle. `StageObserver` builds a stage tier's `TierState` for the
+control loop (`strata.autoscale.loop`), like the engine tiers' observer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from strata.autoscale.types import ReplicaSample, TierState
+from strata.load import LoadReport
+from strata.platform.base import Platform, Replica
+
+STAGE_BUSY = "custom_stage_busy"  # 0..1
+STAGE_QUEUE = "custom_stage_queue"  # micro-batches waiting
+
+
+def stage_sample(
+    replica_id: str, body: Mapping[str, Any] | None, *, started_at: float,
+    ready: bool | None = None, ready_changed_at: float | None = None,
+    terminating: bool = False, sampled_at: float | None = None,
+) -> ReplicaSample:
+    """A stage replica as the autoscaler sees it: its report plus the stage signals."""
+    report = LoadReport.from_dict(dict(body)) if body is not None else None
+    sample = ReplicaSample.from_report(
+        replica_id, report, started_at=started_at, ready=ready,
+        ready_changed_at=ready_changed_at, sampled_at=sampled_at, terminating=terminating,
+    )
+    if body is None:
+        return sample
+    extra = {
+        STAGE_BUSY: float(body.get("busy_ratio", 0.0)),
+        STAGE_QUEUE: float(body.get("queued_frames", 0.0)),
+    }
+    return ReplicaSample(
+        replica_id=sample.replica_id, started_at=sample.started_at, ready=sample.ready,
+        ready_changed_at=sample.ready_changed_at, terminating=sample.terminating,
+        report=sample.report, sampled_at=sample.sampled_at, in_flight=sample.in_flight,
+        extra=extra,
+    )
+
+
+def stage_autoscaling(max_replicas: int, min_replicas: int = 1, target_busy_pct: int = 80) -> dict[str, Any]:
+    """An `autoscaling` block for a stage tier: HPA on the stage's busy ratio."""
+    return {
+        "policy": "hpa",
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "metrics": [{"name": STAGE_BUSY, "type": "Utilization",
+                     "average_utilization": target_busy_pct}],
+    }
+
+
+def bottleneck(states: Mapping[str, TierState]) -> str | None:
+    """The stage whose serving replicas are busiest on average (queue length breaks ties)."""
+    best: tuple[float, float, str] | None = None
+    for name, st in states.items():
+        busy = [r.extra.get(STAGE_BUSY, 0.0) for r in st.replicas if r.serving]
+        queue = [r.extra.get(STAGE_QUEUE, 0.0) for r in st.replicas if r.serving]
+        if not busy:
+            continue
+        key = (sum(busy) / len(busy), sum(queue) / len(queue), name)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+class StageObserver:
+    """`TierObserver` for stage tiers: platform replicas + each one's /load."""
+
+    def __init__(self, platform: Platform, http: httpx.AsyncClient) -> None:
+        self.platform = platform
+        self.http = http
+
+    async def _load(self, replica: Replica) -> dict[str, Any] | None:
+        if replica.url is None or replica.phase in ("starting", "backoff"):
+            return None
+        try:
+            resp = await self.http.get(replica.url + "/load")
+            return resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def observe(self, tier: str, now: float) -> TierState:
+        """The stage tier's state at `now` (platform clock)."""
+        replicas = self.platform.replicas(tier)
+        bodies = await asyncio.gather(*(self._load(r) for r in replicas))
+        samples = tuple(
+            stage_sample(r.replica_id, body, started_at=r.started_at, ready=r.ready,
+                         ready_changed_at=r.ready_at, terminating=r.terminating,
+                         sampled_at=now if body is not None else None)
+            for r, body in zip(replicas, bodies, strict=True)
+        )
+        queued = sum(s.extra.get(STAGE_QUEUE, 0.0) for s in samples)
+        return TierState(tier=tier, current_replicas=self.platform.desired(tier),
+                         replicas=samples, extra={STAGE_QUEUE: queued})
