@@ -15,7 +15,9 @@ How the trace is fitted to a 135M model on a CPU, all printed with the result:
 - the first ``--requests`` arrivals (from ``--start-s``) are re-timed to a mean of
   ``--rate`` requests/s, keeping their relative spacing (bursts stay bursts);
 - each policy gets its own block contents (hash ids offset per policy), so no run profits
-  from a cache another run warmed; the engines stay up between runs.
+  from a cache another run warmed; the engines stay up between runs;
+- the engines' KV block is the scaled trace block (at most 16 tokens), so a shared prefix
+  block can be served from their prefix cache at all.
 
     python benchmarks/routing_mooncake.py                       # starts 2 engines itself
     python benchmarks/routing_mooncake.py --replica http://127.0.0.1:8001 --replica ...
@@ -255,7 +257,9 @@ def main() -> None:
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--engine-arg", action="append", default=[],
                    help="`strata engine` argument (repeat); default: --threads 1")
-    p.add_argument("--num-kv-blocks", type=int, default=384)
+    p.add_argument("--kv-tokens", type=int, default=6144, help="KV cache per engine, tokens")
+    p.add_argument("--engine-block-size", type=int, default=0,
+                   help="engine KV block tokens; default: the scaled trace block, at most 16")
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--requests", type=int, default=400,
                    help="prefix reuse grows with the window: 13%% of blocks in 400, 4%% in 100")
@@ -280,12 +284,16 @@ def main() -> None:
     results: list[PolicyResult] = []
     with ExitStack() as stack:
         engines = list(args.replica)
+        # Engine KV blocks as large as the scaled trace block: a shared prefix shorter than
+        # one engine block could never be served from the prefix cache.
+        block_size = args.engine_block_size or min(16, trace.block_tokens or 16)
         for i in range(0 if engines else args.engines):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             start(stack, [sys.executable, "-m", "strata.cli", "engine", "--host", "127.0.0.1",
                           "--port", str(port), "--max-model-len", str(args.max_context),
-                          "--num-kv-blocks", str(args.num_kv_blocks),
+                          "--block-size", str(block_size),
+                          "--num-kv-blocks", str(args.kv_tokens // block_size),
                           *(args.engine_arg or ["--threads", "1"])],
                   url, logs / f"engine{i}.log", 900)
             engines.append(url)
