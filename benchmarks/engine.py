@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ TARGET_C64_TOKENS_S = 3000.0
 TARGET_ROOFLINE_TOKENS_S = 8900.0
 TARGET_VS_BEST_PEER = 1.5
 TARGET_TPOT_VS_LLAMA_CPP = 1.2
+WARMUP = 4  # unmeasured requests per server before its first level
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class LevelResult:
     errors: dict[str, int]
     roofline_tokens_s: float
     weight_format: str
+    first_error: str | None = None
 
     @property
     def roofline_fraction(self) -> float:
@@ -158,7 +161,9 @@ async def closed_loop(base_url: str, model: str, prompts: Sequence[str], prompt_
     url = base_url + "/v1/completions"
     queue = iter(enumerate(prompts))
     records: list[RequestRecord] = []
-    connector = aiohttp.TCPConnector(limit=0)
+    # A fresh connection per request: llama-server closes streamed connections, and a
+    # reused one then fails with "Can not write request body"; on loopback it costs ~0.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         t0 = time.perf_counter()
@@ -197,7 +202,8 @@ def level_result(server: ServerPlan, concurrency: int, records: Sequence[Request
         mean_output_tokens=float(np.mean([r.output_tokens for r in ok])) if ok else 0.0,
         early_stops=early, prompt_token_mismatches=s.prompt_token_mismatches,
         errors=s.errors, roofline_tokens_s=roofline_tokens_s,
-        weight_format=server.weight_format)
+        weight_format=server.weight_format,
+        first_error=next((r.error for r in records if r.status != "ok"), None))
 
 
 # ---------------------------------------------------------------- the run
@@ -223,6 +229,20 @@ class Options:
 def requests_for(opts: Options, concurrency: int) -> int:
     """Requests sent at one level: fixed, or two waves (at least 4)."""
     return opts.requests or max(2 * concurrency, 4)
+
+
+def prompt_offset(opts: Options, concurrency: int | None) -> int:
+    """Index of the first prompt of a level (None: the total needed).
+
+    Every request of a run, warm-up included, gets a prompt of its own, so no server's
+    prefix cache can turn a measured prefill into a cache hit.
+    """
+    offset = WARMUP
+    for c in opts.concurrency:
+        if c == concurrency:
+            return offset
+        offset += requests_for(opts, c)
+    return offset
 
 
 def make_prompts(n: int, tokens: int, seed: int) -> tuple[list[str], list[list[int]]]:
@@ -279,12 +299,14 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
         return roof.at_concurrency(shape, plan.weight_format, c, plan.compute_dtype)
 
     out: list[LevelResult] = []
-    if plan.start is None:  # transformers, in process
+    if plan.start is None:  # transformers: generate in a child process, no HTTP
         hf_dir = peers.ensure_hf_dir(opts.peer_dtype)
         for c in levels:
             n = requests_for(opts, c)
-            raw = peers.transformers_static_subprocess(hf_dir, ids[:n], c, opts.output_tokens,
-                                            opts.threads, opts.peer_dtype)
+            first = prompt_offset(opts, c)
+            raw = peers.transformers_static_subprocess(
+                hf_dir, ids[first:first + n], c, opts.output_tokens, opts.threads,
+                opts.peer_dtype)
             records = [RequestRecord(
                 index=i, scheduled_s=float(r["sent_s"]), sent_s=float(r["sent_s"]),
                 status="ok", ttft_s=float(r["ttft_s"]), e2e_s=float(r["e2e_s"]),
@@ -303,14 +325,18 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
             plan.weight_format = plan.compute_dtype = strata_dtype(server, opts.strata_args)
             console.print(f"  strata computes in {plan.weight_format}")
         model = asyncio.run(served_model(server.url))
-        warm = asyncio.run(closed_loop(server.url, model, texts[:4], opts.input_tokens,
-                                       min(4, max(levels)), 8, plan.extra_body))
+        # Warm-up, not measured: first-touch page faults of mmapped weights, lazy
+        # compilation and allocator growth would otherwise land in the c=1 numbers.
+        warm = asyncio.run(closed_loop(server.url, model, texts[:WARMUP], opts.input_tokens,
+                                       min(4, max(levels)), 32, plan.extra_body))
         bad = [r.error for r in warm if r.status != "ok"]
         if bad:
             raise RuntimeError(f"{plan.name} failed its warm-up requests: {bad[0]}")
         for c in levels:
             n = requests_for(opts, c)
-            records = asyncio.run(closed_loop(server.url, model, texts[:n], opts.input_tokens,
+            first = prompt_offset(opts, c)
+            records = asyncio.run(closed_loop(server.url, model, texts[first:first + n],
+                                              opts.input_tokens,
                                               c, opts.output_tokens, plan.extra_body))
             out.append(level_result(plan, c, records, roof_at(c)))
             _print_level(console, out[-1])
@@ -320,7 +346,7 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
 def _print_level(console: Console, r: LevelResult) -> None:
     flags = ""
     if r.completed < r.requests:
-        flags += f" FAILED {r.requests - r.completed} {r.errors}"
+        flags += f" FAILED {r.requests - r.completed}: {r.first_error}"
     if r.early_stops:
         flags += f" early-EOS {r.early_stops}"
     console.print(f"  {r.server:<16} c={r.concurrency:<3} {r.output_tokens_s:8.1f} tok/s  "
@@ -415,6 +441,16 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
 
+def _git_revision() -> str:
+    """HEAD of this checkout, marked dirty when the tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True
+                              ).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain",
+                                                                    "--untracked-files=no")
+                                                  else "")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -431,7 +467,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--peer-dtype", default="auto",
                    help="float32 | bfloat16 | auto (the faster matmul here) for vLLM and "
                         "transformers")
-    p.add_argument("--llama-cpp-python-max-c", type=int, default=16,
+    p.add_argument("--llama-cpp-python-max-c", type=int, default=4,
                    help="it serves one request at a time: skip levels above this")
     p.add_argument("--output", type=Path, default=REPO / "results" / "engine_bench.json")
     p.add_argument("--seed", type=int, default=0)
@@ -475,8 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     gguf = bundled_model_path()
     eos_ids = load_config(gguf).eos_token_ids
-    n_max = max(requests_for(opts, c) for c in opts.concurrency)
-    texts, ids = make_prompts(n_max, opts.input_tokens, opts.seed)
+    texts, ids = make_prompts(prompt_offset(opts, None), opts.input_tokens, opts.seed)
     results: list[LevelResult] = []
     failures: dict[str, str] = {}
     plans = plan_servers(opts, gguf, eos_ids)
@@ -490,8 +525,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.print(f"  ({plan.name}: {time.monotonic() - t0:.0f} s)")
     strata_format = next((p.weight_format for p in plans if p.name == "strata"), "float32")
     header = rl.describe(roof, shape) + [
-        f"load average before the run {load_before[0]:.2f}; {opts.threads} threads per "
-        f"server; servers run one at a time",
+        f"strata at {_git_revision()}; load average before the run {load_before[0]:.2f}; "
+        f"{opts.threads} threads per server; servers run one at a time",
         "% of roofline: of min(compute, c x bandwidth) for the server's own weight format "
         "(Q4_1 computes at the measured int8 rate)",
     ]
@@ -507,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     opts.output.write_text(json.dumps({
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
         "options": {**asdict(opts), "output": str(opts.output)},
-        "roofline": roof.to_dict(shape), "load_average_before": load_before,
+        "strata_revision": _git_revision(), "roofline": roof.to_dict(shape),
+        "load_average_before": load_before,
         "servers": {p.name: {"weights": p.weight_format, "note": p.note} for p in plans},
         "results": [{**asdict(r), "roofline_fraction": r.roofline_fraction} for r in results],
         "targets": checks, "failures": failures, "markdown": md,

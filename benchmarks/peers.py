@@ -301,12 +301,12 @@ def strata_server(threads: int, extra: Sequence[str] = (), port: int | None = No
 
 
 def llama_server(gguf: Path, threads: int, slots: int, ctx_per_slot: int = 512,
-                 port: int | None = None) -> PeerServer:
+                 port: int | None = None, extra: Sequence[str] = ()) -> PeerServer:
     """llama.cpp's native server with ``slots`` parallel sequences (continuous batching)."""
     port = port or free_port()
     argv = [str(llama_server_path()), "-m", str(gguf), "--host", "127.0.0.1",
             "--port", str(port), "-t", str(threads), "-tb", str(threads),
-            "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui"]
+            "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui", *extra]
     env = {**os.environ, "LD_LIBRARY_PATH": str(LLAMA_BIN)}
     return PeerServer(f"llama-server-np{slots}", argv, port, health_path="/health", env=env)
 
