@@ -58,11 +58,13 @@ class HeadNet:
         self,
         hello: dict[str, Any],
         on_event: Callable[[NetEvent], None],
+        check: Callable[[dict[str, Any]], int],
         register: Callable[[dict[str, Any], str], int],
     ) -> None:
         self.hello = hello
         self.on_event = on_event
-        self.register = register  # validates a replica's /info, returns its stage index
+        self.check = check  # raises ValueError unless a replica's /info fits a stage here
+        self.register = register  # makes a connected replica available for pinning
         self.loop = asyncio.new_event_loop()
         self.links: dict[str, _Link] = {}
         self.sent_bytes = 0
@@ -106,7 +108,7 @@ class HeadNet:
         old = self.links.get(addr)
         if old is not None and not old.conn.is_closed:
             raise ValueError(f"replica {url} ({addr}) is already connected")
-        self.register(info, url)  # raises ValueError when its layers are not a stage here
+        self.check(info)
         conn = await connect(*split_addr(addr))
         try:
             await conn.send(Frame(HELLO, 0, self.hello))
@@ -124,6 +126,14 @@ class HeadNet:
             self.loop.create_task(self._writer(addr, link)),
             self.loop.create_task(self._reader(addr, link)),
         ]
+        try:
+            self.register(info, url)  # only now: sequences pinned to it can be sent
+        except ValueError:
+            for t in link.tasks:
+                t.cancel()
+            conn.close()
+            del self.links[addr]
+            raise
         if reply.meta.get("draining"):
             self.on_event(NetEvent("draining", addr))
         return {**info, "url": url}
@@ -199,11 +209,15 @@ class HeadEngine(AsyncEngine):
             "eos_token_ids": list(core.eos_token_ids),
             "model": core.model_name,
         }
-        self.net = HeadNet(hello, self._on_event, self._register)
+        self.net = HeadNet(hello, self._on_event, self._check, self._register)
 
     def _on_event(self, ev: NetEvent) -> None:
         self.events.put(ev)
         self._wake.set()
+
+    def _check(self, info: dict[str, Any]) -> int:
+        with self.core.lock:
+            return self.core.replicas.stage_index(tuple(info["layers"]))  # type: ignore[arg-type]
 
     def _register(self, info: dict[str, Any], url: str) -> int:
         core = self.core
