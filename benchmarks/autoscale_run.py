@@ -194,13 +194,15 @@ def _q(sorted_values: list[float], q: float) -> float | None:
 
 def table(results: list[dict[str, Any]], slo_s: float) -> str:
     """The markdown table docs/results.md quotes."""
-    lines = ["| policy | requests ok | replica-seconds (existing) | ready replica-seconds | "
-             f"TTFT p50 / p90 / p99 (s) | TTFT <= {slo_s:g} s | scale ups / downs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | requests ok | run span (s) | replica-seconds (existing) | mean replicas "
+             f"| ready replica-seconds | TTFT p50 / p90 / p99 (s) | TTFT <= {slo_s:g} s "
+             "| scale ups / downs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = "/".join("-" if r[k] is None else f"{r[k]:.2f}"
                      for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s"))
-        lines.append(f"| {r['policy']} | {r['ok']}/{r['requests']} | {r['replica_seconds']:.0f} "
+        lines.append(f"| {r['policy']} | {r['ok']}/{r['requests']} | {r['end_s']:.0f} "
+                     f"| {r['replica_seconds']:.0f} | {r['replica_seconds'] / r['end_s']:.2f} "
                      f"| {r['ready_replica_seconds']:.0f} | {p} | "
                      f"{r['ttft_slo_attainment']:.0%} | {r['scale_ups']} / {r['scale_downs']} |")
     return "\n".join(lines)
