@@ -262,6 +262,15 @@ def strata_dtype(server: peers.PeerServer, strata_args: Sequence[str]) -> str:
     return found.group(1) if found else "float32"
 
 
+def peer_dtype(roof: rl.Roofline) -> str:
+    """bf16 for vLLM and transformers only where the CPU has bf16 matmul instructions and
+    they measure clearly faster (strata's own ``--dtype auto`` rule); else fp32. A noisy
+    measurement on a shared machine must not pick the emulated, ~4x slower bf16."""
+    native = roof.cpu.has_amx or roof.cpu.has_avx512_bf16
+    faster = roof.matmul_tflops["bfloat16"] > 1.25 * roof.matmul_tflops["float32"]
+    return "bfloat16" if native and faster else "float32"
+
+
 def plan_servers(opts: Options, gguf: Path, eos_ids: Sequence[int]) -> list[ServerPlan]:
     """The servers to measure, in order, each with its start command and weight format."""
     top = max(opts.concurrency)
@@ -501,8 +510,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shape = rl.bundled_model_shape()
     roof = rl.measure(opts.threads)
     if opts.peer_dtype == "auto":
-        fast = max(("float32", "bfloat16"), key=lambda d: roof.matmul_tflops[d])
-        opts = Options(**{**asdict(opts), "peer_dtype": fast})
+        opts = Options(**{**asdict(opts), "peer_dtype": peer_dtype(roof)})
     for line in rl.describe(roof, shape):
         console.print(line)
     console.print(f"load average before the run: {load_before[0]:.2f} (2-core machine "
