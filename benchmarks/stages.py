@@ -11,7 +11,9 @@ core it owns, so the configurations share the same cores:
   replicated, one replica on core 1 and one sharing core 0 with the head (on a 2-core
   machine there is no third core to give it).
 
-Closed-loop streamed load at each concurrency: prompts of exactly ``--input-tokens``
+All configurations are started at once (an idle one costs no CPU) and measured in turn,
+in interleaved rounds, so that other work on the machine hits them alike; the tables
+show the median over rounds. Closed-loop streamed load at each concurrency: prompts of exactly ``--input-tokens``
 tokens, ``--output-tokens`` outputs with EOS ignored, greedy. For the pipelines, the
 head's ``/stages`` timing at concurrency 1 gives the per-step round trip minus all
 stages' compute: the transport's share of a step. A micro-benchmark then sends frames
@@ -80,6 +82,7 @@ class Level:
 
     config: str
     concurrency: int
+    round: int
     completed: int
     errors: int
     output_tokens_s: float
@@ -206,19 +209,60 @@ async def closed_loop(url: str, prompts: list[list[int]], concurrency: int,
     return records
 
 
-def run_level(cfg: Config, prompts: list[list[int]], c: int, max_tokens: int) -> Level:
-    """One concurrency level, plus the head's step timing and the stages' busy ratios."""
+def _snapshot(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
+    """Cumulative head step timing and each stage replica's busy seconds."""
+    if len(cfg.procs) == 1:
+        return {}, {}
     head = cfg.procs[0]
+    totals = httpx.get(head.url + "/stages", timeout=10).json()["head"]["timing_totals"]
+    busy = {p.role: float(httpx.get(p.url + "/load", timeout=10).json()["busy_s_total"])
+            for p in cfg.procs[1:]}
+    return totals, busy
+
+
+def run_level(cfg: Config, prompts: list[list[int]], c: int, max_tokens: int, rnd: int) -> Level:
+    """One concurrency level; per-step timing and busy ratios are this level's own."""
+    head = cfg.procs[0]
+    t_before, b_before = _snapshot(cfg)
+    t0 = time.perf_counter()
     recs = asyncio.run(closed_loop(head.url, prompts, c, max_tokens))
+    wall = time.perf_counter() - t0
+    t_after, b_after = _snapshot(cfg)
     s = summarize(recs, slo_ttft_ms=1e9, slo_tpot_ms=1e9, ignore_eos_sent=True)
     timing: dict[str, float] = {}
-    busy: dict[str, float] = {}
-    if len(cfg.procs) > 1:
-        timing = httpx.get(head.url + "/stages", timeout=10).json()["head"]["timing"]
-        for p in cfg.procs[1:]:
-            busy[p.role] = float(httpx.get(p.url + "/load", timeout=10).json()["busy_ratio"])
-    return Level(cfg.name, c, s.completed, s.failed, s.output_token_throughput,
+    if t_after:
+        steps = t_after["steps"] - t_before["steps"]
+        timing = {k: (t_after[k] - t_before[k]) / max(steps, 1.0) for k in t_after if k != "steps"}
+        timing["steps"] = steps
+        timing["transport_and_wait_s"] = max(0.0, timing["round_trip_s"] - timing["stages_compute_s"])
+    busy = {k: (b_after[k] - b_before[k]) / wall for k in b_after}
+    return Level(cfg.name, c, rnd, s.completed, s.failed, s.output_token_throughput,
                  s.ttft.p50_ms, s.ttft.p99_ms, s.tpot.p50_ms, s.tpot.p99_ms, timing, busy)
+
+
+def _median(values: list[float]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
+def aggregate(levels: list[Level]) -> list[Level]:
+    """Median over rounds of every number, per configuration and concurrency."""
+    out: list[Level] = []
+    keys: list[tuple[str, int]] = []
+    for r in levels:
+        if (r.config, r.concurrency) not in keys:
+            keys.append((r.config, r.concurrency))
+    for name, c in keys:
+        rs = [r for r in levels if r.config == name and r.concurrency == c]
+        timing = {k: _median([r.timing[k] for r in rs]) or 0.0 for k in rs[0].timing}
+        busy = {k: _median([r.stage_busy[k] for r in rs]) or 0.0 for k in rs[0].stage_busy}
+        out.append(Level(
+            name, c, len(rs), sum(r.completed for r in rs), sum(r.errors for r in rs),
+            _median([r.output_tokens_s for r in rs]) or 0.0,
+            _median([r.ttft_p50_ms for r in rs]), _median([r.ttft_p99_ms for r in rs]),
+            _median([r.tpot_p50_ms for r in rs]), _median([r.tpot_p99_ms for r in rs]),
+            timing, busy))
+    return out
 
 
 # ---------------------------------------------------------------- transport
@@ -304,14 +348,14 @@ def markdown(levels: list[Level], transport: list[dict[str, float]], cfgs: list[
     """Tables for docs/results.md."""
     split = {c.name: c.split or "0:30 (one process)" for c in cfgs}
     out = [*header, "",
-           "| config | split | c | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | last stage busy |",
+           "| config | split | c | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | stage busy |",
            "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in levels:
         busy = ", ".join(f"{v:.2f}" for v in r.stage_busy.values()) or "-"
         out.append(f"| {r.config} | {split[r.config]} | {r.concurrency} | {r.output_tokens_s:.1f} | "
                    f"{_ms(r.ttft_p50_ms)} | {_ms(r.ttft_p99_ms)} | {_ms(r.tpot_p50_ms)} | "
                    f"{_ms(r.tpot_p99_ms)} | {busy} |")
-    out += ["", "Per step at concurrency 1 (head's `/stages` timing, mean over the level's steps, prefill included):", "",
+    out += ["", "Per step at concurrency 1 (head's `/stages` timing, mean over the level's steps, prefill included; transport + waits = round trip - compute of all stages):", "",
             "| config | head compute ms | all stages compute ms | round trip ms | transport + waits ms | bytes sent per step |",
             "|---|--:|--:|--:|--:|--:|"]
     for r in levels:
@@ -335,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=0, help="per level; 0: 2 x c, at least 3")
     ap.add_argument("--configs", default="", help="comma-separated names to run (default all)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--output", type=Path, default=REPO / "results" / "stages_bench.json")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
@@ -360,20 +405,25 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.output.parent / "stages_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     levels: list[Level] = []
-    for cfg in cfgs:
-        print(f"== {cfg.name} ({cfg.split or 'one process'})", flush=True)
-        try:
+    try:
+        # All configurations run at once (idle ones cost no CPU) and are measured in turn,
+        # round after round, so that other load on the machine hits them all alike.
+        for cfg in cfgs:
+            print(f"starting {cfg.name} ({cfg.split or 'one process'})", flush=True)
             launch(cfg, log_dir)
-            for c in conc:
-                n = args.requests or max(2 * c, 3)
-                r = run_level(cfg, prompts[:n], c, args.output_tokens)
-                levels.append(r)
-                print(f"  c={c}: {r.output_tokens_s:.1f} tok/s, TTFT p50 {_ms(r.ttft_p50_ms)} ms, "
-                      f"TPOT p50 {_ms(r.tpot_p50_ms)} ms, errors {r.errors}, busy {r.stage_busy}",
-                      flush=True)
-                if r.errors:
-                    raise SystemExit(f"{cfg.name}: {r.errors} requests failed; see {log_dir}")
-        finally:
+        for rnd in range(args.rounds):
+            for cfg in cfgs:
+                for c in conc:
+                    n = args.requests or max(2 * c, 3)
+                    r = run_level(cfg, prompts[:n], c, args.output_tokens, rnd)
+                    levels.append(r)
+                    print(f"  round {rnd} {cfg.name} c={c}: {r.output_tokens_s:.1f} tok/s, "
+                          f"TTFT p50 {_ms(r.ttft_p50_ms)} ms, TPOT p50 {_ms(r.tpot_p50_ms)} ms, "
+                          f"errors {r.errors}, busy {r.stage_busy}", flush=True)
+                    if r.errors:
+                        raise SystemExit(f"{cfg.name}: {r.errors} requests failed; see {log_dir}")
+    finally:
+        for cfg in cfgs:
             for p in cfg.procs:
                 _stop(p)
     hidden = load_config(model).hidden_size
@@ -382,9 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     header = [f"Measured {datetime.now(UTC):%Y-%m-%d} on {cores} cores "
               f"(load average {load[0]:.1f} at the end: other work shared the machine), "
               f"bundled SmolLM2-135M fp32, {args.input_tokens}-token prompts, "
-              f"{args.output_tokens} output tokens, greedy, streamed; "
-              f"`python benchmarks/stages.py`."]
-    md = markdown(levels, transport, cfgs, header)
+              f"{args.output_tokens} output tokens, greedy, streamed; median of "
+              f"{args.rounds} interleaved rounds; `python benchmarks/stages.py`."]
+    md = markdown(aggregate(levels), transport, cfgs, header)
     print(md)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({

@@ -139,6 +139,10 @@ class HeadCore(EngineCore):
         self._step_ids = itertools.count(1)
         # Per-step timing for /stages: head compute, round trip, stage compute, bytes.
         self.timing: deque[tuple[float, float, float, int, int]] = deque(maxlen=256)
+        self.timing_totals = dict.fromkeys(
+            ("steps", "head_compute_s", "round_trip_s", "stages_compute_s", "sent_bytes", "tokens"),
+            0.0,
+        )
 
     # -- requests ---------------------------------------------------------------
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float) -> None:
@@ -311,8 +315,12 @@ class HeadCore(EngineCore):
         round_trip = time.perf_counter() - inf.started
         self._account(batch, len(sample_entries), round_trip)
         stage_total = sum(result.stage_s.values())
-        self.timing.append((result.stage_s.get(self.stage_name, 0.0), round_trip, stage_total,
-                            inf.sent_bytes, batch.num_tokens))
+        head_s = result.stage_s.get(self.stage_name, 0.0)
+        self.timing.append((head_s, round_trip, stage_total, inf.sent_bytes, batch.num_tokens))
+        for key, v in (("steps", 1.0), ("head_compute_s", head_s), ("round_trip_s", round_trip),
+                       ("stages_compute_s", stage_total), ("sent_bytes", float(inf.sent_bytes)),
+                       ("tokens", float(batch.num_tokens))):
+            self.timing_totals[key] += v
         for e in batch.entries:
             sid = e.seq.seq_id
             if sid in self.deferred_aborts:

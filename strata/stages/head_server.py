@@ -132,7 +132,8 @@ def build_head_app(engine: HeadEngine) -> FastAPI:
             })
         return {
             "head": {"layers": core.stage_name, "max_inflight": core.max_inflight,
-                     "kv_blocks": core.runner.num_blocks, "timing": core.timing_summary()},
+                     "kv_blocks": core.runner.num_blocks, "timing": core.timing_summary(),
+                     "timing_totals": dict(core.timing_totals)},
             "stages": out,
         }
 

@@ -43,12 +43,14 @@ class BusyWindow:
         self.prefill_token_s = 0.0
         self.total_prefill_tokens = 0
         self.total_decode_tokens = 0
+        self.total_busy_s = 0.0
 
     def add(self, now: float, busy_s: float, prefill_tokens: int, decode_tokens: int) -> None:
         """Record one step's compute time and token counts."""
         self.events.append((now, busy_s, prefill_tokens, decode_tokens))
         self.total_prefill_tokens += prefill_tokens
         self.total_decode_tokens += decode_tokens
+        self.total_busy_s += busy_s
         a = 0.2
         if prefill_tokens == 0 and decode_tokens:
             self.decode_step_s = busy_s if not self.decode_step_s else (1 - a) * self.decode_step_s + a * busy_s
@@ -263,7 +265,8 @@ class StageWorker:
         """GET /load: the report plus the stage signals the autoscaler scales on."""
         busy, _, _ = self.busy.snapshot(time.monotonic())
         body = self.load_report().to_dict()
-        body.update(busy_ratio=busy, queued_frames=self.inbox.qsize(), steps=self.steps)
+        body.update(busy_ratio=busy, queued_frames=self.inbox.qsize(), steps=self.steps,
+                    busy_s_total=self.busy.total_busy_s)
         return body
 
     async def drain(self) -> None:
