@@ -113,6 +113,8 @@ def test_cluster_lifecycle(cluster: tuple[subprocess.Popen, str],
 
     # A replica killed outright is restarted; a request meanwhile waits and succeeds.
     os.kill(keeper["pid"], signal.SIGKILL)
+    wait_for(lambda: tier(url)["replicas"][0]["phase"] != "ready", 10, "the crash noticed")
+    time.sleep(1.0)  # the endpoint feed takes the dead replica out of the gateway
     during = complete(url)
     assert during.status_code == 200, during.text
     [again] = tier(url)["replicas"]
