@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
+
+
+class _LazyGroup(TyperGroup):
+    """Loads the heavier sub-commands (bench pulls in matplotlib) only when they are used,
+    so `strata engine`, which the platform starts for every replica, starts fast."""
+
+    lazy = {
+        "bench": ("strata.bench.cli", "app"),
+        "gateway": ("strata.gateway.cli", "gateway_command"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, attr = self.lazy[name]
+        obj = getattr(importlib.import_module(module), attr)
+        if isinstance(obj, typer.Typer):
+            cmd = typer.main.get_command(obj)
+        else:
+            sub = typer.Typer(add_completion=False)
+            sub.command(name=name)(obj)
+            cmd = typer.main.get_command(sub)
+        cmd.name = name
+        return cmd
+
 
 app = typer.Typer(
+    cls=_LazyGroup,
     name="strata",
     help="Cloud-native LLM inference serving: engines, gateway, stages, autoscaling, benchmarks.",
     no_args_is_help=True,
@@ -124,18 +156,6 @@ def status(
     from strata.cluster import print_status
 
     raise typer.Exit(print_status(url, api_key))
-
-
-def _mount() -> None:
-    """Attach the commands that live with their packages."""
-    from strata.bench.cli import app as bench_app
-    from strata.gateway.cli import gateway_command
-
-    app.add_typer(bench_app, name="bench")
-    app.command(name="gateway")(gateway_command)
-
-
-_mount()
 
 
 if __name__ == "__main__":

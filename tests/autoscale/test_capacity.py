@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from autoscale_helpers import replica
+from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.capacity import CapacityEstimator
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from autoscale_helpers import kv_tier, replica
+from tests.autoscale.autoscale_helpers import kv_tier, replica
 
 from strata.autoscale.hpa import HpaConfig, HpaMetric, HpaPolicy
 from strata.autoscale.types import TierState

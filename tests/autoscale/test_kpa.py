@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoscale_helpers import replica
+from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.kpa import KpaConfig, KpaPolicy
 from strata.autoscale.types import TierState

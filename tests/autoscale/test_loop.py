@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from autoscale_helpers import replica
+from tests.autoscale.autoscale_helpers import replica
 from prometheus_client import CollectorRegistry
 
 from strata.autoscale.hpa import HpaConfig, HpaMetric, HpaPolicy

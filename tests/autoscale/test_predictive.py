@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 
-from autoscale_helpers import replica
+from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.llm import LlmConfig, LlmPolicy
 from strata.autoscale.predictive import PredictiveConfig, PredictivePolicy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from autoscale_helpers import replica, report
+from tests.autoscale.autoscale_helpers import replica, report
 
 from strata.autoscale.types import ReplicaSample, ScaleDecision, TierState, percentile
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from autoscale_helpers import replica
+from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.types import TierState
 from strata.autoscale.zero import ScaleToZeroGate

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster_helpers import alive, complete, start_cluster, status, stop_cluster, tier, wait_for
+from tests.integration.cluster_helpers import alive, complete, start_cluster, status, stop_cluster, tier, wait_for
 
 from strata.cluster import print_status
 from strata.platform.process import free_port

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cluster_helpers import complete, start_cluster, stop_cluster, tier, wait_for
+from tests.integration.cluster_helpers import complete, start_cluster, stop_cluster, tier, wait_for
 
 from strata.platform.process import free_port
 
