@@ -20,6 +20,8 @@ class _LazyGroup(TyperGroup):
     lazy = {
         "bench": ("strata.bench.cli", "app"),
         "gateway": ("strata.gateway.cli", "gateway_command"),
+        "stage": ("strata.stages.cli", "stage_command"),
+        "simulate": ("strata.sim.cli", "app"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
