@@ -248,3 +248,20 @@ def test_lost_replica_fails_its_sequences_and_moves_unstarted_ones(parts: Parts)
     assert not pipe.core.has_work and pipe.core.blocks.num_free_blocks == NUM_BLOCKS
     with pytest.raises(StageUnavailable):
         pipe.core.add(3, tok.encode("x"), GREEDY, 0.0)
+
+
+def test_a_step_without_answer_times_out_and_a_late_answer_is_ignored(parts: Parts) -> None:
+    import time
+
+    pipe = Pipeline(parts, [(0, 15), (15, 30)], {}, inflight=1)
+    pipe.core.step_timeout_s = 5.0
+    pipe.core.add(1, parts.tokenizer.encode("Hello"), GREEDY, 0.0)
+    pipe.launch()
+    (step_id,) = pipe.core.inflight
+    assert pipe.core.expired_steps(time.perf_counter()) == []
+    assert pipe.core.expired_steps(time.perf_counter() + 6.0) == [step_id]
+    errors = pipe.core.fail_step(step_id, "no answer")
+    assert [sid for sid, _ in errors] == [1] and isinstance(errors[0][1], StageUnavailable)
+    assert not pipe.core.has_work and pipe.core.blocks.num_free_blocks == NUM_BLOCKS
+    pipe.run_one()  # the stage answers after all: nothing happens
+    assert 1 not in pipe.out and not pipe.core.inflight
