@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
-from strata.engine.core import EngineCore
+from strata.engine.core import EngineCore, RequestError
 from strata.engine.engine import AsyncEngine
 from strata.engine.serving import Serving
 from strata.protocol import (
@@ -30,6 +30,7 @@ from strata.protocol import (
     ModelCard,
     OpenAIError,
     error_body,
+    sse,
 )
 
 log = logging.getLogger("strata.server")
@@ -93,13 +94,22 @@ async def _timed(
     n = 0
     finished = False
     try:
-        async for frame in gen:
-            if first is None and n == 0:
-                first = time.perf_counter()
-                metrics.ttft.labels(model).observe(first - t0)
-            n += 1
-            yield frame
-        finished = True
+        try:
+            async for frame in gen:
+                if first is None and n == 0:
+                    first = time.perf_counter()
+                    metrics.ttft.labels(model).observe(first - t0)
+                n += 1
+                yield frame
+            finished = True
+        except OpenAIError as e:
+            # Headers are sent: the only way left to tell the client is an error event.
+            yield sse(e.body())
+        except RequestError as e:
+            yield sse(error_body(str(e), "BadRequestError", None, 400))
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("stream failed")
+            yield sse(error_body(f"generation failed: {e}", "InternalServerError", None, 500))
     finally:
         end = time.perf_counter()
         metrics.e2e.labels(model).observe(end - t0)
