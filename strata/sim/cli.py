@@ -18,7 +18,8 @@ from rich.table import Table
 
 from strata.bench.workload import WorkloadOptions, build_trace, parse_window
 from strata.config import ClusterConfigError, load_cluster_config
-from strata.sim.perf_model import CPU_LOCAL, build_replica_model, hardware_names, model_names
+from strata.sim.hardware import CPU_LOCAL, hardware_names, model_names
+from strata.sim.perf_model import build_replica_model
 from strata.sim.report import result_document, save, summary_rows
 from strata.sim.scenario import SimOptions, build_setup, describe, simulate
 
@@ -110,23 +111,26 @@ def profile_command(
     model: Annotated[str | None, typer.Option(help="Model (default: the bundled one).")
                      ] = None,
     threads: Annotated[int, typer.Option(help="Torch threads, as the engines run.")] = 1,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (fixed, not auto).")
+                     ] = "float32",
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step.")
                                       ] = 512,
     max_num_seqs: Annotated[int, typer.Option(help="Max sequences per batch.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Passes over the batch sweep.")] = 2,
-    process: Annotated[bool, typer.Option(
-        help="Also start a real engine process (start-up time, request overhead).")] = True,
+    repeats: Annotated[int, typer.Option(help="Passes over the measurement sweep.")] = 2,
 ) -> None:
-    """Measure strata's engine on this machine and fit the cpu-local performance model."""
+    """Measure strata's engine as served on this machine; fit the cpu-local model."""
     from strata.sim.cpu_profile import ProfileOptions, run_profile
 
     console = Console()
     opts = ProfileOptions(model=model, threads=threads, dtype=dtype, block_size=block_size,
                           max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs, repeats=repeats)
-    prof = run_profile(opts, with_process=process, log=console.print)
+    try:
+        prof = run_profile(opts, log=console.print)
+    except (RuntimeError, TimeoutError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(prof.to_json())
     table = Table(title=f"cpu-local profile ({prof.cpu}, {prof.threads} thread(s), "
@@ -135,8 +139,8 @@ def profile_command(
     table.add_column("value", justify="right")
     for name, value in prof.coefficients.items():
         table.add_row(name, f"{value:.3e}")
+    table.add_row("request overhead ms", f"{prof.request_overhead_s * 1000:.1f}")
     table.add_row("R^2", f"{prof.r2:.3f}")
     table.add_row("start-up s", f"{prof.startup_s:.1f}")
-    table.add_row("request overhead ms", f"{prof.request_overhead_s * 1000:.1f}")
     console.print(table)
     console.print(f"profile: {output}")

@@ -1,15 +1,5 @@
-"""The simulated cluster: a gateway that routes with strata's policies, a platform that starts
-and drains replicas, and the autoscaler loop, all in virtual time.
-
-**Gateway.** For each arrival it builds the same ``RouteRequest`` and ``Snapshot`` the real
-gateway builds (``strata.gateway.replicas``) and calls the configured policy's ``pick``.
-A replica's load report is re-read when it is older than the gateway's
-``poll_interval_s`` (the real gateway polls every 0.2 s; here the read happens lazily at
-the next pick, as of that instant); requests dispatched since the report count as
-``pending``; ``completions_per_s`` is measured over 10 s; prefix matches come from the
-gateway's own ``PrefixIndex``; ``length_bucket``'s demand from its ``DemandTracker``. With
-no routable replica the activator holds requests (``pending_requests`` for the autoscaler)
-for up to ``hold_timeout_s``; a request no replica can ever hold is rejected.
+"""The simulated cluster: a platform that starts and drains replicas, and the autoscaler loop,
+around the simulated gateway (``strata.sim.gateway``), all in virtual time.
 
 **Platform.** A scale-up creates units (a replica, or a stage pipeline of several virtual
 engines) that hold their GPUs from creation and serve after ``startup_s``; a scale-down
@@ -28,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -36,22 +25,17 @@ from typing import Any
 
 from strata.autoscale.registry import build_policy
 from strata.autoscale.types import ReplicaSample, ScaleDecision, TierState
-from strata.gateway.demand import DemandTracker
-from strata.gateway.prefix_index import PrefixIndex
 from strata.load import LoadReport
-from strata.routing.registry import make_policy
-from strata.routing.types import Demand, RouteRequest, Snapshot
-from strata.routing.types import ReplicaState as RouteState
 from strata.sim.events import EventLoop
+from strata.sim.gateway import SimGateway
 from strata.sim.perf_model import ReplicaModel
-from strata.sim.replica import EngineSettings, ReplicaState, SimReplica, SimRequest
+from strata.sim.replica import ReplicaState, SimReplica
+from strata.sim.types import EngineSettings, SimRequest
 
 GPU_UTIL_METRIC = "custom_gpu_utilization"
-_COMPLETION_WINDOW_S = 10.0  # strata.gateway.replicas
 _UTIL_WINDOW_S = 60.0
 _UNIQUE_BASE = 1 << 24  # token ids of unique prompts: request id * 2^24 + position
 _BLOCK_BASE = 1 << 62  # token ids of shared prefix blocks (never collide with the above)
-_NO_DEMAND = Demand()
 
 
 @dataclass(frozen=True)
@@ -76,27 +60,6 @@ class SimSetup:
     prefix_block_tokens: int | None = None  # prompt tokens per trace prefix-hash block
     fast_forward: bool = True
     tail_s: float = 3600.0  # simulate at most this long after the last arrival
-
-
-class _Endpoint:
-    """The gateway's record of one replica (strata.gateway.replicas.Replica, simulated)."""
-
-    __slots__ = ("replica", "url", "in_flight", "pending", "pending_tokens", "report",
-                 "report_at", "finishes", "prefix", "state", "dirty", "index")
-
-    def __init__(self, replica: SimReplica, prefix_capacity: int) -> None:
-        self.replica = replica
-        self.url = replica.replica_id
-        self.in_flight = 0
-        self.pending: deque[int] = deque()  # prompt tokens dispatched since the report
-        self.pending_tokens = 0
-        self.report: LoadReport | None = None
-        self.report_at = -math.inf
-        self.finishes: deque[float] = deque()
-        self.prefix = PrefixIndex(prefix_capacity)
-        self.state: RouteState | None = None
-        self.dirty = False
-        self.index = -1  # position in the snapshot; -1 when not routable
 
 
 class _Unit:
@@ -147,21 +110,15 @@ class SimCluster:
     def __init__(self, setup: SimSetup, loop: EventLoop | None = None) -> None:
         self.setup = setup
         self.loop = loop or EventLoop()
-        self.policy = make_policy(setup.routing_policy, **setup.routing_params)
         self.autoscaler = build_policy(setup.autoscaling) if setup.autoscaling else None
-        self.demand: DemandTracker | None = None
-        if setup.routing_policy == "length_bucket":
-            self.demand = DemandTracker(getattr(self.policy, "threshold_tokens", 1024))
+        chunk = setup.prefix_block_tokens or 64
+        self.gateway = SimGateway(
+            self.loop, setup.routing_policy, setup.routing_params, setup.replica.model_name,
+            poll_interval_s=setup.poll_interval_s, hold_timeout_s=setup.hold_timeout_s,
+            chunk_tokens=chunk,
+            prefix_capacity=setup.engine.num_blocks * setup.engine.block_size // chunk,
+            reject=self._reject)
         self.units: list[_Unit] = []
-        self.endpoints: dict[str, _Endpoint] = {}
-        # Routable endpoints in snapshot order, their cached router states, the order in
-        # which their reports go stale, and those whose state must be rebuilt.
-        self._routable: list[_Endpoint] = []
-        self._states: list[RouteState] = []
-        self._by_age: deque[_Endpoint] = deque()
-        self._dirty: list[_Endpoint] = []
-        self._held: deque[SimRequest] = deque()
-        self._seq = 0
         self._unit_counter = 0
         self.desired = 0
         self.stats = SimStats()
@@ -177,9 +134,6 @@ class SimCluster:
         self._series_busy: tuple[float, float] = (0.0, 0.0)
         self._series_prov = 0.0
         self._retired: list[_Unit] = []
-        per_block = setup.engine.block_size
-        self._chunk = setup.prefix_block_tokens or 64
-        self._prefix_capacity = setup.engine.num_blocks * per_block // self._chunk
 
     # -- platform -------------------------------------------------------------------------
     def _new_unit(self, now: float, warm: bool) -> _Unit:
@@ -210,29 +164,12 @@ class SimCluster:
             self.stats.startups.append(now - unit.created_at)
         for m in unit.members:
             m.mark_ready(now)
-            ep = _Endpoint(m, self._prefix_capacity)
-            self.endpoints[m.replica_id] = ep
-            self._refresh(ep, now)
-            ep.state = self._state_of(ep, now)
-            ep.index = len(self._routable)
-            self._routable.append(ep)
-            self._states.append(ep.state)
-            self._by_age.append(ep)
-        held, self._held = self._held, deque()
-        for req in held:
-            self._route(req, now)
+            self.gateway.add(m, now)
+        self.gateway.flush_held(now)
 
     def _drain_unit(self, unit: _Unit, now: float) -> None:
         unit.state = ReplicaState.DRAINING
-        gone = {m.replica_id for m in unit.members}
-        self._routable = [ep for ep in self._routable if ep.url not in gone]
-        self._by_age = deque(ep for ep in self._by_age if ep.url not in gone)
-        self._dirty = [ep for ep in self._dirty if ep.url not in gone]
-        for i, ep in enumerate(self._routable):
-            ep.index = i
-        for url in gone:
-            self.endpoints[url].index = -1
-        self._states = [ep.state for ep in self._routable]  # type: ignore[misc]
+        self.gateway.remove({m.replica_id for m in unit.members})
         for m in unit.members:
             m.drain(now)
 
@@ -294,20 +231,6 @@ class SimCluster:
             ids.extend(range(base, base + n - len(ids)))
         return ids
 
-    def _route_request(self, req: SimRequest) -> RouteRequest:
-        hashes: tuple[int, ...] = ()
-        if req.hash_ids and self.setup.prefix_block_tokens:
-            chain = []
-            h = 0
-            for hid in req.hash_ids:
-                h = zlib.crc32(hid.to_bytes(8, "little"), h)
-                chain.append(h)
-            full = req.prompt_tokens // self.setup.prefix_block_tokens
-            hashes = tuple(chain[:full])
-        return RouteRequest(model=self.setup.replica.model_name,
-                            prompt_tokens=req.prompt_tokens, max_tokens=req.output_tokens,
-                            prefix_hashes=hashes, prefix_chunk_tokens=self._chunk)
-
     def _arrive(self, req: SimRequest) -> None:
         now = self.loop.now
         self._arrivals_left -= 1
@@ -319,92 +242,11 @@ class SimCluster:
                 fits > s.engine.num_blocks:
             self._reject(req, "rejected")
             return
-        self._route(req, now)
-
-    def _hold_expired(self, req: SimRequest) -> None:
-        if req.status == "pending" and req.dispatched_s < 0 and req in self._held:
-            self._held.remove(req)
-            self._reject(req, "timeout")
+        self.gateway.route(req, now, s.prefix_block_tokens)
 
     def _reject(self, req: SimRequest, status: str) -> None:
         req.status = status
         self._remaining -= 1
-
-    def _route(self, req: SimRequest, now: float) -> None:
-        if not self._routable:
-            # The activator holds it until a replica is ready or hold_timeout_s passes.
-            self._held.append(req)
-            self.loop.at(req.arrival_s + self.setup.hold_timeout_s, self._hold_expired, req)
-            return
-        rr = self._route_request(req)
-        poll = self.setup.poll_interval_s
-        by_age = self._by_age
-        while now - by_age[0].report_at >= poll:
-            ep = by_age.popleft()
-            self._refresh(ep, now)
-            by_age.append(ep)
-        states = self._states
-        if self._dirty:
-            for ep in self._dirty:
-                if ep.dirty:
-                    ep.state = self._state_of(ep, now)
-                    ep.dirty = False
-                    states[ep.index] = ep.state
-            self._dirty.clear()
-        if rr.prefix_hashes:
-            states = list(states)
-            for ep in self._routable:
-                m = ep.prefix.match(rr.prefix_hashes)
-                if m:
-                    states[ep.index] = replace(states[ep.index],
-                                               prefix_match_tokens=m * self._chunk)
-        demand = self.demand.current(now) if self.demand is not None else _NO_DEMAND
-        snap = Snapshot(tuple(states), self._seq, demand)
-        self._seq += 1
-        chosen = self.policy.pick(rr, snap)
-        if chosen is None:
-            self._reject(req, "rejected")
-            return
-        if self.demand is not None:
-            self.demand.observe(rr, now)
-        ep = self.endpoints[chosen.url]
-        ep.in_flight += 1
-        ep.pending.append(req.prompt_tokens)
-        ep.pending_tokens += req.prompt_tokens
-        ep.prefix.insert(rr.prefix_hashes)
-        self._touch(ep)
-        req.dispatched_s = now
-        ep.replica.submit(req, now)
-
-    def _refresh(self, ep: _Endpoint, now: float) -> None:
-        """Read the replica's /load now (the gateway's poll)."""
-        ep.report = report = ep.replica.load_report(now)
-        ep.report_at = now
-        ep.pending.clear()
-        ep.pending_tokens = 0
-        if report.total_kv_blocks > 0:
-            ep.prefix.resize(report.total_kv_blocks * report.block_size // self._chunk)
-        self._touch(ep)
-
-    def _touch(self, ep: _Endpoint) -> None:
-        if not ep.dirty and ep.index >= 0:
-            ep.dirty = True
-            self._dirty.append(ep)
-
-    @staticmethod
-    def _state_of(ep: _Endpoint, now: float) -> RouteState:
-        f = ep.finishes
-        cutoff = now - _COMPLETION_WINDOW_S
-        while f and f[0] < cutoff:
-            f.popleft()
-        load = ep.report
-        assert load is not None
-        return RouteState(url=ep.url, healthy=True, in_flight=ep.in_flight,
-                          running=load.running, waiting=load.waiting,
-                          kv_usage=load.kv_usage, load=load,
-                          pending_requests=len(ep.pending),
-                          pending_prompt_tokens=ep.pending_tokens,
-                          completions_per_s=len(f) / _COMPLETION_WINDOW_S if f else 0.0)
 
     # -- replica events -------------------------------------------------------------------
     def on_first_token(self, replica: SimReplica, req: SimRequest, now: float) -> None:
@@ -419,11 +261,7 @@ class SimCluster:
             self._tpots.append((now, (req.finish_s - req.first_token_s)
                                 / (req.output_tokens - 1)))
         self._remaining -= 1
-        ep = self.endpoints.get(replica.replica_id)
-        if ep is not None:
-            ep.in_flight -= 1
-            ep.finishes.append(now)
-            self._touch(ep)
+        self.gateway.finished(replica.replica_id, now)
 
     # -- autoscaler and monitoring --------------------------------------------------------
     def _unit_report(self, unit: _Unit, now: float) -> LoadReport:
@@ -482,7 +320,7 @@ class SimCluster:
             arrival_rate_rps=n / span if span > 0 else 0.0,
             mean_prompt_tokens=sum(a[1] for a in arrivals) / n if n else 0.0,
             mean_output_tokens=sum(a[2] for a in arrivals) / n if n else 0.0,
-            pending_requests=len(self._held),
+            pending_requests=len(self.gateway.held),
             in_flight_requests=sum(u.in_flight for u in self.units),
             last_request_at=self._last_arrival_at,
             ttft_s=tuple(t for _, t in self._ttfts), tpot_s=tuple(t for _, t in self._tpots),
@@ -524,7 +362,7 @@ class SimCluster:
             "gpus": float(len(live) * self._unit_gpus()),
             "arrival_rps": arrived / w,
             "gpu_util": util,
-            "held": float(len(self._held)),
+            "held": float(len(self.gateway.held)),
             "in_flight": float(sum(u.in_flight for u in live)),
         })
         if not self._finished():

@@ -1,23 +1,28 @@
 """The cpu-local performance profile: strata's own engine, measured on this machine, fitted.
 
-``strata simulate profile`` builds a real ``EngineCore`` (the bundled model unless told
-otherwise, with the thread count the engines use) and times ``EngineCore.step()``, the
-whole iteration the engine thread runs (schedule, prepare, forward, sample, detokenize),
-over a sweep of batches: prefill chunks of several lengths and offsets, decode batches of
-1 to 48 sequences at several context lengths, and mixed steps. Each sample records the
-batch's features (``strata.sim.perf_model.StepFeatures``) and is fitted by least squares
-with non-negative coefficients (a negative one is dropped and the fit redone).
+``strata simulate profile`` starts a real ``strata engine`` process (the bundled model
+unless told otherwise, with the thread count and dtype the engines use) and measures it
+*as served*, through its OpenAI API, because serving costs what an in-process loop does
+not: the HTTP thread competes with the engine thread for the GIL and the cores. Two kinds
+of observation, in a shuffled order so a burst of load on a shared machine spreads out:
 
-It also measures, with a real ``strata engine`` process: the start-up time (spawn to a
-passing ``/health``) and the per-request overhead outside the engine loop (HTTP, JSON,
-tokenization, streaming), as the median of TTFT minus the fitted step time for short
-prompts with ``max_tokens`` 1.
+* **decode steps**: ``B`` concurrent streams of one cached prompt of ``ctx`` tokens (a
+  warm-up request puts it in the prefix cache, so they start together without ``B`` long
+  prefills); once all decode, the gap between consecutive tokens of a stream is one
+  iteration with ``B`` decodes at context ``ctx + i`` (median over the streams);
+* **prefills**: a fresh prompt of ``n`` tokens with ``max_tokens`` 1; the time to the end of
+  its stream is the per-request overhead (HTTP, JSON, queues) plus the prefill chunks the
+  scheduler cuts it into.
+
+Both are fitted jointly by least squares on relative error with non-negative coefficients
+(``fit``): the iteration model of ``strata.sim.perf_model.LinearCost`` plus a per-request
+overhead. The start-up time is spawn to a passing ``/health``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
 import os
 import socket
 import statistics
@@ -32,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from strata.sim.perf_model import FEATURES, LinearCost, StepFeatures, feature_row
+from strata.sim.perf_model import FEATURES, StepFeatures, feature_row
 
 
 @dataclass(frozen=True)
@@ -73,18 +78,29 @@ class CpuProfile:
         return cls(**data)
 
 
-def fit(samples: list[tuple[StepFeatures, float]]) -> tuple[dict[str, float], float]:
-    """Non-negative least squares of *relative* error, by elimination; returns R^2 too.
+def fit(samples: list[tuple[StepFeatures, float]],
+        requests: list[tuple[list[StepFeatures], float]] = ()  # type: ignore[assignment]
+        ) -> tuple[dict[str, float], float, float]:
+    """Non-negative least squares of *relative* error, by elimination.
 
-    Rows are weighted by 1 / measured time so that short decode steps count as much as long
-    prefills; a coefficient that comes out negative is dropped and the fit redone.
+    ``samples`` are single iterations; ``requests`` are whole one-token requests (their
+    prefill chunks plus one per-request overhead). Rows are weighted by 1 / measured time
+    so that short decode steps count as much as long prefills; a coefficient that comes out
+    negative is dropped and the fit redone. Returns the coefficients, the per-request
+    overhead and R^2 over all rows.
     """
-    x = np.array([feature_row(f) for f, _ in samples], dtype=np.float64)
-    y = np.array([t for _, t in samples], dtype=np.float64)
+    rows = [[*feature_row(f), 0.0] for f, _ in samples]
+    ys = [t for _, t in samples]
+    for chunks, t in requests:
+        summed = [sum(col) for col in zip(*(feature_row(f) for f in chunks), strict=True)]
+        rows.append([*summed, 1.0])
+        ys.append(t)
+    x = np.array(rows, dtype=np.float64)
+    y = np.array(ys, dtype=np.float64)
     w = 1.0 / np.maximum(y, 1e-6)
     xw, yw = x * w[:, None], y * w
-    active = list(range(len(FEATURES)))
-    coef = np.zeros(len(FEATURES))
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
     while active:
         sol, *_ = np.linalg.lstsq(xw[:, active], yw, rcond=None)
         if (sol >= 0).all():
@@ -95,10 +111,11 @@ def fit(samples: list[tuple[StepFeatures, float]]) -> tuple[dict[str, float], fl
     pred = x @ coef
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
-    return {name: float(c) for name, c in zip(FEATURES, coef, strict=True)}, 1.0 - ss_res / ss_tot
+    coefficients = {name: float(c) for name, c in zip(FEATURES, coef[:-1], strict=True)}
+    return coefficients, float(coef[-1]), 1.0 - ss_res / ss_tot
 
 
-# -- measuring the engine in-process --------------------------------------------------------
+# -- options --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -107,14 +124,15 @@ class ProfileOptions:
 
     model: str | None = None
     threads: int = 1
-    dtype: str = "auto"
+    dtype: str = "float32"  # fixed, not "auto": auto measures at start-up and may differ
     block_size: int = 16
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     kv_cache_bytes: int = 1 << 30
-    decode_batches: tuple[int, ...] = (1, 4, 12, 32)
-    contexts: tuple[int, ...] = (64, 384, 1024)
-    prefill_lengths: tuple[int, ...] = (16, 96, 256, 512, 900)
+    decode_batches: tuple[int, ...] = (1, 4, 16)
+    contexts: tuple[int, ...] = (64, 256, 768)
+    decode_tokens: int = 12
+    prefill_lengths: tuple[int, ...] = (16, 128, 512, 1000)
     repeats: int = 2
 
 
@@ -128,104 +146,16 @@ def _cpu_name() -> str:
     return "unknown"
 
 
-def measure_steps(opts: ProfileOptions, log: Callable[[str], None] = print
-                  ) -> tuple[list[tuple[StepFeatures, float]], dict[str, Any]]:
-    """Time EngineCore.step() over the sweep; returns samples and engine facts."""
-    import torch
-
-    from strata.engine.engine import EngineConfig, build_engine_core
-    from strata.engine.sampling import SamplingParams
-
-    core = build_engine_core(EngineConfig(
-        model=opts.model, threads=opts.threads, dtype=opts.dtype, block_size=opts.block_size,
-        kv_cache_bytes=opts.kv_cache_bytes, max_num_seqs=opts.max_num_seqs,
-        max_num_batched_tokens=opts.max_num_batched_tokens))
-    sched = core.scheduler
-    batches: list[Any] = []
-    original_step = sched.step
-
-    def capturing_step() -> Any:
-        batch = original_step()
-        batches.append(batch)
-        return batch
-
-    sched.step = capturing_step  # type: ignore[method-assign]
-    samples: list[tuple[StepFeatures, float]] = []
-    vocab = core.runner.model.config.vocab_size
-    rng = np.random.default_rng(0)
-    ids = iter(range(1 << 30))
-
-    def add(prompt: list[int], max_tokens: int) -> None:
-        core.add(next(ids), prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                   ignore_eos=True), time.monotonic())
-
-    def prompt_of(n: int) -> list[int]:
-        return rng.integers(100, vocab - 1, n).tolist()
-
-    def step(record: bool = True) -> None:
-        batches.clear()
-        t = time.perf_counter()
-        core.step()
-        dt = time.perf_counter() - t
-        if record and batches and batches[0]:
-            samples.append((StepFeatures.of(batches[0]), dt))
-
-    def drain() -> None:
-        while core.has_work:
-            step()
-
-    def decode_job(b: int, ctx: int) -> None:
-        # One sequence prefills the shared prompt; the others then hit the prefix cache,
-        # so the sweep times long-context decodes without paying b long prefills.
-        prompt = prompt_of(ctx)
-        add(prompt, 14)
-        while not batches or not any(e.samples for e in batches[0].entries):
-            step()
-        for _ in range(b - 1):
-            add(prompt, 6)
-        drain()
-
-    def mixed_job(b: int) -> None:
-        prompt = prompt_of(128)
-        for _ in range(b):
-            add(prompt, 16)
-        step()
-        step()
-        add(prompt_of(300), 2)
-        drain()
-
-    add(prompt_of(32), 4)
-    while core.has_work:
-        step(record=False)  # warm-up
-    jobs: list[tuple[str, int, int]] = []
-    for _ in range(opts.repeats):
-        jobs += [("prefill", n, 0) for n in opts.prefill_lengths]
-        jobs += [("decode", b, c) for b in opts.decode_batches for c in opts.contexts
-                 if b * (c + 16) <= core.blocks.num_blocks * opts.block_size]
-        jobs += [("mixed", b, 0) for b in opts.decode_batches[:3]]
-    # Interleaved, so that a burst of load on a shared machine spreads over the sweep.
-    order = rng.permutation(len(jobs))
-    for done, i in enumerate(order, start=1):
-        kind, a, b = jobs[int(i)]
-        if kind == "prefill":
-            add(prompt_of(a), 2)
-            drain()
-        elif kind == "decode":
-            decode_job(a, b)
-        else:
-            mixed_job(a)
-        if done % 10 == 0 or done == len(jobs):
-            log(f"  {done}/{len(jobs)} batches, {len(samples)} steps timed")
-    facts = {
-        "dtype": str(core.runner.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "kv_bytes_per_token": float(core.runner.kv_caches[0][0].element_size() * 2
-                                    * core.runner.model.num_layers
-                                    * core.runner.model.config.num_key_value_heads
-                                    * core.runner.model.config.head_size),
-        "model": core.model_name,
-    }
-    return samples, facts
+def prefill_chunks(n: int, budget: int) -> list[StepFeatures]:
+    """The chunks the scheduler cuts a lone n-token prompt into (the last one samples)."""
+    out = []
+    start = 0
+    while start < n:
+        k = min(budget, n - start)
+        out.append(StepFeatures(prefill_tokens=k, prefill_pairs=k * start + k * (k + 1) / 2,
+                                prefill_ctx=start, sampled=1 if start + k == n else 0))
+        start += k
+    return out
 
 
 # -- measuring a real engine process --------------------------------------------------------
@@ -285,53 +215,89 @@ def stop_engine(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
-def measure_overhead(port: int, cost: LinearCost, n: int = 12) -> float:
-    """Median client TTFT minus the modelled engine step, for one-token answers."""
+async def _stream(client: Any, url: str, prompt: list[int], max_tokens: int) -> list[float]:
+    """Send one streamed completion; returns its start and each token chunk's arrival."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
+            "ignore_eos": True}
+    times = [time.perf_counter()]
+    async with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {") and '"choices":[]' not in line.replace(" ", ""):
+                times.append(time.perf_counter())
+    times.append(time.perf_counter())  # end of stream
+    return times
+
+
+async def _measure(port: int, opts: ProfileOptions, vocab: int, log: Callable[[str], None]
+                   ) -> tuple[list[tuple[StepFeatures, float]],
+                              list[tuple[list[StepFeatures], float]]]:
     import httpx
 
-    prompt = " ".join(["hello"] * 15)
-    prompt_tokens = 16
-    step = cost.step_s(StepFeatures(prefill_tokens=prompt_tokens,
-                                    prefill_pairs=prompt_tokens * (prompt_tokens + 1) / 2,
-                                    sampled=1))
-    gaps = []
-    with httpx.Client(timeout=60.0) as client:
-        for i in range(n + 2):
-            body = {"prompt": prompt, "max_tokens": 1, "stream": True,
-                    "temperature": 0.0, "ignore_eos": True}
-            t = time.perf_counter()
-            with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                               json=body) as resp:
-                resp.raise_for_status()
-                for _ in resp.iter_lines():
-                    pass
-            if i >= 2:  # the first requests warm the tokenizer and the HTTP stack
-                gaps.append(time.perf_counter() - t - step)
-    return max(0.0, statistics.median(gaps))
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    rng = np.random.default_rng(0)
+    steps: list[tuple[StepFeatures, float]] = []
+    requests: list[tuple[list[StepFeatures], float]] = []
+
+    def prompt_of(n: int) -> list[int]:
+        return rng.integers(100, vocab - 1, n).tolist()
+
+    jobs: list[tuple[str, int, int]] = []
+    for _ in range(opts.repeats):
+        jobs += [("prefill", n, 0) for n in opts.prefill_lengths]
+        jobs += [("decode", b, c) for b in opts.decode_batches for c in opts.contexts]
+    order = rng.permutation(len(jobs))
+    async with httpx.AsyncClient(timeout=600.0) as client:
+        for _ in range(3):  # warm the tokenizer, the HTTP stack and the model
+            await _stream(client, url, prompt_of(32), 2)
+        for done, i in enumerate(order, start=1):
+            kind, a, b = jobs[int(i)]
+            if kind == "prefill":
+                t = await _stream(client, url, prompt_of(a), 1)
+                requests.append((prefill_chunks(a, opts.max_num_batched_tokens), t[-1] - t[0]))
+            else:
+                prompt = prompt_of(b)
+                await _stream(client, url, prompt, 1)  # now in the prefix cache
+                m = opts.decode_tokens
+                streams = await asyncio.gather(*(_stream(client, url, prompt, m)
+                                                 for _ in range(a)))
+                # Token i (1-based) of every stream comes from the i-th shared step; from
+                # the second half on, all a sequences are decoding.
+                for i in range(max(2, m // 2), m):
+                    gaps = [s[i + 1] - s[i] for s in streams if len(s) > i + 1]
+                    if len(gaps) == a:
+                        ctx = b + i
+                        steps.append((StepFeatures(decodes=a, decode_ctx=a * ctx, sampled=a,
+                                                   decode_max_ctx=ctx),
+                                      statistics.median(gaps)))
+            log(f"  {done}/{len(jobs)} {kind} {a} {b}")
+    return steps, requests
 
 
-def run_profile(opts: ProfileOptions, with_process: bool = True,
-                log: Callable[[str], None] = print) -> CpuProfile:
-    """Measure and fit the cpu-local profile (a few minutes on two cores)."""
-    log("timing EngineCore.step() over prefill, decode and mixed batches ...")
-    samples, facts = measure_steps(opts, log)
-    coefficients, r2 = fit(samples)
-    log(f"fit over {len(samples)} steps: R^2 = {r2:.3f}")
-    startup = overhead = math.nan
-    if with_process:
-        port = free_port()
-        log("starting a real engine process for start-up and request overhead ...")
-        proc, startup = start_engine(port, opts)
-        try:
-            overhead = measure_overhead(port, LinearCost(coefficients))
-        finally:
-            stop_engine(proc)
-        log(f"start-up {startup:.1f} s, request overhead {overhead * 1000:.1f} ms")
-    raw = tuple({**{k: float(v) for k, v in zip(FEATURES[1:], feature_row(f)[1:], strict=True)},
-                 "seconds": t} for f, t in samples)
+def run_profile(opts: ProfileOptions, log: Callable[[str], None] = print) -> CpuProfile:
+    """Start an engine, measure it as served, fit the cpu-local profile (a few minutes)."""
+    from strata.engine.weights import load_config, resolve_model
+
+    path = resolve_model(opts.model)
+    config = load_config(path)
+    port = free_port()
+    log(f"starting strata engine on port {port} ...")
+    proc, startup = start_engine(port, opts)
+    log(f"ready after {startup:.1f} s; measuring decode steps and prefills ...")
+    try:
+        steps, requests = asyncio.run(_measure(port, opts, config.vocab_size, log))
+    finally:
+        stop_engine(proc)
+    coefficients, overhead, r2 = fit(steps, requests)
+    log(f"fit over {len(steps)} steps and {len(requests)} requests: R^2 = {r2:.3f}")
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads \
+        * config.head_size * {"float32": 4, "bfloat16": 2, "float16": 2}.get(opts.dtype, 4)
+    raw = tuple({**dict(zip(FEATURES[1:], feature_row(f)[1:], strict=True)), "seconds": t}
+                for f, t in steps)
+    raw += tuple({"request_prefill_tokens": float(sum(c.prefill_tokens for c in chunks)),
+                  "seconds": t} for chunks, t in requests)
     return CpuProfile(
-        model=facts["model"], threads=facts["threads"], dtype=facts["dtype"], cpu=_cpu_name(),
-        coefficients=coefficients, startup_s=0.0 if math.isnan(startup) else startup,
-        request_overhead_s=0.0 if math.isnan(overhead) else overhead,
-        kv_bytes_per_token=facts["kv_bytes_per_token"], r2=r2, samples=len(samples),
+        model=path.name, threads=opts.threads, dtype=opts.dtype, cpu=_cpu_name(),
+        coefficients=coefficients, startup_s=startup, request_overhead_s=overhead,
+        kv_bytes_per_token=float(kv_per_token), r2=r2, samples=len(steps) + len(requests),
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"), raw=raw)

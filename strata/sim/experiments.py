@@ -12,11 +12,17 @@ prompt and output lengths, and the trace's burstiness within each hour, are unch
 **Capacity** of one unit (``calibrate``): the highest rate scale of a 20-minute trace
 window that one static unit serves with at least 90 % SLO attainment (bisection).
 
+Lengths are those of the trace, except that a request longer than the model's context
+(4096 for LLaMA-2) has its prompt clipped to fit (``strata.bench.traces.fit_lengths``; the
+count is reported).
+
 **The configurations** (``configurations``): (1) static, sized for the mean rate, (2)
 static, sized for the peak 10-minute rate, both round-robin as a Kubernetes Service, (3)
 Kubernetes' HPA on GPU utilisation (70 % target, Kubernetes' default behaviour),
-round-robin, (4) ``resource_match`` routing with the ``predictive`` autoscaler (falling
-back to ``llm``), (5) the same with two-stage layer pipelines per unit.
+round-robin, (4) ``resource_match`` routing with the ``llm`` autoscaler and (4p) with the
+``predictive`` one (which falls back to ``llm`` while its forecast errs), (5) (4p) with
+two-stage layer pipelines per unit. The autoscalers start from the units the first ten
+minutes need, warm, and may grow to twice the peak sizing.
 
 **The oracle** (``oracle``): a schedule that knows the future runs, in each minute,
 ``ceil(rate / capacity)`` units and starts each added unit ``startup_s`` early; its GPU-hours
@@ -32,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from strata.bench.traces import Trace, TraceRecord, window
+from strata.bench.traces import Trace, TraceRecord, fit_lengths, scale_rate, window
 from strata.config import parse_cluster_config
 from strata.sim.perf_model import build_replica_model
 from strata.sim.report import summarize
@@ -155,14 +161,13 @@ def calibrate(opts: PaperOptions, base: Trace, stages: int = 1) -> dict[str, Any
     win = window(base, 0.0, opts.calibration_window_s)
     base_rate = len(win.records) / opts.calibration_window_s
     lo, hi = 0.02, 4.0
-    from strata.bench.traces import scale_rate
 
     def attains(scale: float) -> bool:
         tr = scale_rate(win, scale, opts.day.seed)
         res = _run(opts, {"routing": "round_robin", "replicas": 1}, tr, stages, units=1)
         return res["summary"]["slo_attainment"] >= opts.attainment_target
 
-    for _ in range(9):
+    for _ in range(7):
         mid = (lo + hi) / 2
         if attains(mid):
             lo = mid
@@ -184,8 +189,8 @@ def configurations(opts: PaperOptions, day: Trace, cap: float, cap_stage: float,
         {"name": "custom_gpu_utilization", "type": "Utilization",
          "average_utilization": opts.hpa_target_utilization}]}
 
-    def predictive(units_max: int, capacity: float) -> dict[str, Any]:
-        return {"policy": "predictive", "min_replicas": 1, "max_replicas": units_max,
+    def llm(units_max: int, capacity: float, policy: str = "llm") -> dict[str, Any]:
+        return {"policy": policy, "min_replicas": 1, "max_replicas": units_max,
                 "initial_capacity_tokens_per_s": capacity * mean_tokens}
 
     stage_max = max(2, math.ceil(max_units / opts.stages))
@@ -194,10 +199,13 @@ def configurations(opts: PaperOptions, day: Trace, cap: float, cap_stage: float,
         ("static-mean", {"routing": "round_robin", "replicas": n_mean}, 1),
         ("static-peak", {"routing": "round_robin", "replicas": n_peak}, 1),
         ("hpa-gpu-util", {"routing": "round_robin", "replicas": start, "autoscaling": hpa}, 1),
-        ("strata", {"routing": "resource_match", "replicas": start,
-                    "autoscaling": predictive(max_units, cap)}, 1),
+        ("strata-llm", {"routing": "resource_match", "replicas": start,
+                        "autoscaling": llm(max_units, cap)}, 1),
+        ("strata-predictive", {"routing": "resource_match", "replicas": start,
+                               "autoscaling": llm(max_units, cap, "predictive")}, 1),
         ("strata-stages", {"routing": "resource_match", "replicas": stage_start,
-                           "autoscaling": predictive(stage_max, cap_stage)}, opts.stages),
+                           "autoscaling": llm(stage_max, cap_stage, "predictive")},
+         opts.stages),
     ]
 
 
@@ -223,6 +231,7 @@ def _job(args: tuple[PaperOptions, str, dict[str, Any], int, Trace]) -> tuple[st
 def run_paper(opts: PaperOptions, base: Trace, jobs: int = 1,
               only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Calibrate, build the day, run the configurations (in parallel), add the oracle."""
+    base = fit_lengths(base, 1.0, opts.max_context)
     cal = calibrate(opts, base, 1)
     cal_stage = calibrate(opts, base, opts.stages)
     day = day_trace(base, opts.day)
@@ -244,6 +253,7 @@ def run_paper(opts: PaperOptions, base: Trace, jobs: int = 1,
                     "engine": opts.engine, "stages": opts.stages,
                     "hpa_target_utilization": opts.hpa_target_utilization},
         "trace": {"name": day.name, "transforms": list(day.transforms),
+                  "clipped_requests": base.clipped_requests,
                   "requests": len(day.records), "duration_s": day.duration_s,
                   "mean_rps": len(day.records) / max(day.duration_s, 1.0),
                   "peak_10min_rps": peak_rate(day, 600.0), "rates_600s": rates(day, 600.0)},

@@ -28,72 +28,20 @@ import enum
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 from strata.engine.kv_cache import BlockManager
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
 from strata.load import LoadReport
+from strata.sim.decode_run import EWMA_ALPHA, DecodeRun, ewma_after
 from strata.sim.events import EventLoop
 from strata.sim.perf_model import PipelineCost, ReplicaModel, StepFeatures
+from strata.sim.types import EngineSettings, ReplicaListener, SimRequest
 
-_EWMA_ALPHA = 0.2  # EngineCore._account
 _RATE_WINDOW_S = 10.0  # EngineCore._RateWindow
 _PREFILL_MIN_TOKENS = 32  # steps with fewer prompt tokens do not update prefill_token_s
 _ZEROS = [0] * 4096  # sampled token ids: their values never matter to the scheduler
-
-
-class SimRequest:
-    """One request of the replayed trace and what happened to it (times in virtual s)."""
-
-    __slots__ = ("req_id", "arrival_s", "prompt_tokens", "output_tokens", "hash_ids",
-                 "dispatched_s", "first_token_s", "finish_s", "replica", "status",
-                 "preemptions", "cached_tokens")
-
-    def __init__(self, req_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
-                 hash_ids: tuple[int, ...] = ()) -> None:
-        self.req_id = req_id
-        self.arrival_s = arrival_s
-        self.prompt_tokens = prompt_tokens
-        self.output_tokens = output_tokens
-        self.hash_ids = hash_ids
-        self.dispatched_s = -1.0
-        self.first_token_s = -1.0
-        self.finish_s = -1.0
-        self.replica = ""
-        self.status = "pending"  # pending | running | ok | rejected | unfinished
-        self.preemptions = 0
-        self.cached_tokens = 0
-
-
-class ReplicaListener(Protocol):
-    """What a replica tells its cluster."""
-
-    def on_first_token(self, replica: SimReplica, req: SimRequest, now: float) -> None:
-        """A request's first output token left the replica."""
-        ...
-
-    def on_finish(self, replica: SimReplica, req: SimRequest, now: float) -> None:
-        """A request's last token left the replica."""
-        ...
-
-    def on_stopped(self, replica: SimReplica, now: float) -> None:
-        """A draining replica has finished its work and released its GPUs."""
-        ...
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """The engine options a simulated replica honours (the cluster file's ``engine``)."""
-
-    num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int = 8192
-    prefix_caching: bool = True
 
 
 class ReplicaState(enum.Enum):
@@ -103,66 +51,6 @@ class ReplicaState(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
-
-
-class _Run:
-    """A pure-decode run being skipped through: step i (from t0) takes a + b i seconds.
-
-    ``slack`` holds each sequence's free token slots in its last KV block at t0: a
-    sequence needs a new block at steps slack+1, slack+1+block_size, ...
-    """
-
-    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0")
-
-    def __init__(self, t0: float, a: float, b: float, k: int, seqs: list[Sequence],
-                 slack: list[int], block_size: int, free0: int) -> None:
-        self.t0, self.a, self.b, self.k, self.seqs = t0, a, b, k, seqs
-        self.slack, self.block_size, self.free0 = slack, block_size, free0
-
-    def time_of(self, j: int) -> float:
-        """Seconds from t0 to the end of step j - 1 (j steps)."""
-        return self.a * j + self.b * j * (j - 1) * 0.5
-
-    def blocks_needed(self, j: int) -> int:
-        """New KV blocks the sequences need for j steps."""
-        bs = self.block_size
-        return sum(-(-(j - r) // bs) for r in self.slack if j > r)
-
-    def steps_done(self, elapsed: float) -> int:
-        """Steps completed within ``elapsed`` seconds of t0 (at most k)."""
-        if elapsed <= 0:
-            return 0
-        a, b = self.a, self.b
-        if b <= 0:
-            j = int(elapsed / a)
-        else:
-            h = a - 0.5 * b
-            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
-        # Repair float rounding at the boundaries.
-        while j > 0 and self.time_of(j) > elapsed:
-            j -= 1
-        while j < self.k and self.time_of(j + 1) <= elapsed:
-            j += 1
-        return min(j, self.k)
-
-
-def ewma_after(d0: float, a: float, b: float, j: int, alpha: float = _EWMA_ALPHA) -> float:
-    """EngineCore's step-time EWMA after j more values a, a + b, ..., a + b (j - 1).
-
-    Closed form of j updates ``d = (1 - alpha) d + alpha v`` (the first value is taken as
-    is when ``d0`` is 0, as the engine does).
-    """
-    if j <= 0:
-        return d0
-    if d0 == 0:
-        d0, a, j = a, a + b, j - 1
-        if j == 0:
-            return d0
-    r = 1.0 - alpha
-    rj = r ** j
-    s0 = (1.0 - rj) / (1.0 - r)
-    s1 = r * (1.0 - j * r ** (j - 1) + (j - 1) * rj) / (1.0 - r) ** 2
-    return rj * d0 + alpha * ((a + b * (j - 1)) * s0 - b * s1)
 
 
 class SimReplica:
@@ -203,7 +91,9 @@ class SimReplica:
         self._busy = False
         self._batch: Batch | None = None
         self._waiting_after_step = 0
-        self._run: _Run | None = None
+        self._step_dt = 0.0
+        self._step_f = StepFeatures()
+        self._run: DecodeRun | None = None
         self._waiting_tokens: int | None = None  # cache: changes only at real steps, arrivals
         # measurements (EngineCore's, plus the simulator's own accounting)
         self._rates: deque[tuple[float, int, int]] = deque()
@@ -260,8 +150,8 @@ class SimReplica:
     # -- requests -------------------------------------------------------------------------
     def submit(self, req: SimRequest, now: float) -> None:
         """Queue a request; it joins the batch at the next step boundary."""
-        seq = Sequence(req.req_id, self.prompt_ids(req), SamplingParams(max_tokens=req.output_tokens),
-                       arrival_time=now)
+        seq = Sequence(req.req_id, self.prompt_ids(req),
+                       SamplingParams(max_tokens=req.output_tokens), arrival_time=now)
         self.requests[req.req_id] = req
         self._waiting_tokens = None
         req.replica = self.replica_id
@@ -386,11 +276,11 @@ class SimReplica:
         dt = self._step_dt
         if not batch.prefills:
             d = self.decode_step_s
-            self.decode_step_s = dt if d == 0 else (1 - _EWMA_ALPHA) * d + _EWMA_ALPHA * dt
+            self.decode_step_s = dt if d == 0 else (1 - EWMA_ALPHA) * d + EWMA_ALPHA * dt
         elif prompt >= _PREFILL_MIN_TOKENS:
             per_tok = dt / batch.num_tokens
             p = self.prefill_token_s
-            self.prefill_token_s = per_tok if p == 0 else (1 - _EWMA_ALPHA) * p + _EWMA_ALPHA * per_tok
+            self.prefill_token_s = per_tok if p == 0 else (1 - EWMA_ALPHA) * p + EWMA_ALPHA * per_tok
 
     def _rate_add(self, now: float, prompt: int, gen: int) -> None:
         self._rates.append((now, prompt, gen))
@@ -413,9 +303,9 @@ class SimReplica:
         k = min(s.params.max_tokens - len(s.output_token_ids) for s in seqs)
         bs = self.blocks.block_size
         free = self.blocks.num_free_blocks
-        # Step i allocates for num_tokens + i tokens (see _Run.slack).
+        # Step i allocates for num_tokens + i tokens (see DecodeRun.slack).
         slack = [len(s.block_table) * bs - (n - 1) for s, n in zip(seqs, ntok, strict=True)]
-        run = _Run(now, 0.0, 0.0, k, seqs, slack, bs, free)
+        run = DecodeRun(now, 0.0, 0.0, k, seqs, slack, bs, free)
         if run.blocks_needed(k) > free:
             lo, hi = 0, k  # blocks_needed(lo) <= free < blocks_needed(hi)
             while hi - lo > 1:
@@ -436,7 +326,7 @@ class SimReplica:
         self.loop.at(now + run.time_of(k), self._on_run_end, self._version)
         return True
 
-    def _advance_run(self, run: _Run, j: int) -> None:
+    def _advance_run(self, run: DecodeRun, j: int) -> None:
         """Apply the first j skipped decode steps to the sequences and the measurements."""
         if j <= 0:
             return

@@ -16,7 +16,7 @@ from strata.bench.traces import Trace
 from strata.config import ClusterConfig
 from strata.sim.cluster import SimCluster, SimSetup, SimStats
 from strata.sim.perf_model import ReplicaModel
-from strata.sim.replica import EngineSettings, SimRequest
+from strata.sim.types import EngineSettings, SimRequest
 
 
 @dataclass(frozen=True)

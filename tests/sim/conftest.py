@@ -8,7 +8,7 @@ import pytest
 
 from strata.sim.cluster import SimSetup
 from strata.sim.perf_model import ReplicaModel, build_replica_model
-from strata.sim.replica import EngineSettings, SimRequest
+from strata.sim.types import EngineSettings, SimRequest
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from strata.autoscale.hpa import HpaConfig
 from strata.autoscale.llm import LlmConfig
 from strata.sim.cluster import GPU_UTIL_METRIC, SimCluster
 from strata.sim.perf_model import ReplicaModel
-from strata.sim.replica import SimRequest
+from strata.sim.types import SimRequest
 from tests.sim.conftest import make_setup, random_requests
 
 

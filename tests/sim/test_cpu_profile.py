@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from strata.sim.cpu_profile import CpuProfile, fit
+from strata.sim.cpu_profile import CpuProfile, fit, prefill_chunks
 from strata.sim.perf_model import FEATURES, LinearCost, StepFeatures, build_replica_model
 
 
@@ -24,8 +24,14 @@ def test_fit_recovers_a_linear_cost_model() -> None:
         f = StepFeatures(prefill_tokens=n, prefill_pairs=n * (n + 1) / 2, decodes=d,
                          decode_ctx=d * ctx, sampled=d + (1 if n else 0), decode_max_ctx=ctx)
         samples.append((f, cost.step_s(f) * rng.uniform(0.98, 1.02)))
-    coef, r2 = fit(samples)
+    overhead = 0.15
+    requests = []
+    for n in (16, 128, 512, 1000, 1500):
+        chunks = prefill_chunks(n, 512)
+        requests.append((chunks, sum(cost.step_s(f) for f in chunks) + overhead))
+    coef, fitted_overhead, r2 = fit(samples, requests)
     assert r2 > 0.99
+    assert fitted_overhead == pytest.approx(overhead, rel=0.15)
     assert set(coef) == set(FEATURES) and all(v >= 0 for v in coef.values())
     for name in ("const", "prefill_tokens", "decodes"):
         assert coef[name] == pytest.approx(truth[name], rel=0.1)
@@ -40,6 +46,12 @@ def profile(tmp_path: Path) -> Path:
     path = tmp_path / "cpu.json"
     path.write_text(p.to_json())
     return path
+
+
+def test_prefill_chunks_follow_the_token_budget() -> None:
+    chunks = prefill_chunks(1100, 512)
+    assert [(c.prefill_tokens, c.prefill_ctx, c.sampled) for c in chunks] == \
+        [(512, 0, 0), (512, 512, 0), (76, 1024, 1)]
 
 
 def test_profile_round_trips_into_a_replica_model(tmp_path: Path) -> None:

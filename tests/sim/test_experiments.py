@@ -63,5 +63,6 @@ def test_configurations_size_static_deployments_from_capacity() -> None:
     assert confs["static-peak"][0]["replicas"] > confs["static-mean"][0]["replicas"]
     assert confs["hpa-gpu-util"][0]["autoscaling"]["metrics"][0]["name"] == \
         "custom_gpu_utilization"
-    assert confs["strata"][0]["routing"] == "resource_match"
+    assert confs["strata-llm"][0]["routing"] == "resource_match"
+    assert confs["strata-predictive"][0]["autoscaling"]["policy"] == "predictive"
     assert confs["strata-stages"][1] == 2

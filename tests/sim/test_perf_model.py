@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from strata.sim.hardware import HARDWARE, ModelCosts, load_model_shape
 from strata.sim.perf_model import (
-    HARDWARE,
     LinearCost,
-    ModelCosts,
     PipelineCost,
     RooflineCost,
     StepFeatures,
     build_replica_model,
-    load_model_shape,
 )
 
 
