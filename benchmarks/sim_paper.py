@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from strata.bench.traces import load_trace, scale_rate
+from strata.bench.traces import load_trace, scale_rate, window
 from strata.config import parse_cluster_config
 from strata.sim.experiments import DayOptions, PaperOptions, run_paper
 from strata.sim.perf_model import build_replica_model
@@ -86,6 +86,44 @@ def claims_table(doc: dict[str, Any]) -> Table:
     return t
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The two tables as Markdown, for docs/results.md."""
+    o = doc["options"]
+    lines = ["| configuration | E2E mean s | E2E p90 s | TTFT p90 s | req/s | out tok/s per GPU "
+             "| utilisation | GPU-hours | SLO attainment |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ORDER:
+        if name not in doc["results"]:
+            continue
+        s = doc["results"][name]["summary"]
+        g = s["gpu"]
+        lines.append(f"| {name} | {s['e2e']['mean_ms'] / 1000:.2f} | {s['e2e']['p90_ms'] / 1000:.2f} "
+                     f"| {s['ttft']['p90_ms'] / 1000:.2f} | {s['request_throughput']:.2f} "
+                     f"| {g['output_tokens_per_gpu_s']:.1f} | {g['utilization']:.1%} "
+                     f"| {g['provisioned_gpu_hours']:.1f} | {s['slo_attainment']:.1%} |")
+    orc = doc["oracle"]
+    lines.append(f"| oracle (knows the future) | | | | | | | {orc['gpu_hours']:.1f} | |")
+    lines.append(f"| fluid bound | | | | | | | {orc['fluid_gpu_hours']:.1f} | |")
+    lines += ["", f"SLO: TTFT <= {o['slo_ttft_s']} s and TPOT <= {o['slo_tpot_s'] * 1000:.0f} ms "
+              "per request.", "",
+              "| comparison | E2E mean | out tok/s per GPU | utilisation | GPU-hours |",
+              "|---|---:|---:|---:|---:|"]
+    res = doc["results"]
+    for ours in ORDER[3:]:
+        for base in ORDER[:3]:
+            if ours not in res or base not in res:
+                continue
+            a, b = res[ours]["summary"], res[base]["summary"]
+            lines.append(
+                f"| {ours} vs {base} | {a['e2e']['mean_ms'] / b['e2e']['mean_ms'] - 1:+.1%} "
+                f"| {a['gpu']['output_tokens_per_gpu_s'] / b['gpu']['output_tokens_per_gpu_s']:.2f}x "
+                f"| {a['gpu']['utilization'] / b['gpu']['utilization'] - 1:+.1%} "
+                f"| {a['gpu']['provisioned_gpu_hours'] / b['gpu']['provisioned_gpu_hours']:.2f}x |")
+    lines.append(f"| paper's claim | {PAPER['e2e_latency']:+.1%} | {PAPER['throughput']:.1f}x "
+                 f"| +{PAPER['utilization']:.0%} | |")
+    return "\n".join(lines)
+
+
 def plot(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """Timeline of GPUs per configuration and arrival rate; E2E and GPU-hours bars."""
     import matplotlib
@@ -139,6 +177,8 @@ def plot(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 def speed(args: argparse.Namespace, console: Console) -> None:
     """One hour of the trace at 10x on 64 replicas: wall time and events/s."""
     base = load_trace("azure-conv", args.data_dir)
+    if args.speed_seconds < base.duration_s:
+        base = window(base, 0.0, args.speed_seconds)
     tr = scale_rate(base, args.rate_scale, args.seed)
     cfg = parse_cluster_config({
         "engine": {"block_size": args.block_size, "max_num_seqs": 128,
@@ -147,18 +187,26 @@ def speed(args: argparse.Namespace, console: Console) -> None:
     replica = build_replica_model(args.hardware, args.model)
     setup = build_setup(cfg, replica, tr, SimOptions())
     t0 = time.perf_counter()
-    cluster, stats = simulate(setup, tr)
+    if args.cprofile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        cluster, stats = prof.runcall(simulate, setup, tr)
+        breakdown = cost_breakdown(prof)
+    else:
+        cluster, stats = simulate(setup, tr)
+        breakdown = {}
     wall = time.perf_counter() - t0
     s = summarize(cluster, stats)
     sim = s["simulator"]
     doc = {"requests": len(tr.records), "replicas": args.replicas, "routing": args.routing,
            "rate_scale": args.rate_scale, "block_size": args.block_size, "wall_s": wall,
-           "simulator": sim, "summary": s}
+           "cprofile": args.cprofile, "breakdown": breakdown, "simulator": sim, "summary": s}
     out = Path(args.output or "results/sim_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
-    t = Table(title=f"simulator speed: azure-conv 1 h x{args.rate_scale:g}, {args.replicas} "
-                    f"replicas, {args.routing}")
+    t = Table(title=f"simulator speed: azure-conv {min(args.speed_seconds, 3600) / 60:g} min "
+                    f"x{args.rate_scale:g}, {args.replicas} replicas, {args.routing}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in (("requests", f"{len(tr.records):,}"), ("wall s", f"{wall:.1f}"),
@@ -169,7 +217,47 @@ def speed(args: argparse.Namespace, console: Console) -> None:
                  ("virtual s", f"{sim['virtual_s']:,.0f}")):
         t.add_row(k, v)
     console.print(t)
+    if breakdown:
+        b = Table(title="where the time goes (cProfile self time; the profiler inflates it)")
+        b.add_column("component")
+        b.add_column("share", justify="right")
+        for k, v in breakdown.items():
+            b.add_row(k, f"{v:.1%}")
+        console.print(b)
     console.print(f"results: {out}")
+
+
+COMPONENTS = (("strata/routing/", "routing policy (strata.routing)"),
+              ("strata/engine/scheduler.py", "scheduler (strata.engine.scheduler)"),
+              ("strata/engine/kv_cache.py", "block manager (strata.engine.kv_cache)"),
+              ("strata/engine/sequence.py", "sequence properties (strata.engine.sequence)"),
+              ("strata/sim/replica.py", "simulated replica"),
+              ("strata/sim/decode_run.py", "simulated replica"),
+              ("strata/sim/gateway.py", "simulated gateway"),
+              ("strata/sim/cluster.py", "simulated cluster and autoscaler"),
+              ("strata/sim/perf_model.py", "performance model"),
+              ("strata/sim/events.py", "event loop"),
+              ("strata/autoscale/", "autoscaling policy"),
+              ("strata/load.py", "load report"),
+              ("strata/gateway/", "gateway helpers (prefix index, demand)"),
+              ("<string>", "dataclass __init__ (LoadReport, ReplicaState, ...)"),
+              ("dataclasses.py", "dataclass __init__ (LoadReport, ReplicaState, ...)"))
+
+
+def cost_breakdown(prof: Any) -> dict[str, float]:
+    """Self time per component, as a share of the total."""
+    import pstats
+
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    shares: dict[str, float] = {}
+    total = 0.0
+    for (filename, _, _), (_, _, tottime, _, _) in stats.items():
+        total += tottime
+        name = next((label for key, label in COMPONENTS if key in filename),
+                    "builtins (len, sum, list and deque methods, ...)"
+                    if filename == "~" else "other")
+        shares[name] = shares.get(name, 0.0) + tottime
+    return dict(sorted(((k, v / total) for k, v in shares.items()), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate-scale", type=float, default=10.0)
     p.add_argument("--routing", default="resource_match")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cprofile", action="store_true", help="speed: break the time down")
+    p.add_argument("--speed-seconds", type=float, default=3600.0,
+                   help="speed: the first N seconds of the trace")
     args = p.parse_args(argv)
     console = Console()
     if args.mode == "speed":
@@ -222,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{doc['trace']['peak_10min_rps']:.2f} peak (10 min)")
     console.print(paper_table(doc))
     console.print(claims_table(doc))
+    md = out.with_suffix(".md")
+    md.write_text(markdown(doc) + "\n")
+    console.print(f"markdown tables: {md}")
     for path in plot(doc, args.plots):
         console.print(f"plot: {path}")
     console.print(f"results: {out} ({doc['wall_s']:.0f} s)")

@@ -390,10 +390,11 @@ class SimReplica:
             self._advance_run(run, run.steps_done(now - run.t0))
 
     # -- what the gateway and autoscaler read ---------------------------------------------
-    def rates(self, now: float) -> tuple[float, float]:
+    def rates(self, now: float, run_steps: int | None = None) -> tuple[float, float]:
         """Prompt and generated tokens/s over the recent window (EngineCore's definition).
 
-        Steps of a run being skipped count as if each had been recorded when it ended.
+        Steps of a run being skipped count as if each had been recorded when it ended;
+        ``run_steps`` is how many of them are done by ``now``, when the caller knows it.
         """
         self._rate_trim(now)
         ev = self._rates
@@ -401,7 +402,7 @@ class SimReplica:
         first = ev[0][0] if ev else math.inf
         run = self._run
         if run is not None:
-            j = run.steps_done(now - run.t0)
+            j = run.steps_done(now - run.t0) if run_steps is None else run_steps
             if j > 0:
                 j_old = run.steps_done(now - _RATE_WINDOW_S - run.t0)
                 if j > j_old:
@@ -420,17 +421,21 @@ class SimReplica:
 
     def load_report(self, now: float) -> LoadReport:
         """GET /load as the replica would answer it now (a skipped run is not materialized)."""
-        prompt_rate, gen_rate = self.rates(now)
-        sched = self.scheduler
-        e = self.engine
-        free = self.blocks.num_free_blocks
+        blocks = self.blocks
+        free = blocks.num_free_blocks
         decode_step_s = self.decode_step_s
         run = self._run
+        j = 0
         if run is not None:
             j = run.steps_done(now - run.t0)
             if j > 0:
                 free = run.free0 - run.blocks_needed(j)
                 decode_step_s = ewma_after(decode_step_s, run.a, run.b, j)
+        prompt_rate, gen_rate = self.rates(now, j)
+        sched = self.scheduler
+        e = self.engine
+        queried = blocks.queried_tokens  # BlockManager.stats().hit_rate, without the object
+        hit_rate = blocks.hit_tokens / queried if queried else 0.0
         return LoadReport(
             model=self.spec.model_name,
             running=len(sched.running),
@@ -441,7 +446,7 @@ class SimReplica:
             block_size=e.block_size,
             max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens,
-            prefix_hit_rate=self.blocks.stats().hit_rate,
+            prefix_hit_rate=hit_rate,
             prompt_tokens_per_s=prompt_rate,
             generation_tokens_per_s=gen_rate,
             decode_step_s=decode_step_s,
