@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.capacity import CapacityEstimator
+from tests.autoscale.autoscale_helpers import replica
 
 
 def test_converges_on_saturated_reports() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.autoscale.autoscale_helpers import kv_tier, replica
 
 from strata.autoscale.hpa import HpaConfig, HpaMetric, HpaPolicy
 from strata.autoscale.types import TierState
+from tests.autoscale.autoscale_helpers import kv_tier, replica
 
 
 def hpa(**kw: object) -> HpaPolicy:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tests.autoscale.autoscale_helpers import replica
-
 from strata.autoscale.kpa import KpaConfig, KpaPolicy
 from strata.autoscale.types import TierState
+from tests.autoscale.autoscale_helpers import replica
 
 TICK = 2.0  # Knative's decider tick
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.autoscale.autoscale_helpers import kv_tier, replica
 
 from strata.autoscale.llm import LlmConfig, LlmPolicy
 from strata.autoscale.types import TierState
+from tests.autoscale.autoscale_helpers import kv_tier, replica
 
 
 def llm(**kw: object) -> LlmPolicy:

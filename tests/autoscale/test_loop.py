@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.autoscale.autoscale_helpers import replica
 from prometheus_client import CollectorRegistry
 
 from strata.autoscale.hpa import HpaConfig, HpaMetric, HpaPolicy
@@ -17,6 +16,7 @@ from strata.autoscale.loop import Autoscaler
 from strata.autoscale.observe import ObservationError
 from strata.autoscale.types import TierState
 from strata.platform.base import Endpoint, Replica
+from tests.autoscale.autoscale_helpers import replica
 
 
 class MemoryPlatform:

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from tests.autoscale.autoscale_helpers import report
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -19,6 +18,7 @@ from starlette.routing import Route
 
 from strata.autoscale.observe import ObservationError, Observer, PrometheusSource, ScrapeSource
 from strata.platform.base import Endpoint, Replica
+from tests.autoscale.autoscale_helpers import report
 
 
 class _Quiet(uvicorn.Server):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 import random
 
-from tests.autoscale.autoscale_helpers import replica
-
 from strata.autoscale.llm import LlmConfig, LlmPolicy
 from strata.autoscale.predictive import PredictiveConfig, PredictivePolicy
 from strata.autoscale.types import TierState
+from tests.autoscale.autoscale_helpers import replica
 
 TICK = 5.0
 COMMON = {"max_replicas": 100, "target_utilization": 1.0}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.replica_calculator import (
     MetricUnavailable,
@@ -15,6 +14,7 @@ from strata.autoscale.replica_calculator import (
     tier_value_replicas,
     utilization_replicas,
 )
+from tests.autoscale.autoscale_helpers import replica
 
 TOL = Tolerances()
 

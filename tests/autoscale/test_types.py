@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.autoscale.autoscale_helpers import replica, report
 
 from strata.autoscale.types import ReplicaSample, ScaleDecision, TierState, percentile
+from tests.autoscale.autoscale_helpers import replica, report
 
 
 def test_replica_metrics_come_from_the_load_report() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.autoscale.autoscale_helpers import replica
 
 from strata.autoscale.types import TierState
 from strata.autoscale.zero import ScaleToZeroGate
+from tests.autoscale.autoscale_helpers import replica
 
 
 def tier(current: int, **kw: object) -> TierState:

@@ -20,10 +20,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.integration.cluster_helpers import alive, complete, start_cluster, status, stop_cluster, tier, wait_for
 
 from strata.cluster import print_status
 from strata.platform.process import free_port
+from tests.integration.cluster_helpers import (
+    alive,
+    complete,
+    start_cluster,
+    status,
+    stop_cluster,
+    tier,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.integration.cluster_helpers import complete, start_cluster, stop_cluster, tier, wait_for
 
 from strata.platform.process import free_port
+from tests.integration.cluster_helpers import complete, start_cluster, stop_cluster, tier, wait_for
 
 pytestmark = pytest.mark.slow
 
