@@ -17,7 +17,7 @@ to the best peer at the same concurrency: those ratios, not bare tokens/s, compa
 across machines. Peers are installed by ``benchmarks/peers.py`` (under peers/, git-ignored).
 
     python benchmarks/peers.py install             # once: ~15 min of both cores
-    python benchmarks/engine.py                    # full run, ~15 min
+    python benchmarks/engine.py                    # full run: 45 min on a busy 2-core box
     python benchmarks/engine.py --concurrency 1,4 --requests 4 --servers strata,llama-server
 
 Writes ``results/engine_bench.json`` and prints a markdown table for docs/results.md.
@@ -520,8 +520,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Measure the roofline, run every server, print and write the results."""
     opts = parse_args(argv)
     console = Console()
-    command = "python benchmarks/engine.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python benchmarks/engine.py", *(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
     load_before = os.getloadavg()
     shape = rl.bundled_model_shape()
     roof = rl.measure(opts.threads)
