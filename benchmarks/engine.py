@@ -104,6 +104,7 @@ class ServerPlan:
     max_concurrency: int | None = None
     note: str = ""
     restart_per_level: bool = False  # a fresh server sized for each concurrency
+    strata_args: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- load generation
@@ -221,7 +222,7 @@ class Options:
     input_tokens: int
     output_tokens: int
     threads: int
-    strata_args: tuple[str, ...]
+    strata_variants: tuple[tuple[str, ...], ...]  # one strata engine per entry
     peer_dtype: str
     llama_cpp_python_max_c: int
     output: Path
@@ -274,12 +275,24 @@ def peer_dtype(roof: rl.Roofline) -> str:
     return "bfloat16" if native and faster else "float32"
 
 
+def is_strata(server: str) -> bool:
+    """strata itself (any variant), as opposed to a peer."""
+    return server == "strata" or server.startswith("strata ")
+
+
+def strata_name(args: Sequence[str]) -> str:
+    """Row name of a strata variant: ``strata`` or ``strata --dtype int8``."""
+    return " ".join(["strata", *args])
+
+
 def plan_servers(opts: Options, gguf: Path, eos_ids: Sequence[int]) -> list[ServerPlan]:
     """The servers to measure, in order, each with its start command and weight format."""
     top = max(opts.concurrency)
+    variants = [ServerPlan(strata_name(args), "float32", None,
+                           lambda _c, args=args: peers.strata_server(opts.threads, args),
+                           note="dtype read from its log", strata_args=args)
+                for args in opts.strata_variants]
     plans: dict[str, ServerPlan] = {
-        "strata": ServerPlan("strata", "float32", None, lambda _c: peers.strata_server(
-            opts.threads, opts.strata_args), note="dtype read from its log"),
         "llama-server": ServerPlan(
             "llama-server", "q4_1", "int8",
             # -np c per level: with 64 slots its c=1 step took ~30x longer (every
@@ -300,7 +313,8 @@ def plan_servers(opts: Options, gguf: Path, eos_ids: Sequence[int]) -> list[Serv
         "transformers": ServerPlan("transformers", opts.peer_dtype, opts.peer_dtype, None,
                                    note=f"generate, static batches, {opts.peer_dtype}"),
     }
-    return [plans[name] for name in opts.servers]
+    return [p for name in opts.servers for p in (variants if name == "strata"
+                                                  else [plans[name]])]
 
 
 def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.ModelShape,
@@ -346,9 +360,9 @@ def _serve_levels(plan: ServerPlan, levels: Sequence[int], opts: Options, texts:
     with server:
         console.print(f"[bold]{plan.name}[/bold] up in {time.monotonic() - t_start:.0f} s "
                       f"at {server.url} ({plan.note})")
-        if plan.name == "strata":
-            plan.weight_format = plan.compute_dtype = strata_dtype(server, opts.strata_args)
-            console.print(f"  strata computes in {plan.weight_format}")
+        if is_strata(plan.name):
+            plan.weight_format = plan.compute_dtype = strata_dtype(server, plan.strata_args)
+            console.print(f"  {plan.name} computes in {plan.weight_format}")
         model = asyncio.run(served_model(server.url))
         # Warm-up, not measured: first-touch page faults of mmapped weights, lazy
         # compilation and allocator growth would otherwise land in the c=1 numbers.
@@ -388,21 +402,22 @@ def _ms(v: float | None) -> str:
 
 def best_peer(results: Sequence[LevelResult], concurrency: int) -> LevelResult | None:
     """The fastest non-strata server at ``concurrency`` (all requests completed)."""
-    peers_here = [r for r in results if r.server != "strata" and r.concurrency == concurrency
+    peers_here = [r for r in results if not is_strata(r.server) and r.concurrency == concurrency
                   and r.completed == r.requests]
     return max(peers_here, key=lambda r: r.output_tokens_s, default=None)
 
 
 def verdicts(results: Sequence[LevelResult], roof: rl.Roofline, shape: rl.ModelShape,
-             strata_format: str) -> list[dict[str, Any]]:
-    """The issue's targets, scaled by this machine's roofline where they are absolute."""
+             strata_format: str, name: str = "strata") -> list[dict[str, Any]]:
+    """The issue's targets for strata variant ``name``, scaled by this machine's roofline
+    where they are absolute."""
     out: list[dict[str, Any]] = []
-    strata = {r.concurrency: r for r in results if r.server == "strata"}
+    strata = {r.concurrency: r for r in results if r.server == name}
     scale = roof.compute_tokens_s(shape, strata_format if strata_format in roof.matmul_tflops
                                   else roof.best_compute(shape)[0]) / TARGET_ROOFLINE_TOKENS_S
     if 64 in strata:
         target = TARGET_C64_TOKENS_S * scale
-        out.append({"target": f"c=64 >= {TARGET_C64_TOKENS_S:,.0f} tok/s on the AMX machine "
+        out.append({"target": f"{name}: c=64 >= {TARGET_C64_TOKENS_S:,.0f} tok/s on the AMX machine "
                               f"= {TARGET_C64_TOKENS_S / TARGET_ROOFLINE_TOKENS_S:.0%} of the "
                               f"compute roofline -> {target:,.0f} tok/s here",
                     "value": strata[64].output_tokens_s, "met": strata[64].output_tokens_s
@@ -411,14 +426,14 @@ def verdicts(results: Sequence[LevelResult], roof: rl.Roofline, shape: rl.ModelS
         peer = best_peer(results, c)
         if c >= 16 and peer is not None:
             ratio = r.output_tokens_s / peer.output_tokens_s
-            out.append({"target": f"c={c}: >= {TARGET_VS_BEST_PEER}x best peer "
+            out.append({"target": f"{name}: c={c}: >= {TARGET_VS_BEST_PEER}x best peer "
                                   f"({peer.server})", "value": ratio,
                         "met": ratio >= TARGET_VS_BEST_PEER})
     llama = [x for x in results if x.concurrency == 1 and x.server == "llama-server"
              and x.tpot_p50_ms]
     if 1 in strata and llama and strata[1].tpot_p50_ms:
         ratio = strata[1].tpot_p50_ms / llama[0].tpot_p50_ms  # type: ignore[operator]
-        out.append({"target": f"c=1: TPOT <= {TARGET_TPOT_VS_LLAMA_CPP}x llama.cpp's",
+        out.append({"target": f"{name}: c=1: TPOT <= {TARGET_TPOT_VS_LLAMA_CPP}x llama.cpp's",
                     "value": ratio, "met": ratio <= TARGET_TPOT_VS_LLAMA_CPP})
     return out
 
@@ -429,14 +444,14 @@ def results_table(results: Sequence[LevelResult]) -> Table:
     for col in ("server", "c", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                 "% roofline", "vs best peer"):
         table.add_column(col, justify="left" if col == "server" else "right")
-    for r in sorted(results, key=lambda x: (x.concurrency, x.server != "strata")):
+    for r in sorted(results, key=lambda x: (x.concurrency, not is_strata(x.server))):
         peer = best_peer(results, r.concurrency)
         ratio = f"{r.output_tokens_s / peer.output_tokens_s:.2f}x" if peer else "-"
         table.add_row(f"{r.server} ({r.weight_format})", str(r.concurrency),
                       f"{r.output_tokens_s:,.1f}", _ms(r.ttft_p50_ms), _ms(r.ttft_p99_ms),
                       _ms(r.tpot_p50_ms), _ms(r.tpot_p99_ms),
                       f"{r.roofline_fraction:.0%} of {r.roofline_tokens_s:,.0f}", ratio,
-                      style="bold" if r.server == "strata" else None)
+                      style="bold" if is_strata(r.server) else None)
     return table
 
 
@@ -446,10 +461,10 @@ def markdown(results: Sequence[LevelResult], header: Sequence[str], command: str
     lines = [f"`{command}`", "", *[f"- {h}" for h in header], "",
              "| server (weights) | c | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms)"
              " | % of roofline | vs best peer |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda x: (x.concurrency, x.server != "strata")):
+    for r in sorted(results, key=lambda x: (x.concurrency, not is_strata(x.server))):
         peer = best_peer(results, r.concurrency)
         ratio = f"{r.output_tokens_s / peer.output_tokens_s:.2f}x" if peer else "-"
-        name = f"**{r.server}**" if r.server == "strata" else r.server
+        name = f"**{r.server}**" if is_strata(r.server) else r.server
         lines.append(
             f"| {name} ({r.weight_format}) | {r.concurrency} | {r.output_tokens_s:,.1f} | "
             f"{_num(r.ttft_p50_ms)} / {_num(r.ttft_p99_ms)} | {_num(r.tpot_p50_ms)} / "
@@ -487,8 +502,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--input-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--strata-args", default="",
-                   help="extra options for strata's engine, e.g. '--dtype int8'")
+    p.add_argument("--strata-args", action="append", default=None,
+                   help="extra options for strata's engine, e.g. '--dtype int8'; repeat to "
+                        "measure several strata variants in the same run")
     p.add_argument("--peer-dtype", default="auto",
                    help="float32 | bfloat16 | auto (the faster matmul here) for vLLM and "
                         "transformers")
@@ -511,7 +527,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error("--peer-dtype must be auto, float32 or bfloat16")
     return Options(servers=servers, concurrency=conc, requests=a.requests,
                    input_tokens=a.input_tokens, output_tokens=a.output_tokens,
-                   threads=a.threads, strata_args=tuple(shlex.split(a.strata_args)),
+                   threads=a.threads,
+                   strata_variants=tuple(tuple(shlex.split(v)) for v in a.strata_args or [""]),
                    peer_dtype=a.peer_dtype, llama_cpp_python_max_c=a.llama_cpp_python_max_c,
                    output=a.output, seed=a.seed)
 
@@ -547,14 +564,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             failures[plan.name] = f"{type(err).__name__}: {err}"[:2000]
             console.print(f"[red]{plan.name} failed:[/red] {failures[plan.name]}")
         console.print(f"  ({plan.name}: {time.monotonic() - t0:.0f} s)")
-    strata_format = next((p.weight_format for p in plans if p.name == "strata"), "float32")
+    checks = [check for p in plans if is_strata(p.name)
+              for check in verdicts(results, roof, shape, p.weight_format, p.name)]
     header = rl.describe(roof, shape) + [
         f"strata at {_git_revision()}; load average before the run {load_before[0]:.2f}; "
         f"{opts.threads} threads per server; servers run one at a time",
         "% of roofline: of min(compute, c x bandwidth) for the server's own weight format "
         "(Q4_1 computes at the measured int8 rate)",
     ]
-    checks = verdicts(results, roof, shape, strata_format)
     console.print(results_table(results))
     for c in checks:
         console.print(f"target: {c['target']}: {c['value']:,.2f} -> "
@@ -564,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = markdown(results, header, command, checks)
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps({
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
         "options": {**asdict(opts), "output": str(opts.output)},
         "strata_revision": _git_revision(), "roofline": roof.to_dict(shape),
         "load_average_before": load_before,

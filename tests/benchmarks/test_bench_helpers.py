@@ -79,3 +79,41 @@ def test_ggml_flags_follow_the_cpu_and_never_enable_amx() -> None:
     assert all(a.endswith("=OFF") for a in args if "AMX" in a)
     amx = peers.ggml_cmake_args({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     assert "-DGGML_AVX512_BF16=ON" in amx and "-DGGML_AMX_BF16=OFF" in amx
+
+
+def _level(server: str, c: int, tok_s: float, tpot_ms: float) -> object:
+    engine = _load("engine")
+    return engine.LevelResult(
+        server=server, concurrency=c, requests=4, completed=4, output_tokens_s=tok_s,
+        ttft_p50_ms=100.0, ttft_p99_ms=120.0, tpot_p50_ms=tpot_ms, tpot_p99_ms=tpot_ms,
+        duration_s=10.0, mean_output_tokens=128.0, early_stops=0, prompt_token_mismatches=0,
+        errors={}, roofline_tokens_s=200.0, weight_format="float32")
+
+
+def test_best_peer_ignores_strata_variants_and_targets_use_ratios() -> None:
+    engine = _load("engine")
+    results = [_level("strata", 16, 300.0, 50.0), _level("strata --dtype int8", 16, 900.0, 20.0),
+               _level("vllm", 16, 150.0, 90.0), _level("llama-server", 16, 100.0, 120.0),
+               _level("strata", 1, 20.0, 50.0), _level("llama-server", 1, 80.0, 12.0)]
+    assert engine.best_peer(results, 16).server == "vllm"
+    assert engine.is_strata("strata --dtype int8") and not engine.is_strata("stratax")
+    cpu = roofline.parse_cpuinfo(CPUINFO)
+    roof = roofline.Roofline(cpu=cpu, threads=2, read_gbps=20.0,
+                             matmul_tflops={"float32": 0.4, "bfloat16": 2.0})
+    shape = roofline.ModelShape("m", matmul_params=100_000_000)
+    checks = {c["target"]: c for c in engine.verdicts(results, roof, shape, "float32")}
+    peer16 = next(c for t, c in checks.items() if "c=16" in t)
+    assert peer16["value"] == pytest.approx(2.0) and peer16["met"]
+    tpot = next(c for t, c in checks.items() if "TPOT" in t)
+    assert tpot["value"] == pytest.approx(50.0 / 12.0) and not tpot["met"]
+
+
+def test_parse_args_accepts_several_strata_variants() -> None:
+    engine = _load("engine")
+    opts = engine.parse_args(["--strata-args", "", "--strata-args", "--dtype int8",
+                              "--concurrency", "1,4"])
+    assert opts.strata_variants == ((), ("--dtype", "int8"))
+    assert opts.concurrency == (1, 4)
+    assert engine.requests_for(opts, 1) == 4 and engine.requests_for(opts, 64) == 64
+    assert engine.prompt_offset(opts, 1) == engine.WARMUP
+    assert engine.prompt_offset(opts, 4) == engine.WARMUP + 4
