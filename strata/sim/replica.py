@@ -94,7 +94,11 @@ class SimReplica:
         self._step_dt = 0.0
         self._step_f = StepFeatures()
         self._run: DecodeRun | None = None
-        self._waiting_tokens: int | None = None  # cache: changes only at real steps, arrivals
+        # Scheduler.waiting_prompt_tokens() in two parts: the waiting sequences' tokens, kept
+        # up to date (summing a long backlog at every report would cost O(backlog)), and
+        # the running prefills' rest, cached until the next real step.
+        self._waiting_sum = 0
+        self._running_prefill: int | None = None
         # measurements (EngineCore's, plus the simulator's own accounting)
         self._rates: deque[tuple[float, int, int]] = deque()
         self._rate_prompt = 0
@@ -153,7 +157,7 @@ class SimReplica:
         seq = Sequence(req.req_id, self.prompt_ids(req),
                        SamplingParams(max_tokens=req.output_tokens), arrival_time=now)
         self.requests[req.req_id] = req
-        self._waiting_tokens = None
+        self._waiting_sum += len(seq.prompt_token_ids)
         req.replica = self.replica_id
         req.status = "running"
         self.scheduler.add(seq)
@@ -174,9 +178,17 @@ class SimReplica:
         self._batch = None
 
     def _real_step(self, now: float) -> None:
-        self._waiting_tokens = None
-        batch = self.scheduler.step()
+        sched = self.scheduler
+        n_before = len(sched.running)
+        batch = sched.step()
         self.real_steps += 1
+        self._running_prefill = None
+        # Admitted sequences join the running list at its end; preempted ones went back.
+        admitted = len(sched.running) - (n_before - len(batch.preempted))
+        if admitted > 0:
+            self._waiting_sum -= sum(s.num_tokens for s in sched.running[-admitted:])
+        for seq in batch.preempted:
+            self._waiting_sum += seq.num_tokens
         if not batch:
             self._set_idle()
             return
@@ -200,7 +212,7 @@ class SimReplica:
         assert batch is not None
         sched = self.scheduler
         sched.on_step_done(batch)
-        self._waiting_tokens = None
+        self._running_prefill = None
         finished = False
         listener = self.listener
         for group in (batch.decodes, batch.prefills):
@@ -413,11 +425,13 @@ class SimReplica:
         span = max(now - first, 1e-3)
         return prompt / span, gen / span
 
-    def _waiting_prompt_tokens(self) -> int:
+    def waiting_prompt_tokens(self) -> int:
+        """``Scheduler.waiting_prompt_tokens()``, without summing the whole backlog each time."""
         # Skipped decode steps leave it unchanged: decodes have nothing left to prefill.
-        if self._waiting_tokens is None:
-            self._waiting_tokens = self.scheduler.waiting_prompt_tokens()
-        return self._waiting_tokens
+        if self._running_prefill is None:
+            self._running_prefill = sum(s.num_uncomputed_tokens - 1
+                                        for s in self.scheduler.running if s.is_prefill)
+        return self._waiting_sum + self._running_prefill
 
     def load_report(self, now: float) -> LoadReport:
         """GET /load as the replica would answer it now (a skipped run is not materialized)."""
@@ -440,7 +454,7 @@ class SimReplica:
             model=self.spec.model_name,
             running=len(sched.running),
             waiting=len(sched.waiting),
-            waiting_prompt_tokens=self._waiting_prompt_tokens(),
+            waiting_prompt_tokens=self.waiting_prompt_tokens(),
             free_kv_blocks=free,
             total_kv_blocks=e.num_blocks,
             block_size=e.block_size,

@@ -78,3 +78,22 @@ def test_closed_form_ewma_equals_repeated_updates() -> None:
             d = v if d == 0 else 0.8 * d + 0.2 * v
         assert ewma_after(d0, 0.02, 0.0001, 37) == pytest.approx(d, rel=1e-12)
     assert ewma_after(0.5, 0.1, 0.0, 0) == 0.5
+
+
+def test_incremental_waiting_tokens_match_the_scheduler(a100_13b: ReplicaModel) -> None:
+    engine = EngineSettings(num_blocks=150, block_size=16, max_num_seqs=8,
+                            max_num_batched_tokens=256, max_model_len=4096)
+    cluster = SimCluster(make_setup(a100_13b, engine=engine, initial_units=1))
+    checks = []
+
+    def check() -> None:
+        rep = cluster.units[0].members[0]
+        checks.append((rep.waiting_prompt_tokens(), rep.scheduler.waiting_prompt_tokens()))
+        if cluster.loop.now < 60:
+            cluster.loop.after(0.137, check)
+
+    cluster.loop.at(0.0, check)
+    cluster.run(random_requests(150, rate=5.0, max_prompt=1200, max_output=100))
+    assert len(checks) > 400 and max(a for a, _ in checks) > 10_000
+    assert all(a == b for a, b in checks)
+    assert any(r.preemptions for r in cluster.requests)
