@@ -18,15 +18,25 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from strata.autoscale.llm import LlmConfig
 from strata.autoscale.registry import AutoscalingConfig, policy_names
 from strata.routing.registry import DEFAULT_POLICY, make_policy
 from strata.routing.registry import policy_names as routing_policy_names
+from strata.stages.plan import StageSpec
 
 _TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -87,14 +97,97 @@ class EngineOptions(_Strict):
         return parse_bytes(self.kv_cache)
 
 
-class TierConfig(_Strict):
-    """One tier: a set of interchangeable replicas, scaled as one."""
+def _stages_kind(value: Any) -> str:
+    return "auto[str]" if isinstance(value, str) else "ranges[list]"
 
-    kind: Literal["engine"] = "engine"  # layer-range stage tiers come later
+
+# A list of layer ranges or the word ``auto``; the tag picks one, so an error is about it only.
+_Stages = Annotated[
+    Annotated[list[StageSpec], Tag("ranges[list]")] | Annotated[Literal["auto"], Tag("auto[str]")],
+    Discriminator(_stages_kind),
+]
+
+
+class StageScaling(_Strict):
+    """How every later stage of a pipeline scales, each within its own min/max replicas.
+
+    HPA on the stage replicas' busy ratio (``custom_stage_busy``); only the bottleneck stage
+    (the busiest) may grow in one tick.
+    """
+
+    target_busy_pct: int = Field(default=80, ge=1, le=100)  # busy fraction each replica aims at
+    downscale_stabilization_s: int = Field(default=300, ge=0)  # Kubernetes' default window
+
+
+class TierConfig(_Strict):
+    """One tier: a set of interchangeable replicas, scaled as one.
+
+    ``kind: stages`` (implied by ``stages``) is a layer-range pipeline: a head process
+    (scheduler, OpenAI API, the first layer range) that the gateway sees as the model's
+    replica, and one replica set per later range, each scaled on its own.
+    """
+
+    kind: Literal["engine", "stages"] = "engine"
     replicas: int = Field(default=1, ge=0)  # fixed count, or the initial one when autoscaled
     engine: EngineOptions | None = None  # None: the cluster-wide ``engine`` section
     autoscaling: AutoscalingConfig | None = None  # None: keep ``replicas`` fixed
     custom_metrics: dict[str, str] = Field(default_factory=dict)  # custom_<name>: PromQL
+    # kind stages: explicit layer ranges, or ``auto`` (split balanced by measured cost)
+    stages: _Stages | None = None
+    num_stages: int | None = Field(default=None, ge=2)  # with ``stages: auto``
+    stage_max_replicas: int = Field(default=1, ge=1)  # with ``stages: auto``: each later stage
+    stage_scaling: StageScaling = Field(default_factory=StageScaling)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("stages") is not None and "kind" not in data:
+            return {**data, "kind": "stages"}
+        return data
+
+    @model_validator(mode="after")
+    def _stages(self) -> TierConfig:
+        if self.kind == "engine":
+            if self.stages is not None or self.num_stages is not None:
+                raise ValueError("stages / num_stages belong to a stage pipeline: set kind: "
+                                 "stages (or remove kind)")
+            return self
+        if self.stages is None:
+            raise ValueError("stages: a kind: stages tier needs `stages`: a list of layer "
+                             "ranges ([{layers: '0:15'}, {layers: '15:30'}]) or `auto`")
+        if self.autoscaling is not None:
+            raise ValueError("autoscaling: a stage pipeline scales each later stage within its "
+                             "own min_replicas/max_replicas (see stage_scaling); remove "
+                             "autoscaling")
+        if self.replicas != 1:
+            raise ValueError(f"replicas: a stage pipeline runs one head (got {self.replicas}); "
+                             "replicate later stages with their max_replicas")
+        if self.custom_metrics:
+            raise ValueError("custom_metrics: stage pipelines scale on their busy ratio only")
+        if self.stages == "auto":
+            if self.num_stages is None:
+                raise ValueError("num_stages: `stages: auto` needs the number of stages, e.g. "
+                                 "num_stages: 2")
+            return self
+        if self.num_stages is not None:
+            raise ValueError("num_stages goes with `stages: auto`; explicit stages already "
+                             "say how many")
+        if len(self.stages) < 2:
+            raise ValueError("stages: a pipeline needs at least two layer ranges, e.g. "
+                             "[{layers: '0:15'}, {layers: '15:30'}]")
+        head = self.stages[0]
+        if head.range[0] != 0:
+            raise ValueError(f"stages[0].layers: the first stage must start at layer 0, not "
+                             f"{head.layers}")
+        if head.bounds[:2] != (1, 1):
+            raise ValueError("stages[0]: the head (scheduler, OpenAI API) runs one replica; "
+                             "remove its replicas/min_replicas/max_replicas")
+        for i, (prev, cur) in enumerate(zip(self.stages, self.stages[1:], strict=False), 1):
+            if cur.range[0] != prev.range[1]:
+                raise ValueError(f"stages[{i}].layers: {cur.layers} must start where "
+                                 f"stages[{i - 1}] ({prev.layers}) ends, at layer "
+                                 f"{prev.range[1]}")
+        return self
 
     @field_validator("custom_metrics")
     @classmethod
@@ -109,7 +202,7 @@ class TierConfig(_Strict):
 
     @property
     def min_replicas(self) -> int:
-        """The fewest replicas the tier may run."""
+        """The fewest replicas the tier may run (a stage pipeline: of its head)."""
         return self.replicas if self.autoscaling is None else self.autoscaling.min_replicas
 
     @property
@@ -229,8 +322,8 @@ class ClusterConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
         if len(self.tiers) != 1:
-            raise ValueError(f"tiers: exactly one engine tier is supported for now (stage "
-                             f"tiers come later); got {len(self.tiers)}: {', '.join(self.tiers)}")
+            raise ValueError(f"tiers: exactly one tier (an engine tier or a stage pipeline) is "
+                             f"supported for now; got {len(self.tiers)}: {', '.join(self.tiers)}")
         for name, tier in self.tiers.items():
             if not _TIER_NAME.match(name):
                 raise ValueError(f"tiers: name {name!r} must be lowercase letters, digits and "
@@ -240,6 +333,9 @@ class ClusterConfig(_Strict):
                                  "prometheus.url (e.g. http://127.0.0.1:9090)")
             if tier.max_replicas < 1 and tier.autoscaling is not None:
                 raise ValueError(f"tiers.{name}.autoscaling.max_replicas must be >= 1")
+            if tier.kind == "stages" and self.engine_for(name).dtype == "int8":
+                raise ValueError(f"tiers.{name}: stage pipelines run float32, bfloat16 or "
+                                 "float16 (int8 weights are engine-only); set engine.dtype")
         return self
 
     @property
@@ -288,6 +384,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     parts = list(loc[:-1])
     while parts:
         part = parts.pop(0)
+        if isinstance(part, int):  # a list index (stages[i]): same models
+            continue
         nxt: list[type[BaseModel]] = []
         for m in models:
             field = m.model_fields.get(str(part))

@@ -113,7 +113,8 @@ def test_tier_engine_section_overrides_the_cluster_one() -> None:
     ("engine: {dtype: fp8}", "engine.dtype: Input should be 'auto', 'float32'"),
     ("routing: {policy: fastest}", "routing: policy 'fastest' is unknown; use one of resource_match"),
     ("routing: {policy: round_robin, params: {speed: 3}}", "bad parameters for routing policy"),
-    ("tiers: {engine: {}, stage-a: {}}", "tiers: exactly one engine tier is supported for now"),
+    ("tiers: {engine: {}, stage-a: {}}", "tiers: exactly one tier (an engine tier or a stage "
+     "pipeline) is supported for now"),
     ("tiers: {Engine_1: {}}", "tiers: name 'Engine_1' must be lowercase letters"),
     ("tiers: {engine: {custom_metrics: {custom_q: 'sum(up)'}}}", "set prometheus.url"),
     ("tiers: {engine: {custom_metrics: {q: 'sum(up)'}}}", "must be named custom_<something>"),
@@ -124,6 +125,57 @@ def test_tier_engine_section_overrides_the_cluster_one() -> None:
 ])
 def test_errors_name_the_field_and_the_fix(text: str, expected: str) -> None:
     assert expected in error(text)
+
+
+def test_stage_pipeline_tier_explicit_and_auto() -> None:
+    c = parse("""
+tiers:
+  pipeline:
+    stages: [{layers: "0:15"}, {layers: "15:30", max_replicas: 3}]
+    stage_scaling: {target_busy_pct: 70}
+""")
+    tier = c.tiers["pipeline"]
+    assert tier.kind == "stages" and [s.layers for s in tier.stages] == ["0:15", "15:30"]
+    assert tier.stages[1].bounds == (1, 3, 1) and tier.stage_scaling.target_busy_pct == 70
+    assert (tier.min_replicas, tier.max_replicas) == (1, 1)  # the head
+    auto = parse("tiers: {p: {stages: auto, num_stages: 3, stage_max_replicas: 2}}").tiers["p"]
+    assert (auto.kind, auto.stages, auto.num_stages, auto.stage_max_replicas) == (
+        "stages", "auto", 3, 2)
+    assert parse("tiers: {engine: {kind: engine}}").tiers["engine"].stages is None
+
+
+@pytest.mark.parametrize(("stages", "expected"), [
+    ('[{layers: "0:15"}, {layers: "16:30"}]',
+     "tiers.p: stages[1].layers: 16:30 must start where stages[0] (0:15) ends, at layer 15"),
+    ('[{layers: "2:15"}, {layers: "15:30"}]', "stages[0].layers: the first stage must start at layer 0, not 2:15"),
+    ('[{layers: "0:30"}]', "stages: a pipeline needs at least two layer ranges"),
+    ('[{layers: "0:15", max_replicas: 2}, {layers: "15:30"}]', "stages[0]: the head"),
+    ('[{layers: "0-15"}, {layers: "15:30"}]',
+     "tiers.p.stages.0.layers: layers '0-15' must look like a:b"),
+    ('[{layers: "0:15"}, {layers: "15:15"}]', "the range is empty"),
+    ('[{layers: "0:15"}, {layers: "15:30", min_replicas: 3, max_replicas: 2}]',
+     "min_replicas 3 > max_replicas 2"),
+    ('[{layers: "0:15"}, {layrs: "15:30"}]',
+     "tiers.p.stages.1.layrs: Extra inputs are not permitted; fix: did you mean 'layers'?"),
+    ("manual", "tiers.p.stages: Input should be 'auto'"),
+    ("auto", "num_stages: `stages: auto` needs the number of stages"),
+])
+def test_stage_errors_name_the_field(stages: str, expected: str) -> None:
+    msg = error(f"tiers: {{p: {{stages: {stages}}}}}")
+    assert expected in msg, msg
+    assert "Input should be a valid list" not in msg, msg  # no noise from the other form
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("autoscaling: {policy: hpa, max_replicas: 2}", "a stage pipeline scales each later stage"),
+    ("replicas: 2", "replicas: a stage pipeline runs one head"),
+    ("kind: engine", "stages / num_stages belong to a stage pipeline"),
+    ("num_stages: 2", "num_stages goes with `stages: auto`"),
+    ("engine: {dtype: int8}", "int8 weights are engine-only"),
+])
+def test_stage_tier_options_that_do_not_apply(extra: str, expected: str) -> None:
+    assert expected in error(f'tiers: {{p: {{stages: [{{layers: "0:15"}}, {{layers: "15:30"}}], '
+                             f"{extra}}}}}")
 
 
 def test_several_errors_are_reported_together() -> None:

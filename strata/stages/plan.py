@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +123,12 @@ class StageSpec(BaseModel):
     min_replicas: int | None = Field(default=None, ge=1)
     max_replicas: int | None = Field(default=None, ge=1)
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        a, b = parse_layers(v)  # ValueError names the expected form
+        return f"{a}:{b}"
+
     @model_validator(mode="after")
     def _check(self) -> StageSpec:
         lo = self.min_replicas or 1
@@ -135,6 +141,13 @@ class StageSpec(BaseModel):
     def range(self) -> tuple[int, int]:
         """(a, b) of 'a:b'."""
         return parse_layers(self.layers)
+
+    @property
+    def bounds(self) -> tuple[int, int, int]:
+        """(min, max, initial) replicas of this stage's replica set."""
+        lo = self.min_replicas or 1
+        hi = self.max_replicas or max(self.replicas, lo)
+        return lo, hi, min(max(self.replicas, lo), hi)
 
 
 class StagesConfig(BaseModel):
