@@ -11,7 +11,8 @@ A supervisor owns its replica's process from launch to exit, so nothing else rac
   ``stable_after_s``. Failing health checks only take a live replica out of traffic.
 * **drain** (scale-down, ``drain``): out of ``endpoints`` at once, ``POST /drain`` (the
   engine then refuses new requests with 503 so the gateway retries elsewhere), wait until
-  ``/load`` reports nothing running or waiting (KV blocks freed) or ``drain_timeout_s``,
+  ``/load`` reports nothing running or waiting (KV blocks freed; and the spec's ``drained``
+  check agrees, e.g. no sequence is pinned to a stage replica) or ``drain_timeout_s``,
   then SIGTERM the group, and SIGKILL it after ``stop_timeout_s``.
 * **shutdown** (``close``): SIGTERM every group, SIGKILL what is left; an ``atexit`` hook
   SIGKILLs any group still alive if the event loop never got to ``close``.
@@ -367,12 +368,15 @@ class LocalPlatform:
             return
         idle_reads = 0
         last: dict[str, object] = {}
+        drained = self.specs[slot.tier].drained
         while self.clock() - t0 < self.options.drain_timeout_s and not self._exited(slot):
             try:
                 last = (await http.get(url + "/load")).json()
                 idle = last.get("running") == 0 and last.get("waiting") == 0
             except (httpx.HTTPError, ValueError):
                 idle = False
+            if idle and drained is not None:
+                idle = await drained(url)
             idle_reads = idle_reads + 1 if idle else 0
             if idle_reads >= 2:  # two reads apart: nothing was in transit to it either
                 log.info("replica %s drained in %.1f s (kv_usage %.2f)", slot.replica_id,

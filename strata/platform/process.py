@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,9 @@ class ProcessSpec:
     argv: Argv
     threads: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
+    # A draining replica is idle only once this also says so (given its URL): e.g. a stage
+    # replica's head still has sequences pinned to it. None: its own /load decides.
+    drained: Callable[[str], Awaitable[bool]] | None = None
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """The child's environment: ``base`` plus thread caps and unbuffered output."""

@@ -93,6 +93,35 @@ async def test_scale_up_serves_only_ready_replicas_then_drains_on_scale_down(
     assert not any(alive(pid) for pid in pids.values() if pid)
 
 
+async def test_a_drain_waits_for_the_specs_own_drained_check(tmp_path: Path) -> None:
+    # A stage replica's /load is idle while the head still pins sequences to it: the
+    # spec's `drained` check (the head's view) must hold the stop until it agrees.
+    asked: list[str] = []
+    done = asyncio.Event()
+
+    async def drained(url: str) -> bool:
+        asked.append(url)
+        return done.is_set()
+
+    spec = fake_spec()
+    spec = ProcessSpec(argv=spec.argv, threads=1, drained=drained)
+    platform = LocalPlatform({"stage": spec}, FAST.model_copy(update={"log_dir": tmp_path}))
+    try:
+        await platform.scale("stage", 1)
+        await until(lambda: len(platform.endpoints("stage")) == 1, what="ready")
+        [r] = platform.replicas("stage")
+        await platform.scale("stage", 0)
+        await until(lambda: len(asked) >= 3, what="the drained check asked")
+        assert set(asked) == {r.url}
+        assert [x.phase for x in platform.replicas("stage")] == ["draining"]
+        assert r.pid is not None and alive(r.pid)
+        done.set()
+        await until(lambda: platform.replicas("stage") == [], what="stopped once drained")
+        assert not alive(r.pid)
+    finally:
+        await platform.close()
+
+
 async def test_crashes_restart_with_backoff_and_keep_their_identity(tmp_path: Path) -> None:
     crash = tmp_path / "crash-once"
     crash.touch()
