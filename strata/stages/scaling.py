@@ -13,12 +13,13 @@ control loop (`strata.autoscale.loop`), like the engine tiers' observer does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
-from strata.autoscale.types import ReplicaSample, TierState
+from strata.autoscale.types import AutoscalingPolicy, ReplicaSample, ScaleDecision, TierState
 from strata.load import LoadReport
 from strata.platform.base import Platform, Replica
 
@@ -51,15 +52,19 @@ def stage_sample(
     )
 
 
-def stage_autoscaling(max_replicas: int, min_replicas: int = 1, target_busy_pct: int = 80) -> dict[str, Any]:
+def stage_autoscaling(max_replicas: int, min_replicas: int = 1, target_busy_pct: int = 80,
+                      downscale_stabilization_s: int | None = None) -> dict[str, Any]:
     """An `autoscaling` block for a stage tier: HPA on the stage's busy ratio."""
-    return {
+    block: dict[str, Any] = {
         "policy": "hpa",
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
         "metrics": [{"name": STAGE_BUSY, "type": "Utilization",
                      "average_utilization": target_busy_pct}],
     }
+    if downscale_stabilization_s is not None:
+        block["downscale_stabilization_s"] = downscale_stabilization_s
+    return block
 
 
 def bottleneck(states: Mapping[str, TierState]) -> str | None:
@@ -82,6 +87,7 @@ class StageObserver:
     def __init__(self, platform: Platform, http: httpx.AsyncClient) -> None:
         self.platform = platform
         self.http = http
+        self.latest: dict[str, TierState] = {}  # each stage tier's last observed state
 
     async def _load(self, replica: Replica) -> dict[str, Any] | None:
         if replica.url is None or replica.phase in ("starting", "backoff"):
@@ -103,5 +109,40 @@ class StageObserver:
             for r, body in zip(replicas, bodies, strict=True)
         )
         queued = sum(s.extra.get(STAGE_QUEUE, 0.0) for s in samples)
-        return TierState(tier=tier, current_replicas=self.platform.desired(tier),
-                         replicas=samples, extra={STAGE_QUEUE: queued})
+        state = TierState(tier=tier, current_replicas=self.platform.desired(tier),
+                          replicas=samples, extra={STAGE_QUEUE: queued})
+        self.latest[tier] = state
+        return state
+
+
+class BottleneckFirst:
+    """One stage tier's policy, gated so that only its pipeline's bottleneck stage grows.
+
+    The control loop observes every tier before any policy decides, so `observer.latest`
+    holds this tick's state of every autoscaled stage of the pipeline (`group`). A
+    scale-up of a stage that is not the busiest one is held at the current count (the
+    bottleneck grows first; once it has, the others' own signals decide next tick);
+    scale-downs pass unchanged.
+    """
+
+    def __init__(self, inner: AutoscalingPolicy, tier: str, group: Sequence[str],
+                 observer: StageObserver) -> None:
+        self.inner = inner
+        self.tier = tier
+        self.group = tuple(group)
+        self.observer = observer
+        self.name = inner.name
+        self.recommended_tick_s = inner.recommended_tick_s
+
+    def decide(self, state: TierState, now: float) -> ScaleDecision:
+        """The inner policy's decision, held when it grows a stage that is not the bottleneck."""
+        d = self.inner.decide(state, now)
+        if d.desired <= d.current:
+            return d
+        states = {t: self.observer.latest[t] for t in self.group if t in self.observer.latest}
+        states[self.tier] = state
+        top = bottleneck(states)
+        if top is None or top == self.tier:
+            return d
+        return replace(d, desired=d.current,
+                       reason=f"{d.reason}; held: stage tier {top} is the bottleneck")

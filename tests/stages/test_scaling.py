@@ -8,6 +8,7 @@ from strata.load import LoadReport
 from strata.stages.scaling import (
     STAGE_BUSY,
     STAGE_QUEUE,
+    BottleneckFirst,
     bottleneck,
     stage_autoscaling,
     stage_sample,
@@ -48,3 +49,31 @@ def test_hpa_on_busy_ratio_scales_the_bottleneck_stage_only() -> None:
     assert up.desired == 2 and steady.desired == 1
     # Two replicas sharing the load at 60 % each: no further change.
     assert build_policy(cfg).decide(tier("15:30", [0.6, 0.62]), now=100.0).desired == 2
+
+
+class _Seen:
+    """What `BottleneckFirst` reads: the tick's observed state of every stage tier."""
+
+    def __init__(self, states: dict[str, TierState]) -> None:
+        self.latest = states
+
+
+def test_only_the_bottleneck_stage_may_grow_in_a_tick() -> None:
+    states = {"stage-10-20": tier("stage-10-20", [0.9]),
+              "stage-20-30": tier("stage-20-30", [0.99], queued=3)}
+    seen = _Seen(states)
+    group = list(states)
+    cfg = stage_autoscaling(max_replicas=3, downscale_stabilization_s=0)
+    gated = {t: BottleneckFirst(build_policy(cfg), t, group, seen) for t in group}  # type: ignore[arg-type]
+    assert gated["stage-20-30"].name == "hpa"
+    up = gated["stage-20-30"].decide(states["stage-20-30"], now=100.0)
+    held = gated["stage-10-20"].decide(states["stage-10-20"], now=100.0)
+    assert (up.current, up.desired) == (1, 2)
+    assert (held.current, held.desired) == (1, 1) and "stage-20-30 is the bottleneck" in held.reason
+    # Scale-downs are never held: an idle stage shrinks while another is the bottleneck.
+    idle = tier("stage-10-20", [0.05, 0.0])
+    seen.latest = {**states, "stage-10-20": idle}
+    shrink = BottleneckFirst(build_policy(cfg), "stage-10-20", group, seen)  # type: ignore[arg-type]
+    shrink.decide(idle, now=100.0)  # the policy's first sight of the tier seeds its history
+    down = shrink.decide(idle, now=101.0)
+    assert (down.current, down.desired) == (2, 1)
