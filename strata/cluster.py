@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from prometheus_client.registry import Collector
 from strata.autoscale.loop import Autoscaler
 from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, SignalSource
 from strata.autoscale.registry import build_policy
+from strata.autoscale.types import AutoscalingPolicy, TierState
 from strata.cluster_status import render_status, status_payload
 from strata.config import ClusterConfig, load_cluster_config
 from strata.gateway.app import Gateway, GatewayConfig, create_app
@@ -43,6 +45,8 @@ from strata.gateway.ratelimit import Limits
 from strata.gateway.replicas import ReplicaSetConfig
 from strata.platform.base import Platform
 from strata.platform.local import LocalPlatform
+from strata.stages.scaling import BottleneckFirst, StageObserver, stage_autoscaling
+from strata.stages.tiers import StageTier, cluster_stage_specs, resolve_stages, stage_tiers
 
 log = logging.getLogger("strata.cluster")
 
@@ -89,6 +93,32 @@ class _PlatformCollector(Collector):
             for phase in ("starting", "ready", "unready", "draining", "stopping", "backoff"):
                 g.add_metric([tier, phase], phases.count(phase))
         yield g
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """One platform tier the cluster runs: an engine tier, or a pipeline's head or stage."""
+
+    name: str
+    kind: str  # engine | stage-head | stage
+    min_replicas: int
+    max_replicas: int
+    initial_replicas: int
+    layers: str | None = None  # stage tiers: the layer range a:b
+
+
+class _TierObservers:
+    """The loop's observer: stage tiers through `StageObserver`, the rest through `Observer`."""
+
+    def __init__(self, default: Observer, stages: StageObserver | None, stage_tiers: set[str]):
+        self.default = default
+        self.stages = stages
+        self.stage_tiers = stage_tiers
+
+    async def observe(self, tier: str, now: float) -> TierState:
+        if self.stages is not None and tier in self.stage_tiers:
+            return await self.stages.observe(tier, now)
+        return await self.default.observe(tier, now)
 
 
 class ClusterFront:
@@ -163,10 +193,26 @@ class Cluster:
                  api_keys: ApiKeys | None = None) -> None:
         """Build every part; nothing runs before ``run``."""
         self.config = config
-        self.tier = config.tier_name
+        self.tier = config.tier_name  # the gateway's tier (a pipeline's head)
+        tier_cfg = config.tiers[self.tier]
+        self.stage_tiers: list[StageTier] = []
+        self.stage_view: dict[str, Any] | None = None  # the head's last GET /stages
+        self._http_stages = httpx.AsyncClient(timeout=5.0)
+        if tier_cfg.kind == "stages":
+            stages = resolve_stages(config, self.tier)
+            self.stage_tiers = stage_tiers(self.tier, stages)
+            if platform is None:
+                specs = cluster_stage_specs(config, self.tier, stages, drained=self._stage_drained)
+                platform = LocalPlatform(specs, config.platform)
+            self.plans = [TierPlan(t.name, "stage-head" if t.head else "stage", t.min_replicas,
+                                   t.max_replicas, t.initial_replicas, t.layers)
+                          for t in self.stage_tiers]
+        else:
+            self.plans = [TierPlan(n, "engine", t.min_replicas, t.max_replicas,
+                                   t.initial_replicas) for n, t in config.tiers.items()]
         self.platform = platform or LocalPlatform.from_config(config)
         self.registry = CollectorRegistry()
-        self.registry.register(_PlatformCollector(self.platform, list(config.tiers)))
+        self.registry.register(_PlatformCollector(self.platform, [p.name for p in self.plans]))
         self.gateway = create_app(gateway_config(config, api_keys), on_demand=self._on_demand)
         self.front = ClusterFront(self.gateway, self.tier, self.registry, self._status)
         self.http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
@@ -178,12 +224,26 @@ class Cluster:
         else:
             source = ScrapeSource(self.front.gateway_metrics, self.http,
                                   config.autoscaler.window_s)
-        policies = {name: build_policy(config.autoscaling_for(name))
-                    for name, tier in config.tiers.items() if tier.autoscaling is not None}
+        policies: dict[str, AutoscalingPolicy] = {
+            name: build_policy(config.autoscaling_for(name))
+            for name, tier in config.tiers.items() if tier.autoscaling is not None}
+        self.stage_observer: StageObserver | None = None
+        if self.stage_tiers:
+            self.stage_observer = StageObserver(self.platform, self.http)
+            scaled = [t for t in self.stage_tiers if t.autoscaled]
+            sc = tier_cfg.stage_scaling
+            for t in scaled:
+                inner = build_policy(stage_autoscaling(
+                    t.max_replicas, t.min_replicas, sc.target_busy_pct,
+                    sc.downscale_stabilization_s))
+                policies[t.name] = BottleneckFirst(inner, t.name, [s.name for s in scaled],
+                                                   self.stage_observer)
+        observer = _TierObservers(Observer(self.platform, source, self.http), self.stage_observer,
+                                  {t.name for t in self.stage_tiers if not t.head})
         self.autoscaler = Autoscaler(
-            self.platform, Observer(self.platform, source, self.http), policies,
+            self.platform, observer, policies,
             period_s=config.autoscaler.period_s, source=source.name,
-            max_replicas={n: t.max_replicas for n, t in config.tiers.items()},
+            max_replicas={p.name: p.max_replicas for p in self.plans},
             registry=self.registry, history=config.autoscaler.history,
             decision_log=config.autoscaler.decision_log)
         self.url = f"http://{config.gateway.host}:{config.gateway.port}"
@@ -199,6 +259,79 @@ class Cluster:
 
     def _status(self) -> dict[str, Any]:
         return status_payload(self)
+
+    # -- stage pipelines --------------------------------------------------------------------
+
+    def _head_url(self) -> str | None:
+        """The pipeline head's URL while its process runs (ready or still loading)."""
+        for r in self.platform.replicas(self.tier):
+            if r.url is not None and r.phase in ("starting", "ready", "unready"):
+                return r.url
+        return None
+
+    async def _head_stages(self) -> dict[str, Any] | None:
+        """The head's GET /stages (replica sets, pins), or None when it does not answer."""
+        url = self._head_url()
+        if url is None:
+            return None
+        try:
+            resp = await self._http_stages.get(url + "/stages")
+            return resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def _stage_drained(self, url: str) -> bool:
+        """A draining stage replica is done once the head pins nothing to it any more.
+
+        The head forgets a draining replica when its last pinned sequence finishes, so
+        "not listed, or listed as not live with nothing pinned or in flight" is drained.
+        A head that cannot be reached holds no sequence anywhere: drained as well.
+        """
+        head = self._head_url()
+        if head is None:
+            return True
+        try:
+            view = (await self._http_stages.get(head + "/stages")).json()
+        except httpx.ConnectError:
+            return True
+        except (httpx.HTTPError, ValueError):
+            return False
+        for stage in view.get("stages", []):
+            for r in stage.get("replicas", []):
+                if r.get("url") == url:
+                    return r["state"] != "live" and r["pinned"] == 0 and r["inflight"] == 0
+        return True
+
+    async def _feed_stages(self) -> None:
+        """Keep the head's replica sets equal to the stage tiers' ready replicas.
+
+        A stage replica that the platform reports ready and the head does not list (or
+        lists as lost) is registered with ``POST /stages/replicas``; after a head restart
+        every one is registered again. Retiring replicas leave the platform's endpoints at
+        once and drain themselves (``POST /drain`` tells the head), so they are never
+        re-added. Also keeps the head's view for ``strata status``.
+        """
+        downstream = [t.name for t in self.stage_tiers if not t.head]
+        while True:
+            view = await self._head_stages()
+            self.stage_view = view
+            head = self._head_url()
+            if view is not None and head is not None:
+                known = {r["url"] for st in view.get("stages", []) for r in st.get("replicas", [])
+                         if r.get("state") != "down"}
+                missing = [e.url for t in downstream for e in self.platform.endpoints(t)
+                           if e.url not in known]
+                results = await asyncio.gather(*(self._http_stages.post(
+                    head + "/stages/replicas", json={"url": u}) for u in missing),
+                    return_exceptions=True)
+                for u, res in zip(missing, results, strict=True):
+                    if isinstance(res, httpx.Response) and res.status_code == 200:
+                        log.info("stage replica %s joined the head (%s)", u,
+                                 res.json().get("stage"))
+                    else:
+                        why = res.text[:200] if isinstance(res, httpx.Response) else repr(res)
+                        log.debug("stage replica %s not joined yet: %s", u, why)
+            await self.platform.wait_changed(1.0)
 
     async def _feed_endpoints(self) -> None:
         """Keep the gateway's replica set (and Prometheus' targets) equal to the platform's."""
@@ -242,9 +375,11 @@ class Cluster:
                 await asyncio.sleep(0.05)
             port = server.servers[0].sockets[0].getsockname()[1]
             self.url = f"http://{g.host}:{port}"
-            for name, tier in self.config.tiers.items():
-                await self.platform.scale(name, tier.initial_replicas)
+            for plan in self.plans:
+                await self.platform.scale(plan.name, plan.initial_replicas)
             tasks.append(asyncio.create_task(self._feed_endpoints(), name="endpoint feed"))
+            if self.stage_tiers:
+                tasks.append(asyncio.create_task(self._feed_stages(), name="stage feed"))
             if self.autoscaler.policies:
                 tasks.append(asyncio.create_task(self.autoscaler.run(), name="autoscaler"))
             if on_ready is not None:
@@ -266,11 +401,20 @@ class Cluster:
             await asyncio.gather(serving, return_exceptions=True)
             await self.platform.close()
             await self.http.aclose()
+            await self._http_stages.aclose()
 
 
 def _describe(cluster: Cluster) -> str:
     cfg = cluster.config
     tier = cfg.tiers[cluster.tier]
+    if cluster.stage_tiers:
+        logs = getattr(cluster.platform, "log_dir", None)
+        parts = [f"{t.name} (layers {t.layers}" + (", head)" if t.head else
+                 f", {t.initial_replicas} replica(s) in [{t.min_replicas}..{t.max_replicas}])")
+                 for t in cluster.stage_tiers]
+        return (f"strata cluster: gateway {cluster.url} (routing {cfg.routing.policy}); stage "
+                f"pipeline {cluster.tier}: " + "; ".join(parts)
+                + (f"; replica logs in {logs}" if logs else ""))
     scaling = "fixed" if tier.autoscaling is None else (
         f"{tier.autoscaling.policy} [{tier.min_replicas}..{tier.max_replicas}] every "
         f"{cfg.autoscaler.period_s:g} s from {cluster.autoscaler.source}")

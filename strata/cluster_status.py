@@ -25,13 +25,21 @@ def status_payload(cluster: Cluster) -> dict[str, Any]:
     now = time.monotonic()
     cfg = cluster.config
     gw = cluster.gateway.replicas.replicas
+    stage_reps, kv_blocks = _stage_replicas(cluster.stage_view)
+    observed = cluster.stage_observer.latest if cluster.stage_observer is not None else {}
     tiers = []
-    for name, tier in cfg.tiers.items():
+    for plan in cluster.plans:
+        name = plan.name
         policy = cluster.autoscaler.policies.get(name)
+        busy = {s.replica_id: s for s in observed[name].replicas} if name in observed else {}
         replicas = []
         for r in cluster.platform.replicas(name):
             g = gw.get(r.url) if r.url is not None else None
             load = g.load if g is not None else None
+            if plan.kind == "stage":
+                replicas.append(_stage_row(r, now, stage_reps.get(r.url or ""), kv_blocks,
+                                           busy.get(r.replica_id)))
+                continue
             replicas.append({
                 "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
                 "restarts": r.restarts, "crash_streak": r.crash_streak,
@@ -46,8 +54,9 @@ def status_payload(cluster: Cluster) -> dict[str, Any]:
                 if load else None,
             })
         tiers.append({
-            "name": name, "kind": tier.kind, "policy": policy.name if policy else "fixed",
-            "min": tier.min_replicas, "max": tier.max_replicas,
+            "name": name, "kind": plan.kind, "layers": plan.layers,
+            "policy": policy.name if policy else "fixed",
+            "min": plan.min_replicas, "max": plan.max_replicas,
             "desired": cluster.platform.desired(name),
             "ready": len(cluster.platform.endpoints(name)),
             "last_error": cluster.autoscaler.last_error(name), "replicas": replicas})
@@ -60,6 +69,36 @@ def status_payload(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+def _stage_replicas(view: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]], int]:
+    """The head's view of each stage replica, by URL, and the pipeline's KV block count."""
+    if not view:
+        return {}, 0
+    reps = {r["url"]: r for st in view.get("stages", []) for r in st.get("replicas", [])}
+    return reps, int(view.get("head", {}).get("kv_blocks", 0))
+
+
+def _stage_row(r: Any, now: float, head: dict[str, Any] | None, kv_blocks: int,
+               sample: Any) -> dict[str, Any]:
+    """A stage replica's row: the platform's facts plus the head's (pins, KV) and busy ratio."""
+    from strata.stages.scaling import STAGE_BUSY, STAGE_QUEUE
+
+    extra = sample.extra if sample is not None else {}
+    return {
+        "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
+        "restarts": r.restarts, "crash_streak": r.crash_streak,
+        "age_s": now - r.started_at, "startup_s": r.startup_s,
+        "ready_for_s": None if r.ready_at is None else now - r.ready_at,
+        "last_exit": r.last_exit,
+        "in_flight": head["inflight"] if head else None,  # micro-batches through it
+        "running": head["pinned"] if head else None,  # sequences whose KV lives here
+        "waiting": extra.get(STAGE_QUEUE),
+        "kv_usage": head["used_kv_blocks"] / kv_blocks if head and kv_blocks else None,
+        "tokens_per_s": None,
+        "head_state": head["state"] if head else None,  # live, draining, down; None: not joined
+        "busy": extra.get(STAGE_BUSY),
+    }
+
+
 def _num(v: float | None, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -69,18 +108,40 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _stage_table(t: dict[str, Any]) -> Table:
+    """Replicas of a stage tier: the head's view (joined, pins, KV) and the busy ratio."""
+    table = Table(title=f"Replicas of stage tier {t['name']} (layers {t['layers']})")
+    for col in ("replica", "phase", "address", "pid", "in head"):
+        table.add_column(col, no_wrap=True)
+    for col in ("restarts", "age", "pinned", "queued", "kv", "busy", "in-flight"):
+        table.add_column(col, justify="right")
+    for r in t["replicas"]:
+        phase = r["phase"] if not r["last_exit"] or r["phase"] == "ready" else \
+            f"{r['phase']} ({r['last_exit']})"
+        table.add_row(r["id"], phase, (r["url"] or "-").removeprefix("http://"),
+                      _num(r["pid"]), r["head_state"] or "-", str(r["restarts"]),
+                      _age(r["age_s"]), _num(r["running"]), _num(r["waiting"]),
+                      _num(r["kv_usage"], "{:.0%}"), _num(r["busy"], "{:.0%}"),
+                      _num(r["in_flight"]))
+    return table
+
+
 def render_status(payload: dict[str, Any], console: Console) -> None:
     """Tiers, replicas and the last scaling decisions as tables."""
     console.print(f"cluster at {payload['url']}, up {_age(payload['uptime_s'])}; routing "
                   f"{payload['routing']}; autoscaler every {payload['period_s']:g} s from "
                   f"{payload['source']}")
     tiers = Table(title="Tiers")
-    for col in ("tier", "kind", "policy", "ready/desired", "min..max", "note"):
+    for col in ("tier", "kind", "layers", "policy", "ready/desired", "min..max", "note"):
         tiers.add_column(col)
     tables = []
     for t in payload["tiers"]:
-        tiers.add_row(t["name"], t["kind"], t["policy"], f"{t['ready']}/{t['desired']}",
-                      f"{t['min']}..{t['max']}", t["last_error"] or "")
+        tiers.add_row(t["name"], t["kind"], t.get("layers") or "-", t["policy"],
+                      f"{t['ready']}/{t['desired']}", f"{t['min']}..{t['max']}",
+                      t["last_error"] or "")
+        if t["kind"] == "stage":
+            tables.append(_stage_table(t))
+            continue
         replicas = Table(title=f"Replicas of tier {t['name']}")
         for col in ("replica", "phase", "address", "pid"):
             replicas.add_column(col, no_wrap=True)
