@@ -6,10 +6,12 @@ unless told otherwise, with the thread count and dtype the engines use) and meas
 not: the HTTP thread competes with the engine thread for the GIL and the cores. Two kinds
 of observation, in a shuffled order so a burst of load on a shared machine spreads out:
 
-* **decode steps**: ``B`` concurrent streams of one cached prompt of ``ctx`` tokens (a
-  warm-up request puts it in the prefix cache, so they start together without ``B`` long
-  prefills); once all decode, the gap between consecutive tokens of a stream is one
-  iteration with ``B`` decodes at context ``ctx + i`` (median over the streams);
+* **decode steps**: ``B`` concurrent streams of cached prompts, half of ``ctx // 4`` tokens
+  and half of ``ctx`` (a warm-up request puts each in the prefix cache, so they start
+  together without ``B`` long prefills); once all decode, the gap between consecutive
+  tokens of a stream is one iteration with ``B`` decodes whose longest context is
+  ``ctx + i`` (median over the streams). Mixed lengths let the fit separate attention
+  over the summed contexts (a paged kernel) from attention over a padded batch;
 * **prefills**: a fresh prompt of ``n`` tokens with ``max_tokens`` 1; the time to the end of
   its stream is the per-request overhead (HTTP, JSON, queues) plus the prefill chunks the
   scheduler cuts it into.
@@ -256,19 +258,26 @@ async def _measure(port: int, opts: ProfileOptions, vocab: int, log: Callable[[s
                 t = await _stream(client, url, prompt_of(a), 1)
                 requests.append((prefill_chunks(a, opts.max_num_batched_tokens), t[-1] - t[0]))
             else:
-                prompt = prompt_of(b)
-                await _stream(client, url, prompt, 1)  # now in the prefix cache
+                # Half the streams (rounded down) share a prompt of b tokens, the rest one of
+                # b // 4: with one context for all, the sum of contexts and the padded
+                # batch x longest context are proportional and the fit cannot tell them
+                # apart, yet the engine's attention costs one or the other depending on
+                # its decode kernel.
+                long_prompt, short_prompt = prompt_of(b), prompt_of(max(1, b // 4))
+                await _stream(client, url, long_prompt, 1)  # now in the prefix cache
+                await _stream(client, url, short_prompt, 1)
+                prompts = [short_prompt if j < a // 2 else long_prompt for j in range(a)]
                 m = opts.decode_tokens
-                streams = await asyncio.gather(*(_stream(client, url, prompt, m)
-                                                 for _ in range(a)))
+                streams = await asyncio.gather(*(_stream(client, url, pr, m)
+                                                 for pr in prompts))
                 # Token i (1-based) of every stream comes from the i-th shared step; from
                 # the second half on, all a sequences are decoding.
                 for i in range(max(2, m // 2), m):
                     gaps = [s[i + 1] - s[i] for s in streams if len(s) > i + 1]
                     if len(gaps) == a:
-                        ctx = b + i
-                        steps.append((StepFeatures(decodes=a, decode_ctx=a * ctx, sampled=a,
-                                                   decode_max_ctx=ctx),
+                        ctx_sum = sum(len(pr) + i for pr in prompts)
+                        steps.append((StepFeatures(decodes=a, decode_ctx=ctx_sum, sampled=a,
+                                                   decode_max_ctx=b + i),
                                       statistics.median(gaps)))
             log(f"  {done}/{len(jobs)} {kind} {a} {b}")
     return steps, requests

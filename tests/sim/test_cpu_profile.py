@@ -64,3 +64,28 @@ def test_profile_round_trips_into_a_replica_model(tmp_path: Path) -> None:
         pytest.approx(0.05 + 0.002 + 1e-5)
     with pytest.raises(FileNotFoundError, match="strata simulate profile"):
         CpuProfile.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("attention", ["decode_ctx", "decode_padded"])
+def test_mixed_context_decodes_tell_summed_from_padded_attention(attention: str) -> None:
+    # The profile's decode batches: half the streams at ctx // 4, half at ctx. With one
+    # context for all, the two attention features are proportional and the fit splits the
+    # cost between them arbitrarily.
+    truth = {"const": 0.02, "prefill_tokens": 0.003, "prefill_pairs": 0.0, "decodes": 0.0,
+             "decode_ctx": 0.0, "decode_padded": 0.0, "sampled": 0.005}
+    truth[attention] = 1e-5
+    cost = LinearCost(truth)
+    samples = []
+    for b in (1, 4, 16):
+        for ctx in (64, 256, 768):
+            for i in range(6, 12):
+                lens = [ctx // 4 + i] * (b // 2) + [ctx + i] * (b - b // 2)
+                f = StepFeatures(decodes=b, decode_ctx=sum(lens), sampled=b,
+                                 decode_max_ctx=ctx + i)
+                samples.append((f, cost.step_s(f)))
+    requests = [(prefill_chunks(n, 512), sum(cost.step_s(f) for f in prefill_chunks(n, 512))
+                 + 0.05) for n in (16, 128, 512, 1000)]
+    coef, _, _ = fit(samples, requests)
+    other = "decode_padded" if attention == "decode_ctx" else "decode_ctx"
+    assert coef[attention] == pytest.approx(1e-5, rel=0.05)
+    assert coef[other] < 1e-7
