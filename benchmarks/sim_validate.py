@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,16 @@ def simulate_with(profile: CpuProfile, path: Path, trace: Trace, engine: Profile
     return summarize(cluster, stats)
 
 
+def source_commit() -> dict[str, Any]:
+    """The commit of the checkout that ran (engine and simulator), and whether strata/ differs."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "strata_modified": bool(git("status", "--porcelain", "--", "strata"))}
+
+
 def compare(measured: BenchResult, sim: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of (metric, measured, simulated, error)."""
     m = measured.summary.model_dump()
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens)
     load: dict[str, tuple[float, ...]] = {}
+    source = source_commit()
     if args.reuse_measured:
         before = CpuProfile.load(out / "profile_before.json")
         after = CpuProfile.load(out / "profile_after.json")
@@ -153,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         load["profile_after"] = os.getloadavg()
         (out / "profile_after.json").write_text(after.to_json())
         (out / "load.json").write_text(json.dumps(load))
+        (out / "source.json").write_text(json.dumps(source))
+    if (out / "source.json").exists():
+        source = json.loads((out / "source.json").read_text())
     trace = build_trace(workload)
     sims = {name: simulate_with(prof, out / f"profile_{name}.json", trace, engine)
             for name, prof in (("mean", mean_profile(before, after)), ("before", before),
@@ -177,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     if load:
         console.print("load average (1, 5, 15 min) after each phase: "
                       + "; ".join(f"{k} {tuple(round(x, 1) for x in v)}" for k, v in load.items()))
-    doc = {"workload": {"trace": args.trace, "window": args.window,
+    console.print(f"engine and simulator from commit {source['commit'][:12]}"
+                  + (" (strata/ modified)" if source["strata_modified"] else ""))
+    doc = {"source": source, "workload": {"trace": args.trace, "window": args.window,
                         "rate_scale": args.rate_scale, "length_factor": args.length_factor,
                         "max_context": args.max_context, "seed": args.seed,
                         "requests": len(trace.records)},
