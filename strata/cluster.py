@@ -322,7 +322,7 @@ class Cluster:
                 missing = [e.url for t in downstream for e in self.platform.endpoints(t)
                            if e.url not in known]
                 results = await asyncio.gather(*(self._http_stages.post(
-                    head + "/stages/replicas", json={"url": u}) for u in missing),
+                    head + "/stages/replicas", json={"url": u}, timeout=30) for u in missing),
                     return_exceptions=True)
                 for u, res in zip(missing, results, strict=True):
                     if isinstance(res, httpx.Response) and res.status_code == 200:

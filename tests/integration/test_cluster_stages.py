@@ -1,6 +1,7 @@
 """A cluster file with a 2-stage pipeline, run by the cluster on real processes.
 
-The cluster (gateway, LocalPlatform, autoscaler) runs in this process on its own event
+First `serve_cluster` runs the file as `strata serve -f` does (a child process, Ctrl-C at
+the end, no process left behind). Then the cluster (gateway, LocalPlatform, autoscaler) runs in this process on its own event
 loop thread, so the test can call the very methods the control loop calls: one
 ``autoscaler.tick()`` scales the busy stage up through the real decision path, and
 ``platform.scale`` takes it back down while sequences are pinned to the leaving replica.
@@ -14,6 +15,7 @@ import concurrent.futures as cf
 import io
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +23,11 @@ import pytest
 import yaml
 from rich.console import Console
 
-from strata.cluster import Cluster
+from strata.cluster import Cluster, print_status
 from strata.cluster_status import render_status
 from strata.config import load_cluster_config
-from tests.integration.cluster_helpers import wait_for
+from tests.integration.cluster_helpers import alive, start_cluster, status, stop_cluster, wait_for
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,39 @@ MODEL = "SmolLM2-135M-Instruct"
 STAGE = "stage-15-30"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three fruits:",
            "Once upon a time,"]
+
+
+def _config(tmp: Path, port: int) -> dict[str, Any]:
+    return {
+        "engine": {"threads": 1, "dtype": "float32", "num_kv_blocks": 128, "max_model_len": 512},
+        "tiers": {"pipeline": {
+            "stages": [{"layers": "0:15"}, {"layers": "15:30", "max_replicas": 2}],
+            # Any work at all is "over target", so one tick after a request scales up.
+            "stage_scaling": {"target_busy_pct": 1, "downscale_stabilization_s": 0},
+        }},
+        "autoscaler": {"period_s": 3600},  # ticks only when the test calls tick()
+        "gateway": {"port": port},
+        "platform": {"log_dir": str(tmp / "logs"), "health_interval_s": 0.25,
+                     "drain_timeout_s": 90},
+    }
+
+
+def test_serve_cluster_runs_the_pipeline_file(tmp_path: Path, engine_url: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    proc, url = start_cluster(_config(tmp_path, free_port()), tmp_path)
+    try:
+        wait_for(lambda: [t["ready"] for t in status(url)["tiers"]] == [1, 1], 300,
+                 "the head and its stage ready")
+        assert _complete(url, PROMPTS[0]) == _complete(engine_url, PROMPTS[0])
+        pids = [r["pid"] for t in status(url)["tiers"] for r in t["replicas"]]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert print_status(url) == 0
+        shown = capsys.readouterr().out
+        assert "stage-15-30" in shown and "stage-head" in shown and "15:30" in shown
+    finally:
+        code = stop_cluster(proc)
+    assert code == 0, (tmp_path / "cluster.log").read_text()[-3000:]
+    assert not any(alive(p) for p in pids)
 
 
 class _Running:
@@ -71,18 +107,7 @@ class _Running:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Running]:
     tmp = tmp_path_factory.mktemp("stage-cluster")
-    config = {
-        "engine": {"threads": 1, "dtype": "float32", "num_kv_blocks": 128, "max_model_len": 512},
-        "tiers": {"pipeline": {
-            "stages": [{"layers": "0:15"}, {"layers": "15:30", "max_replicas": 2}],
-            # Any work at all is "over target", so one tick after a request scales up.
-            "stage_scaling": {"target_busy_pct": 1, "downscale_stabilization_s": 0},
-        }},
-        "autoscaler": {"period_s": 3600},  # ticks only when the test calls tick()
-        "gateway": {"port": 0},
-        "platform": {"log_dir": str(tmp / "logs"), "health_interval_s": 0.25,
-                     "drain_timeout_s": 90},
-    }
+    config = _config(tmp, 0)
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     r = _Running(Cluster(load_cluster_config(path)))
@@ -145,10 +170,10 @@ def test_scale_down_drains_pinned_sequences_without_failing_them(
     c = running.cluster
     if len(c.platform.endpoints(STAGE)) < 2:
         pytest.skip("needs the scale-up of the previous test")
-    expected = {p: _complete(engine_url, p, max_tokens=48) for p in PROMPTS}
+    expected = {p: _complete(engine_url, p, max_tokens=32) for p in PROMPTS}
     victim = max(c.platform.replicas(STAGE), key=lambda x: x.ready_at or 0.0)  # newest goes
     with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
-        futures = {p: ex.submit(_complete, c.url, p, 48) for p in PROMPTS}
+        futures = {p: ex.submit(_complete, c.url, p, 32) for p in PROMPTS}
         wait_for(lambda: any(x["url"] == victim.url and x["pinned"] > 0
                              for x in _stage_replicas(running)), 60,
                  "a sequence pinned to the replica that will leave")
@@ -163,4 +188,4 @@ def test_scale_down_drains_pinned_sequences_without_failing_them(
     assert victim.replica_id not in {r.replica_id for r in c.platform.replicas(STAGE)}
     wait_for(lambda: [x["url"] for x in _stage_replicas(running)] != [victim.url]
              and len(_stage_replicas(running)) == 1, 30, "the head to forget it")
-    assert _complete(c.url, PROMPTS[0], max_tokens=48) == expected[PROMPTS[0]]
+    assert _complete(c.url, PROMPTS[0], max_tokens=32) == expected[PROMPTS[0]]
