@@ -144,6 +144,16 @@ tiers:
     assert parse("tiers: {engine: {kind: engine}}").tiers["engine"].stages is None
 
 
+def test_the_examples_commented_pipeline_validates() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("  # pipeline:"):text.index("\nrouting:")]
+    lines = [line.replace("# ", "", 1) for line in block.splitlines()]
+    uncommented = "\n".join(ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
+    tier = parse("tiers:\n" + uncommented).tiers["pipeline"]
+    assert [s.layers for s in tier.stages] == ["0:15", "15:30"]
+    assert tier.stages[1].bounds == (1, 3, 1) and tier.stage_scaling.target_busy_pct == 80
+
+
 @pytest.mark.parametrize(("stages", "expected"), [
     ('[{layers: "0:15"}, {layers: "16:30"}]',
      "tiers.p: stages[1].layers: 16:30 must start where stages[0] (0:15) ends, at layer 15"),
