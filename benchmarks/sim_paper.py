@@ -55,8 +55,10 @@ def paper_table(doc: dict[str, Any]) -> Table:
                   f"{g['output_tokens_per_gpu_s']:.1f}", f"{g['utilization']:.1%}",
                   f"{g['provisioned_gpu_hours']:.1f}", f"{s['slo_attainment']:.1%}")
     o = doc["oracle"]
-    t.add_row("oracle (lower bound)", "", "", "", "", "", "", f"{o['gpu_hours']:.1f}", "")
-    t.add_row("fluid bound", "", "", "", "", "", "", f"{o['fluid_gpu_hours']:.1f}", "")
+    t.add_row("oracle schedule (knows the future)", "", "", "", "", "", "",
+              f"{o['gpu_hours']:.1f}", "")
+    t.add_row("fluid at best SLO capacity", "", "", "", "", "", "",
+              f"{o['fluid_gpu_hours']:.1f}", "")
     return t
 
 
@@ -102,8 +104,8 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"| {g['output_tokens_per_gpu_s']:.1f} | {g['utilization']:.1%} "
                      f"| {g['provisioned_gpu_hours']:.1f} | {s['slo_attainment']:.1%} |")
     orc = doc["oracle"]
-    lines.append(f"| oracle (knows the future) | | | | | | | {orc['gpu_hours']:.1f} | |")
-    lines.append(f"| fluid bound | | | | | | | {orc['fluid_gpu_hours']:.1f} | |")
+    lines.append(f"| oracle schedule (knows the future) | | | | | | | {orc['gpu_hours']:.1f} | |")
+    lines.append(f"| fluid at best SLO capacity | | | | | | | {orc['fluid_gpu_hours']:.1f} | |")
     lines += ["", f"SLO: TTFT <= {o['slo_ttft_s']} s and TPOT <= {o['slo_tpot_s'] * 1000:.0f} ms "
               "per request.", "",
               "| comparison | E2E mean | out tok/s per GPU | utilisation | GPU-hours |",
@@ -159,7 +161,7 @@ def plot(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[0].bar(names, [s["e2e"]["mean_ms"] / 1000 for s in sums])
     axes[0].set_title("E2E mean (s)")
     axes[1].bar(names, [s["gpu"]["provisioned_gpu_hours"] for s in sums])
-    axes[1].axhline(doc["oracle"]["gpu_hours"], color="k", ls="--", label="oracle")
+    axes[1].axhline(doc["oracle"]["gpu_hours"], color="k", ls="--", label="oracle schedule")
     axes[1].legend()
     axes[1].set_title("GPU-hours")
     axes[2].bar(names, [s["slo_attainment"] * 100 for s in sums])

@@ -52,6 +52,11 @@ def test_oracle_counts_units_per_minute_and_their_start_ups() -> None:
     assert o["gpu_hours"] == pytest.approx(((1 + 3) * 60 + (1 + 2) * 30) / 3600)
     assert o["fluid_gpu_hours"] == pytest.approx(303 / 2.0 / 3600)
     assert o["peak_units"] == 3
+    # A unit kind with more requests/s per GPU lowers the fluid figure, never raises it.
+    assert oracle(tr, cap=2.0, startup_s=30.0, gpus=1, best_rps_per_gpu=3.0)[
+        "fluid_gpu_hours"] == pytest.approx(303 / 3.0 / 3600)
+    assert oracle(tr, cap=2.0, startup_s=30.0, gpus=1, best_rps_per_gpu=1.0)[
+        "fluid_gpu_hours"] == pytest.approx(303 / 2.0 / 3600)
 
 
 def test_configurations_size_static_deployments_from_capacity() -> None:
