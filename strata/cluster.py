@@ -110,7 +110,8 @@ class TierPlan:
 class _TierObservers:
     """The loop's observer: stage tiers through `StageObserver`, the rest through `Observer`."""
 
-    def __init__(self, default: Observer, stages: StageObserver | None, stage_tiers: set[str]):
+    def __init__(self, default: Observer, stages: StageObserver | None,
+                 stage_tiers: set[str]) -> None:
         self.default = default
         self.stages = stages
         self.stage_tiers = stage_tiers
