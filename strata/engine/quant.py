@@ -22,6 +22,7 @@ class Int8Linear(nn.Module):
         zero = torch.zeros(w.shape[0], dtype=torch.long)
         qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self._linear = torch.ops.quantized.linear_dynamic.default
         self.in_features = linear.in_features
         self.out_features = linear.out_features
 
@@ -29,6 +30,10 @@ class Int8Linear(nn.Module):
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self.packed, False)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] float32 -> [T, out]: the engine's hot path, without reshapes."""
+        return self._linear(x, self.packed, False)
 
 
 def int8_supported() -> bool:
@@ -47,4 +52,7 @@ def quantize_linears(module: nn.Module) -> int:
             count += 1
         else:
             count += quantize_linears(child)
+    invalidate = getattr(module, "invalidate_plan", None)
+    if invalidate is not None:
+        invalidate()
     return count
