@@ -24,7 +24,7 @@ import torch
 from strata.engine.core import EngineCore, RequestError, SeqOutput
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
-from strata.engine.quant import int8_supported, quantize_linears
+from strata.engine.quant import CALIBRATION_TEXT, int8_supported, quantize_model
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
@@ -160,7 +160,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     if cfg.dtype == "int8":
         if device.type != "cpu" or not int8_supported():
             raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
-        quantize_linears(model)
+        quantize_model(model, tokenizer.encode(CALIBRATION_TEXT))
     native = device.type == "cpu" and load_paged_attention()
     kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)
     per_block = kv_bytes_per_block(model, cfg.block_size, kv_dtype)
