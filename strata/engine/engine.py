@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from strata.engine.core import EngineCore, RequestError, SeqOutput
+from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
-from strata.engine.quant import int8_supported, quantize_linears
+from strata.engine.quant import CALIBRATION_TEXT, int8_supported, quantize_model
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
@@ -44,6 +45,7 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads; None: measured (1 or all cores)
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
+    kv_cache_dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -92,6 +94,29 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choice
 
 
+def pick_kv_dtype(kv_cache_dtype: str, dtype: str, compute: torch.dtype, native: bool) -> torch.dtype:
+    """The KV cache's storage dtype.
+
+    auto: float16 under int8 weights on the native CPU path (decode attention at high
+    concurrency is bound by reading the cache, and fp16 halves its bytes, as llama.cpp's
+    default f16 cache does); otherwise the model's compute dtype, as in vLLM.
+    """
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if kv_cache_dtype == "auto":
+        return torch.float16 if dtype == "int8" and native else compute
+    if kv_cache_dtype not in table:
+        raise ValueError(
+            f"kv_cache_dtype must be auto, float32, float16 or bfloat16; got {kv_cache_dtype!r}"
+        )
+    kv = table[kv_cache_dtype]
+    if kv != compute and not (native and compute == torch.float32 and kv == torch.float16):
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype} needs the model to run in that dtype, or float32 "
+            "activations on the native CPU kernels with a float16 cache"
+        )
+    return kv
+
+
 def default_model_name(path: Path) -> str:
     """The API's model id: the file or directory name without a quantization suffix."""
     stem = path.stem if path.is_file() else path.name
@@ -135,17 +160,20 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     if cfg.dtype == "int8":
         if device.type != "cpu" or not int8_supported():
             raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
-        quantize_linears(model)
-    per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
+        quantize_model(model, tokenizer.encode(CALIBRATION_TEXT))
+    native = device.type == "cpu" and load_paged_attention()
+    kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)
+    per_block = kv_bytes_per_block(model, cfg.block_size, kv_dtype)
     num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-    runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device, kv_dtype=kv_dtype)
     name = cfg.served_model_name or default_model_name(path)
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     log.info(
-        "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB)",
-        name, dtype, device, torch.get_num_threads(), num_blocks, cfg.block_size,
-        num_blocks * per_block / 2**20,
+        "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB, %s)",
+        name, "int8" if cfg.dtype == "int8" else dtype, device, torch.get_num_threads(), num_blocks,
+        cfg.block_size,
+        num_blocks * per_block / 2**20, kv_dtype,
     )
     return EngineCore(runner, tokenizer, sched, name, cfg.enable_prefix_caching)
 

@@ -7,6 +7,7 @@ If the compiler is missing the engine falls back to gather + SDPA and says so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -27,10 +28,14 @@ def load_paged_attention() -> bool:
             from torch.utils.cpp_extension import load
 
             csrc = Path(__file__).with_name("csrc")
+            # torch's JIT cache hashes the sources and flags, not included headers:
+            # the header's hash goes into the flags so editing it rebuilds.
+            header = hashlib.sha256((csrc / "vec.h").read_bytes()).hexdigest()[:16]
             load(
                 name="strata_cpu_kernels",
                 sources=[str(csrc / "paged_attention.cpp"), str(csrc / "fused_ops.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", f"-DSTRATA_VEC_H={header}"],
+                extra_include_paths=[str(csrc)],
                 is_python_module=False,
                 verbose=False,
             )

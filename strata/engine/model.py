@@ -79,6 +79,15 @@ def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     )
 
 
+def _as_fn(linear: nn.Module):  # type: ignore[no-untyped-def]
+    """A projection as a plain callable on 2-D activations (fp Linear or Int8Linear)."""
+    if isinstance(linear, nn.Linear):
+        weight = linear.weight
+        return lambda x: F.linear(x, weight)
+    fast = getattr(linear, "forward_2d", None)
+    return fast if fast is not None else linear
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF-layout rotation: the head's two halves are the real and imaginary parts."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -224,28 +233,6 @@ class DecoderLayer(nn.Module):
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
         return x + self.mlp(h)
 
-    def forward_fused(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Native path with a deferred residual: returns (branch output, residual stream).
-
-        The residual add of one block is fused into the next block's RMSNorm.
-        """
-        add_norm = torch.ops.strata.add_rms_norm_
-        if residual is None:
-            residual = x
-            h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
-        else:
-            h = add_norm(x, residual, self.input_layernorm, self.eps)  # x += residual
-            residual = x
-        a = self.self_attn(h, None, None, meta, kv_cache)
-        h = add_norm(a, residual, self.post_attention_layernorm, self.eps)  # a += residual
-        return self.mlp(h, native=True), a
-
 
 class LlamaModel(nn.Module):
     """Layers [layer_start, layer_end) of a Llama model, with optional embedding and head."""
@@ -341,23 +328,116 @@ class LlamaModel(nn.Module):
             x = inputs
         if meta is not None and meta.cos_sin is not None:
             assert kv_caches is not None
-            meta.positions = positions
-            residual: torch.Tensor | None = None
-            for i, layer in enumerate(self.layers):
-                x, residual = layer.forward_fused(x, residual, meta, kv_caches[i])
-            if residual is None:  # no layers in this part
-                residual, x = x, torch.zeros_like(x)
-            if self.norm is not None:
-                return torch.ops.strata.add_rms_norm_(
-                    x, residual, self.norm, self.config.rms_norm_eps
-                )
-            return x + residual
+            return self._forward_native(x, positions, meta, kv_caches)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         if self.norm is not None:
             x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
         return x
+
+    def _native_plan(self) -> list[tuple]:
+        """Per layer: norm weights and the four projections as plain callables.
+
+        Built once (after any quantization swapped the Linear modules) so the native
+        forward calls torch ops directly instead of walking nn.Module calls.
+        """
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = [
+                (
+                    layer.input_layernorm,
+                    layer.post_attention_layernorm,
+                    _as_fn(layer.self_attn.qkv_proj),
+                    _as_fn(layer.self_attn.o_proj),
+                    _as_fn(layer.mlp.gate_up_proj),
+                    _as_fn(layer.mlp.down_proj),
+                )
+                for layer in self.layers
+            ]
+            self.__dict__["_plan"] = plan
+        return plan
+
+    def invalidate_plan(self) -> None:
+        """Forget the cached native plan (after the Linear modules were replaced)."""
+        self.__dict__.pop("_plan", None)
+
+    def _forward_native(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The fused CPU path: one flat loop of native ops per layer, residual deferred.
+
+        Each block's residual add is fused into the next RMSNorm (`add_rms_norm_`),
+        rotary embedding and the KV write are one op, and decode attention reads the
+        paged cache in place.
+        """
+        ops = torch.ops.strata
+        add_norm, rope_cache, paged = ops.add_rms_norm_, ops.rope_and_cache_, ops.paged_decode_attention
+        silu_mul = ops.silu_and_mul
+        c = self.config
+        eps, nh, nkv, hd = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_size
+        qs = nh * hd
+        scale = hd**-0.5
+        t = x.shape[0]
+        d = meta.num_decodes
+        decode_only = not meta.prefills
+        tables, lens, bsz = meta.decode_block_tables, meta.decode_lens, meta.block_size
+        slots, cos_sin = meta.slot_mapping, meta.cos_sin
+        res = torch.zeros_like(x)
+        for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn) in enumerate(self._native_plan()):
+            kc, vc = kv_caches[i]
+            h = add_norm(x, res, w_in, eps)  # x += res: x is the residual stream
+            qkv = qkv_fn(h)
+            rope_cache(qkv, positions, cos_sin, kc, vc, slots, nh, nkv)
+            q = qkv[:, :qs].view(t, nh, hd)
+            if decode_only:
+                attn = paged(q, kc, vc, tables, lens, bsz, scale)
+            else:
+                attn = self._mixed_attention(q, qkv, t, d, kc, vc, meta, scale)
+            a = o_fn(attn.view(t, qs))
+            h = add_norm(a, x, w_post, eps)  # a += x
+            x = down_fn(silu_mul(gu_fn(h)))
+            res = a
+        if self.norm is not None:
+            return add_norm(x, res, self.norm, c.rms_norm_eps)
+        return x + res
+
+    def _mixed_attention(
+        self,
+        q: torch.Tensor,
+        qkv: torch.Tensor,
+        t: int,
+        d: int,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Decodes through the paged kernel, prefill chunks through causal SDPA."""
+        attn = self.layers[0].self_attn
+        nkv, hd, qs, kvs = attn.num_kv_heads, attn.head_dim, attn.q_size, attn.kv_size
+        out = torch.empty((t, attn.num_heads, hd), dtype=q.dtype, device=q.device)
+        if d:
+            out[:d] = torch.ops.strata.paged_decode_attention(
+                q[:d], kc, vc, meta.decode_block_tables, meta.decode_lens, meta.block_size, scale
+            )
+        k = qkv[:, qs : qs + kvs].view(t, nkv, hd)
+        v = qkv[:, qs + kvs :].view(t, nkv, hd)
+        for span in meta.prefills:
+            s, e = span.start, span.start + span.length
+            if span.context_len == 0:
+                out[s:e] = attn._causal(q[s:e], k[s:e], v[s:e])
+            else:
+                assert span.gather_slots is not None
+                out[s:e] = attn._causal(
+                    q[s:e], kc[span.gather_slots].to(q.dtype), vc[span.gather_slots].to(q.dtype),
+                    context_len=span.context_len,
+                )
+        return out
 
     def rope_table(self) -> torch.Tensor:
         """[max_positions, head_dim] float32: cos of each frequency, then sin (native ops)."""

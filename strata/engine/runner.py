@@ -45,22 +45,26 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         native_attention: bool | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.device = torch.device(device)
         if native_attention is None:
             native_attention = self.device.type == "cpu" and load_paged_attention()
         self.native_attention = native_attention
+        if self.kv_dtype != dtype and not native_attention:
+            raise ValueError("a KV cache dtype other than the model's needs the native CPU kernels")
         self.cos_sin = model.rope_table().to(self.device) if native_attention else None
         c = model.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=dtype, device=self.device),
-                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(model.num_layers)
         ]

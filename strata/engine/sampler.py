@@ -51,7 +51,12 @@ class Sampler:
         n, vocab = logits.shape
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        logits = logits.clone()
+        if any(
+            r.params.logit_bias or r.params.needs_penalties
+            or len(r.output_token_ids) < r.params.min_tokens
+            for r in rows
+        ):
+            logits = logits.clone()  # edited in place below; the caller's stays intact
         for i, r in enumerate(rows):
             p = r.params
             if p.logit_bias:
@@ -64,11 +69,16 @@ class Sampler:
             if p.needs_penalties:
                 self._penalize(logits[i], r)
 
-        greedy = torch.tensor([r.params.greedy for r in rows])
-        tokens = torch.empty(n, dtype=torch.long)
-        if bool(greedy.any()):
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        rand_idx = (~greedy).nonzero().flatten().tolist()
+        greedy_rows = [r.params.greedy for r in rows]
+        if all(greedy_rows):  # the common serving case: one argmax, no masks or copies
+            tokens = logits.argmax(dim=-1)
+            rand_idx: list[int] = []
+        else:
+            greedy = torch.tensor(greedy_rows)
+            tokens = torch.empty(n, dtype=torch.long)
+            if bool(greedy.any()):
+                tokens[greedy] = logits[greedy].argmax(dim=-1)
+            rand_idx = (~greedy).nonzero().flatten().tolist()
         if rand_idx:
             sub = logits[rand_idx]
             temps = torch.tensor([rows[i].params.temperature for i in rand_idx]).unsqueeze(1)

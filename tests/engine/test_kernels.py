@@ -8,21 +8,34 @@ import torch.nn.functional as F
 
 from strata.engine.kernels import load_paged_attention
 
+# (query dtype, cache dtype): same dtype, or an fp16 cache under fp32 queries.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+]
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
-def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+
+@pytest.mark.parametrize(("dtype", "cache_dtype"), DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1), (12, 1)])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_paged_decode_attention_matches_sdpa(
+    dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> None:
     assert load_paged_attention()
     g = torch.Generator().manual_seed(0)
-    seqs, head_dim, bs, num_blocks = 5, 32, 4, 40
-    kc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(dtype)
-    vc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(dtype)
-    lens = torch.tensor([1, 3, 4, 17, 30], dtype=torch.int32)
+    seqs, bs, num_blocks = 6, 4, 80
+    kc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(cache_dtype)
+    vc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(cache_dtype)
+    lens = torch.tensor([1, 3, 4, 17, 30, 61], dtype=torch.int32)
     max_blocks = -(-int(lens.max()) // bs)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(seqs)])
     tables = tables.to(torch.int32)
-    q = torch.randn(seqs, heads, head_dim, generator=g).to(dtype)
+    # q as the model passes it: the leading columns of a wider fused qkv row.
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q = qkv[:, : heads * head_dim].view(seqs, heads, head_dim)
     got = torch.ops.strata.paged_decode_attention(q, kc, vc, tables, lens, bs, head_dim**-0.5)
+    assert got.shape == (seqs, heads, head_dim) and got.dtype == dtype
     for i in range(seqs):
         pos = torch.arange(int(lens[i]))
         slots = tables[i].long()[pos // bs] * bs + pos % bs
@@ -31,3 +44,33 @@ def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, heads: int, kv_
         ref = F.scaled_dot_product_attention(q[i : i + 1].unsqueeze(2).float(), k, v, enable_gqa=True)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert (got[i].float() - ref[0, :, 0]).abs().max().item() < tol
+
+
+def test_paged_decode_attention_refuses_mismatched_cache() -> None:
+    assert load_paged_attention()
+    q = torch.randn(1, 4, 64)
+    kc = torch.zeros(16, 4, 64, dtype=torch.bfloat16)
+    tables = torch.zeros(1, 1, dtype=torch.int32)
+    lens = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cache must have"):
+        torch.ops.strata.paged_decode_attention(q, kc, kc, tables, lens, 16, 0.125)
+
+
+def test_rope_and_cache_writes_fp16_cache() -> None:
+    """float32 activations into an fp16 cache: the rotated k and v, rounded to fp16."""
+    assert load_paged_attention()
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, d, t = 4, 2, 64, 5
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=g)
+    cos_sin = torch.randn(32, d, generator=g)
+    pos = torch.tensor([0, 3, 7, 8, 31])
+    slots = torch.tensor([2, 9, -1, 11, 0])
+    k32 = torch.zeros(16, kv_heads, d)
+    v32 = torch.zeros(16, kv_heads, d)
+    k16, v16 = k32.half(), v32.half()
+    a, b = qkv.clone(), qkv.clone()
+    torch.ops.strata.rope_and_cache_(a, pos, cos_sin, k32, v32, slots, heads, kv_heads)
+    torch.ops.strata.rope_and_cache_(b, pos, cos_sin, k16, v16, slots, heads, kv_heads)
+    assert torch.equal(a, b)
+    assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
+    assert k32[2].abs().sum() > 0 and k32[1].abs().sum() == 0  # slot -1 skipped

@@ -4,6 +4,41 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
+#include <type_traits>
+
+#include "vec.h"
+
+template <typename T, typename C>
+static void rope_cache_kernel(T* base, const int64_t* pp, const int64_t* sp, const float* cs, C* kc, C* vc,
+                              int64_t T_, int64_t D, int64_t num_heads, int64_t num_kv_heads) {
+  const int64_t half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
+  at::parallel_for(0, T_, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      T* row = base + t * width;
+      const float* c = cs + pp[t] * D;
+      const float* s = c + half;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+        T* x = row + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+          x[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+          x[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+      const int64_t slot = sp[t];
+      if (slot >= 0) {
+        const T* k = row + num_heads * D;
+        const T* v = k + num_kv_heads * D;
+        C* kd = kc + slot * num_kv_heads * D;
+        C* vd = vc + slot * num_kv_heads * D;
+        for (int64_t i = 0; i < num_kv_heads * D; ++i) {
+          kd[i] = static_cast<C>(k[i]);
+          vd[i] = static_cast<C>(v[i]);
+        }
+      }
+    }
+  });
+}
 
 // qkv: [T, (H + 2*KVH) * D], rotated in place (q and k parts, HF rotate-half layout);
 // cos_sin: [max_pos, D] float (cos in [:D/2], sin in [D/2:]); positions, slots: [T] int64.
@@ -13,7 +48,7 @@ void rope_and_cache_(at::Tensor qkv, const at::Tensor& positions, const at::Tens
                      int64_t num_heads, int64_t num_kv_heads) {
   TORCH_CHECK(qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors required");
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, "cos_sin must be float32");
-  const int64_t T = qkv.size(0), D = k_cache.size(2), half = D / 2;
+  const int64_t T = qkv.size(0), D = k_cache.size(2);
   const int64_t width = (num_heads + 2 * num_kv_heads) * D;
   TORCH_CHECK(qkv.size(1) == width, "qkv width does not match the head counts");
   auto pos = positions.contiguous();
@@ -21,32 +56,18 @@ void rope_and_cache_(at::Tensor qkv, const at::Tensor& positions, const at::Tens
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   const float* cs = cos_sin.data_ptr<float>();
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() ||
+                  (k_cache.scalar_type() == at::kHalf && qkv.scalar_type() == at::kFloat),
+              "the cache must have qkv's dtype, or be float16 under float32 activations");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_and_cache_", [&] {
-    scalar_t* base = qkv.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        scalar_t* row = base + t * width;
-        const float* c = cs + pp[t] * D;
-        const float* s = c + half;
-        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
-          scalar_t* x = row + h * D;
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
-            x[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
-            x[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
-          }
-        }
-        const int64_t slot = sp[t];
-        if (slot >= 0) {
-          const scalar_t* k = row + num_heads * D;
-          const scalar_t* v = k + num_kv_heads * D;
-          std::copy(k, k + num_kv_heads * D, kc + slot * num_kv_heads * D);
-          std::copy(v, v + num_kv_heads * D, vc + slot * num_kv_heads * D);
-        }
-      }
-    });
+    if (k_cache.scalar_type() == qkv.scalar_type()) {
+      rope_cache_kernel<scalar_t, scalar_t>(qkv.data_ptr<scalar_t>(), pp, sp, cs, k_cache.data_ptr<scalar_t>(),
+                                            v_cache.data_ptr<scalar_t>(), T, D, num_heads, num_kv_heads);
+    } else {
+      rope_cache_kernel<scalar_t, at::Half>(qkv.data_ptr<scalar_t>(), pp, sp, cs, k_cache.data_ptr<at::Half>(),
+                                            v_cache.data_ptr<at::Half>(), T, D, num_heads, num_kv_heads);
+    }
   });
 }
 
@@ -95,7 +116,18 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
         const scalar_t* gr = g + t * 2 * I;
         const scalar_t* ur = gr + I;
         scalar_t* orow = o + t * I;
-        for (int64_t i = 0; i < I; ++i) {
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const __m512 one = _mm512_set1_ps(1.f);
+          for (; i + 16 <= I; i += 16) {
+            const __m512 a = _mm512_loadu_ps(gr + i);
+            const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, strata_vec::exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+            _mm512_storeu_ps(orow + i, _mm512_mul_ps(_mm512_mul_ps(a, sig), _mm512_loadu_ps(ur + i)));
+          }
+        }
+#endif
+        for (; i < I; ++i) {
           const float a = static_cast<float>(gr[i]);
           orow[i] = static_cast<scalar_t>(a / (1.f + std::exp(-a)) * static_cast<float>(ur[i]));
         }

@@ -6,13 +6,113 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <algorithm>
 #include <vector>
 
-template <typename T>
-static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* tables,
+#include "vec.h"
+
+#if defined(__AVX512F__)
+// fp32 queries over fp32 or fp16 caches, head_dim 64 or 128, query group 1-8 (compile-time, so q and the output
+// accumulators live in registers). One pass per block of the table: scores of the
+// block's keys, an online softmax update (rescale once per block), then the weighted
+// sum of the block's values while they are still in L1.
+template <int NV, int G, typename CT>
+static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t* tables,
+                       const int32_t* lens, float* out, int64_t num_seqs, int64_t num_kv_heads,
+                       int64_t block_size, int64_t max_blocks, float scale, int64_t q_row) {
+  constexpr int64_t D = NV * 16;
+  const int64_t slot_stride = num_kv_heads * D;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc(G * block_size + 16);
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t s = work / num_kv_heads, kvh = work % num_kv_heads;
+      const int64_t len = lens[s];
+      const int32_t* table = tables + s * max_blocks;
+      __m512 qv[G][NV], acc[G][NV];
+      float mx[G], sum[G];
+      for (int g = 0; g < G; ++g) {
+        const float* qp = q + s * q_row + (kvh * G + g) * D;
+        for (int v = 0; v < NV; ++v) {
+          qv[g][v] = _mm512_mul_ps(_mm512_loadu_ps(qp + 16 * v), _mm512_set1_ps(scale));
+          acc[g][v] = _mm512_setzero_ps();
+        }
+        mx[g] = -INFINITY;
+        sum[g] = 0.f;
+      }
+      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+        const int64_t n = std::min(block_size, len - p0);
+        const int64_t base = static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * D;
+        const CT* kb = kc + base;
+        const CT* vb = vc + base;
+        float bmax[G];
+        for (int g = 0; g < G; ++g) bmax[g] = -INFINITY;
+        for (int64_t i = 0; i < n; ++i) {
+          const CT* kp = kb + i * slot_stride;
+          __m512 kv[NV];
+          for (int v = 0; v < NV; ++v) kv[v] = strata_vec::load16(kp + 16 * v);
+          for (int g = 0; g < G; ++g) {
+            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+            for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+            const float x = _mm512_reduce_add_ps(a);
+            sc[g * block_size + i] = x;
+            bmax[g] = x > bmax[g] ? x : bmax[g];
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          float* sg = sc.data() + g * block_size;
+          const float nmx = bmax[g] > mx[g] ? bmax[g] : mx[g];
+          const float corr = std::exp(mx[g] - nmx);  // 0 on the first block
+          mx[g] = nmx;
+          const __m512 vm = _mm512_set1_ps(nmx);
+          __m512 vs = _mm512_setzero_ps();
+          for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (n - i)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(m, strata_vec::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), vm)));
+            _mm512_mask_storeu_ps(sg + i, m, e);
+            vs = _mm512_add_ps(vs, e);
+          }
+          sum[g] = sum[g] * corr + _mm512_reduce_add_ps(vs);
+          const __m512 vc_ = _mm512_set1_ps(corr);
+          for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], vc_);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const CT* vp = vb + i * slot_stride;
+          __m512 vv[NV];
+          for (int v = 0; v < NV; ++v) vv[v] = strata_vec::load16(vp + 16 * v);
+          for (int g = 0; g < G; ++g) {
+            const __m512 w = _mm512_set1_ps(sc[g * block_size + i]);
+            for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(w, vv[v], acc[g][v]);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        float* op = out + (s * num_kv_heads * G + kvh * G + g) * D;
+        const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(op + 16 * v, _mm512_mul_ps(acc[g][v], inv));
+      }
+    }
+  });
+}
+
+template <int NV, typename CT>
+static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const CT* vc,
+                             const int32_t* tables, const int32_t* lens, float* out, int64_t S,
+                             int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row) {
+  switch (group) {
+#define STRATA_G(g) case g: decode_f32<NV, g, CT>(q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row); return true;
+    STRATA_G(1) STRATA_G(2) STRATA_G(3) STRATA_G(4) STRATA_G(5) STRATA_G(6) STRATA_G(7) STRATA_G(8)
+#undef STRATA_G
+    default: return false;
+  }
+}
+#endif
+
+template <typename T, typename CT>
+static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t* tables,
                           const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, float scale) {
+                          int64_t max_blocks, float scale, int64_t q_row) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_stride = num_kv_heads * head_dim;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -23,18 +123,21 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* t
       const int32_t* table = tables + s * max_blocks;
       scores.assign(group * len, 0.f);
       for (int64_t g = 0; g < group; ++g) {
-        const T* qp = q + (s * num_heads + kvh * group + g) * head_dim;
+        const T* qp = q + s * q_row + (kvh * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(qp[d]) * scale;
       }
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        const T* kp = kc + slot * slot_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * head_dim;
-          float dot = 0.f;
+      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+        const int64_t n = std::min(block_size, len - p0);
+        const CT* kb = kc + static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * head_dim;
+        for (int64_t i = 0; i < n; ++i) {
+          const CT* kp = kb + i * slot_stride;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * head_dim;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(kp[d]);
-          scores[g * len + p] = dot;
+            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(kp[d]);
+            scores[g * len + p0 + i] = dot;
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -47,14 +150,17 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* t
         for (int64_t p = 0; p < len; ++p) sc[p] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        const T* vp = vc + slot * slot_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * len + p];
-          float* ag = acc.data() + g * head_dim;
+      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+        const int64_t n = std::min(block_size, len - p0);
+        const CT* vb = vc + static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * head_dim;
+        for (int64_t i = 0; i < n; ++i) {
+          const CT* vp = vb + i * slot_stride;
+          for (int64_t g = 0; g < group; ++g) {
+            const float w = scores[g * len + p0 + i];
+            float* ag = acc.data() + g * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) ag[d] += w * static_cast<float>(vp[d]);
+            for (int64_t d = 0; d < head_dim; ++d) ag[d] += w * static_cast<float>(vp[d]);
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -71,20 +177,51 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                      at::Tensor block_tables, at::Tensor context_lens,
                                      int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q must be [S,H,D] and caches [slots,KVH,D]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  const bool half_cache = k_cache.scalar_type() == at::kHalf && q.scalar_type() == at::kFloat;
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || half_cache,
+              "the cache must have the query's dtype, or be float16 under float32 queries");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k and v caches differ in dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
-  q = q.contiguous();
+  // q may be a row-strided view (the q part of a fused qkv row): heads must be dense.
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(H % KVH == 0, "heads must be a multiple of kv heads");
-  auto out = at::empty_like(q);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const float sc = static_cast<float>(scale);
+  const int64_t mb = tables.size(1), qr = q.stride(0);
+  if (half_cache) {
+    const float* qp = q.data_ptr<float>();
+    const at::Half* kp = k_cache.data_ptr<at::Half>();
+    const at::Half* vp = v_cache.data_ptr<at::Half>();
+    float* op = out.data_ptr<float>();
+#if defined(__AVX512F__)
+    if ((D == 64 && decode_f32_group<4>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)) ||
+        (D == 128 && decode_f32_group<8>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)))
+      return out;
+#endif
+    decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr);
+    return out;
+  }
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kFloat) {
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k_cache.data_ptr<float>();
+    const float* vp = v_cache.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    if ((D == 64 && decode_f32_group<4>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)) ||
+        (D == 128 && decode_f32_group<8>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)))
+      return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                            S, H, KVH, D, block_size, tables.size(1), static_cast<float>(scale));
+    decode_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                      tp, lp, out.data_ptr<scalar_t>(), S, H, KVH, D, block_size, mb, sc, qr);
   });
   return out;
 }

@@ -1,0 +1,78 @@
+"""int8 weights: SmoothQuant folding keeps the function, and the quantized model stays close.
+
+On the real bundled model. Plain per-tensor W8A8 on every projection (what fbgemm's
+dynamic linear does) changes the greedy next token at ~40% of positions here; strata's
+int8 must stay close to fp32 (KL and top-1 agreement), or `--dtype int8` would quietly
+serve a different model.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from strata.engine.model import LlamaModel
+from strata.engine.quant import (
+    CALIBRATION_TEXT,
+    Fp16Linear,
+    Int8Linear,
+    int8_supported,
+    quantize_model,
+    smooth_quant_,
+)
+from strata.engine.tokenizer import load_tokenizer
+from strata.engine.weights import load_config, load_state_dict
+
+pytestmark = pytest.mark.skipif(not int8_supported(), reason="no x86 int8 backend in this torch")
+
+# Held out from the calibration text.
+EVAL_TEXT = (
+    "The scheduler decides, at every step, which sequences run: decodes first, then chunks "
+    "of waiting prompts under a token budget. When the cache runs out of blocks, the newest "
+    "sequence is preempted and its blocks are freed; it is recomputed later. Meanwhile the "
+    "gateway routes each request to the replica whose free resources best fit it. "
+    "def area(r):\n    return 3.14159 * r * r\n\nprint(area(2.5))\n"
+    "In 1969 the first humans walked on the Moon; the mission lasted eight days."
+)
+
+
+@pytest.fixture(scope="module")
+def fp32_model(bundled_gguf: Path) -> tuple[LlamaModel, object]:
+    torch.set_num_threads(1)
+    config = load_config(bundled_gguf)
+    model = LlamaModel(config)
+    model.load_weights(load_state_dict(bundled_gguf, config, dtype=torch.float32))
+    return model.eval(), load_tokenizer(bundled_gguf)
+
+
+def _logprobs(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model.compute_logits(model(ids, torch.arange(len(ids)))), dim=-1)
+
+
+def test_smoothing_keeps_the_fp32_function(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = fp32_model
+    ids = torch.tensor(tok.encode(EVAL_TEXT))
+    smoothed = copy.deepcopy(model)
+    smooth_quant_(smoothed, tok.encode(CALIBRATION_TEXT))
+    assert not torch.equal(smoothed.layers[0].input_layernorm, model.layers[0].input_layernorm)
+    diff = (_logprobs(smoothed, ids) - _logprobs(model, ids)).abs().max().item()
+    assert diff < 1e-3
+
+
+def test_int8_model_stays_close_to_fp32(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = fp32_model
+    ids = torch.tensor(tok.encode(EVAL_TEXT))
+    ref = _logprobs(model, ids)
+    q = copy.deepcopy(model)
+    assert quantize_model(q, tok.encode(CALIBRATION_TEXT)) == 4 * len(model.layers) + 1
+    assert isinstance(q.layers[0].self_attn.qkv_proj, Int8Linear)
+    assert isinstance(q.layers[0].mlp.down_proj, Fp16Linear)
+    lp = _logprobs(q, ids)
+    kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.1, kl
+    assert top1 > 0.8, top1
