@@ -46,9 +46,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402  (sibling script module)
 import roofline as rl  # noqa: E402
 
+import peers  # noqa: E402  (sibling script module)
 from strata.bench.metrics import summarize  # noqa: E402
 from strata.bench.prompts import PromptSynthesizer, load_bench_tokenizer  # noqa: E402
 from strata.bench.results import RequestRecord  # noqa: E402
