@@ -31,7 +31,8 @@ whole cache is smaller than prompt + max_tokens is rejected outright.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from strata.routing.types import ReplicaState, RouteRequest, Snapshot
 
@@ -128,16 +129,53 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
     return Estimate(r, ttft, fits_now=need <= free, fits_ever=fits_ever)
 
 
+# Per-replica terms of the estimate that do not depend on the request, with the state they
+# were computed from (see _terms); a replica's terms are computed once per ReplicaState object.
+_Terms = tuple[Any, ...]
+_MEMO_LIMIT = 4096
+
+
+def _terms(r: ReplicaState) -> _Terms:
+    """The request-independent parts of ``estimate`` for ``r``, in the order pick reads them."""
+    load = r.load
+    m = measured_rates(r)
+    p, d = (m.prefill_token_s, m.decode_step_s) if m is not None else (None, None)
+    score = r.load_score
+    if load is None:
+        # queued per prompt token, decode term when running, fits_now
+        return (r, r.routable, r.models, p, d, score, False,
+                r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
+                r.prefix_match_tokens)
+    queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
+    running = load.running
+    budget = max(1, load.max_num_batched_tokens - running) if running > 0 else 0
+    occupied = running + load.waiting + r.pending_requests
+    position = (occupied - load.max_num_seqs + 1
+                if load.max_num_seqs > 0 and occupied >= load.max_num_seqs else 0)
+    bs = load.block_size if load.block_size > 0 and load.total_kv_blocks > 0 else 0
+    free = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
+    return (r, r.routable, r.models, p, d, score, True, queued, budget, position,
+            r.completions_per_s, bs, free, load.total_kv_blocks, r.prefix_match_tokens)
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceMatch:
     """Minimum estimated TTFT among replicas that can hold the request (module docstring).
 
     Estimates within ``tie_tolerance`` (relative) of the best count as equal, and equal
     replicas are ordered by load_score, so an idle fleet still spreads requests.
+
+    ``pick`` gives exactly the decision of ``estimates`` followed by the selection in its
+    docstring, but computes each replica state's request-independent terms once (states are
+    frozen; they are remembered by identity, together with the state itself, so an id cannot
+    be reused while remembered) and allocates no estimate objects: a gateway that keeps a
+    replica's state until it changes pays only the per-request arithmetic.
     """
 
     tie_tolerance: float = 0.05
     name: str = "resource_match"
+    _memo: dict[int, _Terms] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tie_tolerance < 1.0:
@@ -150,14 +188,88 @@ class ResourceMatch:
         return [estimate(request, r, fallback) for r in cands]
 
     def pick(self, request: RouteRequest, snapshot: Snapshot) -> ReplicaState | None:
-        """The replica with the lowest estimated TTFT that fits, else None."""
-        ests = self.estimates(request, snapshot)
-        pool = [e for e in ests if e.fits_now] or [e for e in ests if e.fits_ever]
+        """The replica with the lowest estimated TTFT that fits, else None.
+
+        Same result as: ests = estimates(); pool = those that fit now, else those that fit
+        ever; best = min ttft over pool; near = pool within tie_tolerance of best (in
+        snapshot order); among near, the least load_score; ties rotate by snapshot.seq.
+        """
+        memo = self._memo
+        if len(memo) > _MEMO_LIMIT:
+            memo.clear()
+        model = request.model
+        cands: list[_Terms] = []
+        unmeasured = False
+        for r in snapshot.replicas:
+            t = memo.get(id(r))
+            if t is None or t[0] is not r:
+                t = memo[id(r)] = _terms(r)
+            if not t[1]:
+                continue
+            models = t[2]
+            if models and model and model not in models:
+                continue
+            cands.append(t)
+            if t[3] is None:
+                unmeasured = True
+        if not cands:
+            return None
+        fb_p = fb_d = 0.0
+        if unmeasured:
+            fallback = fleet_rates(tuple(t[0] for t in cands))
+            fb_p, fb_d = fallback.prefill_token_s, fallback.decode_step_s
+        prompt = request.prompt_tokens
+        max_tokens = request.max_tokens
+        last = prompt - 1
+        slot_tokens = max(1, max_tokens)
+        total_tokens = prompt + max_tokens
+        ceil = math.ceil
+        n = len(cands)
+        ttfts = [0.0] * n
+        now_ok = [False] * n
+        ever_ok = [False] * n
+        for i, t in enumerate(cands):
+            p = t[3]
+            if p is None:
+                p, d = fb_p, fb_d
+            else:
+                d = t[4]
+            pm = t[-1]
+            hit = pm if pm < last else last
+            if hit < 0:
+                hit = 0
+            new_tokens = prompt - hit
+            if not t[6]:
+                work = t[7] * prompt + new_tokens
+                ttfts[i] = work * p + (d if t[8] else 0.0)
+                now_ok[i] = t[9]
+                ever_ok[i] = True
+                continue
+            work = t[7] + new_tokens
+            ttft = work * p
+            budget = t[8]
+            if budget:
+                ttft += ceil(work / budget) * d
+            position = t[9]
+            if position:
+                cps = t[10]
+                if cps > 0:
+                    ttft += position / cps
+                else:
+                    ttft += position * slot_tokens * d
+            ttfts[i] = ttft
+            bs = t[11]
+            if bs:
+                now_ok[i] = ceil((new_tokens + max_tokens) / bs) <= t[12]
+                ever_ok[i] = ceil(total_tokens / bs) <= t[13]
+            else:
+                now_ok[i] = ever_ok[i] = True
+        pool = [i for i in range(n) if now_ok[i]] or [i for i in range(n) if ever_ok[i]]
         if not pool:
             return None
-        best = min(e.ttft_s for e in pool)
+        best = min(ttfts[i] for i in pool)
         limit = best * (1.0 + self.tie_tolerance) + 1e-9
-        near = [e.replica for e in pool if e.ttft_s <= limit]
-        least = min(r.load_score for r in near)
-        ties = [r for r in near if r.load_score == least]
+        near = [cands[i] for i in pool if ttfts[i] <= limit]
+        least = min(t[5] for t in near)
+        ties = [t[0] for t in near if t[5] == least]
         return ties[snapshot.seq % len(ties)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from strata.routing.resource_match import ResourceMatch, estimate, fleet_rates
-from strata.routing.types import ReplicaState, Snapshot
+from strata.routing.types import ReplicaState, RouteRequest, Snapshot
 
 from .helpers import replica, report, request
 
@@ -124,3 +124,66 @@ def test_skips_draining_replicas() -> None:
     a = replica("a", report(draining=True))
     b = replica("b", report(waiting_prompt_tokens=9000))
     assert pick(a, b) == "b"
+
+
+def _reference_pick(policy: ResourceMatch, req, snap: Snapshot) -> ReplicaState | None:
+    """The straightforward selection over estimates(), as the module docstring states it."""
+    ests = policy.estimates(req, snap)
+    pool = [e for e in ests if e.fits_now] or [e for e in ests if e.fits_ever]
+    if not pool:
+        return None
+    best = min(e.ttft_s for e in pool)
+    limit = best * (1.0 + policy.tie_tolerance) + 1e-9
+    near = [e.replica for e in pool if e.ttft_s <= limit]
+    least = min(r.load_score for r in near)
+    ties = [r for r in near if r.load_score == least]
+    return ties[snap.seq % len(ties)]
+
+
+def _random_state(rng, i: int) -> ReplicaState:
+    kind = rng.random()
+    kw = dict(in_flight=rng.randrange(0, 12), pending_requests=rng.randrange(0, 4),
+              pending_prompt_tokens=rng.choice((0, rng.randrange(0, 5000))),
+              prefix_match_tokens=rng.choice((0, 0, rng.randrange(0, 4000))),
+              completions_per_s=rng.choice((0.0, rng.uniform(0.1, 20.0))),
+              healthy=rng.random() > 0.05,
+              models=rng.choice((frozenset(), frozenset({"m"}), frozenset({"other"}))))
+    if kind < 0.15:  # no strata report (vLLM and others)
+        return ReplicaState(url=f"r{i}", running=rng.randrange(0, 5), waiting=rng.randrange(0, 5),
+                            kv_usage=rng.choice((0.5, 1.0)), **kw)
+    running = rng.randrange(0, 70)
+    load = report(
+        running=running, waiting=rng.randrange(0, 30),
+        waiting_prompt_tokens=rng.choice((0, rng.randrange(0, 20000))),
+        free_kv_blocks=rng.randrange(0, 1200), total_kv_blocks=rng.choice((0, 100, 1000, 1200)),
+        block_size=rng.choice((0, 16, 32)), max_num_seqs=rng.choice((0, 8, 64)),
+        max_num_batched_tokens=rng.choice((64, 512, 2048)),
+        prompt_tokens_per_s=rng.choice((0.0, rng.uniform(100, 20000))),
+        decode_step_s=rng.choice((0.0, rng.uniform(0.005, 0.05))),
+        prefill_token_s=rng.choice((0.0, 0.0, rng.uniform(1e-5, 1e-3))),
+        ready=rng.random() > 0.05, draining=rng.random() < 0.05)
+    return replica(f"r{i}", load, **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pick_equals_the_straightforward_selection_on_random_fleets(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    policy = ResourceMatch(tie_tolerance=rng.choice((0.0, 0.05, 0.3)))
+    states = [_random_state(rng, i) for i in range(rng.randrange(8, 40))]
+    chosen: set[str] = set()
+    for seq in range(300):
+        # Like a gateway: most states carry over between decisions, some are replaced.
+        for _ in range(rng.randrange(0, 4)):
+            j = rng.randrange(len(states))
+            states[j] = _random_state(rng, j)
+        req = RouteRequest(model=rng.choice(("m", "m", "other", "")),
+                           prompt_tokens=rng.choice((0, 1, rng.randrange(1, 6000))),
+                           max_tokens=rng.choice((0, 1, rng.randrange(1, 2000))))
+        snap = Snapshot(tuple(states), seq)
+        got = policy.pick(req, snap)
+        assert got is _reference_pick(policy, req, snap)
+        if got is not None:
+            chosen.add(got.url)
+    assert len(chosen) >= 3  # the fleets are varied enough to exercise the selection
