@@ -136,11 +136,27 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False (no change) if full."""
-        need = self.blocks_needed(seq, num_tokens)
-        if need > len(self.free):
+        table = seq.block_table
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need <= 0:
+            return True
+        free = self.free
+        if need > len(free):
             return False
+        # _take_free, inlined: this is the per-block hot path of every decode step.
+        pop = free.popitem
+        hashes = self.block_hashes
+        refs = self.ref_counts
         for _ in range(need):
-            seq.block_table.append(self._take_free())
+            block, _ = pop(last=False)
+            h = hashes[block]
+            if h is not None:  # evict the cached prefix it held
+                if self.cached.get(h) == block:
+                    del self.cached[h]
+                hashes[block] = None
+                self.block_tokens[block] = None
+            refs[block] = 1
+            table.append(block)
         return True
 
     def commit(self, seq: Sequence) -> None:
@@ -163,13 +179,17 @@ class BlockManager:
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses become free, cached ones stay hittable."""
+        refs = self.ref_counts
+        free = self.free
+        hashes = self.block_hashes
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free[block] = None
-                if self.block_hashes[block] is None:
+            n = refs[block] - 1
+            refs[block] = n
+            if n == 0:
+                free[block] = None
+                if hashes[block] is None:
                     # Uncached blocks are reused first, keeping cached prefixes longer.
-                    self.free.move_to_end(block, last=False)
+                    free.move_to_end(block, last=False)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

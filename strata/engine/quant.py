@@ -20,6 +20,8 @@ The model files are already 4-bit quantized (Q4_1), so 8-bit weights lose little
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -68,7 +70,11 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
-        qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
+        with warnings.catch_warnings():
+            # torch >= 2.12 warns that quantized tensor creation is deprecated; fbgemm's
+            # prepacked linear still needs it, and the torch pin (< 2.14) keeps it there.
+            warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
+            qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self._linear = torch.ops.quantized.linear_dynamic.default
         self.in_features = linear.in_features

@@ -130,7 +130,10 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
 
 
 # Per-replica terms of the estimate that do not depend on the request, with the state they
-# were computed from (see _terms); a replica's terms are computed once per ReplicaState object.
+# were computed from: (state, routable, models, prefill_token_s or None, decode_step_s,
+# load_score, has_report, queued prompt tokens, step budget (0: nothing running), queue
+# position for a sequence slot (0: a slot is free), completions/s, block size (0: no KV
+# check), free blocks after the queue, total blocks, prefix_match_tokens).
 _Terms = tuple[Any, ...]
 _MEMO_LIMIT = 4096
 
@@ -142,10 +145,11 @@ def _terms(r: ReplicaState) -> _Terms:
     p, d = (m.prefill_token_s, m.decode_step_s) if m is not None else (None, None)
     score = r.load_score
     if load is None:
-        # queued per prompt token, decode term when running, fits_now
+        # No report: slot 7 counts queued requests (each assumed as long as this prompt),
+        # slot 8 says whether a decode step is added, slot 9 whether the request fits now.
         return (r, r.routable, r.models, p, d, score, False,
                 r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
-                r.prefix_match_tokens)
+                0.0, 0, 0, 0, r.prefix_match_tokens)
     queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
     running = load.running
     budget = max(1, load.max_num_batched_tokens - running) if running > 0 else 0
@@ -197,21 +201,18 @@ class ResourceMatch:
         memo = self._memo
         if len(memo) > _MEMO_LIMIT:
             memo.clear()
+        get = memo.get
         model = request.model
         cands: list[_Terms] = []
         unmeasured = False
         for r in snapshot.replicas:
-            t = memo.get(id(r))
+            t = get(id(r))
             if t is None or t[0] is not r:
                 t = memo[id(r)] = _terms(r)
-            if not t[1]:
-                continue
-            models = t[2]
-            if models and model and model not in models:
-                continue
-            cands.append(t)
-            if t[3] is None:
-                unmeasured = True
+            if t[1] and (not t[2] or not model or model in t[2]):
+                cands.append(t)
+                if t[3] is None:
+                    unmeasured = True
         if not cands:
             return None
         fb_p = fb_d = 0.0
@@ -224,52 +225,49 @@ class ResourceMatch:
         slot_tokens = max(1, max_tokens)
         total_tokens = prompt + max_tokens
         ceil = math.ceil
-        n = len(cands)
-        ttfts = [0.0] * n
-        now_ok = [False] * n
-        ever_ok = [False] * n
-        for i, t in enumerate(cands):
-            p = t[3]
+        # Candidates that fit now, and (only needed when none does) those that fit ever,
+        # each as (ttft, terms) in snapshot order.
+        now_pool: list[tuple[float, _Terms]] = []
+        ever_pool: list[tuple[float, _Terms]] = []
+        for t in cands:
+            (_, _, _, p, d, _, has_load, queued, budget, position, cps, bs, free, total,
+             pm) = t
             if p is None:
                 p, d = fb_p, fb_d
-            else:
-                d = t[4]
-            pm = t[-1]
             hit = pm if pm < last else last
             if hit < 0:
                 hit = 0
             new_tokens = prompt - hit
-            if not t[6]:
-                work = t[7] * prompt + new_tokens
-                ttfts[i] = work * p + (d if t[8] else 0.0)
-                now_ok[i] = t[9]
-                ever_ok[i] = True
+            if not has_load:
+                work = queued * prompt + new_tokens
+                ttft = work * p + (d if budget else 0.0)
+                (now_pool if position else ever_pool).append((ttft, t))
                 continue
-            work = t[7] + new_tokens
+            work = queued + new_tokens
             ttft = work * p
-            budget = t[8]
             if budget:
                 ttft += ceil(work / budget) * d
-            position = t[9]
             if position:
-                cps = t[10]
                 if cps > 0:
                     ttft += position / cps
                 else:
                     ttft += position * slot_tokens * d
-            ttfts[i] = ttft
-            bs = t[11]
-            if bs:
-                now_ok[i] = ceil((new_tokens + max_tokens) / bs) <= t[12]
-                ever_ok[i] = ceil(total_tokens / bs) <= t[13]
-            else:
-                now_ok[i] = ever_ok[i] = True
-        pool = [i for i in range(n) if now_ok[i]] or [i for i in range(n) if ever_ok[i]]
+            if not bs or ceil((new_tokens + max_tokens) / bs) <= free:
+                now_pool.append((ttft, t))
+            elif ceil(total_tokens / bs) <= total:
+                ever_pool.append((ttft, t))
+        pool = now_pool or ever_pool
         if not pool:
             return None
-        best = min(ttfts[i] for i in pool)
+        best = pool[0][0]
+        for e in pool:
+            if e[0] < best:
+                best = e[0]
         limit = best * (1.0 + self.tie_tolerance) + 1e-9
-        near = [cands[i] for i in pool if ttfts[i] <= limit]
-        least = min(t[5] for t in near)
+        near = [e[1] for e in pool if e[0] <= limit]
+        least = near[0][5]
+        for t in near:
+            if t[5] < least:
+                least = t[5]
         ties = [t[0] for t in near if t[5] == least]
         return ties[snapshot.seq % len(ties)]
