@@ -141,15 +141,24 @@ _MEMO_LIMIT = 4096
 def _terms(r: ReplicaState) -> _Terms:
     """The request-independent parts of ``estimate`` for ``r``, in the order pick reads them."""
     load = r.load
-    m = measured_rates(r)
-    p, d = (m.prefill_token_s, m.decode_step_s) if m is not None else (None, None)
-    score = r.load_score
+    # r.load_score and measured_rates(r), inlined.
+    score = r.running + r.waiting + r.pending_requests
+    if r.in_flight > score:
+        score = r.in_flight
     if load is None:
         # No report: slot 7 counts queued requests (each assumed as long as this prompt),
         # slot 8 says whether a decode step is added, slot 9 whether the request fits now.
-        return (r, r.routable, r.models, p, d, score, False,
+        return (r, r.healthy, r.models, None, None, score, False,
                 r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
                 0.0, 0, 0, 0, r.prefix_match_tokens)
+    p = load.prefill_token_s
+    if p <= 0 and load.prompt_tokens_per_s > 0:
+        p = 1.0 / load.prompt_tokens_per_s
+    d = None
+    if p <= 0:
+        p = None
+    else:
+        d = max(0.0, load.decode_step_s)
     queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
     running = load.running
     budget = max(1, load.max_num_batched_tokens - running) if running > 0 else 0
@@ -158,8 +167,9 @@ def _terms(r: ReplicaState) -> _Terms:
                 if load.max_num_seqs > 0 and occupied >= load.max_num_seqs else 0)
     bs = load.block_size if load.block_size > 0 and load.total_kv_blocks > 0 else 0
     free = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
-    return (r, r.routable, r.models, p, d, score, True, queued, budget, position,
-            r.completions_per_s, bs, free, load.total_kv_blocks, r.prefix_match_tokens)
+    return (r, r.healthy and load.ready and not load.draining, r.models, p, d, score, True,
+            queued, budget, position, r.completions_per_s, bs, free, load.total_kv_blocks,
+            r.prefix_match_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,7 +196,9 @@ class SimGateway:
         ep.pending.clear()
         ep.pending_tokens = 0
         if report.total_kv_blocks > 0:
-            ep.prefix.resize(report.total_kv_blocks * report.block_size // self.chunk_tokens)
+            capacity = report.total_kv_blocks * report.block_size // self.chunk_tokens
+            if capacity != ep.prefix.capacity:  # (the index never holds more than capacity)
+                ep.prefix.resize(capacity)
         self._touch(ep)
 
     def _touch(self, ep: _Endpoint) -> None:

@@ -345,17 +345,20 @@ class SimReplica:
         blocks = self.blocks
         caching = blocks.enable_prefix_caching
         zeros = _ZEROS[:j] if j <= len(_ZEROS) else [0] * j
+        allocate = blocks.allocate
         for s in run.seqs:
-            if not s.output_token_ids:
+            out = s.output_token_ids
+            if not out:
                 # A prompt whose last chunk left one token runs it as a "decode": its first
                 # sample comes at the end of the run's first step.
                 req = self.requests[s.seq_id]
                 req.cached_tokens = s.num_cached_tokens
                 self.listener.on_first_token(self, req, run.t0 + run.a)
-            s.output_token_ids += zeros
-            s.num_computed_tokens += j
-            ok = blocks.allocate(s, s.num_computed_tokens)
-            assert ok, "decode run outgrew the free KV blocks"
+            out += zeros
+            n = s.num_computed_tokens + j
+            s.num_computed_tokens = n
+            if not allocate(s, n):
+                raise AssertionError("decode run outgrew the free KV blocks")
             if caching:
                 blocks.commit(s)
         n = len(run.seqs)
