@@ -138,22 +138,24 @@ class Scheduler:
         """Choose the next batch; mutates block tables and queue membership."""
         batch = Batch()
         budget = self.config.max_num_batched_tokens
-        scheduled: set[int] = set()
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        running = self.running
+        allocate = self.blocks.allocate
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+        while i < len(running) and budget > 0:
+            seq = running[i]
             start = seq.num_computed_tokens
-            while not self.blocks.allocate(seq, start + n):
-                victim = self.running[-1]
+            left = len(seq.prompt_token_ids) + len(seq.output_token_ids) - start  # uncomputed
+            n = min(left, budget)
+            while not allocate(seq, start + n):
+                victim = running[-1]
                 if victim is seq:
                     break
                 self._preempt(victim, batch)
             else:
                 entry = ScheduledSeq(seq, start, n)
-                (batch.decodes if n == 1 and not seq.is_prefill else batch.prefills).append(entry)
-                scheduled.add(seq.seq_id)
+                # A decode: one token left, not a prefill's last chunk (is_prefill: left > 1).
+                (batch.decodes if n == 1 and left <= 1 else batch.prefills).append(entry)
                 budget -= n
                 i += 1
                 continue

@@ -239,15 +239,20 @@ class ResourceMatch:
         # each as (ttft, terms) in snapshot order.
         now_pool: list[tuple[float, _Terms]] = []
         ever_pool: list[tuple[float, _Terms]] = []
+        need_bs = 0  # the block size whose ceil(total_tokens / bs) need_total holds
+        need_total = 0
         for t in cands:
             (_, _, _, p, d, _, has_load, queued, budget, position, cps, bs, free, total,
              pm) = t
             if p is None:
                 p, d = fb_p, fb_d
-            hit = pm if pm < last else last
-            if hit < 0:
-                hit = 0
-            new_tokens = prompt - hit
+            if pm > 0:
+                hit = pm if pm < last else last
+                if hit < 0:
+                    hit = 0
+                new_tokens = prompt - hit
+            else:
+                new_tokens = prompt
             if not has_load:
                 work = queued * prompt + new_tokens
                 ttft = work * p + (d if budget else 0.0)
@@ -262,9 +267,16 @@ class ResourceMatch:
                     ttft += position / cps
                 else:
                     ttft += position * slot_tokens * d
-            if not bs or ceil((new_tokens + max_tokens) / bs) <= free:
+            if not bs:
                 now_pool.append((ttft, t))
-            elif ceil(total_tokens / bs) <= total:
+                continue
+            if bs != need_bs:
+                need_bs = bs
+                need_total = ceil(total_tokens / bs)
+            need = need_total if new_tokens == prompt else ceil((new_tokens + max_tokens) / bs)
+            if need <= free:
+                now_pool.append((ttft, t))
+            elif need_total <= total:
                 ever_pool.append((ttft, t))
         pool = now_pool or ever_pool
         if not pool:

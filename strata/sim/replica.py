@@ -453,11 +453,16 @@ class SimReplica:
         e = self.engine
         queried = blocks.queried_tokens  # BlockManager.stats().hit_rate, without the object
         hit_rate = blocks.hit_tokens / queried if queried else 0.0
+        running_prefill = self._running_prefill  # waiting_prompt_tokens(), inlined
+        if running_prefill is None:
+            running_prefill = self._running_prefill = sum(
+                s.num_uncomputed_tokens - 1 for s in sched.running if s.is_prefill)
+        state = self.state
         return LoadReport(
             model=self.spec.model_name,
             running=len(sched.running),
             waiting=len(sched.waiting),
-            waiting_prompt_tokens=self.waiting_prompt_tokens(),
+            waiting_prompt_tokens=self._waiting_sum + running_prefill,
             free_kv_blocks=free,
             total_kv_blocks=e.num_blocks,
             block_size=e.block_size,
@@ -468,6 +473,6 @@ class SimReplica:
             generation_tokens_per_s=gen_rate,
             decode_step_s=decode_step_s,
             prefill_token_s=self.prefill_token_s,
-            ready=self.ready,
-            draining=self.state is ReplicaState.DRAINING,
+            ready=state is ReplicaState.READY or state is ReplicaState.DRAINING,
+            draining=state is ReplicaState.DRAINING,
         )
