@@ -6,7 +6,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -122,11 +122,50 @@ def engine(
     )
     core = build_engine_core(cfg)
     eng = AsyncEngine(core)
-    eng.start()
-    try:
-        uvicorn.run(build_app(eng), host=host, port=port, log_level="warning", access_log=False)
-    finally:
+    _serve_engine(eng, uvicorn.Config(build_app(eng), host=host, port=port, log_level="warning", access_log=False))
+
+
+def _serve_engine(eng: Any, config: Any) -> None:
+    """HTTP in a second thread, the engine loop in this (main) thread; SIGINT/SIGTERM stop both.
+
+    The engine loop stays in the thread that built the model so that only one OpenMP worker
+    pool exists (see `AsyncEngine.run`).
+    """
+    import signal
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    failed: list[BaseException] = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            failed.append(e)
+        finally:
+            eng.stop()  # the HTTP side ended (shutdown or bind error): end the loop too
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        server.should_exit = True
         eng.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    http = threading.Thread(target=serve_http, name="strata-http", daemon=True)
+    http.start()
+    eng.run()
+    if eng.dead is not None and not server.should_exit:
+        # The loop died: keep answering /health (503) and errors until we are told to stop.
+        while http.is_alive():
+            http.join(timeout=1.0)
+    server.should_exit = True
+    http.join(timeout=15)
+    if failed:
+        raise failed[0]
+    if not server.started:
+        raise typer.Exit(1)
 
 
 @app.command()
