@@ -7,6 +7,12 @@ seasonal term) refitted at each step over a sliding window of recent observation
     trend_t = beta * (level_t - level_{t-1}) / dt + (1 - beta) * trend_{t-1}
     forecast(t + h) = max(0, level_t + trend_t * h)
 
+With ``damping_s`` (tau) the trend is damped as in Gardner and McKenzie's damped-trend
+method, in continuous time: a trend carried over dt keeps exp(-dt / tau) of itself, and
+a forecast h ahead adds trend * tau * (1 - exp(-h / tau)) instead of trend * h, so no
+projection adds more than tau seconds of the current trend. Undamped Holt projected a
+one-minute burst's slope a full start-up time ahead and made the policy flap.
+
 The trend is kept per second so irregular sampling is handled; refitting over a window
 (rather than smoothing forever) lets a regime change be forgotten in ``window_s``. It
 anticipates ramps, which is what scaling ahead by the start-up time needs, and is cheap
@@ -20,6 +26,7 @@ idle tier does not produce infinite errors) and reports the mean over a recent w
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,23 +38,41 @@ class HoltFit:
     level: float
     trend: float
     at: float
+    damping_s: float | None = None
 
     def forecast(self, t: float) -> float:
         """The rate expected at time ``t`` (never negative)."""
-        return max(0.0, self.level + self.trend * (t - self.at))
+        return max(0.0, self.level + self.trend * _reach(t - self.at, self.damping_s))
+
+
+def _reach(h: float, damping_s: float | None) -> float:
+    """Seconds of trend a projection h ahead applies: h, or tau * (1 - exp(-h / tau))."""
+    if damping_s is None or h <= 0:
+        return h
+    return damping_s * -math.expm1(-h / damping_s)
 
 
 class HoltForecaster:
     """Holt's linear trend over a sliding window of (time, value) observations."""
 
-    def __init__(self, *, window_s: float = 600.0, alpha: float = 0.5, beta: float = 0.3) -> None:
+    def __init__(
+        self,
+        *,
+        window_s: float = 600.0,
+        alpha: float = 0.5,
+        beta: float = 0.3,
+        damping_s: float | None = None,
+    ) -> None:
         if window_s <= 0:
             raise ValueError(f"forecast window must be > 0 s, got {window_s}")
+        if damping_s is not None and damping_s <= 0:
+            raise ValueError(f"trend damping must be > 0 s (or None), got {damping_s}")
         if not (0.0 < alpha <= 1.0 and 0.0 < beta <= 1.0):
             raise ValueError(f"Holt alpha and beta must be in (0, 1], got {alpha}, {beta}")
         self.window_s = window_s
         self.alpha = alpha
         self.beta = beta
+        self.damping_s = damping_s
         self._observations: deque[tuple[float, float]] = deque()
 
     def observe(self, t: float, value: float) -> None:
@@ -76,10 +101,11 @@ class HoltForecaster:
                 level = self.alpha * y + (1.0 - self.alpha) * level
                 continue
             prev_level = level
-            level = self.alpha * y + (1.0 - self.alpha) * (level + trend * dt)
-            trend = self.beta * (level - prev_level) / dt + (1.0 - self.beta) * trend
+            level = self.alpha * y + (1.0 - self.alpha) * (level + trend * _reach(dt, self.damping_s))
+            carried = trend if self.damping_s is None else trend * math.exp(-dt / self.damping_s)
+            trend = self.beta * (level - prev_level) / dt + (1.0 - self.beta) * carried
             t_prev = t
-        return HoltFit(level=level, trend=trend, at=t_prev)
+        return HoltFit(level=level, trend=trend, at=t_prev, damping_s=self.damping_s)
 
 
 class ForecastErrors:

@@ -2,7 +2,7 @@
 
 A replica asked for now serves only after its start-up time (process start, weight load,
 warm-up). This policy forecasts the arrival rate at ``now + startup`` (Holt's linear
-trend over a sliding window, ``strata.autoscale.forecast``), where ``startup`` is a high
+trend, damped, over a sliding window, ``strata.autoscale.forecast``), where ``startup`` is a high
 percentile of the tier's recently measured start-up durations, and converts it to
 replicas with the per-replica capacity the LLM policy learns (tokens/s divided by the
 tokens of a mean request, or a configured requests/s).
@@ -32,8 +32,15 @@ class PredictiveConfig(LlmConfig):
 
     policy: Literal["predictive"] = "predictive"  # type: ignore[assignment]
     forecast_window_s: float = Field(default=600.0, gt=0.0)
-    holt_alpha: float = Field(default=0.5, gt=0.0, le=1.0)
-    holt_beta: float = Field(default=0.3, gt=0.0, le=1.0)
+    # Smoothing of the level and the trend. Slow enough that minute-scale bursts of a real
+    # trace do not swing a forecast projected a start-up time ahead (0.5/0.3 made the
+    # policy flap: 499 scale changes in the simulated day, docs/results.md), fast enough
+    # to learn a sustained ramp within ~100 s of 5 s ticks.
+    holt_alpha: float = Field(default=0.2, gt=0.0, le=1.0)
+    holt_beta: float = Field(default=0.05, gt=0.0, le=1.0)
+    # Optional damped trend: a forecast adds at most this many seconds of the current
+    # slope (None: plain Holt). It trades ramp tracking for calm; off by default.
+    trend_damping_s: float | None = Field(default=None, gt=0.0)
     default_startup_s: float = Field(default=30.0, ge=0.0)
     startup_percentile: float = Field(default=90.0, gt=0.0, le=100.0)
     max_forecast_error: float = Field(default=0.3, gt=0.0)  # MAPE above which to fall back
@@ -52,7 +59,8 @@ class PredictivePolicy(LlmPolicy):
         super().__init__(config)
         self.config: PredictiveConfig = config
         self.forecaster = HoltForecaster(
-            window_s=config.forecast_window_s, alpha=config.holt_alpha, beta=config.holt_beta
+            window_s=config.forecast_window_s, alpha=config.holt_alpha, beta=config.holt_beta,
+            damping_s=config.trend_damping_s,
         )
         self.errors = ForecastErrors(window_s=config.error_window_s, floor=config.error_floor_rps)
 

@@ -68,3 +68,24 @@ def test_errors_are_scored_when_forecasts_come_due() -> None:
     assert e.count == 3 and e.mape == pytest.approx((0.2 + 0.5 + 2.0) / 3)
     e.score(130.5, 0.0)  # everything scored before t=30.5 left the window
     assert e.count == 1
+
+
+def test_damped_trend_adds_at_most_tau_seconds_of_slope() -> None:
+    plain = HoltForecaster(window_s=600, alpha=0.5, beta=0.3)
+    damped = HoltForecaster(window_s=600, alpha=0.5, beta=0.3, damping_s=60.0)
+    for k in range(121):
+        t = 5.0 * k
+        plain.observe(t, 2.0 + 0.05 * t)
+        damped.observe(t, 2.0 + 0.05 * t)
+    p, d = plain.fit(), damped.fit()
+    assert p is not None and d is not None
+    assert p.forecast(660.0) == pytest.approx(2.0 + 0.05 * 660.0, rel=0.01)
+    assert d.forecast(660.0) < p.forecast(660.0)
+    # However far ahead, a damped forecast adds no more than tau seconds of its trend.
+    assert d.forecast(600.0 + 1e6) <= d.level + d.trend * 60.0 + 1e-9
+    assert d.forecast(600.0) == pytest.approx(d.level)
+
+
+def test_damping_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="damping"):
+        HoltForecaster(damping_s=0.0)

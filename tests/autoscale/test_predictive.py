@@ -123,3 +123,32 @@ def test_present_pressure_beats_a_low_forecast() -> None:
     d = p.decide(s, t)
     assert d.metrics["forecast_used"] == 1.0 and d.metrics["forecast.proposal"] == 1
     assert d.desired == 3 and "kv signal drives 3 replica(s) over the forecast" in d.reason
+
+
+def test_default_smoothing_keeps_bursty_forecasts_calm() -> None:
+    """Minute-scale bursts around a steady mean: the defaults' forecasts stay near the mean.
+
+    The earlier constants (alpha 0.5, beta 0.3) swung the forecast a start-up time ahead
+    from 0 to 7x the mean on the same series, which made the policy flap.
+    """
+    from strata.autoscale.forecast import HoltForecaster
+
+    def spread(cfg: PredictiveConfig) -> tuple[float, float]:
+        rng = random.Random(0)
+        f = HoltForecaster(window_s=cfg.forecast_window_s, alpha=cfg.holt_alpha,
+                           beta=cfg.holt_beta, damping_s=cfg.trend_damping_s)
+        out = []
+        for k in range(720):
+            t = 5.0 * k
+            burst = 6.0 if (k // 12) % 5 == 0 else 0.0  # one busy minute in five
+            f.observe(t, max(0.0, 6.0 + burst + rng.gauss(0.0, 1.5)))
+            fit = f.fit()
+            assert fit is not None
+            if k >= 120:
+                out.append(fit.forecast(t + 93.0))
+        return min(out), max(out)
+
+    lo, hi = spread(PredictiveConfig.model_validate(COMMON))
+    old_lo, old_hi = spread(PredictiveConfig.model_validate({**COMMON, "holt_alpha": 0.5, "holt_beta": 0.3}))
+    assert hi - lo < 0.5 * (old_hi - old_lo)
+    assert lo > 1.0 and hi < 20.0  # the mean is 7.2 req/s
