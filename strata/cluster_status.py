@@ -108,6 +108,12 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _phase(r: dict[str, Any]) -> str:
+    """A replica's phase, with its last exit unless it is ready again."""
+    return r["phase"] if not r["last_exit"] or r["phase"] == "ready" else \
+        f"{r['phase']} ({r['last_exit']})"
+
+
 def _stage_table(t: dict[str, Any]) -> Table:
     """Replicas of a stage tier: the head's view (joined, pins, KV) and the busy ratio."""
     table = Table(title=f"Replicas of stage tier {t['name']} (layers {t['layers']})")
@@ -116,9 +122,7 @@ def _stage_table(t: dict[str, Any]) -> Table:
     for col in ("restarts", "age", "pinned", "queued", "kv", "busy", "in-flight"):
         table.add_column(col, justify="right")
     for r in t["replicas"]:
-        phase = r["phase"] if not r["last_exit"] or r["phase"] == "ready" else \
-            f"{r['phase']} ({r['last_exit']})"
-        table.add_row(r["id"], phase, (r["url"] or "-").removeprefix("http://"),
+        table.add_row(r["id"], _phase(r), (r["url"] or "-").removeprefix("http://"),
                       _num(r["pid"]), r["head_state"] or "-", str(r["restarts"]),
                       _age(r["age_s"]), _num(r["running"]), _num(r["waiting"]),
                       _num(r["kv_usage"], "{:.0%}"), _num(r["busy"], "{:.0%}"),
@@ -148,9 +152,7 @@ def render_status(payload: dict[str, Any], console: Console) -> None:
         for col in ("restarts", "age", "run", "wait", "kv", "tok/s", "in-flight"):
             replicas.add_column(col, justify="right")
         for r in t["replicas"]:
-            phase = r["phase"] if not r["last_exit"] or r["phase"] == "ready" else \
-                f"{r['phase']} ({r['last_exit']})"
-            replicas.add_row(r["id"], phase, (r["url"] or "-").removeprefix("http://"),
+            replicas.add_row(r["id"], _phase(r), (r["url"] or "-").removeprefix("http://"),
                              _num(r["pid"]), str(r["restarts"]), _age(r["age_s"]),
                              _num(r["running"]), _num(r["waiting"]),
                              _num(r["kv_usage"], "{:.0%}"), _num(r["tokens_per_s"]),

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.engine.kernels import raw_op
 from strata.engine.model_config import LlamaConfig
 
 
@@ -46,8 +46,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int32
     decode_lens: torch.Tensor | None = None  # [D] int32
     block_size: int = 16
-    # Set when the native fused ops run: positions [T] and the rotary table [max_pos, D].
-    positions: torch.Tensor | None = None
+    # Set when the native fused ops run: the rotary table [max_pos, D].
     cos_sin: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
@@ -78,15 +77,6 @@ def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     raise ValueError(
         f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
     )
-
-
-def _raw(packet: Any) -> Any:
-    """The op's C++ entry point, skipping the Python dispatch checks (~5 µs per call).
-
-    Our ops carry no tensor subclasses or fake objects, so those checks never apply.
-    """
-    overload = getattr(packet, "default", packet)
-    return getattr(overload, "_op", overload)
 
 
 def _as_fn(linear: nn.Module):  # type: ignore[no-untyped-def]
@@ -128,45 +118,24 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        native = meta is not None and meta.cos_sin is not None
-        if native:
-            assert kv_cache is not None and meta is not None
-            # Rotates q and k inside qkv and writes k, v into the cache in one call.
-            torch.ops.strata.rope_and_cache_(
-                qkv, meta.positions, meta.cos_sin, kv_cache[0], kv_cache[1],
-                meta.slot_mapping, self.num_heads, self.num_kv_heads,
-            )
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if not native:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         if meta is None:
             out = self._causal(q, k, v)
         else:
             assert kv_cache is not None
             k_cache, v_cache = kv_cache
-            if not native:
-                k_cache.index_copy_(0, meta.slot_mapping, k)
-                v_cache.index_copy_(0, meta.slot_mapping, v)
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
             out = torch.empty_like(q)
             d = meta.num_decodes
             if d:
                 out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
-            for span in meta.prefills:
-                s, e = span.start, span.start + span.length
-                if span.context_len == 0:
-                    out[s:e] = self._causal(q[s:e], k[s:e], v[s:e])
-                else:
-                    assert span.gather_slots is not None
-                    out[s:e] = self._causal(
-                        q[s:e],
-                        k_cache[span.gather_slots],
-                        v_cache[span.gather_slots],
-                        context_len=span.context_len,
-                    )
+            self.prefill_chunks(out, q, k, v, k_cache, v_cache, meta.prefills)
         return self.o_proj(out.reshape(t, self.q_size))
 
     def _causal(
@@ -186,6 +155,31 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
         return o.squeeze(0).transpose(0, 1)
 
+    def prefill_chunks(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        spans: list[PrefillSpan],
+    ) -> None:
+        """Causal attention of each prefill chunk into ``out``: over its fresh k/v, or over
+        its cached context (read back in q's dtype) when it continues an earlier chunk."""
+        for span in spans:
+            s, e = span.start, span.start + span.length
+            if span.context_len == 0:
+                out[s:e] = self._causal(q[s:e], k[s:e], v[s:e])
+            else:
+                assert span.gather_slots is not None
+                out[s:e] = self._causal(
+                    q[s:e],
+                    k_cache[span.gather_slots].to(q.dtype),
+                    v_cache[span.gather_slots].to(q.dtype),
+                    context_len=span.context_len,
+                )
+
     def _decode(
         self,
         q: torch.Tensor,
@@ -193,13 +187,10 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """One query per sequence over its context in the paged cache."""
-        if meta.decode_block_tables is not None:
-            assert meta.decode_lens is not None
-            return torch.ops.strata.paged_decode_attention(
-                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
-                meta.block_size, self.scale,
-            )
+        """One query per sequence over its context, gathered from the paged cache and padded.
+
+        The PyTorch path; the native path reads the cache in place (`paged_decode_attention`).
+        """
         assert meta.decode_slots is not None and meta.decode_mask is not None
         kg = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
         vg = v_cache[meta.decode_slots].transpose(1, 2)
@@ -219,9 +210,7 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, native: bool = False) -> torch.Tensor:
-        if native:
-            return self.down_proj(torch.ops.strata.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -386,8 +375,8 @@ class LlamaModel(nn.Module):
         paged cache in place.
         """
         ops = torch.ops.strata
-        add_norm, rope_cache = _raw(ops.add_rms_norm_), _raw(ops.rope_and_cache_)
-        paged, silu_mul = _raw(ops.paged_decode_attention), _raw(ops.silu_and_mul)
+        add_norm, rope_cache = raw_op(ops.add_rms_norm_), raw_op(ops.rope_and_cache_)
+        paged, silu_mul = raw_op(ops.paged_decode_attention), raw_op(ops.silu_and_mul)
         c = self.config
         eps, nh, nkv, hd = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_size
         qs = nh * hd
@@ -437,16 +426,7 @@ class LlamaModel(nn.Module):
             )
         k = qkv[:, qs : qs + kvs].view(t, nkv, hd)
         v = qkv[:, qs + kvs :].view(t, nkv, hd)
-        for span in meta.prefills:
-            s, e = span.start, span.start + span.length
-            if span.context_len == 0:
-                out[s:e] = attn._causal(q[s:e], k[s:e], v[s:e])
-            else:
-                assert span.gather_slots is not None
-                out[s:e] = attn._causal(
-                    q[s:e], kc[span.gather_slots].to(q.dtype), vc[span.gather_slots].to(q.dtype),
-                    context_len=span.context_len,
-                )
+        attn.prefill_chunks(out, q, k, v, kc, vc, meta.prefills)
         return out
 
     def rope_table(self) -> torch.Tensor:

@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch import nn
 
+from strata.engine.kernels import raw_op
+
 # Calibration text for the activation ranges: prose, dialogue, code and numbers, so the
 # channels that light up on each kind of input are all seen. Fixed, so loading is
 # deterministic; a few hundred tokens are enough for per-channel maxima.
@@ -62,11 +64,29 @@ Les feuilles tombent doucement en automne, et le vent emporte les souvenirs de l
 SMOOTH_ALPHA = 0.7
 
 
-class Int8Linear(nn.Module):
-    """A bias-free Linear whose weight is prepacked int8, per output channel (W8A8)."""
+class _PackedLinear(nn.Module):
+    """A bias-free Linear whose weight fbgemm has prepacked; subclasses pack and call."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.forward_2d(x.reshape(-1, shape[-1]).float())
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] float32 -> [T, out]: the engine's hot path, without reshapes."""
+        raise NotImplementedError
+
+
+class Int8Linear(_PackedLinear):
+    """Weights prepacked int8, per output channel; activations quantized per call (W8A8)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
@@ -76,41 +96,21 @@ class Int8Linear(nn.Module):
             warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
             qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        # The C++ entry point: the Python wrapper re-checks the args for fake script
-        # objects on every call (~5 µs; 121 calls per decode step).
-        op = torch.ops.quantized.linear_dynamic.default
-        self._linear = getattr(op, "_op", op)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._linear(x.reshape(-1, shape[-1]).float(), self.packed, False)
-        return y.reshape(*shape[:-1], self.out_features)
+        self._linear = raw_op(torch.ops.quantized.linear_dynamic)
 
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, in] float32 -> [T, out]: the engine's hot path, without reshapes."""
         return self._linear(x, self.packed, False)
 
 
-class Fp16Linear(nn.Module):
-    """A bias-free Linear with fp16 weights and fp32 arithmetic (fbgemm)."""
+class Fp16Linear(_PackedLinear):
+    """Weights prepacked fp16, fp32 arithmetic."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        super().__init__(linear)
         self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), None)
-        op = torch.ops.quantized.linear_dynamic_fp16.default
-        self._linear = getattr(op, "_op", op)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._linear(x.reshape(-1, shape[-1]).float(), self.packed)
-        return y.reshape(*shape[:-1], self.out_features)
+        self._linear = raw_op(torch.ops.quantized.linear_dynamic_fp16)
 
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, in] float32 -> [T, out]."""
         return self._linear(x, self.packed)
 
 

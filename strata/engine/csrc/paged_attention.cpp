@@ -108,6 +108,19 @@ static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const 
 }
 #endif
 
+// The register-resident AVX-512 kernel for fp32 queries when head_dim and the group fit
+// it; false when it does not apply (or the CPU build has no AVX-512).
+template <typename CT>
+static bool decode_f32_fast(int64_t D, int64_t group, const float* q, const CT* kc, const CT* vc,
+                            const int32_t* tables, const int32_t* lens, float* out, int64_t S,
+                            int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row) {
+#if defined(__AVX512F__)
+  if (D == 64) return decode_f32_group<4>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row);
+  if (D == 128) return decode_f32_group<8>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row);
+#endif
+  return false;
+}
+
 template <typename T, typename CT>
 static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t* tables,
                           const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
@@ -200,25 +213,14 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
     const at::Half* kp = k_cache.data_ptr<at::Half>();
     const at::Half* vp = v_cache.data_ptr<at::Half>();
     float* op = out.data_ptr<float>();
-#if defined(__AVX512F__)
-    if ((D == 64 && decode_f32_group<4>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)) ||
-        (D == 128 && decode_f32_group<8>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)))
-      return out;
-#endif
-    decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr);
+    if (!decode_f32_fast(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr))
+      decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr);
     return out;
   }
-#if defined(__AVX512F__)
-  if (q.scalar_type() == at::kFloat) {
-    const float* qp = q.data_ptr<float>();
-    const float* kp = k_cache.data_ptr<float>();
-    const float* vp = v_cache.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    if ((D == 64 && decode_f32_group<4>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)) ||
-        (D == 128 && decode_f32_group<8>(H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr)))
-      return out;
-  }
-#endif
+  if (q.scalar_type() == at::kFloat &&
+      decode_f32_fast(D, H / KVH, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                      tp, lp, out.data_ptr<float>(), S, KVH, block_size, mb, sc, qr))
+    return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                       tp, lp, out.data_ptr<scalar_t>(), S, H, KVH, D, block_size, mb, sc, qr);
