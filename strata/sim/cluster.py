@@ -353,7 +353,14 @@ class SimCluster:
         self._series_busy = (now, busy)
         self._series_prov = prov
         w = self.setup.sample_period_s
-        arrived = sum(1 for a in self._arrivals if a[0] > now - w)
+        # Arrivals are appended in time order: count the window's from the newest back
+        # (without an autoscaler nothing trims the deque, so a full scan grows with the run).
+        arrived = 0
+        since = now - w
+        for a in reversed(self._arrivals):
+            if a[0] <= since:
+                break
+            arrived += 1
         self.series.append({
             "t_s": now,
             "desired": float(self.desired),
