@@ -46,7 +46,11 @@ class BlockManager:
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
         # Free blocks in eviction order: uncached ones first, then cached ones LRU-first.
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # Uncached free blocks only ever enter and leave at the front, so they are a stack
+        # (a list whose end is the front: slices and appends, not one dict operation per
+        # block); cached ones are an LRU that lookups also remove from.
+        self.free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.free_cached: OrderedDict[int, None] = OrderedDict()
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -54,12 +58,16 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks with no user (cached-but-free ones count as free: they are evictable)."""
-        return len(self.free)
+        return len(self.free_uncached) + len(self.free_cached)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks referenced by live sequences."""
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def free_blocks(self) -> list[int]:
+        """Free block ids in the order they will be reused (for tests and debugging)."""
+        return self.free_uncached[::-1] + list(self.free_cached)
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks `seq` needs so that `num_tokens` tokens fit in its table."""
@@ -71,21 +79,36 @@ class BlockManager:
         return PrefixCacheStats(self.queried_tokens, self.hit_tokens)
 
     # -- allocation -------------------------------------------------------------
-    def _take_free(self) -> int:
-        block, _ = self.free.popitem(last=False)
-        h = self.block_hashes[block]
-        if h is not None:  # evict the cached prefix it held
-            if self.cached.get(h) == block:
-                del self.cached[h]
-            self.block_hashes[block] = None
+    def _evict_lru(self, n: int) -> list[int]:
+        """Take the n least recently used cached free blocks, dropping their prefixes."""
+        pop = self.free_cached.popitem
+        hashes = self.block_hashes
+        cached = self.cached
+        taken = []
+        for _ in range(n):
+            block, _ = pop(last=False)
+            h = hashes[block]
+            if cached.get(h) == block:
+                del cached[h]
+            hashes[block] = None
             self.block_tokens[block] = None
-        self.ref_counts[block] = 1
-        return block
+            taken.append(block)
+        return taken
 
     def _ref(self, block: int) -> None:
         if self.ref_counts[block] == 0:
-            del self.free[block]
+            del self.free_cached[block]  # a block found by its hash is a cached one
         self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        """Drop one reference; a block nobody uses becomes free (uncached ones reused first)."""
+        n = self.ref_counts[block] - 1
+        self.ref_counts[block] = n
+        if n == 0:
+            if self.block_hashes[block] is None:
+                self.free_uncached.append(block)
+            else:
+                self.free_cached[block] = None
 
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks of seq's prompt; return the number of tokens they cover.
@@ -132,7 +155,7 @@ class BlockManager:
 
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether num_blocks free (or evictable) blocks exist."""
-        return num_blocks <= len(self.free)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False (no change) if full."""
@@ -140,23 +163,29 @@ class BlockManager:
         need = -(-num_tokens // self.block_size) - len(table)
         if need <= 0:
             return True
-        free = self.free
-        if need > len(free):
-            return False
-        # _take_free, inlined: this is the per-block hot path of every decode step.
-        pop = free.popitem
-        hashes = self.block_hashes
-        refs = self.ref_counts
-        for _ in range(need):
-            block, _ = pop(last=False)
-            h = hashes[block]
-            if h is not None:  # evict the cached prefix it held
-                if self.cached.get(h) == block:
-                    del self.cached[h]
-                hashes[block] = None
-                self.block_tokens[block] = None
-            refs[block] = 1
+        stack = self.free_uncached
+        if need == 1 and stack:  # a decode crossing into a new block
+            block = stack.pop()
+            self.ref_counts[block] = 1
             table.append(block)
+            return True
+        n_uncached = len(stack)
+        if need <= n_uncached:
+            # The front of the free order is the end of the stack: take it as one slice.
+            cut = n_uncached - need
+            taken = stack[cut:]
+            del stack[cut:]
+            taken.reverse()
+        else:
+            if need > n_uncached + len(self.free_cached):
+                return False
+            taken = stack[::-1]
+            stack.clear()
+            taken += self._evict_lru(need - n_uncached)
+        refs = self.ref_counts
+        for block in taken:
+            refs[block] = 1
+        table += taken
         return True
 
     def commit(self, seq: Sequence) -> None:
@@ -180,16 +209,18 @@ class BlockManager:
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses become free, cached ones stay hittable."""
         refs = self.ref_counts
-        free = self.free
+        push = self.free_uncached.append
+        cached = self.free_cached
         hashes = self.block_hashes
-        for block in reversed(seq.block_table):
+        for block in reversed(seq.block_table):  # release(), inlined: once per block
             n = refs[block] - 1
             refs[block] = n
             if n == 0:
-                free[block] = None
+                # Uncached blocks are reused first, keeping cached prefixes longer.
                 if hashes[block] is None:
-                    # Uncached blocks are reused first, keeping cached prefixes longer.
-                    free.move_to_end(block, last=False)
+                    push(block)
+                else:
+                    cached[block] = None
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

@@ -82,9 +82,7 @@ class PathBlockManager(BlockManager):
         if keep == len(seq.block_table):
             return cached
         for b in reversed(seq.block_table[keep:]):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                self.free[b] = None
+            self.release(b)
         del seq.block_table[keep:]
         del seq.block_hashes[keep:]
         seq.num_hashed_blocks = keep

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+
+import pytest
+
 from strata.engine.kv_cache import BlockManager
 from strata.engine.sampling import SamplingParams
 from strata.engine.sequence import Sequence
@@ -95,3 +100,97 @@ def test_prompt_logprobs_bypass_the_prefix_cache() -> None:
     finish_prefill(bm, a)
     b = seq(1, [1, 2, 3, 4], prompt_logprobs=1)
     assert bm.match_prefix(b) == 0
+
+
+class _ReferenceBlockManager(BlockManager):
+    """The free list as one OrderedDict (the straightforward definition) for comparison."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
+        self.free = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def free_blocks(self) -> list[int]:
+        return list(self.free)
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            block, _ = self.free.popitem(last=False)
+            h = self.block_hashes[block]
+            if h is not None:
+                if self.cached.get(h) == block:
+                    del self.cached[h]
+                self.block_hashes[block] = None
+                self.block_tokens[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+        return True
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                if self.block_hashes[block] is None:
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_free_lists_match_the_single_ordered_dict(caching: bool, seed: int) -> None:
+    """The stack + LRU free lists give the same blocks, in the same order, as one list."""
+    rng = random.Random(seed)
+    bms = [BlockManager(24, 4, caching), _ReferenceBlockManager(24, 4, caching)]
+    prompts = [[rng.randrange(3) for _ in range(rng.randrange(1, 30))] for _ in range(40)]
+    live: list[list[Sequence]] = [[], []]
+    for step in range(600):
+        op = rng.random()
+        if op < 0.3 or not live[0]:
+            tokens = rng.choice(prompts)
+            pair = [seq(step, list(tokens)) for _ in bms]
+            hits = [bm.match_prefix(s) for bm, s in zip(bms, pair, strict=True)]
+            assert hits[0] == hits[1]
+            for side, s in enumerate(pair):
+                live[side].append(s)
+        else:
+            i = rng.randrange(len(live[0]))
+            pair = [live[0][i], live[1][i]]
+            if op < 0.7:
+                n = pair[0].num_computed_tokens + rng.randrange(1, 12)
+                got = [bm.allocate(s, n) for bm, s in zip(bms, pair, strict=True)]
+                assert got[0] == got[1]
+                if got[0]:
+                    sampled = [rng.randrange(3) for _ in range(n - pair[0].num_tokens)]
+                    for bm, s in zip(bms, pair, strict=True):
+                        s.output_token_ids += sampled
+                        s.num_computed_tokens = n
+                        bm.commit(s)
+            elif op < 0.75:
+                for bm, s in zip(bms, pair, strict=True):
+                    bm.unmatch(s)
+                    bm.match_prefix(s)
+            else:
+                for side, (bm, s) in enumerate(zip(bms, pair, strict=True)):
+                    bm.free_sequence(s)
+                    live[side].pop(i)
+        a, b = bms
+        assert a.free_blocks() == b.free_blocks()
+        assert a.num_free_blocks == b.num_free_blocks
+        assert a.ref_counts == b.ref_counts and a.block_hashes == b.block_hashes
+        assert a.cached == b.cached
+        assert [s.block_table for s in live[0]] == [s.block_table for s in live[1]]
