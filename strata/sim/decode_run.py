@@ -18,41 +18,80 @@ class DecodeRun:
     """A pure-decode run being skipped through: step i (from t0) takes a + b i seconds.
 
     ``slack`` holds each sequence's free token slots in its last KV block at t0: a
-    sequence needs a new block at steps slack+1, slack+1+block_size, ...
+    sequence needs a new block at steps slack+1, slack+1+block_size, ... Slack lies in
+    [0, block_size] (a decode's table covers its computed tokens, at most one block more),
+    so ``blocks_needed`` answers from counts of the slack values instead of a pass over
+    the sequences: the gateway asks it at every load report.
     """
 
-    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0")
+    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0", "_below")
 
     def __init__(self, t0: float, a: float, b: float, k: int, seqs: list[Sequence],
                  slack: list[int], block_size: int, free0: int) -> None:
         self.t0, self.a, self.b, self.k, self.seqs = t0, a, b, k, seqs
         self.slack, self.block_size, self.free0 = slack, block_size, free0
+        self._below: list[int] | None = None  # _below[x]: slack values < x, x <= bs + 1
 
     def time_of(self, j: int) -> float:
         """Seconds from t0 to the end of step j - 1 (j steps)."""
         return self.a * j + self.b * j * (j - 1) * 0.5
 
-    def blocks_needed(self, j: int) -> int:
-        """New KV blocks the sequences need for j steps."""
+    def shift_slack(self, j: int) -> None:
+        """The slack after j steps: a sequence that filled its last block starts a new one."""
         bs = self.block_size
-        return sum(-(-(j - r) // bs) for r in self.slack if j > r)
+        self.slack = [r - j if r >= j else (r - j) % bs for r in self.slack]
+        self._below = None
+
+    def _counts_below(self) -> list[int]:
+        bs = self.block_size
+        counts = [0] * (bs + 1)
+        for r in self.slack:
+            counts[r] += 1  # (an index out of [0, bs] raises rather than miscounts)
+        below = [0] * (bs + 2)
+        c = 0
+        for x in range(bs + 1):
+            below[x] = c
+            c += counts[x]
+        below[bs + 1] = c
+        return below
+
+    def blocks_needed(self, j: int) -> int:
+        """New KV blocks the sequences need for j steps: sum of ceil((j - r) / bs) over
+        the slack values r < j."""
+        if j <= 0:
+            return 0
+        below = self._below
+        if below is None:
+            if min(self.slack, default=0) < 0:
+                raise ValueError("decode run slack must be >= 0")
+            below = self._below = self._counts_below()
+        bs = self.block_size
+        # With j - 1 = q bs + m, ceil((j - r) / bs) is q + 1 for r <= m and q for r > m.
+        q, m = divmod(j - 1, bs)
+        lt = below[j if j <= bs else bs + 1]
+        if m + 1 < j:
+            return lt * (q + 1) - (lt - below[m + 1])
+        return lt * (q + 1)
 
     def steps_done(self, elapsed: float) -> int:
         """Steps completed within ``elapsed`` seconds of t0 (at most k)."""
         if elapsed <= 0:
             return 0
-        a, b = self.a, self.b
+        a, b, k = self.a, self.b, self.k
         if b <= 0:
             j = int(elapsed / a)
         else:
             h = a - 0.5 * b
             j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
-        # Repair float rounding at the boundaries.
-        while j > 0 and self.time_of(j) > elapsed:
+        # Repair float rounding at the boundaries (time_of, inlined).
+        while j > 0 and a * j + b * j * (j - 1) * 0.5 > elapsed:
             j -= 1
-        while j < self.k and self.time_of(j + 1) <= elapsed:
-            j += 1
-        return min(j, self.k)
+        while j < k:
+            i = j + 1
+            if a * i + b * i * (i - 1) * 0.5 > elapsed:
+                break
+            j = i
+        return j if j < k else k
 
 
 def ewma_after(d0: float, a: float, b: float, j: int, alpha: float = EWMA_ALPHA) -> float:

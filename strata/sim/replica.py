@@ -376,8 +376,7 @@ class SimReplica:
         self.generated_tokens += n * j
         self._rate_add(end, 0, n * j)
         self.decode_step_s = ewma_after(self.decode_step_s, run.a, run.b, j)
-        bs = run.block_size
-        run.slack = [r - j if r >= j else (r - j) % bs for r in run.slack]
+        run.shift_slack(j)
         run.free0 = blocks.num_free_blocks
         run.t0 = end
         run.a += run.b * j
@@ -432,9 +431,18 @@ class SimReplica:
         """``Scheduler.waiting_prompt_tokens()``, without summing the whole backlog each time."""
         # Skipped decode steps leave it unchanged: decodes have nothing left to prefill.
         if self._running_prefill is None:
-            self._running_prefill = sum(s.num_uncomputed_tokens - 1
-                                        for s in self.scheduler.running if s.is_prefill)
+            self._running_prefill = self._running_prefill_tokens()
         return self._waiting_sum + self._running_prefill
+
+    def _running_prefill_tokens(self) -> int:
+        # sum(s.num_uncomputed_tokens - 1 for s in running if s.is_prefill), without the
+        # three property calls per sequence.
+        total = 0
+        for s in self.scheduler.running:
+            left = len(s.prompt_token_ids) + len(s.output_token_ids) - s.num_computed_tokens
+            if left > 1:
+                total += left - 1
+        return total
 
     def load_report(self, now: float) -> LoadReport:
         """GET /load as the replica would answer it now (a skipped run is not materialized)."""
@@ -455,8 +463,7 @@ class SimReplica:
         hit_rate = blocks.hit_tokens / queried if queried else 0.0
         running_prefill = self._running_prefill  # waiting_prompt_tokens(), inlined
         if running_prefill is None:
-            running_prefill = self._running_prefill = sum(
-                s.num_uncomputed_tokens - 1 for s in sched.running if s.is_prefill)
+            running_prefill = self._running_prefill = self._running_prefill_tokens()
         state = self.state
         return LoadReport(
             model=self.spec.model_name,
