@@ -30,11 +30,14 @@ from strata.routing.registry import make_policy
 from strata.routing.types import Demand, RouteRequest, Snapshot
 from strata.routing.types import ReplicaState as RouteState
 from strata.sim.events import EventLoop
+from strata.sim.frozen import positional_constructor
 from strata.sim.replica import SimReplica
 from strata.sim.types import SimRequest
 
 _COMPLETION_WINDOW_S = 10.0  # strata.gateway.replicas
 _NO_DEMAND = Demand()
+_ANY_MODEL: frozenset[str] = frozenset()
+_new_route_state = positional_constructor(RouteState)  # a state per replica change
 
 
 class _Endpoint:
@@ -214,9 +217,11 @@ class SimGateway:
             f.popleft()
         load = ep.report
         assert load is not None
-        return RouteState(url=ep.url, healthy=True, in_flight=ep.in_flight,
-                          running=load.running, waiting=load.waiting,
-                          kv_usage=load.kv_usage, load=load,
-                          pending_requests=len(ep.pending),
-                          pending_prompt_tokens=ep.pending_tokens,
-                          completions_per_s=len(f) / _COMPLETION_WINDOW_S if f else 0.0)
+        return _new_route_state(url=ep.url, healthy=True, in_flight=ep.in_flight,
+                                running=load.running, waiting=load.waiting,
+                                kv_usage=load.kv_usage, load=load,
+                                pending_requests=len(ep.pending),
+                                pending_prompt_tokens=ep.pending_tokens,
+                                prefix_match_tokens=0,
+                                completions_per_s=len(f) / _COMPLETION_WINDOW_S if f else 0.0,
+                                models=_ANY_MODEL)

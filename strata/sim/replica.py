@@ -36,12 +36,14 @@ from strata.engine.sequence import Sequence
 from strata.load import LoadReport
 from strata.sim.decode_run import EWMA_ALPHA, DecodeRun, ewma_after
 from strata.sim.events import EventLoop
+from strata.sim.frozen import positional_constructor
 from strata.sim.perf_model import PipelineCost, ReplicaModel, StepFeatures
 from strata.sim.types import EngineSettings, ReplicaListener, SimRequest
 
 _RATE_WINDOW_S = 10.0  # EngineCore._RateWindow
 _PREFILL_MIN_TOKENS = 32  # steps with fewer prompt tokens do not update prefill_token_s
 _ZEROS = [0] * 4096  # sampled token ids: their values never matter to the scheduler
+_new_load_report = positional_constructor(LoadReport)  # a report per gateway poll
 
 
 class ReplicaState(enum.Enum):
@@ -465,7 +467,7 @@ class SimReplica:
         if running_prefill is None:
             running_prefill = self._running_prefill = self._running_prefill_tokens()
         state = self.state
-        return LoadReport(
+        return _new_load_report(
             model=self.spec.model_name,
             running=len(sched.running),
             waiting=len(sched.waiting),
@@ -482,4 +484,5 @@ class SimReplica:
             prefill_token_s=self.prefill_token_s,
             ready=state is ReplicaState.READY or state is ReplicaState.DRAINING,
             draining=state is ReplicaState.DRAINING,
+            stage="",
         )
