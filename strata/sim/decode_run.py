@@ -8,6 +8,7 @@ closed-form, and so is the engine's step-time EWMA after them (``ewma_after``).
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 
 from strata.engine.sequence import Sequence
 
@@ -20,17 +21,17 @@ class DecodeRun:
     ``slack`` holds each sequence's free token slots in its last KV block at t0: a
     sequence needs a new block at steps slack+1, slack+1+block_size, ... Slack lies in
     [0, block_size] (a decode's table covers its computed tokens, at most one block more),
-    so ``blocks_needed`` answers from counts of the slack values instead of a pass over
-    the sequences: the gateway asks it at every load report.
+    so ``blocks_needed`` answers with two bisections of the sorted slack values instead of
+    a pass over the batch: the gateway asks it at every load report.
     """
 
-    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0", "_below")
+    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0", "_sorted")
 
     def __init__(self, t0: float, a: float, b: float, k: int, seqs: list[Sequence],
                  slack: list[int], block_size: int, free0: int) -> None:
         self.t0, self.a, self.b, self.k, self.seqs = t0, a, b, k, seqs
         self.slack, self.block_size, self.free0 = slack, block_size, free0
-        self._below: list[int] | None = None  # _below[x]: slack values < x, x <= bs + 1
+        self._sorted: list[int] | None = None  # sorted(slack), once asked for
 
     def time_of(self, j: int) -> float:
         """Seconds from t0 to the end of step j - 1 (j steps)."""
@@ -40,37 +41,24 @@ class DecodeRun:
         """The slack after j steps: a sequence that filled its last block starts a new one."""
         bs = self.block_size
         self.slack = [r - j if r >= j else (r - j) % bs for r in self.slack]
-        self._below = None
-
-    def _counts_below(self) -> list[int]:
-        bs = self.block_size
-        counts = [0] * (bs + 1)
-        for r in self.slack:
-            counts[r] += 1  # (an index out of [0, bs] raises rather than miscounts)
-        below = [0] * (bs + 2)
-        c = 0
-        for x in range(bs + 1):
-            below[x] = c
-            c += counts[x]
-        below[bs + 1] = c
-        return below
+        self._sorted = None
 
     def blocks_needed(self, j: int) -> int:
-        """New KV blocks the sequences need for j steps: sum of ceil((j - r) / bs) over
-        the slack values r < j."""
+        """New KV blocks the sequences need for j steps: the sum of ceil((j - r) / bs)
+        over the slack values r < j."""
+        bs = self.block_size
+        srt = self._sorted
+        if srt is None:
+            srt = self._sorted = sorted(self.slack)
+        if srt and (srt[0] < 0 or srt[-1] > bs):  # outside what the closed form covers
+            return sum(-(-(j - r) // bs) for r in srt if j > r)
         if j <= 0:
             return 0
-        below = self._below
-        if below is None:
-            if min(self.slack, default=0) < 0:
-                raise ValueError("decode run slack must be >= 0")
-            below = self._below = self._counts_below()
-        bs = self.block_size
         # With j - 1 = q bs + m, ceil((j - r) / bs) is q + 1 for r <= m and q for r > m.
         q, m = divmod(j - 1, bs)
-        lt = below[j if j <= bs else bs + 1]
+        lt = bisect_left(srt, j)
         if m + 1 < j:
-            return lt * (q + 1) - (lt - below[m + 1])
+            return lt * (q + 1) - (lt - bisect_left(srt, m + 1))
         return lt * (q + 1)
 
     def steps_done(self, elapsed: float) -> int:

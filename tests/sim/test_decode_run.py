@@ -21,6 +21,9 @@ def test_blocks_needed_matches_the_sum_over_sequences(bs: int) -> None:
         run = DecodeRun(0.0, 0.02, 1e-5, 10_000, [], slack, bs, 0)
         for j in list(range(0, 3 * bs + 3)) + [rng.randrange(1, 5000) for _ in range(20)]:
             assert run.blocks_needed(j) == _blocks_by_definition(run.slack, bs, j)
+        odd = DecodeRun(0.0, 0.02, 0.0, 100, [], slack + [bs + 3, 2 * bs], bs, 0)
+        for j in range(0, 4 * bs):  # outside [0, bs]: the plain sum
+            assert odd.blocks_needed(j) == _blocks_by_definition(odd.slack, bs, j)
         step = rng.randrange(1, 3 * bs + 2)
         run.shift_slack(step)  # values stay in [0, bs] and the counts follow them
         assert all(0 <= r <= bs for r in run.slack)
