@@ -399,8 +399,7 @@ class SimCluster:
         for _ in range(self.setup.initial_units):
             self._new_unit(start, warm=True)
         self.desired = self.setup.initial_units
-        for req in reqs:
-            loop.at(req.arrival_s, self._arrive, req)
+        loop.at_each([req.arrival_s for req in reqs], self._arrive, [(req,) for req in reqs])
         if self.autoscaler is not None:
             loop.at(start, self._tick)
         loop.at(start, self._sample)
