@@ -197,6 +197,13 @@ class RooflineCost:
         return 2 * self.num_layers * per
 
     def _coeffs(self) -> tuple[float, float, float, float, float]:
+        # Constant per part: computed once (every step and decode run asks for them).
+        c = self.__dict__.get("_coeffs_value")
+        if c is None:
+            c = self.__dict__["_coeffs_value"] = self._compute_coeffs()
+        return c
+
+    def _compute_coeffs(self) -> tuple[float, float, float, float, float]:
         m, L = self.model, self.num_layers
         flops_tok = 2.0 * m.layer_params * L
         flops_pair = 4.0 * L * m.q_dim
