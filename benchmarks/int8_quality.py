@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.model import LlamaModel
-from strata.engine.quant import CALIBRATION_TEXT, Int8Linear, quantize_model
+from strata.engine.quant import (
+    CALIBRATION_TEXT,
+    FileBlocks,
+    Int8Linear,
+    blocks_available,
+    quantize_model,
+)
 from strata.engine.tokenizer import load_tokenizer
 from strata.engine.weights import load_config, load_state_dict, resolve_model
 
@@ -64,9 +72,16 @@ def main() -> None:
     table = Table(title=f"{len(ids)} tokens of {args.text.name}")
     for col in ("weights", "perplexity", "KL vs fp32", "top-1 = fp32"):
         table.add_column(col)
+    variants = [("fp32 (dequantized Q4_1)", model), ("plain W8A8", plain_w8a8(model)),
+                ("strata int8, batched (fbgemm)", strata_int8)]
+    if blocks_available():
+        decode = copy.deepcopy(model)
+        # Every call through the block kernels, as a single decoding sequence's steps run.
+        blocks = FileBlocks(functools.partial(q4_1_blocks, path, config), functools.partial(q8_0_blocks, path))
+        quantize_model(decode, tok.encode(CALIBRATION_TEXT), blocks=blocks, small_max_tokens=1 << 30)
+        variants.append(("strata int8, batch-1 decode (file's Q4_1/Q8_0 blocks)", decode))
     rows = []
-    for name, m in (("fp32 (dequantized Q4_1)", model), ("plain W8A8", plain_w8a8(model)),
-                    ("strata int8", strata_int8)):
+    for name, m in variants:
         lp = ref if m is model else logits(m)
         ppl = float((-lp[:-1].gather(1, ids[1:, None]).mean()).exp())
         kl = float((ref.exp() * (ref - lp)).sum(-1).mean())

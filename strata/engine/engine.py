@@ -9,6 +9,7 @@ inside torch ops, so the event loop keeps serving while the model runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 from strata.engine.core import EngineCore, RequestError, SeqOutput
+from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
-from strata.engine.quant import CALIBRATION_TEXT, int8_supported, quantize_model
+from strata.engine.quant import CALIBRATION_TEXT, FileBlocks, int8_supported, quantize_model
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
@@ -160,7 +162,11 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     if cfg.dtype == "int8":
         if device.type != "cpu" or not int8_supported():
             raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
-        quantize_model(model, tokenizer.encode(CALIBRATION_TEXT))
+        blocks = None
+        if config.extra.get("source_format") == "gguf":
+            # Decode at batch 1 computes from the file's own 4/8-bit blocks.
+            blocks = FileBlocks(functools.partial(q4_1_blocks, path, config), functools.partial(q8_0_blocks, path))
+        quantize_model(model, tokenizer.encode(CALIBRATION_TEXT), blocks=blocks)
     native = device.type == "cpu" and load_paged_attention()
     kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)
     per_block = kv_bytes_per_block(model, cfg.block_size, kv_dtype)

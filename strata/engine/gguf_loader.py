@@ -263,6 +263,40 @@ def gguf_state_dict(
     return out
 
 
+def q4_1_blocks(path: Path, config: LlamaConfig, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A Q4_1 tensor's 4-bit codes [rows, K] (uint8), scales d and minima m [rows, K/32].
+
+    Rows in Hugging Face order (q/k un-permuted like the dequantized weights), so that
+    ``d * codes + m`` per 32-element block equals what `gguf_state_dict` returns. None when
+    the tensor is stored in another format.
+    """
+    t = open_gguf(path).tensors.get(gguf_name(name))
+    if t is None or t.tensor_type.name != "Q4_1":
+        return None
+    rows = int(t.shape[-1])
+    blocks = np.asarray(t.data).reshape(rows, -1, 20)  # per block: d f16, m f16, 16 bytes
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+    if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+        heads = config.num_attention_heads if name.endswith("q_proj.weight") else config.num_key_value_heads
+        codes, d, m = (unpermute_rope_rows(a, heads) for a in (codes, d, m))
+    return np.ascontiguousarray(codes), np.ascontiguousarray(d), np.ascontiguousarray(m)
+
+
+def q8_0_blocks(path: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Q8_0 tensor's int8 values [rows, K] and scales d [rows, K/32] (float16), or None."""
+    t = open_gguf(path).tensors.get(gguf_name(name))
+    if t is None or t.tensor_type.name != "Q8_0":
+        return None
+    rows = int(t.shape[-1])
+    blocks = np.asarray(t.data).reshape(rows, -1, 34)  # per block: d f16, 32 int8
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+    return np.ascontiguousarray(qs), np.ascontiguousarray(d)
+
+
 def tokenizer_metadata(path: Path) -> dict[str, Any]:
     """The GGUF's chat template and special-token ids, as a tokenizer needs them."""
     index = open_gguf(path)

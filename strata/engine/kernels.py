@@ -33,15 +33,16 @@ def load_paged_attention() -> bool:
             header = hashlib.sha256((csrc / "vec.h").read_bytes()).hexdigest()[:16]
             load(
                 name="strata_cpu_kernels",
-                sources=[str(csrc / "paged_attention.cpp"), str(csrc / "fused_ops.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", f"-DSTRATA_VEC_H={header}"],
+                sources=[str(csrc / name) for name in ("paged_attention.cpp", "fused_ops.cpp", "q4_linear.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DSTRATA_VEC_H={header}"],
                 extra_include_paths=[str(csrc)],
                 is_python_module=False,
                 verbose=False,
             )
             ok = all(
                 hasattr(torch.ops.strata, op)
-                for op in ("paged_decode_attention", "rope_and_cache_", "add_rms_norm_", "silu_and_mul")
+                for op in ("paged_decode_attention", "rope_and_cache_", "add_rms_norm_", "silu_and_mul",
+                           "q4_linear")
             )
         except Exception as e:  # noqa: BLE001 - reported, and the torch path still works
             log.warning("native paged attention unavailable (%s); using gather + SDPA", e)

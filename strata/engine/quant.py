@@ -21,7 +21,10 @@ The model files are already 4-bit quantized (Q4_1), so 8-bit weights lose little
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,21 +67,75 @@ Les feuilles tombent doucement en automne, et le vent emporte les souvenirs de l
 SMOOTH_ALPHA = 0.7
 
 
+def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 blocks (w = d * code + m) into the native q4_linear op's layout: (qs, d, m).
+
+    qs: per row and per 64 inputs, 32 bytes, byte i holding input i (low nibble) and input
+    32+i (high nibble); d and m float16 as in the file. K must be a multiple of 64.
+    """
+    n, k = codes.shape
+    if k % 64:
+        raise ValueError(f"q4 weights need K a multiple of 64, got {k}")
+    c = codes.astype(np.uint8).reshape(n, k // 64, 2, 32)
+    qs = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, k // 2)
+    # clone(): torch's allocator aligns to 64 bytes, numpy's to 16.
+    return (torch.from_numpy(np.ascontiguousarray(qs)).clone(),
+            torch.from_numpy(np.ascontiguousarray(d, dtype=np.float16)).clone(),
+            torch.from_numpy(np.ascontiguousarray(m, dtype=np.float16)).clone())
+
+
 class _PackedLinear(nn.Module):
-    """A bias-free Linear whose weight fbgemm has prepacked; subclasses pack and call."""
+    """A bias-free Linear whose weight fbgemm has prepacked; subclasses pack and call.
+
+    With the model file's own blocks attached (`attach_q4`, `attach_q8`), calls of at most
+    `small_max_tokens` rows run the native q4_linear / q8_linear op on them instead:
+    decode at small batch reads every weight once per step, so it goes at the speed of
+    the bytes read, and those kernels read 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight with
+    per-32 activation scales.
+    """
+
+    small_max_tokens = 0
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
 
+    def _attach(self, op: object, args: tuple, max_tokens: int, rows: int, cols: int) -> None:
+        if (rows, cols) != (self.out_features, self.in_features):
+            raise ValueError(f"blocks of {rows}x{cols} weights do not fit a "
+                             f"{self.in_features}->{self.out_features} projection")
+        self._small = raw_op(op)
+        self._small_args = args
+        self.small_max_tokens = max_tokens
+
+    def attach_q4(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                  col_scale: torch.Tensor | None, max_tokens: int) -> None:
+        """Use these Q4_1 blocks (`pack_q4_1`) for inputs of up to `max_tokens` rows.
+
+        `col_scale` multiplies the input first: the SmoothQuant scale folded out of the
+        input norm, so the blocks see the activations they were quantized against.
+        """
+        self._attach(torch.ops.strata.q4_linear, (qs, d, m, col_scale, True), max_tokens,
+                     qs.shape[0], qs.shape[1] * 2)
+
+    def attach_q8(self, qs: torch.Tensor, d: torch.Tensor, max_tokens: int) -> None:
+        """Use these Q8_0 blocks (int8 [N, K], float16 scales [N, K/32]) for small inputs."""
+        self._attach(torch.ops.strata.q8_linear, (qs, d, True), max_tokens, qs.shape[0], qs.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.forward_2d(x.reshape(-1, shape[-1]).float())
+        y = self.forward_2d(x.reshape(-1, shape[-1]).float().contiguous())
         return y.reshape(*shape[:-1], self.out_features)
 
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] float32 -> [T, out]: the engine's hot path, without reshapes."""
+        if x.shape[0] <= self.small_max_tokens:
+            return self._small(x, *self._small_args)
+        return self.packed_forward(x)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] float32 -> [T, out] through the fbgemm-packed weight."""
         raise NotImplementedError
 
 
@@ -98,7 +155,7 @@ class Int8Linear(_PackedLinear):
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self._linear = raw_op(torch.ops.quantized.linear_dynamic)
 
-    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.packed, False)
 
 
@@ -110,8 +167,15 @@ class Fp16Linear(_PackedLinear):
         self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), None)
         self._linear = raw_op(torch.ops.quantized.linear_dynamic_fp16)
 
-    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.packed)
+
+
+def blocks_available() -> bool:
+    """Whether the native q4_linear/q8_linear ops are built with their AVX-512 VNNI path."""
+    from strata.engine.kernels import load_paged_attention
+
+    return load_paged_attention() and bool(torch.ops.strata.q4_vnni_available())
 
 
 def int8_supported() -> bool:
@@ -122,10 +186,13 @@ def int8_supported() -> bool:
 
 
 @torch.no_grad()
-def smooth_quant_(model: nn.Module, calibration_ids: list[int], alpha: float = SMOOTH_ALPHA) -> None:
+def smooth_quant_(model: nn.Module, calibration_ids: list[int],
+                  alpha: float = SMOOTH_ALPHA) -> dict[tuple[str, int], torch.Tensor]:
     """Fold SmoothQuant scales into each layer's norms and q/k/v, gate/up columns, in place.
 
     `model` is a float32 LlamaModel with its embedding (the calibration runs from token ids).
+    Returns the per-input-channel scales s by ("qkv" | "gate_up", layer index): the norms
+    now emit X / s.
     """
     stats: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -140,6 +207,7 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int], alpha: float = S
     for i, layer in enumerate(model.layers):
         hooks.append(layer.self_attn.qkv_proj.register_forward_hook(recorder(("qkv", i))))
         hooks.append(layer.mlp.gate_up_proj.register_forward_hook(recorder(("gate_up", i))))
+    scales: dict[tuple[str, int], torch.Tensor] = {}
     try:
         ids = torch.tensor(calibration_ids, dtype=torch.long)
         with torch.inference_mode():
@@ -156,27 +224,80 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int], alpha: float = S
             s = stats[(key, i)].clamp(min=1e-5).pow(alpha) / w.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)
             w.mul_(s)
             norm.div_(s)
+            scales[(key, i)] = s.float().contiguous()
+    return scales
 
 
-def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None) -> int:
+@dataclass(frozen=True)
+class FileBlocks:
+    """The model file's own quantized blocks, by Hugging Face tensor name.
+
+    `q4_1(name)` gives a Q4_1 tensor's (codes [N, K] uint8, d, m [N, K/32]), `q8_0(name)`
+    a Q8_0 tensor's (int8 values [N, K], d [N, K/32]); each None for another format.
+    """
+
+    q4_1: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray] | None]
+    q8_0: Callable[[str], tuple[np.ndarray, np.ndarray] | None]
+
+
+# Up to this many tokens per call, projections with the file's blocks attached run the
+# block kernels: one decoding sequence. Above it fbgemm's int8 GEMM is faster
+# (per-M timings in docs/results.md).
+SMALL_MAX_TOKENS = 1
+
+
+def _q4_for(blocks: FileBlocks, names: list[str]) -> tuple[torch.Tensor, ...] | None:
+    """The named tensors' Q4_1 blocks stacked by rows (a fused projection), packed."""
+    parts = [blocks.q4_1(n) for n in names]
+    if any(p is None for p in parts) or parts[0][0].shape[1] % 64:  # type: ignore[index]
+        return None
+    codes, d, m = (np.concatenate([p[i] for p in parts], axis=0) for i in range(3))  # type: ignore[index]
+    return pack_q4_1(codes, d, m)
+
+
+def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
+                   blocks: FileBlocks | None = None, small_max_tokens: int = SMALL_MAX_TOKENS) -> int:
     """Smooth (when calibration ids are given) and swap the projections; returns how many.
 
     q/k/v, gate/up, the output projection and the LM head become Int8Linear; the down
-    projection becomes Fp16Linear (see the module docstring for why).
+    projection becomes Fp16Linear (see the module docstring for why). With `blocks` (the
+    file's own Q4_1 / Q8_0 tensors), every projection stored in one of those formats also
+    gets them for calls of up to `small_max_tokens` rows.
     """
+    scales: dict[tuple[str, int], torch.Tensor] = {}
     if calibration_ids and getattr(model, "embed_tokens", None) is not None:
-        smooth_quant_(model, calibration_ids)
+        scales = smooth_quant_(model, calibration_ids)
+    use_blocks = blocks is not None and small_max_tokens > 0 and blocks_available()
     count = 0
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = Int8Linear(attn.qkv_proj)
         attn.o_proj = Int8Linear(attn.o_proj)
         mlp.gate_up_proj = Int8Linear(mlp.gate_up_proj)
         mlp.down_proj = Fp16Linear(mlp.down_proj)
         count += 4
+        if not use_blocks:
+            continue
+        p = f"model.layers.{model.layer_start + i}."
+        for linear, names, scale in (
+            (attn.qkv_proj, [p + f"self_attn.{n}_proj.weight" for n in "qkv"], scales.get(("qkv", i))),
+            (attn.o_proj, [p + "self_attn.o_proj.weight"], None),
+            (mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+             scales.get(("gate_up", i))),
+            (mlp.down_proj, [p + "mlp.down_proj.weight"], None),
+        ):
+            packed = _q4_for(blocks, names)  # type: ignore[arg-type]
+            if packed is not None:
+                linear.attach_q4(*packed, scale, small_max_tokens)
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = Int8Linear(model.lm_head)
         count += 1
+        if use_blocks and model.lm_head.in_features % 64 == 0:
+            tied = model.config.tie_word_embeddings
+            head = blocks.q8_0("model.embed_tokens.weight" if tied else "lm_head.weight")  # type: ignore[union-attr]
+            if head is not None and head[0].shape == (model.lm_head.out_features, model.lm_head.in_features):
+                model.lm_head.attach_q8(torch.from_numpy(head[0]).clone(), torch.from_numpy(head[1]).clone(),
+                                        small_max_tokens)
     invalidate = getattr(model, "invalidate_plan", None)
     if invalidate is not None:
         invalidate()

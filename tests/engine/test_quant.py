@@ -9,16 +9,20 @@ serve a different model.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
+from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.model import LlamaModel
 from strata.engine.quant import (
     CALIBRATION_TEXT,
+    FileBlocks,
     Fp16Linear,
     Int8Linear,
+    blocks_available,
     int8_supported,
     quantize_model,
     smooth_quant_,
@@ -45,6 +49,7 @@ def fp32_model(bundled_gguf: Path) -> tuple[LlamaModel, object]:
     config = load_config(bundled_gguf)
     model = LlamaModel(config)
     model.load_weights(load_state_dict(bundled_gguf, config, dtype=torch.float32))
+    model.gguf_path = bundled_gguf  # type: ignore[attr-defined]
     return model.eval(), load_tokenizer(bundled_gguf)
 
 
@@ -76,3 +81,43 @@ def test_int8_model_stays_close_to_fp32(fp32_model) -> None:  # type: ignore[no-
     top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert kl < 0.1, kl
     assert top1 > 0.8, top1
+
+
+def _file_blocks(model: LlamaModel) -> FileBlocks:
+    path = model.gguf_path  # type: ignore[attr-defined]
+    return FileBlocks(functools.partial(q4_1_blocks, path, model.config), functools.partial(q8_0_blocks, path))
+
+
+@pytest.mark.skipif(not blocks_available(), reason="no AVX-512 VNNI block kernels on this CPU")
+def test_single_token_calls_run_on_the_file_blocks(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = fp32_model
+    q = copy.deepcopy(model)
+    quantize_model(q, tok.encode(CALIBRATION_TEXT), blocks=_file_blocks(model))
+    layer = q.layers[3]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                   layer.mlp.down_proj, q.lm_head):
+        assert linear.small_max_tokens == 1
+        x = torch.randn(2, linear.in_features)
+        # One row: the block kernel; two rows: fbgemm. Both approximate the same weights.
+        one = linear.forward_2d(x[:1])
+        assert torch.equal(one, linear._small(x[:1], *linear._small_args))
+        assert torch.equal(linear.forward_2d(x), linear.packed_forward(x))
+        rel = float((one - linear.packed_forward(x[:1])).norm() / one.norm())
+        assert rel < 0.05, rel
+
+
+@pytest.mark.skipif(not blocks_available(), reason="no AVX-512 VNNI block kernels on this CPU")
+def test_the_decode_path_on_file_blocks_stays_closer_to_fp32(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    """Every call through the block kernels (as batch-1 decode runs): the weights are the
+    file's exactly, the SmoothQuant scale is undone on the activations, so only per-32
+    activation rounding remains."""
+    model, tok = fp32_model
+    ids = torch.tensor(tok.encode(EVAL_TEXT))
+    ref = _logprobs(model, ids)
+    q = copy.deepcopy(model)
+    quantize_model(q, tok.encode(CALIBRATION_TEXT), blocks=_file_blocks(model), small_max_tokens=1 << 30)
+    lp = _logprobs(q, ids)
+    kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.01, kl
+    assert top1 > 0.9, top1
