@@ -32,7 +32,7 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """A sequence's share of one step: tokens [start, start + num_tokens)."""
 
@@ -141,26 +141,31 @@ class Scheduler:
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
         running = self.running
         allocate = self.blocks.allocate
+        block_size = self.blocks.block_size
+        decodes, prefills = batch.decodes, batch.prefills
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             start = seq.num_computed_tokens
             left = len(seq.prompt_token_ids) + len(seq.output_token_ids) - start  # uncomputed
-            n = min(left, budget)
-            while not allocate(seq, start + n):
+            n = left if left < budget else budget
+            end = start + n
+            # allocate() is a no-op while the table covers `end` tokens: most decodes.
+            if end > len(seq.block_table) * block_size and not allocate(seq, end):
                 victim = running[-1]
-                if victim is seq:
-                    break
-                self._preempt(victim, batch)
-            else:
-                entry = ScheduledSeq(seq, start, n)
-                # A decode: one token left, not a prefill's last chunk (is_prefill: left > 1).
-                (batch.decodes if n == 1 and left <= 1 else batch.prefills).append(entry)
-                budget -= n
-                i += 1
-                continue
-            # Could not fit even alone: preempt this one too.
-            self._preempt(seq, batch)
+                while victim is not seq:
+                    self._preempt(victim, batch)
+                    if allocate(seq, end):
+                        break
+                    victim = running[-1]
+                else:
+                    # Could not fit even alone: preempt this one too.
+                    self._preempt(seq, batch)
+                    continue
+            # A decode: one token left, not a prefill's last chunk (is_prefill: left > 1).
+            (decodes if n == 1 and left <= 1 else prefills).append(ScheduledSeq(seq, start, n))
+            budget -= n
+            i += 1
         # 2. Admit waiting sequences while budget, slots and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -192,6 +197,9 @@ class Scheduler:
 
     def on_step_done(self, batch: Batch) -> None:
         """Advance computed-token counts and publish new full blocks to the prefix cache."""
-        for entry in batch.entries:
-            entry.seq.num_computed_tokens = entry.start + entry.num_tokens
-            self.blocks.commit(entry.seq)
+        commit = self.blocks.commit
+        for group in (batch.decodes, batch.prefills):
+            for entry in group:
+                seq = entry.seq
+                seq.num_computed_tokens = entry.start + entry.num_tokens
+                commit(seq)

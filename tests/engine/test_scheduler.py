@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from strata.engine.kv_cache import BlockManager
 from strata.engine.sampling import SamplingParams
-from strata.engine.scheduler import Scheduler, SchedulerConfig
+from strata.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence, SequenceStatus
 
 
@@ -99,3 +103,105 @@ def test_prefix_cache_hit_skips_computed_tokens() -> None:
     s.add(again)
     b = run_step(s)
     assert b.prefills[0].start == 12 and b.prefills[0].num_tokens == 2
+
+
+
+class _ReferenceScheduler(Scheduler):
+    """step() as first written (an allocate call per running sequence), for comparison."""
+
+    def step(self) -> Batch:
+        batch = Batch()
+        budget = self.config.max_num_batched_tokens
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            start = seq.num_computed_tokens
+            left = seq.num_uncomputed_tokens
+            n = min(left, budget)
+            while not self.blocks.allocate(seq, start + n):
+                victim = running[-1]
+                if victim is seq:
+                    break
+                self._preempt(victim, batch)
+            else:
+                entry = ScheduledSeq(seq, start, n)
+                (batch.decodes if n == 1 and left <= 1 else batch.prefills).append(entry)
+                budget -= n
+                i += 1
+                continue
+            self._preempt(seq, batch)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            matched = not seq.block_table
+            if matched:
+                self.blocks.match_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            start = seq.num_computed_tokens
+            if not self.blocks.allocate(seq, start + n):
+                fits = False
+                if not self.running and not batch:
+                    free_tokens = (
+                        len(seq.block_table) + self.blocks.num_free_blocks
+                    ) * self.blocks.block_size - start
+                    n = min(n, free_tokens)
+                    fits = n > 0 and self.blocks.allocate(seq, start + n)
+                if not fits:
+                    if matched:
+                        self.blocks.unmatch(seq)
+                    break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            entry = ScheduledSeq(seq, start, n)
+            (batch.decodes if n == 1 and not seq.is_prefill else batch.prefills).append(entry)
+            budget -= n
+        return batch
+
+    def on_step_done(self, batch: Batch) -> None:
+        for entry in batch.entries:
+            entry.seq.num_computed_tokens = entry.start + entry.num_tokens
+            self.blocks.commit(entry.seq)
+
+
+def _shape(batch: Batch) -> tuple:
+    return ([(e.seq.seq_id, e.start, e.num_tokens) for e in batch.decodes],
+            [(e.seq.seq_id, e.start, e.num_tokens) for e in batch.prefills],
+            [s.seq_id for s in batch.preempted])
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_step_matches_the_straightforward_loop_under_preemption(caching: bool,
+                                                                seed: int) -> None:
+    """Skipping allocate calls that would be no-ops leaves every batch as it was."""
+    rng = random.Random(seed)
+    cfg = SchedulerConfig(max_num_seqs=rng.choice((4, 8, 16)),
+                          max_num_batched_tokens=rng.choice((8, 32, 64)))
+    num_blocks = rng.choice((12, 24, 40))
+    pair = [cls(cfg, BlockManager(num_blocks, 4, caching))
+            for cls in (Scheduler, _ReferenceScheduler)]
+    seqs: list[list[Sequence]] = [[], []]
+    preempted = 0
+    for step in range(400):
+        if rng.random() < 0.3:
+            n, max_tokens = rng.randrange(1, 40), rng.randrange(1, 30)
+            prompt = [rng.randrange(3) for _ in range(n)]
+            for side, s in enumerate(pair):
+                seq = Sequence(step, list(prompt), SamplingParams(max_tokens=max_tokens))
+                s.add(seq)
+                seqs[side].append(seq)
+        batches = [s.step() for s in pair]
+        assert _shape(batches[0]) == _shape(batches[1])
+        preempted += len(batches[0].preempted)
+        for s, batch in zip(pair, batches, strict=True):
+            sampling = [e for e in batch.entries if e.samples]
+            s.on_step_done(batch)
+            for e in sampling:
+                e.seq.output_token_ids.append(step % 3)
+                if len(e.seq.output_token_ids) >= e.seq.params.max_tokens:
+                    s.finish(e.seq, "length")
+        assert [q.block_table for q in seqs[0]] == [q.block_table for q in seqs[1]]
+        assert [q.num_computed_tokens for q in seqs[0]] == \
+            [q.num_computed_tokens for q in seqs[1]]
+    assert preempted > 0  # the pool is small enough to exercise the preemption loop
