@@ -11,11 +11,17 @@ channel sets the scale for all. So, measured on the bundled model (benchmarks/in
   projection's columns (W * s), so the model's function is unchanged in exact arithmetic
   and nothing is added at run time. max|X_j| comes from one forward pass over a fixed
   calibration text (below);
-- the output projection and the LM head are plain W8A8;
+- the LM head reads the final norm's output, so it is smoothed the same way (its own
+  alpha; the head is a copy of the tied embedding, so the input embedding is untouched);
+- the output projection is plain W8A8;
 - the down projection's input (SiLU(gate) * up) has outliers no per-tensor int8 scale
   holds, so it keeps fp16 weights (fbgemm's fp16 GEMM, fp32 arithmetic).
 
 The model files are already 4-bit quantized (Q4_1), so 8-bit weights lose little.
+
+Calls of one row (batch-1 decode) can instead run on the model file's own Q4_1 / Q8_0
+blocks (`FileBlocks`, native q4_linear / q8_linear): the file's weights exactly, per-32
+int8 activations with the smoothing scales multiplied back in.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ Q: What is 17 * 23? A: 391. Q: What is the capital of Japan? A: Tokyo.
 Les feuilles tombent doucement en automne, et le vent emporte les souvenirs de l'été.
 """
 SMOOTH_ALPHA = 0.7
+# The LM head reads the final norm's output: its scales fold into that norm. Measured on
+# the bundled model, a = 0.5 is best there (KL vs fp32 0.031 -> 0.013).
+HEAD_SMOOTH_ALPHA = 0.5
 
 
 def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,9 +128,10 @@ class _PackedLinear(nn.Module):
         self._attach(torch.ops.strata.q4_linear, (qs, d, m, col_scale, True), max_tokens,
                      qs.shape[0], qs.shape[1] * 2)
 
-    def attach_q8(self, qs: torch.Tensor, d: torch.Tensor, max_tokens: int) -> None:
+    def attach_q8(self, qs: torch.Tensor, d: torch.Tensor, col_scale: torch.Tensor | None,
+                  max_tokens: int) -> None:
         """Use these Q8_0 blocks (int8 [N, K], float16 scales [N, K/32]) for small inputs."""
-        self._attach(torch.ops.strata.q8_linear, (qs, d, True), max_tokens, qs.shape[0], qs.shape[1])
+        self._attach(torch.ops.strata.q8_linear, (qs, d, col_scale, True), max_tokens, qs.shape[0], qs.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -188,11 +198,11 @@ def int8_supported() -> bool:
 @torch.no_grad()
 def smooth_quant_(model: nn.Module, calibration_ids: list[int],
                   alpha: float = SMOOTH_ALPHA) -> dict[tuple[str, int], torch.Tensor]:
-    """Fold SmoothQuant scales into each layer's norms and q/k/v, gate/up columns, in place.
+    """Fold SmoothQuant scales into the norms and the q/k/v, gate/up and head columns, in place.
 
     `model` is a float32 LlamaModel with its embedding (the calibration runs from token ids).
-    Returns the per-input-channel scales s by ("qkv" | "gate_up", layer index): the norms
-    now emit X / s.
+    Returns the per-input-channel scales s by ("qkv" | "gate_up", layer index) and
+    ("head", 0) for the LM head (folded into the final norm): the norms now emit X / s.
     """
     stats: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -207,11 +217,16 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int],
     for i, layer in enumerate(model.layers):
         hooks.append(layer.self_attn.qkv_proj.register_forward_hook(recorder(("qkv", i))))
         hooks.append(layer.mlp.gate_up_proj.register_forward_hook(recorder(("gate_up", i))))
+    head = getattr(model, "lm_head", None) if getattr(model, "norm", None) is not None else None
+    if head is not None:
+        hooks.append(head.register_forward_hook(recorder(("head", 0))))
     scales: dict[tuple[str, int], torch.Tensor] = {}
     try:
         ids = torch.tensor(calibration_ids, dtype=torch.long)
         with torch.inference_mode():
-            model(ids, torch.arange(len(ids)))  # the plain causal reference path
+            hidden = model(ids, torch.arange(len(ids)))  # the plain causal reference path
+            if head is not None:
+                model.compute_logits(hidden)
     finally:
         for h in hooks:
             h.remove()
@@ -225,6 +240,15 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int],
             w.mul_(s)
             norm.div_(s)
             scales[(key, i)] = s.float().contiguous()
+    if head is not None:
+        # The head is its own copy of the (tied) embedding, so scaling its columns leaves
+        # the input embedding alone.
+        w = head.weight
+        s = stats[("head", 0)].clamp(min=1e-5).pow(HEAD_SMOOTH_ALPHA) / w.abs().amax(dim=0).clamp(
+            min=1e-5).pow(1 - HEAD_SMOOTH_ALPHA)
+        w.mul_(s)
+        model.norm.div_(s)
+        scales[("head", 0)] = s.float().contiguous()
     return scales
 
 
@@ -297,7 +321,7 @@ def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
             head = blocks.q8_0("model.embed_tokens.weight" if tied else "lm_head.weight")  # type: ignore[union-attr]
             if head is not None and head[0].shape == (model.lm_head.out_features, model.lm_head.in_features):
                 model.lm_head.attach_q8(torch.from_numpy(head[0]).clone(), torch.from_numpy(head[1]).clone(),
-                                        small_max_tokens)
+                                        scales.get(("head", 0)), small_max_tokens)
     invalidate = getattr(model, "invalidate_plan", None)
     if invalidate is not None:
         invalidate()

@@ -95,9 +95,9 @@ def test_block_kernels_give_the_same_result_on_one_and_two_threads() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.strata.q4_linear(x, *packed, None, True), torch.ops.strata.q8_linear(x, q8, d8, True)
+        one = torch.ops.strata.q4_linear(x, *packed, None, True), torch.ops.strata.q8_linear(x, q8, d8, None, True)
         torch.set_num_threads(2)
-        two = torch.ops.strata.q4_linear(x, *packed, None, True), torch.ops.strata.q8_linear(x, q8, d8, True)
+        two = torch.ops.strata.q4_linear(x, *packed, None, True), torch.ops.strata.q8_linear(x, q8, d8, None, True)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
@@ -111,7 +111,7 @@ def test_q8_linear_computes_its_arithmetic(vectorized: bool, tokens: int) -> Non
     qs = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     d = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half()
     x = torch.randn(tokens, k, generator=g)
-    y = torch.ops.strata.q8_linear(x, qs, d, vectorized)
+    y = torch.ops.strata.q8_linear(x, qs, d, None, vectorized)
     q, dx = _quant_acts(x)
     dots = torch.einsum("tbj,nbj->tnb", q.double(), qs.double().reshape(n, k // 32, 32))
     exact = (dots * d.double()[None] * dx.double()[:, None, :, 0]).sum(-1)
@@ -133,7 +133,7 @@ def test_block_kernels_refuse_bad_shapes() -> None:
         torch.ops.strata.q4_linear(torch.randn(1, 64).double(), *packed, None, True)
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.strata.q8_linear(torch.randn(1, 64), torch.zeros(2, 64, dtype=torch.uint8),
-                                   torch.zeros(2, 2, dtype=torch.half), True)
+                                   torch.zeros(2, 2, dtype=torch.half), None, True)
     with pytest.raises(ValueError, match="multiple of 64"):
         pack_q4_1(np.zeros((2, 32), np.uint8), np.zeros((2, 1), np.float16), np.zeros((2, 1), np.float16))
 

@@ -3,7 +3,8 @@
 On the real bundled model. Plain per-tensor W8A8 on every projection (what fbgemm's
 dynamic linear does) changes the greedy next token at ~40% of positions here; strata's
 int8 must stay close to fp32 (KL and top-1 agreement), or `--dtype int8` would quietly
-serve a different model.
+serve a different model. The batch-1 decode path on the file's own blocks must be closer
+still.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def test_int8_model_stays_close_to_fp32(fp32_model) -> None:  # type: ignore[no-
     lp = _logprobs(q, ids)
     kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
     top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert kl < 0.1, kl
-    assert top1 > 0.8, top1
+    # Measured: KL 0.010, top-1 93% (0.031 / 89% before the head was smoothed too).
+    assert kl < 0.03, kl
+    assert top1 > 0.85, top1
 
 
 def _file_blocks(model: LlamaModel) -> FileBlocks:

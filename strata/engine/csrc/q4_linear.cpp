@@ -350,16 +350,23 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return y;
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool vectorized) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                     const std::optional<at::Tensor>& col_scale, bool vectorized) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(K % kChunk == 0, "q8_linear needs K a multiple of 64, got ", K);
   TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) == K, "qs: int8 [N, K]");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
               "d: float16 [N, K/32]");
+  const float* cs = nullptr;
+  if (col_scale.has_value()) {
+    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->is_contiguous() && col_scale->numel() == K,
+                "col_scale: float32 [K]");
+    cs = col_scale->data_ptr<float>();
+  }
   static thread_local QuantizedActs buffers;
   QuantizedActs& a = buffers;
-  quantize_acts(x.data_ptr<float>(), nullptr, M, K, a);
+  quantize_acts(x.data_ptr<float>(), cs, M, K, a);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* qp = qs.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
@@ -388,7 +395,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(strata, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? col_scale, bool vectorized=True) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, bool vectorized=True) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? col_scale, bool vectorized=True) -> Tensor");
   m.def("q4_vnni_available() -> bool", &vnni_available);
 }
 
