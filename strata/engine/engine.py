@@ -275,12 +275,14 @@ class AsyncEngine:
             self._adds.append((sid, prompt_ids, params, time.monotonic()))
             self._wake.set()
         finished = False
+        outputs = 0
         try:
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                outputs += 1
                 yield item
                 if item.finished:
                     finished = True
@@ -288,6 +290,8 @@ class AsyncEngine:
         finally:
             self._queues.pop(sid, None)
             if not finished:
+                # As vLLM does: every abort is logged, with how far the sequence got.
+                log.info("aborted sequence %d after %d outputs: its consumer stopped (client gone)", sid, outputs)
                 with self._lock:
                     self._aborts.append(sid)
                     self._wake.set()
