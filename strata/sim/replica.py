@@ -220,9 +220,10 @@ class SimReplica:
         for group in (batch.decodes, batch.prefills):
             for e in group:
                 seq = e.seq
-                if e.start + e.num_tokens != seq.num_tokens:  # ScheduledSeq.samples
-                    continue
                 out = seq.output_token_ids
+                # ScheduledSeq.samples, inlined
+                if e.start + e.num_tokens != len(seq.prompt_token_ids) + len(out):
+                    continue
                 out.append(0)
                 req = self.requests[seq.seq_id]
                 if len(out) == 1:
@@ -267,8 +268,9 @@ class SimReplica:
             return False
         if sched.waiting and n < cfg.max_num_seqs and n < cfg.max_num_batched_tokens:
             return False  # admission would be tried: only a real step knows its outcome
-        for seq in running:
-            if seq.num_tokens - seq.num_computed_tokens != 1:
+        for seq in running:  # (num_tokens - num_computed_tokens, without the property)
+            if len(seq.prompt_token_ids) + len(seq.output_token_ids) \
+                    - seq.num_computed_tokens != 1:
                 return False
         return True
 
@@ -320,7 +322,8 @@ class SimReplica:
         # Step i allocates for num_tokens + i tokens (see DecodeRun.slack).
         slack = [len(s.block_table) * bs - (n - 1) for s, n in zip(seqs, ntok, strict=True)]
         run = DecodeRun(now, 0.0, 0.0, k, seqs, slack, bs, free)
-        if run.blocks_needed(k) > free:
+        # No sequence needs more than ceil(k / bs) blocks (slack >= 0): often that settles it.
+        if (len(seqs) * -(-k // bs) > free or min(slack) < 0) and run.blocks_needed(k) > free:
             lo, hi = 0, k  # blocks_needed(lo) <= free < blocks_needed(hi)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -414,18 +417,22 @@ class SimReplica:
         Steps of a run being skipped count as if each had been recorded when it ended;
         ``run_steps`` is how many of them are done by ``now``, when the caller knows it.
         """
-        self._rate_trim(now)
         ev = self._rates
+        if ev and ev[0][0] < now - _RATE_WINDOW_S:
+            self._rate_trim(now)
         prompt, gen = self._rate_prompt, self._rate_gen
         first = ev[0][0] if ev else math.inf
         run = self._run
         if run is not None:
             j = run.steps_done(now - run.t0) if run_steps is None else run_steps
             if j > 0:
-                j_old = run.steps_done(now - _RATE_WINDOW_S - run.t0)
+                old = now - _RATE_WINDOW_S - run.t0
+                j_old = run.steps_done(old) if old > 0 else 0
                 if j > j_old:
                     gen += len(run.seqs) * (j - j_old)
-                    first = min(first, run.t0 + run.time_of(j_old + 1))
+                    t = run.t0 + run.time_of(j_old + 1)
+                    if t < first:
+                        first = t
         if first == math.inf:
             return 0.0, 0.0
         span = max(now - first, 1e-3)
