@@ -38,6 +38,7 @@ _COMPLETION_WINDOW_S = 10.0  # strata.gateway.replicas
 _NO_DEMAND = Demand()
 _ANY_MODEL: frozenset[str] = frozenset()
 _new_route_state = positional_constructor(RouteState)  # a state per replica change
+_new_snapshot = positional_constructor(Snapshot)  # one per routed request
 
 
 class _Endpoint:
@@ -162,7 +163,7 @@ class SimGateway:
                     states[ep.index] = replace(states[ep.index],
                                                prefix_match_tokens=m * self.chunk_tokens)
         demand = self.demand.current(now) if self.demand is not None else _NO_DEMAND
-        snap = Snapshot(tuple(states), self._seq, demand)
+        snap = _new_snapshot(tuple(states), self._seq, demand)
         self._seq += 1
         chosen = self.policy.pick(rr, snap)
         if chosen is None:

@@ -125,7 +125,7 @@ class IterationCost(Protocol):
 
 def _dominant(lines: list[tuple[float, float]], max_steps: int) -> tuple[float, float, int]:
     """The largest of several lines at i = 0 and how long it stays the largest."""
-    a, b = max(lines, key=lambda ln: (ln[0], ln[1]))
+    a, b = max(lines)  # (a, b) pairs compare as the tuples they are: largest a, then b
     k = max_steps
     for a2, b2 in lines:
         if b2 > b:
