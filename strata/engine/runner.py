@@ -59,6 +59,8 @@ class ModelRunner:
         if self.kv_dtype != dtype and not native_attention:
             raise ValueError("a KV cache dtype other than the model's needs the native CPU kernels")
         self.cos_sin = model.rope_table().to(self.device) if native_attention else None
+        if self.device.type == "cpu" and dtype == torch.float32:
+            model.store_weights_transposed_()
         c = model.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
         self.kv_caches = [

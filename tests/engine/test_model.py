@@ -106,3 +106,20 @@ def test_paged_chunked_prefill_and_decode_match_reference(native: bool) -> None:
                 sched.finish(s, "length")
     assert shared.num_cached_tokens == 24
     assert sched.blocks.num_free_blocks == 64
+
+
+def test_transposed_weight_storage_keeps_the_function() -> None:
+    """ModelRunner on CPU fp32 stores projections as [in, out] (a faster MKL GEMM at
+    decode batch sizes): same values, same logits, weights are transposed views."""
+    _, ours = tiny_pair(tied=False)
+    ids = torch.randint(0, 256, (33,))
+    pos = torch.arange(33)
+    with torch.no_grad():
+        before = ours.compute_logits(ours(ids, pos))
+    ModelRunner(ours, num_blocks=8, block_size=16, dtype=torch.float32)
+    w = ours.layers[0].mlp.gate_up_proj.weight
+    assert w.shape == (320, 64) and w.stride() == (1, 320)
+    assert ours.lm_head.weight.stride() == (1, 256)
+    with torch.no_grad():
+        after = ours.compute_logits(ours(ids, pos))
+    assert torch.allclose(before, after, atol=1e-5)
