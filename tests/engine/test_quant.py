@@ -20,6 +20,7 @@ from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.model import LlamaModel
 from strata.engine.quant import (
     CALIBRATION_TEXT,
+    SMALL_MAX_TOKENS,
     FileBlocks,
     Fp16Linear,
     Int8Linear,
@@ -98,13 +99,14 @@ def test_single_token_calls_run_on_the_file_blocks(fp32_model) -> None:  # type:
     layer = q.layers[3]
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                    layer.mlp.down_proj, q.lm_head):
-        assert linear.small_max_tokens == 1
-        x = torch.randn(2, linear.in_features)
-        # One row: the block kernel; two rows: fbgemm. Both approximate the same weights.
-        one = linear.forward_2d(x[:1])
-        assert torch.equal(one, linear._small(x[:1], *linear._small_args))
+        n = linear.small_max_tokens
+        assert n == SMALL_MAX_TOKENS
+        x = torch.randn(n + 1, linear.in_features)
+        # Up to n rows: the block kernel; more: fbgemm. Both approximate the same weights.
+        one = linear.forward_2d(x[:n])
+        assert torch.equal(one, linear._small(x[:n], *linear._small_args))
         assert torch.equal(linear.forward_2d(x), linear.packed_forward(x))
-        rel = float((one - linear.packed_forward(x[:1])).norm() / one.norm())
+        rel = float((one - linear.packed_forward(x[:n])).norm() / one.norm())
         assert rel < 0.05, rel
 
 
