@@ -84,7 +84,7 @@ def engine(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="Model name the API reports.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (measured: bf16 where faster, else fp32), float32, bfloat16, float16, int8 (W8A8 on CPU).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (measured: bf16 where faster, else fp32), float32, bfloat16, float16, int8 (CPU: W8A8, and decode of 1-3 sequences on a GGUF's own Q4_1/Q8_0 blocks).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Torch threads; default: measured (1 or all usable cores).")] = None,
     kv_cache: Annotated[str, typer.Option(help="KV cache size in bytes (e.g. 1GiB).")] = "1GiB",
