@@ -140,7 +140,12 @@ def test_client_disconnect_aborts_and_frees_kv(engine_url: str) -> None:
     with httpx.stream("POST", f"{engine_url}/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200, r.read()
         lines: list[str] = []
-        for line in r.iter_lines():
+        # Hold the line iterator: a `for` over r.iter_lines() that breaks drops it, and
+        # closing httpx's stream generators closes the connection at once — the server
+        # then (rightly) aborts before the /load below, a race the client loses whenever a
+        # token takes less time than a new connection's request (seen as a flaky test).
+        chunks = r.iter_lines()
+        for line in chunks:
             if line.startswith("data:"):
                 assert "[DONE]" not in line
                 lines.append(line)
@@ -150,6 +155,7 @@ def test_client_disconnect_aborts_and_frees_kv(engine_url: str) -> None:
         rep = load(engine_url)
         # The chunks in the message: if the sequence ended early they say how (an error chunk).
         assert rep["running"] + rep["waiting"] == 1, (rep, lines)
+        chunks.close()  # now the client goes
     rep = wait_idle(engine_url)
     assert rep["free_kv_blocks"] == rep["total_kv_blocks"]
 
