@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import is_not, itemgetter
 from typing import Any
 
 from strata.routing.types import ReplicaState, RouteRequest, Snapshot
@@ -135,7 +137,9 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
 # position for a sequence slot (0: a slot is free), completions/s, block size (0: no KV
 # check), free blocks after the queue, total blocks, prefix_match_tokens).
 _Terms = tuple[Any, ...]
-_MEMO_LIMIT = 4096
+_prefill_rate = itemgetter(3)
+_load_score = itemgetter(5)
+_ttft = itemgetter(0)  # of a (ttft, terms) pair
 
 
 def _terms(r: ReplicaState) -> _Terms:
@@ -180,16 +184,19 @@ class ResourceMatch:
     replicas are ordered by load_score, so an idle fleet still spreads requests.
 
     ``pick`` gives exactly the decision of ``estimates`` followed by the selection in its
-    docstring, but computes each replica state's request-independent terms once (states are
-    frozen; they are remembered by identity, together with the state itself, so an id cannot
-    be reused while remembered) and allocates no estimate objects: a gateway that keeps a
-    replica's state until it changes pays only the per-request arithmetic.
+    docstring, but computes each replica state's request-independent terms once and
+    allocates no estimate objects: a gateway that keeps a replica's state until it changes
+    pays only the per-request arithmetic. The terms are remembered by snapshot position
+    together with the previous snapshot's states (frozen, and kept alive by that tuple, so
+    identity means the same state); positions whose state is a different object are
+    recomputed, found by a comparison that runs in C, as is the candidate filter.
     """
 
     tie_tolerance: float = 0.05
     name: str = "resource_match"
-    _memo: dict[int, _Terms] = field(default_factory=dict, init=False, repr=False,
-                                     compare=False)
+    # [states, their terms, routable for the model below (flags), that model]
+    _memo: list[Any] = field(default_factory=lambda: [(), [], [], None], init=False,
+                             repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tie_tolerance < 1.0:
@@ -209,24 +216,29 @@ class ResourceMatch:
         snapshot order); among near, the least load_score; ties rotate by snapshot.seq.
         """
         memo = self._memo
-        if len(memo) > _MEMO_LIMIT:
-            memo.clear()
-        get = memo.get
+        states = snapshot.replicas
         model = request.model
-        cands: list[_Terms] = []
-        unmeasured = False
-        for r in snapshot.replicas:
-            t = get(id(r))
-            if t is None or t[0] is not r:
-                t = memo[id(r)] = _terms(r)
-            if t[1] and (not t[2] or not model or model in t[2]):
-                cands.append(t)
-                if t[3] is None:
-                    unmeasured = True
+        old, terms, flags, flags_model = memo
+        n = len(states)
+        if len(old) == n:
+            changed = list(compress(range(n), map(is_not, states, old)))
+            for i in changed:
+                terms[i] = _terms(states[i])
+        else:
+            terms = [_terms(r) for r in states]
+            changed = None
+        if changed is None or model != flags_model:
+            flags = [bool(t[1] and (not t[2] or not model or model in t[2])) for t in terms]
+        else:
+            for i in changed:
+                t = terms[i]
+                flags[i] = bool(t[1] and (not t[2] or not model or model in t[2]))
+        memo[:] = (states, terms, flags, model)
+        cands: list[_Terms] = list(compress(terms, flags))
         if not cands:
             return None
         fb_p = fb_d = 0.0
-        if unmeasured:
+        if None in map(_prefill_rate, cands):
             fallback = fleet_rates(tuple(t[0] for t in cands))
             fb_p, fb_d = fallback.prefill_token_s, fallback.decode_step_s
         prompt = request.prompt_tokens
@@ -281,15 +293,10 @@ class ResourceMatch:
         pool = now_pool or ever_pool
         if not pool:
             return None
-        best = pool[0][0]
-        for e in pool:
-            if e[0] < best:
-                best = e[0]
+        # (min() over a map: the same comparisons as the loop it replaces, run in C)
+        best = min(map(_ttft, pool))
         limit = best * (1.0 + self.tie_tolerance) + 1e-9
         near = [e[1] for e in pool if e[0] <= limit]
-        least = near[0][5]
-        for t in near:
-            if t[5] < least:
-                least = t[5]
+        least = min(map(_load_score, near))
         ties = [t[0] for t in near if t[5] == least]
         return ties[snapshot.seq % len(ties)]

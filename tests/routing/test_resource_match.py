@@ -165,7 +165,7 @@ def _random_state(rng, i: int) -> ReplicaState:
     return replica(f"r{i}", load, **kw)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_pick_equals_the_straightforward_selection_on_random_fleets(seed: int) -> None:
     import random
 
@@ -178,6 +178,11 @@ def test_pick_equals_the_straightforward_selection_on_random_fleets(seed: int) -
         for _ in range(rng.randrange(0, 4)):
             j = rng.randrange(len(states))
             states[j] = _random_state(rng, j)
+        if rng.random() < 0.05:  # a replica joins or leaves: positions shift
+            if rng.random() < 0.5 and len(states) > 1:
+                states.pop(rng.randrange(len(states)))
+            else:
+                states.insert(rng.randrange(len(states) + 1), _random_state(rng, len(states)))
         req = RouteRequest(model=rng.choice(("m", "m", "other", "")),
                            prompt_tokens=rng.choice((0, 1, rng.randrange(1, 6000))),
                            max_tokens=rng.choice((0, 1, rng.randrange(1, 2000))))
