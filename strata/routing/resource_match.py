@@ -135,7 +135,8 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
 # were computed from: (state, routable, models, prefill_token_s or None, decode_step_s,
 # load_score, has_report, queued prompt tokens, step budget (0: nothing running), queue
 # position for a sequence slot (0: a slot is free), completions/s, block size (0: no KV
-# check), free blocks after the queue, total blocks, prefix_match_tokens).
+# check), free blocks after the queue, total blocks, prefix_match_tokens, plain: measured
+# rates, a KV check and no prefix match, the case pick takes a short path for).
 _Terms = tuple[Any, ...]
 _prefill_rate = itemgetter(3)
 _load_score = itemgetter(5)
@@ -154,7 +155,7 @@ def _terms(r: ReplicaState) -> _Terms:
         # slot 8 says whether a decode step is added, slot 9 whether the request fits now.
         return (r, r.healthy, r.models, None, None, score, False,
                 r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
-                0.0, 0, 0, 0, r.prefix_match_tokens)
+                0.0, 0, 0, 0, r.prefix_match_tokens, False)
     p = load.prefill_token_s
     if p <= 0 and load.prompt_tokens_per_s > 0:
         p = 1.0 / load.prompt_tokens_per_s
@@ -173,7 +174,7 @@ def _terms(r: ReplicaState) -> _Terms:
     free = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
     return (r, r.healthy and load.ready and not load.draining, r.models, p, d, score, True,
             queued, budget, position, r.completions_per_s, bs, free, load.total_kv_blocks,
-            r.prefix_match_tokens)
+            r.prefix_match_tokens, p is not None and bs > 0 and r.prefix_match_tokens <= 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +255,30 @@ class ResourceMatch:
         need_bs = 0  # the block size whose ceil(total_tokens / bs) need_total holds
         need_total = 0
         for t in cands:
+            if t[15]:  # the loop below for a plain replica, with its dead branches removed
+                work = t[7] + prompt
+                ttft = work * t[3]
+                budget = t[8]
+                if budget:
+                    ttft += ceil(work / budget) * t[4]
+                position = t[9]
+                if position:
+                    cps = t[10]
+                    if cps > 0:
+                        ttft += position / cps
+                    else:
+                        ttft += position * slot_tokens * t[4]
+                bs = t[11]
+                if bs != need_bs:
+                    need_bs = bs
+                    need_total = ceil(total_tokens / bs)
+                if need_total <= t[12]:
+                    now_pool.append((ttft, t))
+                elif need_total <= t[13]:
+                    ever_pool.append((ttft, t))
+                continue
             (_, _, _, p, d, _, has_load, queued, budget, position, cps, bs, free, total,
-             pm) = t
+             pm, _) = t
             if p is None:
                 p, d = fb_p, fb_d
             if pm > 0:
