@@ -25,11 +25,15 @@ class DecodeRun:
     a pass over the batch: the gateway asks it at every load report.
     """
 
-    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0", "_sorted")
+    __slots__ = ("t0", "a", "b", "k", "seqs", "slack", "block_size", "free0", "_sorted",
+                 "left")
 
     def __init__(self, t0: float, a: float, b: float, k: int, seqs: list[Sequence],
                  slack: list[int], block_size: int, free0: int) -> None:
         self.t0, self.a, self.b, self.k, self.seqs = t0, a, b, k, seqs
+        # Steps until the first sequence reaches max_tokens: k as constructed (the caller
+        # passes that minimum and may shorten k afterwards); the replica counts it down.
+        self.left = k
         self.slack, self.block_size, self.free0 = slack, block_size, free0
         self._sorted: list[int] | None = None  # sorted(slack), once asked for
 

@@ -316,7 +316,7 @@ class SimReplica:
     def _start_run(self, now: float) -> bool:
         seqs = list(self.scheduler.running)
         ntok = [len(s.prompt_token_ids) + len(s.output_token_ids) for s in seqs]
-        k = min(s.params.max_tokens - len(s.output_token_ids) for s in seqs)
+        k = min([s.params.max_tokens - len(s.output_token_ids) for s in seqs])
         bs = self.blocks.block_size
         free = self.blocks.num_free_blocks
         # Step i allocates for num_tokens + i tokens (see DecodeRun.slack).
@@ -388,6 +388,7 @@ class SimReplica:
         run.t0 = end
         run.a += run.b * j
         run.k -= j
+        run.left -= j
 
     def _on_run_end(self, version: int) -> None:
         if version != self._version:
@@ -397,9 +398,10 @@ class SimReplica:
         assert run is not None
         self._run = None
         self._advance_run(run, run.k)
-        for s in run.seqs:
-            if len(s.output_token_ids) >= s.params.max_tokens:
-                self._finish(s, self.requests[s.seq_id], now)
+        if run.left <= 0:  # else no sequence reached max_tokens (a run cut short)
+            for s in run.seqs:
+                if len(s.output_token_ids) >= s.params.max_tokens:
+                    self._finish(s, self.requests[s.seq_id], now)
         if self.state is ReplicaState.STOPPED:
             return
         self._continue(now)
