@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from operator import itemgetter
 
 from strata.engine.sequence import Sequence
 
@@ -210,21 +209,10 @@ class BlockManager:
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses become free, cached ones stay hittable."""
         refs = self.ref_counts
-        hashes = self.block_hashes
-        table = seq.block_table
-        if len(table) > 1:
-            # The common case: every block is this sequence's alone and none is in the
-            # prefix cache, so all of them become free uncached blocks, pushed in reverse
-            # table order exactly as the loop below would push them; checked in C.
-            get = itemgetter(*table)
-            if get(refs).count(1) == len(table) and get(hashes).count(None) == len(table):
-                for block in table:
-                    refs[block] = 0
-                self.free_uncached.extend(reversed(table))
-                table = []
         push = self.free_uncached.append
         cached = self.free_cached
-        for block in reversed(table):  # release(), inlined: once per block
+        hashes = self.block_hashes
+        for block in reversed(seq.block_table):  # release(), inlined: once per block
             n = refs[block] - 1
             refs[block] = n
             if n == 0:
