@@ -20,13 +20,20 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def positional_constructor(cls: type[T]) -> Callable[..., T]:
-    """``cls(*fields)`` without the frozen ``__init__``; every field must be passed."""
+def positional_constructor(cls: type[T], fields: str = "") -> Callable[..., T]:
+    """``cls(*fields)`` without the frozen ``__init__``; every field must be passed.
+
+    ``fields``, space-separated, names the fields in the order the callers pass them: a
+    class whose fields differ then fails here, at import, rather than mixing values up.
+    (Callers pass values by position: with 17 keywords a call takes about 3x as long.)
+    """
     if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
         raise TypeError(f"{cls.__name__}: needs a dataclass with slots")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__}: has __post_init__, which this would skip")
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    if fields and fields.split() != names:
+        raise TypeError(f"{cls.__name__}: fields are {' '.join(names)}, not {fields}")
     if len(names) != len(dataclasses.fields(cls)):
         raise TypeError(f"{cls.__name__}: every field must be an init field")
     if cls.__bases__ != (object,) or tuple(cls.__dict__["__slots__"]) != tuple(names):

@@ -37,8 +37,10 @@ from strata.sim.types import SimRequest
 _COMPLETION_WINDOW_S = 10.0  # strata.gateway.replicas
 _NO_DEMAND = Demand()
 _ANY_MODEL: frozenset[str] = frozenset()
-_new_route_state = positional_constructor(RouteState)  # a state per replica change
-_new_snapshot = positional_constructor(Snapshot)  # one per routed request
+_new_route_state = positional_constructor(  # a state per replica change
+    RouteState, "url healthy in_flight running waiting kv_usage load pending_requests "
+    "pending_prompt_tokens prefix_match_tokens completions_per_s models")
+_new_snapshot = positional_constructor(Snapshot, "replicas seq demand")  # one per request
 
 
 class _Endpoint:
@@ -218,11 +220,7 @@ class SimGateway:
             f.popleft()
         load = ep.report
         assert load is not None
-        return _new_route_state(url=ep.url, healthy=True, in_flight=ep.in_flight,
-                                running=load.running, waiting=load.waiting,
-                                kv_usage=load.kv_usage, load=load,
-                                pending_requests=len(ep.pending),
-                                pending_prompt_tokens=ep.pending_tokens,
-                                prefix_match_tokens=0,
-                                completions_per_s=len(f) / _COMPLETION_WINDOW_S if f else 0.0,
-                                models=_ANY_MODEL)
+        # (the fields in the order named at _new_route_state)
+        return _new_route_state(ep.url, True, ep.in_flight, load.running, load.waiting,
+                                load.kv_usage, load, len(ep.pending), ep.pending_tokens, 0,
+                                len(f) / _COMPLETION_WINDOW_S if f else 0.0, _ANY_MODEL)

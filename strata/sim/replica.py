@@ -43,7 +43,10 @@ from strata.sim.types import EngineSettings, ReplicaListener, SimRequest
 _RATE_WINDOW_S = 10.0  # EngineCore._RateWindow
 _PREFILL_MIN_TOKENS = 32  # steps with fewer prompt tokens do not update prefill_token_s
 _ZEROS = [0] * 4096  # sampled token ids: their values never matter to the scheduler
-_new_load_report = positional_constructor(LoadReport)  # a report per gateway poll
+_new_load_report = positional_constructor(  # a report per gateway poll
+    LoadReport, "model running waiting waiting_prompt_tokens free_kv_blocks total_kv_blocks "
+    "block_size max_num_seqs max_num_batched_tokens prefix_hit_rate prompt_tokens_per_s "
+    "generation_tokens_per_s decode_step_s prefill_token_s ready draining stage")
 
 
 class ReplicaState(enum.Enum):
@@ -299,10 +302,12 @@ class SimReplica:
             self.prefill_token_s = per_tok if p == 0 else (1 - EWMA_ALPHA) * p + EWMA_ALPHA * per_tok
 
     def _rate_add(self, now: float, prompt: int, gen: int) -> None:
-        self._rates.append((now, prompt, gen))
+        ev = self._rates
+        ev.append((now, prompt, gen))
         self._rate_prompt += prompt
         self._rate_gen += gen
-        self._rate_trim(now)
+        if ev[0][0] < now - _RATE_WINDOW_S:  # (else _rate_trim would pop nothing)
+            self._rate_trim(now)
 
     def _rate_trim(self, now: float) -> None:
         ev = self._rates
@@ -432,12 +437,15 @@ class SimReplica:
                 j_old = run.steps_done(old) if old > 0 else 0
                 if j > j_old:
                     gen += len(run.seqs) * (j - j_old)
-                    t = run.t0 + run.time_of(j_old + 1)
+                    i = j_old + 1  # run.time_of(i), inlined
+                    t = run.t0 + (run.a * i + run.b * i * (i - 1) * 0.5)
                     if t < first:
                         first = t
         if first == math.inf:
             return 0.0, 0.0
-        span = max(now - first, 1e-3)
+        span = now - first  # max(now - first, 1e-3)
+        if span < 1e-3:
+            span = 1e-3
         return prompt / span, gen / span
 
     def waiting_prompt_tokens(self) -> int:
@@ -460,15 +468,14 @@ class SimReplica:
     def load_report(self, now: float) -> LoadReport:
         """GET /load as the replica would answer it now (a skipped run is not materialized)."""
         blocks = self.blocks
-        free = blocks.num_free_blocks
         decode_step_s = self.decode_step_s
         run = self._run
-        j = 0
-        if run is not None:
-            j = run.steps_done(now - run.t0)
-            if j > 0:
-                free = run.free0 - run.blocks_needed(j)
-                decode_step_s = ewma_after(decode_step_s, run.a, run.b, j)
+        j = 0 if run is None else run.steps_done(now - run.t0)
+        if run is not None and j > 0:
+            free = run.free0 - run.blocks_needed(j)
+            decode_step_s = ewma_after(decode_step_s, run.a, run.b, j)
+        else:
+            free = len(blocks.free_uncached) + len(blocks.free_cached)  # num_free_blocks
         prompt_rate, gen_rate = self.rates(now, j)
         sched = self.scheduler
         e = self.engine
@@ -478,22 +485,22 @@ class SimReplica:
         if running_prefill is None:
             running_prefill = self._running_prefill = self._running_prefill_tokens()
         state = self.state
-        return _new_load_report(
-            model=self.spec.model_name,
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            waiting_prompt_tokens=self._waiting_sum + running_prefill,
-            free_kv_blocks=free,
-            total_kv_blocks=e.num_blocks,
-            block_size=e.block_size,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            prefix_hit_rate=hit_rate,
-            prompt_tokens_per_s=prompt_rate,
-            generation_tokens_per_s=gen_rate,
-            decode_step_s=decode_step_s,
-            prefill_token_s=self.prefill_token_s,
-            ready=state is ReplicaState.READY or state is ReplicaState.DRAINING,
-            draining=state is ReplicaState.DRAINING,
-            stage="",
+        return _new_load_report(  # the fields in the order named at _new_load_report
+            self.spec.model_name,
+            len(sched.running),
+            len(sched.waiting),
+            self._waiting_sum + running_prefill,
+            free,
+            e.num_blocks,
+            e.block_size,
+            e.max_num_seqs,
+            e.max_num_batched_tokens,
+            hit_rate,
+            prompt_rate,
+            gen_rate,
+            decode_step_s,
+            self.prefill_token_s,
+            state is ReplicaState.READY or state is ReplicaState.DRAINING,
+            state is ReplicaState.DRAINING,
+            "",
         )

@@ -26,3 +26,11 @@ def test_load_report_and_router_state_equal_their_init() -> None:
 def test_refuses_classes_whose_init_validates() -> None:
     with pytest.raises(TypeError, match="__post_init__"):
         positional_constructor(RouteRequest)
+
+
+def test_names_the_field_order_its_callers_rely_on() -> None:
+    names = " ".join(f.name for f in dataclasses.fields(LoadReport))
+    assert positional_constructor(LoadReport, names) is not None
+    swapped = names.replace("running waiting", "waiting running")
+    with pytest.raises(TypeError, match="fields are"):
+        positional_constructor(LoadReport, swapped)
