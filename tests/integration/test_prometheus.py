@@ -91,7 +91,10 @@ def test_autoscaler_scales_on_metrics_read_through_prometheus(
                 {"name": "custom_held", "source": "tier", "type": "Value", "value": 50}]},
             "custom_metrics": {"custom_held": 'sum(strata_gateway_queue_depth{tier="$tier"})'
                                " or vector(0)"}}},
-        "autoscaler": {"period_s": 1, "window_s": 10},
+        # history: the scale-up decision must still be kept when the second replica is
+        # ready; the default 50 decisions are 50 s at period 1 s, which a replica start on a
+        # loaded 2-core machine has exceeded.
+        "autoscaler": {"period_s": 1, "window_s": 10, "history": 1000},
         "gateway": {"port": free_port()},
         "platform": {"log_dir": str(tmp_path / "replicas"), "health_interval_s": 0.2},
         "prometheus": {"url": prom_url, "targets_file": str(targets)},
