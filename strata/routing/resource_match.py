@@ -138,7 +138,6 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
 # check), free blocks after the queue, total blocks, prefix_match_tokens, plain: measured
 # rates, a KV check and no prefix match, the case pick takes a short path for).
 _Terms = tuple[Any, ...]
-_prefill_rate = itemgetter(3)
 _load_score = itemgetter(5)
 _ttft = itemgetter(0)  # of a (ttft, terms) pair
 
@@ -177,6 +176,13 @@ def _terms(r: ReplicaState) -> _Terms:
             r.prefix_match_tokens, p is not None and bs > 0 and r.prefix_match_tokens <= 0)
 
 
+def _flag(t: _Terms, model: str) -> int:
+    """0: not a candidate for ``model``; 1: a candidate with measured rates; 2: one without."""
+    if not (t[1] and (not t[2] or not model or model in t[2])):
+        return 0
+    return 2 if t[3] is None else 1
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceMatch:
     """Minimum estimated TTFT among replicas that can hold the request (module docstring).
@@ -195,8 +201,9 @@ class ResourceMatch:
 
     tie_tolerance: float = 0.05
     name: str = "resource_match"
-    # [states, their terms, routable for the model below (flags), that model]
-    _memo: list[Any] = field(default_factory=lambda: [(), [], [], None], init=False,
+    # [states, their terms, candidate flags for the model below (0: not a candidate, 1: a
+    # measured one, 2: one without rates), that model, how many flags are 2]
+    _memo: list[Any] = field(default_factory=lambda: [(), [], [], None, 0], init=False,
                              repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +226,7 @@ class ResourceMatch:
         memo = self._memo
         states = snapshot.replicas
         model = request.model
-        old, terms, flags, flags_model = memo
+        old, terms, flags, flags_model, unmeasured = memo
         n = len(states)
         if len(old) == n:
             changed = list(compress(range(n), map(is_not, states, old)))
@@ -229,17 +236,19 @@ class ResourceMatch:
             terms = [_terms(r) for r in states]
             changed = None
         if changed is None or model != flags_model:
-            flags = [bool(t[1] and (not t[2] or not model or model in t[2])) for t in terms]
+            flags = [_flag(t, model) for t in terms]
+            unmeasured = flags.count(2)
         else:
             for i in changed:
-                t = terms[i]
-                flags[i] = bool(t[1] and (not t[2] or not model or model in t[2]))
-        memo[:] = (states, terms, flags, model)
+                f = _flag(terms[i], model)
+                unmeasured += (f == 2) - (flags[i] == 2)
+                flags[i] = f
+        memo[:] = (states, terms, flags, model, unmeasured)
         cands: list[_Terms] = list(compress(terms, flags))
         if not cands:
             return None
         fb_p = fb_d = 0.0
-        if None in map(_prefill_rate, cands):
+        if unmeasured:
             fallback = fleet_rates(tuple(t[0] for t in cands))
             fb_p, fb_d = fallback.prefill_token_s, fallback.decode_step_s
         prompt = request.prompt_tokens
