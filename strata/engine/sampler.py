@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.engine.kernels import load_paged_attention, raw_op
 from strata.engine.sampling import SamplingParams
+
+
+def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax, torch.argmax's answer; the native op for float32 CPU logits
+    (torch's reduction reads ~2 GB/s here: 8 ms for 64 rows of a 49k vocabulary)."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and _NATIVE_ARGMAX is not None:
+        return _NATIVE_ARGMAX(logits)
+    return logits.argmax(dim=-1)
+
+
+_NATIVE_ARGMAX = raw_op(torch.ops.strata.argmax_rows) if load_paged_attention() else None
 
 
 @dataclass
@@ -71,13 +83,13 @@ class Sampler:
 
         greedy_rows = [r.params.greedy for r in rows]
         if all(greedy_rows):  # the common serving case: one argmax, no masks or copies
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax_rows(logits)
             rand_idx: list[int] = []
         else:
             greedy = torch.tensor(greedy_rows)
             tokens = torch.empty(n, dtype=torch.long)
             if bool(greedy.any()):
-                tokens[greedy] = logits[greedy].argmax(dim=-1)
+                tokens[greedy] = _argmax_rows(logits[greedy])
             rand_idx = (~greedy).nonzero().flatten().tolist()
         if rand_idx:
             sub = logits[rand_idx]

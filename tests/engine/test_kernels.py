@@ -74,3 +74,26 @@ def test_rope_and_cache_writes_fp16_cache() -> None:
     assert torch.equal(a, b)
     assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
     assert k32[2].abs().sum() > 0 and k32[1].abs().sum() == 0  # slot -1 skipped
+
+
+@pytest.mark.parametrize("shape", [(64, 49152), (1, 49152), (3, 7), (5, 16), (2, 17), (4, 1000)])
+def test_argmax_rows_is_torch_argmax(shape: tuple[int, int]) -> None:
+    assert load_paged_attention()
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    x = torch.randn(shape, generator=g)
+    assert torch.equal(torch.ops.strata.argmax_rows(x), x.argmax(dim=-1))
+    ties = torch.randint(0, 3, shape, generator=g).float()  # many equal maxima: the first wins
+    assert torch.equal(torch.ops.strata.argmax_rows(ties), ties.argmax(dim=-1))
+
+
+def test_argmax_rows_edge_values() -> None:
+    assert load_paged_attention()
+    x = torch.zeros(4, 100)
+    x[0, 77] = x[0, 5] = 1.0  # a tie across SIMD lanes
+    x[1].fill_(float("-inf"))
+    x[2, 3] = 5.0
+    x[2, 90] = x[2, 40] = float("nan")  # torch: the first NaN
+    x[3, 99] = float("inf")  # in the scalar tail
+    assert torch.equal(torch.ops.strata.argmax_rows(x), x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.strata.argmax_rows(x.double())

@@ -137,7 +137,74 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Row-wise argmax of float32 logits [R, V] -> int64 [R], torch.argmax's answer: the first
+// index of the maximum, and where a row holds NaN, the first NaN. torch's reduction reads
+// ~2 GB/s here (8 ms for 64 rows of a 49k vocabulary, every greedy decode step); this one
+// keeps 16 running maxima and their indices per row and runs rows in parallel.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "argmax_rows: float32 [R, V]");
+  auto x = logits.contiguous();
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0, "argmax_rows: empty rows");
+  auto out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = xp + r * V;
+      int64_t i = 0;
+      float best = -INFINITY;
+      int64_t best_i = -1;
+      bool nan = false;
+#if defined(__AVX512F__)
+      if (V >= 16) {
+        __m512 vmax = _mm512_loadu_ps(row);
+        __m512i vidx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        __m512i cur = _mm512_add_epi32(vidx, _mm512_set1_epi32(16));
+        const __m512i step = _mm512_set1_epi32(16);
+        __mmask16 unord = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+        for (i = 16; i + 16 <= V; i += 16) {
+          const __m512 v = _mm512_loadu_ps(row + i);
+          const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strictly: first wins
+          vmax = _mm512_mask_mov_ps(vmax, gt, v);
+          vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+          unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          cur = _mm512_add_epi32(cur, step);
+        }
+        nan = unord != 0;
+        alignas(64) float m[16];
+        alignas(64) int32_t id[16];
+        _mm512_store_ps(m, vmax);
+        _mm512_store_si512(id, vidx);
+        for (int l = 0; l < 16; ++l)
+          if (m[l] > best || (m[l] == best && id[l] < best_i) || best_i < 0) {
+            best = m[l];
+            best_i = id[l];
+          }
+      }
+#endif
+      for (; i < V; ++i) {
+        const float v = row[i];
+        if (std::isnan(v)) nan = true;
+        if (best_i < 0 || v > best) {
+          best = v;
+          best_i = i;
+        }
+      }
+      if (nan)  // rare: torch.argmax returns the first NaN
+        for (int64_t j = 0; j < V; ++j)
+          if (std::isnan(row[j])) {
+            best_i = j;
+            break;
+          }
+      op[r] = best_i;
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(strata, m) {
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("rope_and_cache_(Tensor(a!) qkv, Tensor positions, Tensor cos_sin, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, Tensor slots, int num_heads, int num_kv_heads) -> ()");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor weight, float eps) -> Tensor");
@@ -148,4 +215,5 @@ TORCH_LIBRARY_IMPL(strata, CPU, m) {
   m.impl("rope_and_cache_", &rope_and_cache_);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
