@@ -42,7 +42,7 @@ def load_paged_attention() -> bool:
             ok = all(
                 hasattr(torch.ops.strata, op)
                 for op in ("paged_decode_attention", "rope_and_cache_", "add_rms_norm_", "silu_and_mul",
-                           "q4_linear")
+                           "q4_linear", "q8_linear", "argmax_rows")
             )
         except Exception as e:  # noqa: BLE001 - reported, and the torch path still works
             log.warning("native paged attention unavailable (%s); using gather + SDPA", e)

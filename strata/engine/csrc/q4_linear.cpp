@@ -305,26 +305,32 @@ bool vnni_available() {
 #endif
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
-                     const std::optional<at::Tensor>& col_scale, bool vectorized) {
+// The checks both ops make of x and col_scale, then x quantized into per-thread buffers:
+// no allocation per call; the workers reach the caller's copy through the reference
+// returned, not their own thread_local.
+QuantizedActs& quantized_input(const at::Tensor& x, const std::optional<at::Tensor>& col_scale, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % kChunk == 0, "q4_linear needs K a multiple of 64, got ", K);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == K / 2, "qs: uint8 [N, K/2]");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
-              "d: float16 [N, K/32]");
-  TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.sizes() == d.sizes(), "m: float16 [N, K/32]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kChunk == 0, op, " needs K a multiple of 64, got ", K);
   const float* cs = nullptr;
   if (col_scale.has_value()) {
     TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->is_contiguous() && col_scale->numel() == K,
                 "col_scale: float32 [K]");
     cs = col_scale->data_ptr<float>();
   }
-  // Reused per calling thread (no allocation per call); the workers below reach the
-  // caller's copy through this reference, not their own thread_local.
   static thread_local QuantizedActs buffers;
-  QuantizedActs& a = buffers;
-  quantize_acts(x.data_ptr<float>(), cs, M, K, a);
+  quantize_acts(x.data_ptr<float>(), cs, x.size(0), K, buffers);
+  return buffers;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                     const std::optional<at::Tensor>& col_scale, bool vectorized) {
+  const QuantizedActs& a = quantized_input(x, col_scale, "q4_linear");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == K / 2, "qs: uint8 [N, K/2]");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
+              "d: float16 [N, K/32]");
+  TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.sizes() == d.sizes(), "m: float16 [N, K/32]");
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
@@ -352,21 +358,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
                      const std::optional<at::Tensor>& col_scale, bool vectorized) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const QuantizedActs& a = quantized_input(x, col_scale, "q8_linear");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % kChunk == 0, "q8_linear needs K a multiple of 64, got ", K);
   TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) == K, "qs: int8 [N, K]");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
               "d: float16 [N, K/32]");
-  const float* cs = nullptr;
-  if (col_scale.has_value()) {
-    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->is_contiguous() && col_scale->numel() == K,
-                "col_scale: float32 [K]");
-    cs = col_scale->data_ptr<float>();
-  }
-  static thread_local QuantizedActs buffers;
-  QuantizedActs& a = buffers;
-  quantize_acts(x.data_ptr<float>(), cs, M, K, a);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* qp = qs.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
