@@ -16,7 +16,8 @@ the "Horizontal Pod Autoscaling" task page), including the per-direction ``toler
    alone ("scaling is disabled since the replica count of the target is zero").
 
 strata's metric sources map onto Kubernetes' metric types: ``replica`` metrics are Pods
-or Resource metrics (``Utilization`` in percent of one replica's capacity, or
+or Resource metrics (``Utilization`` in percent of the replicas' capacity, weighted by
+each replica's ``capacity`` as Kubernetes weights by each pod's request, or
 ``AverageValue``), ``tier`` metrics are External metrics (``Value`` or ``AverageValue``).
 Where strata goes beyond Kubernetes: ``min_replicas: 0`` is accepted for any metric (the
 HPA needs the alpha ``HPAScaleToZero`` gate and an Object/External metric), with the
@@ -193,8 +194,9 @@ class HpaPolicy:
         )
         if metric.type == "Utilization":
             assert metric.average_utilization is not None
+            capacities = {r.replica_id: r.capacity for r in state.replicas}
             replicas, utilization = utilization_replicas(
-                current, metric.average_utilization, values, groups, tolerances
+                current, metric.average_utilization, values, groups, tolerances, capacities
             )
             return replicas, float(utilization)
         assert metric.average_value is not None

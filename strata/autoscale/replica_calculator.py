@@ -15,6 +15,12 @@ ratio ``current / target``:
 Values are quantised to milli-units and utilization to whole percent, as Kubernetes'
 resource quantities and ``int32`` percentages are, so boundary cases round the same way.
 
+Utilization is weighted by each replica's capacity, as Kubernetes weights it by each pod's
+request: ``sum(usage) / sum(capacity)`` over the replicas counted, where a replica's usage
+is its fraction times its capacity, in thousandths of the capacity's unit (millicores,
+when the capacity is cores); a missing replica's fallback is a share of its own capacity.
+Replicas of capacity 1.0 (the default) give the plain mean of the fractions.
+
 Mapping of replicas onto Kubernetes' pod groups (``groupPods``): a terminating replica is
 ignored (deletion timestamp set); a replica that has never been ready is "Pending", hence
 unready; a replica without a value is missing; for ``warmup_sensitive`` metrics (Kubernetes
@@ -116,10 +122,22 @@ def group_replicas(
     return ReplicaGroups(ready_count, frozenset(unready), frozenset(missing), frozenset(ignored))
 
 
-def _utilization(metrics: Mapping[str, int]) -> tuple[int, int]:
-    """Whole-percent utilization and raw average, each replica's request being 1.0 (1000m)."""
-    total = sum(metrics.values())
-    return (total * 100) // (1000 * len(metrics)), total // len(metrics)
+def _utilization(metrics: Mapping[str, int], requests: Mapping[str, int]) -> int:
+    """Whole-percent ``sum(usage) * 100 // sum(request)`` over the replicas with a metric
+    (Kubernetes' ``GetResourceUtilizationRatio``); both in thousandths of a capacity unit."""
+    return (sum(metrics.values()) * 100) // sum(requests[rid] for rid in metrics)
+
+
+def _capacities(replica_ids: Iterable[str],
+                capacities: Mapping[str, float] | None) -> dict[str, float]:
+    """Each replica's capacity (1.0 when not given), like a pod's request."""
+    out: dict[str, float] = {}
+    for rid in replica_ids:
+        cap = 1.0 if capacities is None else capacities.get(rid, 1.0)
+        if _milli(cap) <= 0:
+            raise MetricUnavailable(f"replica {rid} has no capacity ({cap}); cannot weight it")
+        out[rid] = cap
+    return out
 
 
 def _settle(
@@ -150,21 +168,28 @@ def utilization_replicas(
     values: Mapping[str, float],
     groups: ReplicaGroups,
     tolerances: Tolerances,
+    capacities: Mapping[str, float] | None = None,
 ) -> tuple[int, int]:
     """Replicas for a per-replica utilization target in percent (``GetResourceReplicas``).
 
-    ``values`` are fractions of one replica's capacity (e.g. ``kv_usage``); returns the
-    proposal and the current utilization in whole percent.
+    ``values`` are fractions of each replica's own capacity (e.g. ``kv_usage``) and
+    ``capacities`` the replicas' sizes (Kubernetes' pod requests; 1.0 when absent), so a
+    large replica's load counts for more. Returns the proposal and the current utilization
+    in whole percent.
     """
     if target_utilization <= 0:
         raise ValueError(f"target utilization must be > 0 %, got {target_utilization}")
     dropped = groups.ignored | groups.unready
-    metrics = {rid: _milli(v) for rid, v in values.items() if rid not in dropped}
-    if not metrics:
+    kept = [rid for rid in values if rid not in dropped]
+    if not kept:
         raise MetricUnavailable(
             "did not receive metrics for targeted replicas (they may be unready)"
         )
-    utilization, _ = _utilization(metrics)
+    caps = _capacities([*kept, *groups.missing, *groups.unready], capacities)
+    requests = {rid: _milli(cap) for rid, cap in caps.items()}
+    # usage in thousandths of a capacity unit, as Kubernetes counts millicores
+    metrics = {rid: _milli(values[rid] * caps[rid]) for rid in kept}
+    utilization = _utilization(metrics, requests)
     usage_ratio = utilization / target_utilization
 
     scale_up_with_unready = bool(groups.unready) and usage_ratio > 1.0
@@ -175,14 +200,15 @@ def utilization_replicas(
 
     if groups.missing:
         if usage_ratio < 1.0:
-            fallback = 1000 * max(100, target_utilization) // 100
-            metrics.update({rid: fallback for rid in groups.missing})
+            # a share of the replica's own capacity: 100 % or the target when above it
+            fallback = max(100, target_utilization)
+            metrics.update({rid: requests[rid] * fallback // 100 for rid in groups.missing})
         elif usage_ratio > 1.0:
             metrics.update({rid: 0 for rid in groups.missing})
     if scale_up_with_unready:
         metrics.update({rid: 0 for rid in groups.unready})
 
-    new_utilization, _ = _utilization(metrics)
+    new_utilization = _utilization(metrics, requests)
     new_ratio = new_utilization / target_utilization
     return _settle(current, usage_ratio, new_ratio, len(metrics), tolerances), utilization
 

@@ -66,8 +66,13 @@ class ReplicaSample:
     sampled_at: float | None = None  # when ``report`` was taken; None: at ``now``
     in_flight: int | None = None  # gateway-side count of unfinished requests
     extra: Mapping[str, float] = field(default_factory=dict)
+    # The replica's size relative to its tier's others (Kubernetes weights utilization by
+    # each pod's request); replicas of one tier may differ in size on Kubernetes.
+    capacity: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.capacity > 0:
+            raise ValueError(f"ReplicaSample.capacity must be > 0, got {self.capacity}")
         if self.ready and self.ready_changed_at is None:
             # A ready replica has been ready at least since it started.
             object.__setattr__(self, "ready_changed_at", self.started_at)

@@ -211,3 +211,104 @@ def test_tier_average_value_is_total_over_target() -> None:
     assert tier_average_value_replicas(5, 21.0, 4.0, TOL) == 5  # 21 / 20 = 1.05: within
     assert tier_average_value_replicas(0, 3.0, 2.0, TOL) == 2  # from zero
     assert tier_average_value_replicas(0, 0.0, 2.0, TOL) == 0
+
+
+# -- Kubernetes' own cases (pkg/controller/podautoscaler/replica_calculator_test.go) -------
+# Each pod there has two containers, each requesting ``requests[i]`` cores and using
+# ``levels[i]`` millicores, so a pod's fraction is level / (1000 * request) and its
+# capacity is its request. Replica ``p{i}`` is the test's pod i; a pod past the levels
+# list is missing its metric.
+
+
+def kube_case(current: int, target: int, requests: list[float], levels: list[int],
+              unready: tuple[int, ...] = ()) -> tuple[int, int]:
+    reps = []
+    for i, _ in enumerate(requests):
+        never_ready = i in unready
+        reps.append(replica(f"p{i}", kv=0.0, ready=not never_ready,
+                            ready_changed_at=None if never_ready else -1000.0))
+    values = {f"p{i}": level / (1000 * requests[i]) for i, level in enumerate(levels)}
+    capacities = {f"p{i}": r for i, r in enumerate(requests)}
+    groups = group_replicas(reps, values, now=0.0)
+    return utilization_replicas(current, target, values, groups, TOL, capacities)
+
+
+def test_kube_missing_metrics_scale_down_target_over_100() -> None:
+    # TestReplicaCalcMissingMetricsScaleDownTargetOver100: requests 1,1,2,2 cores; pod 0
+    # unready, pod 3 missing. Utilization is (100+100) / (1000+2000) = 6 % (the plain
+    # mean of 10 % and 5 % would be 7 %); the missing pod counts as 300 % of its 2 cores:
+    # (100+100+6000) / 5000 = 124 %, 124/300 * 3 = 1.24 -> 2.
+    assert kube_case(4, 300, [1.0, 1.0, 2.0, 2.0], [200, 100, 100], unready=(0,)) == (2, 6)
+
+
+def test_kube_tolerance_with_unequal_requests() -> None:
+    # TestReplicaCalcTolerance: requests 0.9, 1.0, 1.1; usage 1010, 1030, 1020 millicores
+    # is 3060 / 3000 = 102 % of the summed requests: within tolerance.
+    assert kube_case(3, 100, [0.9, 1.0, 1.1], [1010, 1030, 1020]) == (3, 102)
+
+
+def test_kube_scale_up_and_down() -> None:
+    # TestReplicaCalcScaleUp / TestReplicaCalcScaleDown with equal requests.
+    assert kube_case(3, 30, [1.0] * 3, [300, 500, 700]) == (5, 50)
+    assert kube_case(5, 50, [1.0] * 5, [100, 300, 500, 250, 250]) == (3, 28)
+
+
+def test_kube_missing_metrics_cases() -> None:
+    # TestReplicaCalcMissingMetrics: 2 of 4 report, (400+95)/2000 = 24 %, target 100 %:
+    # missing pods at 100 %: (495 + 2000) / 4000 = 62 % -> ceil(0.62 * 4) = 3.
+    assert kube_case(4, 100, [1.0] * 4, [400, 95]) == (3, 24)
+    # TestReplicaCalcMissingMetricsUnreadyScaleDown: 4 -> 3 at 10 %.
+    assert kube_case(4, 50, [1.0] * 4, [100, 100, 100], unready=(0,)) == (3, 10)
+    # TestReplicaCalcMissingMetricsUnreadyScaleUp: 200 % -> 4.
+    assert kube_case(3, 50, [1.0] * 3, [100, 2000], unready=(0,)) == (4, 200)
+
+
+def test_kube_computed_tolerance_with_jittered_requests() -> None:
+    # TestReplicaCalcComputedToleranceAlgImplementation: ten pods using 150m each with
+    # requests of 300m +/- jitter (sum 3000m): 50 % utilization. Target 56 %
+    # (1/(2*0.9) + .01) scales 10 -> ceil(50/56 * 10) = 9; target 55 % (+.004) stays.
+    per_pod = 300
+    jitter = [100, -100, 10, -10, 2, -2, 1, -1, 0, 0]
+    requests = [(per_pod + j) / 1000 for j in jitter]
+    levels = [150] * 10
+    assert kube_case(10, 56, requests, levels) == (9, 50)
+    assert kube_case(10, 55, requests, levels) == (10, 50)
+
+
+def test_unequal_capacities_change_the_replica_count() -> None:
+    # One large replica (4x) nearly idle, two small ones full: the plain mean says
+    # (0.1 + 0.9 + 0.9) / 3 = 63 % (scale 3 -> 4 at a 50 % target); weighted by capacity
+    # (0.4 + 0.9 + 0.9) / 6 = 36 % -> ceil(0.72 * 3) = 3.
+    values = {"big": 0.1, "a": 0.9, "b": 0.9}
+    reps = [replica(rid, kv=v) for rid, v in values.items()]
+    groups = group_replicas(reps, values, now=0.0)
+    assert utilization_replicas(3, 50, values, groups, TOL) == (4, 63)
+    caps = {"big": 4.0, "a": 1.0, "b": 1.0}
+    assert utilization_replicas(3, 50, values, groups, TOL, caps) == (3, 36)
+
+
+def test_equal_capacities_of_any_size_match_unit_capacities() -> None:
+    values = {"a": 0.1, "b": 0.3, "c": 0.5, "d": 0.25, "e": 0.25}
+    reps = [replica(rid, kv=v) for rid, v in values.items()] + [replica("m")]
+    groups = group_replicas(reps, values, now=0.0)
+    plain = utilization_replicas(6, 50, values, groups, TOL)
+    for size in (2.0, 3.0, 80.0):
+        caps = {r.replica_id: size for r in reps}
+        assert utilization_replicas(6, 50, values, groups, TOL, caps) == plain
+
+
+def test_hpa_policy_weights_by_replica_capacity() -> None:
+    from strata.autoscale.hpa import HpaConfig, HpaPolicy
+    from strata.autoscale.types import ReplicaSample, TierState
+
+    def state(big_capacity: float) -> TierState:
+        reps = [replica("big", kv=0.1), replica("a", kv=0.9), replica("b", kv=0.9)]
+        reps = [ReplicaSample(**{**{f: getattr(r, f) for f in r.__slots__},
+                                 "capacity": big_capacity if r.replica_id == "big" else 1.0})
+                for r in reps]
+        return TierState(tier="t", current_replicas=3, replicas=tuple(reps))
+
+    cfg = HpaConfig(max_replicas=10, downscale_stabilization_s=0,
+                    metrics=[{"name": "kv_usage", "average_utilization": 50}])
+    assert HpaPolicy(cfg).decide(state(1.0), 0.0).desired == 4
+    assert HpaPolicy(cfg).decide(state(4.0), 0.0).desired == 3
