@@ -7,6 +7,7 @@ it from a background thread and the HTTP server consumes its outputs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,9 +23,22 @@ from strata.engine.sequence import Sequence
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from strata.load import LoadReport
 
+log = logging.getLogger("strata.engine")
+
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as asked (maps to HTTP 400)."""
+    """A request the engine cannot serve as asked (maps to HTTP 400); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class SequenceFailed(RuntimeError):
+    """One sequence failed inside the engine step (a fault, not its input): HTTP 500.
+
+    The step goes on for the other sequences; this one is aborted and its blocks freed.
+    """
 
 
 @dataclass
@@ -108,40 +122,50 @@ class EngineCore:
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
         self.draining = False
+        # Sequences that failed inside a step, for the loop to tell their consumers.
+        self.failures: list[tuple[int, BaseException]] = []
 
     # -- requests -------------------------------------------------------------
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Raise RequestError when a prompt or its budget cannot ever fit."""
         max_len = self.config.max_model_len
         if num_prompt_tokens == 0:
-            raise RequestError("the prompt is empty; send at least one token")
+            raise RequestError("the prompt is empty; send at least one token", "prompt")
         if num_prompt_tokens + params.max_tokens > max_len:
             raise RequestError(
                 f"This model's maximum context length is {max_len} tokens. However, you "
                 f"requested {num_prompt_tokens + params.max_tokens} tokens "
                 f"({num_prompt_tokens} in the messages, {params.max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion."
+                "Please reduce the length of the messages or completion.",
+                "max_tokens",
             )
         bs = self.runner.block_size
         need = -(-(num_prompt_tokens + params.max_tokens) // bs)
         if need > self.blocks.num_blocks:
             raise RequestError(
                 f"the request needs {need} KV blocks but this replica has only "
-                f"{self.blocks.num_blocks}; reduce max_tokens or the prompt"
+                f"{self.blocks.num_blocks}; reduce max_tokens or the prompt",
+                "max_tokens",
             )
         vocab = self.runner.model.config.vocab_size
         for t in params.stop_token_ids:
             if not 0 <= t < vocab:
-                raise RequestError(f"stop_token_ids contains {t}, outside the vocabulary")
+                raise RequestError(
+                    f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab})",
+                    "stop_token_ids",
+                )
         for t in params.logit_bias:
             if not 0 <= t < vocab:
-                raise RequestError(f"logit_bias has token id {t}, outside the vocabulary")
+                raise RequestError(
+                    f"logit_bias has token id {t}, outside the vocabulary [0, {vocab})",
+                    "logit_bias",
+                )
 
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float) -> None:
         """Queue a validated sequence."""
         vocab = self.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         self.check_request(len(prompt_ids), params)
         seq = Sequence(seq_id, list(prompt_ids), params, arrival_time=now)
         gen = None
@@ -153,13 +177,33 @@ class EngineCore:
         st = _SeqState(seq, detok, gen)
         if params.prompt_logprobs is not None:
             st.prompt_logprobs = [None]
+        # Everything that can fail is built: register last, so a failed add leaves nothing.
         self.states[seq_id] = st
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            del self.states[seq_id]
+            raise
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence and free its KV blocks; False if it was unknown or done."""
         self.states.pop(seq_id, None)
         return self.scheduler.abort(seq_id) is not None
+
+    def take_failures(self) -> list[tuple[int, BaseException]]:
+        """Sequences failed since the last call, with the error for their consumer."""
+        out, self.failures = self.failures, []
+        return out
+
+    def _fail(self, seq_id: int, exc: BaseException) -> None:
+        """Fail one sequence alone: log it, free its blocks, queue the error for its client."""
+        if isinstance(exc, RequestError):
+            err: BaseException = exc
+        else:
+            log.error("sequence %d failed; the others go on", seq_id, exc_info=exc)
+            err = SequenceFailed(f"generation failed for this sequence: {exc!r}")
+        self.abort(seq_id)
+        self.failures.append((seq_id, err))
 
     @property
     def has_work(self) -> bool:
@@ -196,17 +240,52 @@ class EngineCore:
                     st.generator,
                 )
             )
-        tokens, lps = self.sampler(logits[: len(rows)], reqs) if reqs else ([], [])
+        failed: dict[int, BaseException] = {}
+        tokens, lps = self._sample(logits[: len(rows)], reqs, sample_entries, failed)
         if extra:
-            self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :])
+            self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :], failed)
         self.scheduler.on_step_done(batch)
         outputs: list[SeqOutput] = []
         for e, tok, lp in zip(sample_entries, tokens, lps, strict=True):
-            out = self._append_token(e.seq, tok, lp)
+            if e.seq.seq_id in failed:
+                continue
+            try:
+                out = self._append_token(e.seq, tok, lp)
+            except Exception as exc:  # noqa: BLE001 - fails this sequence alone
+                failed[e.seq.seq_id] = exc
+                continue
             if out is not None:
                 outputs.append(out)
+        for seq_id, exc in failed.items():
+            self._fail(seq_id, exc)
         self._account(batch, len(sample_entries), time.perf_counter() - t0)
         return outputs
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        reqs: list[SampleRequest],
+        entries: list,
+        failed: dict[int, BaseException],
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Sample the batch; if that raises, sample row by row so one bad row fails alone."""
+        if not reqs:
+            return [], []
+        try:
+            return self.sampler(logits, reqs)
+        except Exception:  # noqa: BLE001 - narrowed to the rows that raise below
+            log.warning("batched sampling failed; sampling the %d rows one by one", len(reqs))
+        tokens: list[int] = []
+        lps: list[TokenLogprobs | None] = []
+        for i, (req, e) in enumerate(zip(reqs, entries, strict=True)):
+            try:
+                tok, lp = self.sampler(logits[i : i + 1], [req])
+            except Exception as exc:  # noqa: BLE001 - fails this sequence alone
+                failed[e.seq.seq_id] = exc
+                tok, lp = [0], [None]
+            tokens += tok
+            lps += lp
+        return tokens, lps
 
     def _prompt_logprob_rows(self, batch: Batch, offset: int) -> dict[int, tuple[int, int]]:
         ranges: dict[int, tuple[int, int]] = {}
@@ -219,7 +298,11 @@ class EngineCore:
         return ranges
 
     def _collect_prompt_logprobs(
-        self, batch: Batch, ranges: dict[int, tuple[int, int]], logits: torch.Tensor
+        self,
+        batch: Batch,
+        ranges: dict[int, tuple[int, int]],
+        logits: torch.Tensor,
+        failed: dict[int, BaseException] | None = None,
     ) -> None:
         lp_all = torch.log_softmax(logits, dim=-1)
         i = 0
@@ -227,15 +310,20 @@ class EngineCore:
             rng = ranges.get(e.seq.seq_id)
             if rng is None:
                 continue
-            st = self.states[e.seq.seq_id]
-            assert st.prompt_logprobs is not None
-            n_prompt = e.seq.num_prompt_tokens
-            top_n = e.seq.params.prompt_logprobs or 0
-            for j in range(e.num_tokens):
-                nxt = e.start + j + 1
-                if nxt < n_prompt and len(st.prompt_logprobs) == nxt:
-                    tok = e.seq.prompt_token_ids[nxt]
-                    st.prompt_logprobs.append(logprobs_of(lp_all[i + j], tok, top_n))
+            try:
+                st = self.states[e.seq.seq_id]
+                assert st.prompt_logprobs is not None
+                n_prompt = e.seq.num_prompt_tokens
+                top_n = e.seq.params.prompt_logprobs or 0
+                for j in range(e.num_tokens):
+                    nxt = e.start + j + 1
+                    if nxt < n_prompt and len(st.prompt_logprobs) == nxt:
+                        tok = e.seq.prompt_token_ids[nxt]
+                        st.prompt_logprobs.append(logprobs_of(lp_all[i + j], tok, top_n))
+            except Exception as exc:  # noqa: BLE001 - fails this sequence alone
+                if failed is None:
+                    raise
+                failed[e.seq.seq_id] = exc
             i += rng[1] - rng[0]
 
     def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> SeqOutput | None:

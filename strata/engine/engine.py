@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from strata.engine.core import EngineCore, RequestError, SeqOutput
+from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFailed
 from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
@@ -238,12 +238,16 @@ class AsyncEngine:
                             core.add(sid, ids, params, now)
                         except RequestError as e:
                             self._deliver([(sid, e)])
+                        except Exception as e:  # noqa: BLE001 - fails this request alone
+                            log.exception("adding sequence %d failed; the loop goes on", sid)
+                            self._deliver([(sid, SequenceFailed(f"could not add the sequence: {e!r}"))])
                 if not core.has_work:
                     self._wake.wait(timeout=1.0)
                     continue
                 outputs = core.step()
-                if outputs:
-                    self._deliver([(o.seq_id, o) for o in outputs])
+                failures = core.take_failures()
+                if outputs or failures:
+                    self._deliver([(o.seq_id, o) for o in outputs] + failures)
         except BaseException as e:  # noqa: BLE001 - surfaced to every waiter and /health
             log.exception("engine loop died")
             self.dead = e

@@ -134,7 +134,9 @@ class Sampler:
     @staticmethod
     def _truncate(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Apply top-k, top-p and min-p by zeroing excluded probabilities."""
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        vocab = probs.shape[-1]
+        # A top_k at or past the vocabulary keeps everything: the same as disabled.
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
         if any(min_p):
@@ -142,7 +144,6 @@ class Sampler:
             probs = torch.where(probs < thresh, torch.zeros_like(probs), probs)
         if any(top_k) or any(x < 1.0 for x in top_p):
             sorted_p, sorted_idx = probs.sort(dim=-1, descending=True)
-            vocab = probs.shape[-1]
             ranks = torch.arange(vocab).unsqueeze(0)
             k = torch.tensor([k if k else vocab for k in top_k]).unsqueeze(1)
             drop = ranks >= k

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# torch.Generator.manual_seed takes int64 (and uint64); top_k and token ids are int32 at most.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -29,16 +34,26 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        # The API edge checks these too; checking here again keeps every other way in
+        # (stage protocol, embedded use) from reaching torch with a value it cannot take.
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
+        if not -1 <= self.top_k <= INT32_MAX:
+            raise ValueError(
+                f"top_k must be -1 or 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}"
+            )
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must fit a signed 64-bit integer, got {self.seed}")
         if not -2 <= self.presence_penalty <= 2:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
@@ -54,6 +69,14 @@ class SamplingParams:
         for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             if value is not None and not 0 <= value <= 20:
                 raise ValueError(f"{name} must be in [0, 20], got {value}")
+        for t in self.stop_token_ids:
+            if not 0 <= t <= INT32_MAX:
+                raise ValueError(f"stop_token_ids must be token ids, got {t}")
+        for t, v in self.logit_bias.items():
+            if not 0 <= t <= INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids, got {t}")
+            if not (math.isfinite(v) and -100 <= v <= 100):
+                raise ValueError(f"logit_bias[{t}] must be in [-100, 100], got {v}")
 
     @property
     def greedy(self) -> bool:

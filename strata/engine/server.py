@@ -8,7 +8,6 @@ never sees an invalid request, and a client that goes away aborts its sequences
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,21 +20,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
-from strata.engine.core import EngineCore, RequestError
+from strata.engine.core import EngineCore, RequestError, SequenceFailed
 from strata.engine.engine import AsyncEngine
 from strata.engine.serving import Serving
 from strata.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ModelCard,
     OpenAIError,
+    RequestLimits,
+    TokenizeRequest,
     error_body,
+    openapi_components,
+    openapi_request_body,
+    parse_json_body,
     sse,
+    validation_error,
 )
 
 log = logging.getLogger("strata.server")
 
-MAX_BODY_BYTES = 8 << 20
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
 
@@ -106,7 +111,9 @@ async def _timed(
             # Headers are sent: the only way left to tell the client is an error event.
             yield sse(e.body())
         except RequestError as e:
-            yield sse(error_body(str(e), "BadRequestError", None, 400))
+            yield sse(error_body(str(e), "BadRequestError", e.param, 400))
+        except SequenceFailed as e:  # logged by the engine core
+            yield sse(error_body(str(e), "InternalServerError", None, 500))
         except Exception as e:  # noqa: BLE001 - reported to the client, logged here
             log.exception("stream failed")
             yield sse(error_body(f"generation failed: {e}", "InternalServerError", None, 500))
@@ -122,23 +129,37 @@ def _error(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status_code)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise OpenAIError(f"request body exceeds {MAX_BODY_BYTES} bytes", 413, "RequestTooLarge")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpenAIError(f"invalid JSON body: {e}") from e
-    if not isinstance(data, dict):
-        raise OpenAIError("the request body must be a JSON object")
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, counted while it arrives: a 413 as soon as it passes `limit`, never after."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(
+            f"request body of {declared} bytes exceeds this server's {limit}; send a smaller "
+            "request", 413, "RequestTooLarge", code="body_too_large",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(
+                f"request body exceeds this server's {limit} bytes; send a smaller request",
+                413, "RequestTooLarge", code="body_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json(request: Request, limits: RequestLimits) -> dict[str, Any]:
+    return parse_json_body(await _read_body(request, limits.max_body_bytes), limits.max_json_depth)
+
+
+async def _parse(request: Request, model: type[BaseModel], limits: RequestLimits) -> Any:
+    data = await _json(request, limits)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise OpenAIError(f"{loc}: {msg}" if loc else msg, param=loc) from e
+        raise validation_error(e) from None
 
 
 async def _until_disconnect(request: Request, coro: Any) -> Any:
@@ -154,19 +175,35 @@ async def _until_disconnect(request: Request, coro: Any) -> Any:
             raise OpenAIError("client disconnected", 499, "ClientClosedRequest")
 
 
-def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    ready: Callable[[], bool] | None = None,
+    limits: RequestLimits | None = None,
+) -> FastAPI:
     """The FastAPI app of one replica."""
     core = engine.core
-    serving = Serving(engine, core.tokenizer, core.model_name)
+    limits = limits or RequestLimits()
+    serving = Serving(engine, core.tokenizer, core.model_name, limits)
     metrics = _Metrics(core)
     model = core.model_name
     app = FastAPI(title="strata engine", docs_url=None, redoc_url=None)
+    _describe_request_bodies(app)
     is_ready = ready or (lambda: True)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
         metrics.errors.labels(model, str(e.status_code)).inc()
         return _error(e)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        metrics.errors.labels(model, "400").inc()
+        return JSONResponse(error_body(str(e), "BadRequestError", e.param, 400), 400)
+
+    @app.exception_handler(SequenceFailed)
+    async def _sequence_failed(_: Request, e: SequenceFailed) -> JSONResponse:
+        metrics.errors.labels(model, "500").inc()  # logged by the engine core
+        return JSONResponse(error_body(str(e), "InternalServerError", None, 500), 500)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _: Exception) -> JSONResponse:
@@ -192,11 +229,11 @@ def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> F
         if engine.dead is not None:
             raise OpenAIError("the engine loop has died", 503, "ServiceUnavailable")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
         admit()
-        req: CompletionRequest = await _parse(request, CompletionRequest)
+        req: CompletionRequest = await _parse(request, CompletionRequest, limits)
         if req.stream:
             prepared = serving.prepare_completion(req)
             gen = _timed(serving.completion_stream(req, prepared), metrics, model, t0)
@@ -205,11 +242,11 @@ def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> F
         _observe_whole(metrics, model, t0, body)
         return JSONResponse(body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest))
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
         admit()
-        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, limits)
         if req.stream:
             prepared = serving.prepare_chat(req)
             gen = _timed(serving.chat_stream(req, prepared), metrics, model, t0)
@@ -223,11 +260,14 @@ def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> F
         card = ModelCard(id=model, root=model, max_model_len=core.config.max_model_len)
         return {"object": "list", "data": [card.model_dump()]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi_request_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
-        data = await request.json()
+        data = await _json(request, limits)
         if "messages" in data:
-            req = ChatCompletionRequest.model_validate({**data, "max_tokens": 1})
+            try:
+                req = ChatCompletionRequest.model_validate({**data, "max_tokens": 1})
+            except ValidationError as e:
+                raise validation_error(e) from None
             ids, _, _ = serving.prepare_chat(req)
         elif isinstance(data.get("prompt"), str):
             ids = core.tokenizer.encode(data["prompt"], add_special_tokens=False)
@@ -235,12 +275,17 @@ def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> F
             raise OpenAIError("tokenize needs a string `prompt` or `messages`", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": core.config.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi_request_body(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
-        data = await request.json()
+        data = await _json(request, limits)
         ids = data.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise OpenAIError("detokenize needs `tokens`, a list of token ids", param="tokens")
+        vocab = core.tokenizer.vocab_size
+        if not isinstance(ids, list) or not all(
+            type(t) is int and 0 <= t < vocab for t in ids
+        ):
+            raise OpenAIError(
+                f"detokenize needs `tokens`, a list of token ids in [0, {vocab})", param="tokens"
+            )
         return {"prompt": core.tokenizer.decode(ids)}
 
     @app.get("/health")
@@ -267,6 +312,25 @@ def build_app(engine: AsyncEngine, ready: Callable[[], bool] | None = None) -> F
         return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _describe_request_bodies(app: FastAPI) -> None:
+    """Add the request models' schemas to /openapi.json.
+
+    The routes read and validate their bodies themselves (size counted while reading,
+    OpenAI-format errors), so FastAPI cannot see the models; the generation routes name
+    them through openapi_extra and the schemas are merged in here.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _observe_whole(metrics: _Metrics, model: str, t0: float, body: dict[str, Any]) -> None:

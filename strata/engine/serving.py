@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from strata.engine.core import SeqOutput
+from strata.engine.core import RequestError, SeqOutput
 from strata.engine.engine import AsyncEngine
 from strata.engine.sampler import TokenLogprobs
 from strata.engine.sampling import SamplingParams
@@ -22,6 +22,7 @@ from strata.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    RequestLimits,
     new_id,
     now_s,
     sse,
@@ -36,13 +37,15 @@ def sampling_params(
     seed_offset: int = 0,
 ) -> SamplingParams:
     """Map request fields onto SamplingParams; ValueErrors become 400s."""
-    try:
-        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
-    except ValueError as e:
-        raise OpenAIError("logit_bias keys must be token ids", param="logit_bias") from e
-    for k, v in bias.items():
-        if not -100 <= v <= 100:
-            raise OpenAIError(f"logit_bias[{k}] must be in [-100, 100]", param="logit_bias")
+    bias: dict[int, float] = {}
+    for k, v in (req.logit_bias or {}).items():
+        if not (k.isascii() and k.isdigit()):
+            raise OpenAIError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
+        bias[int(k)] = float(v)
+    seed = None
+    if req.seed is not None:
+        # Choice j of n gets seed + j, wrapped into int64 so that the last seeds stay valid.
+        seed = (req.seed + seed_offset + 2**63) % 2**64 - 2**63
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -50,7 +53,7 @@ def sampling_params(
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
-            seed=None if req.seed is None else req.seed + seed_offset,
+            seed=seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0,
@@ -65,7 +68,8 @@ def sampling_params(
             skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as e:
-        raise OpenAIError(str(e)) from e
+        # SamplingParams' messages start with the field's name.
+        raise OpenAIError(str(e), param=str(e).split(" ", 1)[0]) from e
 
 
 @dataclass
@@ -84,8 +88,15 @@ class _Choice:
 class Serving:
     """Turns validated requests into engine calls and OpenAI-shaped results."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Tokenizer,
+        model_name: str,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.engine = engine
+        self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = engine.core.config.max_model_len
@@ -119,7 +130,9 @@ class Serving:
             raise OpenAIError("the prompt is empty; send at least one token", param="prompt")
         return ids
 
-    def default_max_tokens(self, requested: int | None, n_prompt: int) -> int:
+    def default_max_tokens(
+        self, requested: int | None, n_prompt: int, prompt_param: str = "messages"
+    ) -> int:
         """vLLM's rule: absent max_tokens means the rest of the context."""
         if requested is not None:
             return requested
@@ -128,9 +141,20 @@ class Serving:
             raise OpenAIError(
                 f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {n_prompt}.",
-                param="messages",
+                param=prompt_param,
             )
         return rest
+
+    def check_fan_out(self, n_prompts: int, n: int) -> None:
+        """Cap the sequences one request creates (prompts x n), before any tokenizing."""
+        cap = self.limits.max_seqs_per_request
+        if n_prompts * n > cap:
+            raise OpenAIError(
+                f"this request would create {n_prompts} prompts x n={n} = {n_prompts * n} "
+                f"sequences; this server takes at most {cap} per request: send fewer prompts "
+                "or a smaller n, or split the request",
+                param="n" if n > 1 else "prompt",
+            )
 
     def _lp_completion(self, lps: list[TokenLogprobs | None], offset0: int) -> dict[str, Any]:
         tokens, token_lps, tops, offsets = [], [], [], []
@@ -211,13 +235,14 @@ class Serving:
     ) -> tuple[list[list[int]], list[tuple[int, list[int], SamplingParams]]]:
         """Tokenize prompts and build one job per (prompt, n)."""
         self.check_model(req.model)
+        self.check_fan_out(len(req.prompts()), req.n)
         prompts = [self.tokenize_prompt(p) for p in req.prompts()]
         want_prompt_lp = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
             want_prompt_lp = max(req.logprobs, want_prompt_lp or 0)
         jobs = []
         for pi, ids in enumerate(prompts):
-            max_tokens = self.default_max_tokens(req.max_tokens or 16, len(ids))
+            max_tokens = self.default_max_tokens(req.max_tokens or 16, len(ids), "prompt")
             for j in range(req.n):
                 params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j)
                 self.check_engine(len(ids), params)
@@ -228,8 +253,8 @@ class Serving:
         """Engine-side limits (context length, KV capacity) as 400s."""
         try:
             self.engine.check(n_prompt, params)
-        except ValueError as e:
-            raise OpenAIError(str(e), param="max_tokens") from e
+        except RequestError as e:
+            raise OpenAIError(str(e), param=e.param) from e
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any]:
         """Whole (non-streaming) completion response."""
@@ -371,13 +396,15 @@ class Serving:
     ) -> tuple[list[int], list[tuple[int, list[int], SamplingParams]], str]:
         """Render the chat template, tokenize, and build n jobs."""
         self.check_model(req.model)
+        self.check_fan_out(1, req.n)
+        add_generation_prompt, continue_final_message, kwargs = req.template_kwargs()
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             prompt = self.tokenizer.apply_chat_template(
                 messages,
-                add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                **(req.chat_template_kwargs or {}),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
             )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from e

@@ -109,7 +109,10 @@ class Tokenizer:
             text = _compile_template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **context
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, AttributeError, KeyError, IndexError,
+                ValueError, RecursionError) as exc:
+            # The template runs over the client's messages and kwargs: whatever it trips on
+            # there is the request's fault (400), not the replica's.
             raise ValueError(f"chat template of {self.name!r} rejected the messages: {exc}") from exc
         if continue_final_message:
             text = _cut_after_final_message(text, messages)

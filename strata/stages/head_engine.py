@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from strata.engine.core import RequestError, SeqOutput
+from strata.engine.core import RequestError, SeqOutput, SequenceFailed
 from strata.engine.engine import AsyncEngine
 from strata.stages.head import HeadCore, StageUnavailable
 from strata.stages.protocol import CONTROL, StepResult, control_frame
@@ -265,6 +265,9 @@ class HeadEngine(AsyncEngine):
                             core.add(sid, ids, params, now)
                         except (RequestError, StageUnavailable) as e:
                             errors.append((sid, e))
+                        except Exception as e:  # noqa: BLE001 - fails this request alone
+                            log.exception("adding sequence %d failed; the loop goes on", sid)
+                            errors.append((sid, SequenceFailed(f"could not add the sequence: {e!r}")))
                 outputs: list[SeqOutput] = []
                 while True:
                     try:
