@@ -264,9 +264,14 @@ class GatewayOptions(_Strict):
 
 
 class PlatformOptions(_Strict):
-    """Where replicas live: local processes on loopback for now."""
+    """Where replicas live: local processes on loopback, or a Kubernetes Deployment per tier.
 
-    kind: Literal["local"] = "local"
+    The ``kubernetes`` kind scales each tier's Deployment through its scale subresource,
+    reads ready replicas from the EndpointSlices of the tier's Service and drains a pod
+    before a scale-down removes it (``strata.platform.kubernetes``).
+    """
+
+    kind: Literal["local", "kubernetes"] = "local"
     start_timeout_s: float = Field(default=300.0, gt=0)  # not ready by then: killed, restarted
     restart_backoff_s: float = Field(default=1.0, gt=0)  # first restart delay, then doubled
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
@@ -275,6 +280,39 @@ class PlatformOptions(_Strict):
     stop_timeout_s: float = Field(default=10.0, gt=0)  # SIGTERM -> SIGKILL
     health_interval_s: float = Field(default=0.5, gt=0)
     log_dir: Path | None = None  # replica logs; None: a fresh temporary directory
+    # -- kind: kubernetes ------------------------------------------------------------------
+    namespace: str = "default"
+    # in-cluster: the pod's service account; kubeconfig: ``kubeconfig`` (None: $KUBECONFIG
+    # or ~/.kube/config) and its ``kube_context``
+    kube_auth: Literal["in-cluster", "kubeconfig"] = "in-cluster"
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+    api_server: str | None = None  # overrides the API server URL, e.g. `kubectl proxy`'s
+    deployment_name: str = "strata-{tier}"  # each tier's Deployment; {tier} is replaced
+    service_name: str = "strata-{tier}"  # the Service whose EndpointSlices list the tier
+    label_selector: str = ""  # extra selector ANDed onto the EndpointSlice watch
+    port_name: str = "http"  # the EndpointSlice port the replicas serve on
+    capacity_resource: str = "cpu"  # the pod request that weights utilization (hpa)
+    api_timeout_s: float = Field(default=10.0, gt=0)  # one API request
+    api_backoff_s: float = Field(default=0.5, gt=0)  # retry delay after an API error, doubled
+    api_backoff_max_s: float = Field(default=30.0, gt=0)
+    watch_timeout_s: int = Field(default=300, ge=1)  # a watch is renewed after this long
+
+    @field_validator("deployment_name", "service_name")
+    @classmethod
+    def _tier_pattern(cls, v: str) -> str:
+        if "{tier}" not in v:
+            raise ValueError(f"{v!r} must contain {{tier}} (e.g. strata-{{tier}}), so each "
+                             "tier gets its own object")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+            raise ValueError(f"namespace {v!r} is not a DNS label (lowercase letters, digits, "
+                             "'-', at most 63 characters)")
+        return v
 
 
 class PrometheusOptions(_Strict):
