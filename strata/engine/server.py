@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from strata.engine.core import EngineCore, RequestError, SequenceFailed
 from strata.engine.engine import AsyncEngine
 from strata.engine.serving import Serving
+from strata.internal_auth import admin_denial
 from strata.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -179,8 +180,13 @@ def build_app(
     engine: AsyncEngine,
     ready: Callable[[], bool] | None = None,
     limits: RequestLimits | None = None,
+    internal_token: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app of one replica."""
+    """The FastAPI app of one replica.
+
+    Admin endpoints (`/drain`) want `internal_token` in the `x-strata-internal-token`
+    header; with no token they answer loopback clients only.
+    """
     core = engine.core
     limits = limits or RequestLimits()
     serving = Serving(engine, core.tokenizer, core.model_name, limits)
@@ -303,7 +309,10 @@ def build_app(
         return core.load_report(ready=is_ready() and engine.dead is None).to_dict()
 
     @app.post("/drain")
-    async def drain() -> dict[str, Any]:
+    async def drain(request: Request) -> Any:
+        denied = admin_denial(request, internal_token)
+        if denied is not None:
+            return denied
         core.draining = True
         return {"status": "draining", "unfinished": core.scheduler.num_unfinished}
 

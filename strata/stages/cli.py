@@ -48,6 +48,7 @@ def stage_command(
     no_prefix_caching: Annotated[bool, typer.Option(help="Head: disable automatic prefix caching.")] = False,
     max_inflight: Annotated[int | None, typer.Option(help="Head: micro-batches in flight per pipeline path; default: the number of stages.")] = None,
     step_timeout: Annotated[float, typer.Option(help="Head: seconds a micro-batch may take before its sequences fail.")] = 60.0,
+    internal_token_file: Annotated[Path | None, typer.Option(help="File holding the cluster's internal token (frame links and admin endpoints need it); default: $STRATA_INTERNAL_TOKEN, else loopback peers only.")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve one layer-range stage of a model (the head serves the OpenAI API)."""
@@ -57,7 +58,15 @@ def stage_command(
     )
     cache = os.environ.get("STRATA_CACHE_DIR")
     cache_dir = Path(cache) if cache else None
+    from strata.internal_auth import ENV_VAR, load_token
     from strata.stages.plan import parse_layers
+
+    try:
+        token = load_token(internal_token_file, os.environ.get(ENV_VAR))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--internal-token-file") from e
+    if token is None:
+        log.warning("no internal token: frame links and admin endpoints accept loopback peers only")
 
     start, end = parse_layers(layers)
     if start == 0:
@@ -68,13 +77,13 @@ def stage_command(
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             prefix_caching=not no_prefix_caching, max_inflight=max_inflight,
-            step_timeout=step_timeout, cache_dir=cache_dir,
+            step_timeout=step_timeout, cache_dir=cache_dir, token=token,
         )
         return
     if stages or replica:
         raise typer.BadParameter("--stages and --replica belong to the head (--layers 0:b)")
     _run_stage(layers, model, host, port, data_port, join, dtype, device, threads, kv_cache,
-               cache_dir)
+               cache_dir, token)
 
 
 def _run_head(
@@ -83,6 +92,7 @@ def _run_head(
     threads: int | None, kv_cache: str | None, num_kv_blocks: int | None, block_size: int,
     max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None,
     prefix_caching: bool, max_inflight: int | None, step_timeout: float, cache_dir: Path | None,
+    token: str | None,
 ) -> None:
     import uvicorn
 
@@ -104,7 +114,7 @@ def _run_head(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
         max_inflight=max_inflight, step_timeout_s=step_timeout, replicas=replicas,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, internal_token=token,
     )
     engine = build_head(cfg)
     engine.start()
@@ -119,6 +129,7 @@ def _run_head(
 def _run_stage(
     layers: str, model: str | None, host: str, port: int, data_port: int, join: str | None,
     dtype: str, device: str, threads: int | None, kv_cache: str | None, cache_dir: Path | None,
+    token: str | None,
 ) -> None:
     import torch
     import uvicorn
@@ -140,7 +151,8 @@ def _run_stage(
 
     async def main() -> None:
         worker = StageWorker(rt, default_model_name(path), host, data_port,
-                             f"http://{host}:{port}", join=join.rstrip("/") if join else None)
+                             f"http://{host}:{port}", join=join.rstrip("/") if join else None,
+                             token=token)
         await worker.start()
         server = uvicorn.Server(uvicorn.Config(build_worker_app(worker), host=host, port=port,
                                                log_level="warning", access_log=False))

@@ -60,8 +60,10 @@ class HeadNet:
         on_event: Callable[[NetEvent], None],
         check: Callable[[dict[str, Any]], int],
         register: Callable[[dict[str, Any], str], int],
+        token: str | None = None,
     ) -> None:
         self.hello = hello
+        self.token = token  # the cluster's internal token: links and the replicas' /info
         self.on_event = on_event
         self.check = check  # raises ValueError unless a replica's /info fits a stage here
         self.register = register  # makes a connected replica available for pinning
@@ -109,7 +111,7 @@ class HeadNet:
         if old is not None and not old.conn.is_closed:
             raise ValueError(f"replica {url} ({addr}) is already connected")
         self.check(info)
-        conn = await connect(*split_addr(addr))
+        conn = await connect(*split_addr(addr), token=self.token, role="head")
         try:
             await conn.send(Frame(HELLO, 0, self.hello))
             reply = await asyncio.wait_for(conn.recv(), timeout=60)
@@ -198,7 +200,7 @@ class HeadNet:
 class HeadEngine(AsyncEngine):
     """`AsyncEngine` whose loop pipelines micro-batches through the downstream stages."""
 
-    def __init__(self, core: HeadCore) -> None:
+    def __init__(self, core: HeadCore, token: str | None = None) -> None:
         super().__init__(core)
         self.core: HeadCore = core
         self.events: queue.SimpleQueue[NetEvent] = queue.SimpleQueue()
@@ -208,8 +210,12 @@ class HeadEngine(AsyncEngine):
             "block_size": core.runner.block_size,
             "eos_token_ids": list(core.eos_token_ids),
             "model": core.model_name,
+            # What a STEP may carry: each stage bounds frames and indices by these.
+            "max_num_batched_tokens": core.config.max_num_batched_tokens,
+            "max_num_seqs": core.config.max_num_seqs,
+            "max_model_len": core.config.max_model_len,
         }
-        self.net = HeadNet(hello, self._on_event, self._check, self._register)
+        self.net = HeadNet(hello, self._on_event, self._check, self._register, token)
 
     def _on_event(self, ev: NetEvent) -> None:
         self.events.put(ev)

@@ -3,7 +3,9 @@
 The head serves the same OpenAI API as an engine (the engine's own app, unchanged),
 plus `/stages` to see and change the downstream replica sets: replicas join with
 `POST /stages/replicas` (a stage started with `--join` does it itself) and leave
-with `POST /stages/replicas/drain` (or their own `POST /drain`).
+with `POST /stages/replicas/drain` (or their own `POST /drain`). Those two, like
+`/drain`, are admin endpoints: they want the cluster's internal token
+(`strata.internal_auth`), or a loopback client when the head runs without one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.scheduler import SchedulerConfig
 from strata.engine.tokenizer import load_tokenizer
 from strata.engine.weights import load_config, resolve_model
+from strata.internal_auth import admin_denial
 from strata.protocol import OpenAIError
 from strata.stages.head import HeadCore
 from strata.stages.head_engine import HeadEngine
@@ -54,6 +57,7 @@ class HeadConfig:
     step_timeout_s: float = 60.0
     replicas: tuple[str, ...] = ()  # downstream replica URLs to connect at start
     cache_dir: Path | None = None
+    internal_token: str | None = field(default=None, repr=False)  # never in logs or reprs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,7 +87,7 @@ def build_head(cfg: HeadConfig) -> HeadEngine:
     log.info("head stage %d:%d of %s: %s on %s, %d threads, %d KV blocks of %d tokens, "
              "%d micro-batches in flight per path", start, end, name, dtype, device,
              torch.get_num_threads(), num_blocks, cfg.block_size, inflight)
-    return HeadEngine(core)
+    return HeadEngine(core, cfg.internal_token)
 
 
 def connect_initial(engine: HeadEngine, urls: tuple[str, ...], timeout_s: float = 600.0) -> threading.Thread:
@@ -114,7 +118,8 @@ def build_head_app(engine: HeadEngine) -> FastAPI:
     from strata.engine.server import build_app
 
     core = engine.core
-    app = build_app(engine, ready=core.pipeline_ready)
+    token = engine.net.token
+    app = build_app(engine, ready=core.pipeline_ready, internal_token=token)
 
     @app.get("/stages")
     async def stages() -> dict[str, Any]:
@@ -148,7 +153,10 @@ def build_head_app(engine: HeadEngine) -> FastAPI:
         return url.rstrip("/")
 
     @app.post("/stages/replicas")
-    async def add(request: Request) -> dict[str, Any]:
+    async def add(request: Request) -> Any:
+        denied = admin_denial(request, token)
+        if denied is not None:
+            return denied
         url = await _url(request)
         try:
             info = await asyncio.wrap_future(engine.add_replica(url))
@@ -160,7 +168,10 @@ def build_head_app(engine: HeadEngine) -> FastAPI:
                 "addr": info["data_addr"]}
 
     @app.post("/stages/replicas/drain")
-    async def drain(request: Request) -> dict[str, Any]:
+    async def drain(request: Request) -> Any:
+        denied = admin_denial(request, token)
+        if denied is not None:
+            return denied
         url = await _url(request)
         for v in core.replica_views():
             if v.url == url:

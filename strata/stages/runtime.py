@@ -22,7 +22,7 @@ from strata.engine.sampler import Sampler, SampleRequest
 from strata.engine.sampling import SamplingParams
 from strata.engine.weights import load_config, load_state_dict
 from strata.stages.plan import parse_layers
-from strata.stages.protocol import StepMessage, StepResult
+from strata.stages.protocol import StepLimits, StepMessage, StepResult, check_step
 
 log = logging.getLogger("strata.stages")
 
@@ -72,14 +72,29 @@ class StageRuntime:
         self.eos_token_ids: tuple[int, ...] = ()
         self.seqs: dict[int, _TailSeq] = {}  # tail only
         self.known: set[int] = set()  # sequences seen and not yet dropped
+        self.limits: StepLimits | None = None  # set by attach: what a STEP may address
 
     @property
     def num_blocks(self) -> int:
         """KV blocks allocated (0 before a head connected)."""
         return 0 if self.runner is None else self.runner.num_blocks
 
-    def attach(self, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
-        """Size the KV cache for a head's block namespace (reused when unchanged)."""
+    def attach(
+        self, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...], *,
+        max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+    ) -> None:
+        """Size the KV cache for a head's block namespace (reused when unchanged).
+
+        The head's batch limits bound what its STEP frames may carry; positions also
+        stay below this stage's own RoPE table, whatever the head says.
+        """
+        for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
+                        ("max_num_tokens", max_num_tokens), ("max_num_seqs", max_num_seqs),
+                        ("max_model_len", max_model_len)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 40:
+                raise ValueError(f"the head's {name} {v!r} must be a positive integer")
+        if block_size > 4096:
+            raise ValueError(f"the head's block_size {block_size} is above 4096")
         need = num_blocks * kv_bytes_per_block(self.model, block_size, self.dtype)
         if need > self.max_kv_bytes:
             raise ValueError(
@@ -93,7 +108,13 @@ class StageRuntime:
             self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
             log.info("stage %s: KV cache of %d blocks x %d tokens (%.0f MiB)",
                      self.name, num_blocks, block_size, need / 2**20)
-        self.eos_token_ids = tuple(eos_token_ids)
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.limits = StepLimits(
+            num_blocks=num_blocks, block_size=block_size,
+            max_model_len=min(max_model_len, self.model.config.max_position_embeddings),
+            hidden_size=self.model.config.hidden_size, max_num_tokens=max_num_tokens,
+            max_num_seqs=max_num_seqs,
+        )
         self.seqs.clear()
         self.known.clear()
 
@@ -105,14 +126,11 @@ class StageRuntime:
 
     def run(self, msg: StepMessage) -> StepMessage | StepResult:
         """Run this stage's layers on one micro-batch; the tail also samples."""
-        if self.runner is None:
+        if self.runner is None or self.limits is None:
             raise RuntimeError(f"stage {self.name} has no KV cache: no head has connected")
         t0 = time.perf_counter()
         runner = self.runner
-        if msg.block_size != runner.block_size:
-            raise ValueError(
-                f"step uses block size {msg.block_size}, stage {self.name} has {runner.block_size}"
-            )
+        check_step(msg, self.limits)  # before anything indexes the cache or a native kernel runs
         self.known.update(msg.seq_ids)
         inputs = msg.step_inputs(self.device, runner.native_attention, runner.cos_sin)
         hidden_in = msg.hidden.to(device=self.device, dtype=self.dtype)

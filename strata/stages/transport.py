@@ -7,6 +7,16 @@ blob for non-tensor metadata (sequence ids, spans) and the tensors' bytes, each
 frame straight into one buffer (``asyncio.BufferedProtocol``) and the tensors are
 ``torch.frombuffer`` views of it, so receiving copies nothing after the socket.
 
+Links are authenticated before anything else crosses them (`accept_handshake`,
+`connect`): the listener sends a random nonce, the connecting peer answers with
+HMAC-SHA256(cluster token, nonce, its own nonce, role) and the listener answers with
+its own proof over both nonces, so each side knows the other holds the cluster's
+internal token and the token itself never crosses the wire. A listener without a token
+accepts loopback peers only. Until the handshake is done a frame may be at most
+`PREAUTH_MAX_FRAME_BYTES`; the length prefix is checked against the link's limit before
+any buffer is allocated, and a link holds at most `max_queued` received frames before
+it stops reading from the socket (TCP backpressure instead of unbounded memory).
+
 Wire layout (little endian)::
 
     u64 body_len | header | n x descriptor | meta (utf-8 JSON) | pad | tensor bytes...
@@ -17,7 +27,10 @@ Wire layout (little endian)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +38,16 @@ from typing import Any
 
 import torch
 
+from strata.internal_auth import is_loopback, link_proof
+
+log = logging.getLogger("strata.stages.transport")
+
 MAGIC = b"STRF"
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 31  # a frame larger than 2 GiB is garbage or an attack
+PREAUTH_MAX_FRAME_BYTES = 64 << 10  # the handshake's frames are tiny
+HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_MAX_QUEUED = 8  # received frames a link buffers before it stops reading
 MAX_DIMS = 4
 ALIGN = 8
 
@@ -40,7 +60,8 @@ HELLO = 1  # a peer introduces itself (role, address) on a new connection
 STEP = 2  # one micro-batch's hidden states and attention metadata, head -> tail
 RESULT = 3  # sampled tokens of one micro-batch, tail -> head
 ERROR = 4  # a stage could not run or forward a micro-batch
-KINDS = {HELLO: "hello", STEP: "step", RESULT: "result", ERROR: "error"}
+AUTH = 6  # the link handshake (nonces and proofs); 5 is the stage protocol's CONTROL
+KINDS = {HELLO: "hello", STEP: "step", RESULT: "result", ERROR: "error", AUTH: "auth"}
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1,
@@ -59,6 +80,10 @@ CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 class FrameError(ValueError):
     """A frame that does not follow the wire format (wrong magic, version, sizes)."""
+
+
+class LinkAuthError(ConnectionError):
+    """The link handshake failed: a peer without the cluster's token, or none at all."""
 
 
 @dataclass
@@ -164,9 +189,11 @@ def decode_frame(body: bytearray | memoryview) -> Frame:
 class _FrameProtocol(asyncio.BufferedProtocol):
     """Reads length-prefixed frames into one exact-size buffer each (no copy after recv)."""
 
-    def __init__(self, on_frame: Callable[[Frame], None], on_lost: Callable[[Exception | None], None]):
+    def __init__(self, on_frame: Callable[[Frame], None], on_lost: Callable[[Exception | None], None],
+                 max_frame_bytes: int = MAX_FRAME_BYTES):
         self._on_frame = on_frame
         self._on_lost = on_lost
+        self.max_frame_bytes = max_frame_bytes
         self._prefix = bytearray(_PREFIX.size)
         self._buf: bytearray = self._prefix
         self._pos = 0
@@ -188,8 +215,10 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             return
         if not self._in_body:
             (size,) = _PREFIX.unpack(self._prefix)
-            if not _HEADER.size <= size <= MAX_FRAME_BYTES:
-                self._fail(FrameError(f"frame length {size} is out of bounds"))
+            # Checked before allocating: a length prefix alone must not cost memory.
+            if not _HEADER.size <= size <= self.max_frame_bytes:
+                self._fail(FrameError(
+                    f"frame length {size} is out of bounds ({_HEADER.size}..{self.max_frame_bytes})"))
                 return
             self._buf, self._pos, self._in_body = bytearray(size), 0, True
             return
@@ -203,8 +232,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._on_frame(frame)
 
     def _fail(self, err: Exception) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """A stream we cannot parse cannot be resynchronised: say why, then close the link."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+            with contextlib.suppress(OSError, RuntimeError):
+                t.writelines(encode_frame(Frame(ERROR, 0, {"message": f"bad frame: {err}"})))
+            t.close()  # flushes the ERROR frame, reads nothing more
         self._on_lost(err)
         self._on_lost = lambda _e: None
 
@@ -221,14 +255,52 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
 
 class Connection:
-    """One TCP link carrying frames both ways; `recv` yields them in arrival order."""
+    """One TCP link carrying frames both ways; `recv` yields them in arrival order.
 
-    def __init__(self) -> None:
+    At most `max_queued` received frames wait for `recv`; beyond that the link stops
+    reading the socket until the consumer catches up, so a fast sender is slowed by
+    TCP flow control instead of filling this process's memory.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES,
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+        if max_queued < 1:
+            raise ValueError("max_queued must be >= 1")
         self._frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self.protocol = _FrameProtocol(self._frames.put_nowait, self._lost)
+        self.protocol = _FrameProtocol(self._put, self._lost, max_frame_bytes)
+        self.max_queued = max_queued
+        self._paused = False
         self.peer: str = ""
+        self.peer_host: str = ""
+        self.peer_role: str = ""  # what the peer said it is in the handshake
         self.bytes_sent = 0
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body this side accepts (checked on the length prefix)."""
+        return self.protocol.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self.protocol.max_frame_bytes = value
+
+    @property
+    def queued(self) -> int:
+        """Received frames waiting for `recv`."""
+        return self._frames.qsize()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the link holds back reading (its queue is full)."""
+        return self._paused
+
+    def _put(self, frame: Frame) -> None:
+        self._frames.put_nowait(frame)
+        t = self.protocol.transport
+        if self._frames.qsize() >= self.max_queued and not self._paused and t is not None:
+            self._paused = True
+            t.pause_reading()
 
     def _lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -258,6 +330,11 @@ class Connection:
         frame = await self._frames.get()
         if frame is None:
             self._frames.put_nowait(None)  # keep answering None
+        t = self.protocol.transport
+        if self._paused and self._frames.qsize() <= self.max_queued // 2 and t is not None:
+            self._paused = False
+            if not t.is_closing():
+                t.resume_reading()
         return frame
 
     def close(self) -> None:
@@ -266,26 +343,153 @@ class Connection:
             self.protocol.transport.close()
 
 
-async def connect(host: str, port: int, timeout_s: float = 10.0) -> Connection:
-    """Open a frame link to host:port."""
+def _proof(token: str, label: bytes, listener_nonce: bytes, peer_nonce: bytes, role: str) -> str:
+    return link_proof(token, label, listener_nonce, peer_nonce, role.encode()).hex()
+
+
+_PEER_LABEL = b"strata-link/peer/v1"
+_LISTENER_LABEL = b"strata-link/listener/v1"
+
+
+def _nonce(meta: dict[str, Any], key: str) -> bytes:
+    value = meta.get(key)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise LinkAuthError(f"handshake {key} must be 32 bytes of hex")
+    return raw
+
+
+async def _refuse(conn: Connection, why: str) -> LinkAuthError:
+    with contextlib.suppress(OSError, RuntimeError):
+        await conn.send(Frame(ERROR, 0, {"message": f"link refused: {why}"}))
+    conn.close()
+    return LinkAuthError(why)
+
+
+async def accept_handshake(conn: Connection, token: str | None,
+                           timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+    """Listener side: authenticate the peer before any other frame is processed.
+
+    Raises `LinkAuthError` (after sending the peer an ERROR frame and closing) when the
+    peer gives no or a wrong proof, says nothing in time, or, without a token here, is
+    not on loopback.
+    """
+    conn.max_frame_bytes = PREAUTH_MAX_FRAME_BYTES
+    if token is None and not is_loopback(conn.peer_host):
+        raise await _refuse(conn, "this stage runs without an internal token and accepts "
+                                  "loopback peers only; give every service --internal-token-file")
+    nonce = secrets.token_bytes(32)
+    await conn.send(Frame(AUTH, 0, {"nonce": nonce.hex(), "mode": "none" if token is None else "hmac"}))
+    try:
+        reply = await asyncio.wait_for(conn.recv(), timeout_s)
+    except TimeoutError:
+        raise await _refuse(conn, f"no handshake within {timeout_s:g} s") from None
+    if reply is None:
+        exc = conn.closed.result() if conn.closed.done() else None
+        raise LinkAuthError(f"the peer left during the handshake ({exc or 'closed'})")
+    if reply.kind != AUTH:
+        raise await _refuse(conn, f"expected the handshake, got a {KINDS.get(reply.kind, reply.kind)} frame")
+    role = reply.meta.get("role")
+    if not isinstance(role, str) or len(role) > 32:
+        raise await _refuse(conn, "the handshake names no role")
+    peer_nonce = b""
+    if token is not None:
+        try:
+            peer_nonce = _nonce(reply.meta, "nonce")
+        except LinkAuthError as e:
+            raise await _refuse(conn, str(e)) from None
+        given = reply.meta.get("proof")
+        want = _proof(token, _PEER_LABEL, nonce, peer_nonce, role)
+        if not isinstance(given, str) or not secrets.compare_digest(given, want):
+            raise await _refuse(conn, "wrong internal token (the HMAC proof does not match)")
+    answer: dict[str, Any] = {"ok": True}
+    if token is not None:
+        answer["proof"] = _proof(token, _LISTENER_LABEL, nonce, peer_nonce, role)
+    await conn.send(Frame(AUTH, 0, answer))
+    conn.peer_role = role
+
+
+async def _connect_handshake(conn: Connection, token: str | None, role: str,
+                             timeout_s: float) -> None:
+    """Connecting side: answer the listener's nonce and check its proof in return."""
+    limit, conn.max_frame_bytes = conn.max_frame_bytes, PREAUTH_MAX_FRAME_BYTES
+
+    async def next_frame(what: str) -> Frame:
+        try:
+            frame = await asyncio.wait_for(conn.recv(), timeout_s)
+        except TimeoutError:
+            raise LinkAuthError(f"{conn.peer}: no {what} within {timeout_s:g} s") from None
+        if frame is None:
+            raise LinkAuthError(f"{conn.peer} closed the link during the handshake")
+        if frame.kind == ERROR:
+            raise LinkAuthError(f"{conn.peer}: {frame.meta.get('message', 'refused')}")
+        if frame.kind != AUTH:
+            raise LinkAuthError(f"{conn.peer} sent a {KINDS.get(frame.kind, frame.kind)} frame "
+                                f"instead of the {what}; is it a strata stage?")
+        return frame
+
+    challenge = await next_frame("challenge")
+    mode = challenge.meta.get("mode")
+    listener_nonce = _nonce(challenge.meta, "nonce")
+    if mode == "hmac" and token is None:
+        raise LinkAuthError(f"{conn.peer} requires the cluster's internal token; give this "
+                            "service --internal-token-file (or STRATA_INTERNAL_TOKEN)")
+    if mode == "none" and token is not None:
+        raise LinkAuthError(f"{conn.peer} runs without an internal token, so it cannot prove "
+                            "it belongs to this cluster; give it the cluster's token")
+    if mode not in ("hmac", "none"):
+        raise LinkAuthError(f"{conn.peer}: unknown handshake mode {mode!r}")
+    hello: dict[str, Any] = {"role": role}
+    nonce = secrets.token_bytes(32)
+    if token is not None:
+        hello.update(nonce=nonce.hex(), proof=_proof(token, _PEER_LABEL, listener_nonce, nonce, role))
+    await conn.send(Frame(AUTH, 0, hello))
+    answer = await next_frame("handshake answer")
+    if token is not None:
+        want = _proof(token, _LISTENER_LABEL, listener_nonce, nonce, role)
+        given = answer.meta.get("proof")
+        if not isinstance(given, str) or not secrets.compare_digest(given, want):
+            raise LinkAuthError(f"{conn.peer} does not hold the cluster's internal token")
+    conn.max_frame_bytes = limit
+
+
+async def connect(host: str, port: int, timeout_s: float = 10.0, *, token: str | None = None,
+                  role: str = "peer", max_frame_bytes: int = MAX_FRAME_BYTES,
+                  max_queued: int = DEFAULT_MAX_QUEUED) -> Connection:
+    """Open an authenticated frame link to host:port (see `accept_handshake`)."""
     loop = asyncio.get_running_loop()
-    conn = Connection()
+    conn = Connection(max_frame_bytes, max_queued)
     await asyncio.wait_for(
         loop.create_connection(lambda: conn.protocol, host, port), timeout=timeout_s
     )
     conn.peer = f"{host}:{port}"
+    conn.peer_host = host
+    try:
+        await _connect_handshake(conn, token, role, timeout_s)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 async def serve(
-    host: str, port: int, on_connection: Callable[[Connection], Any]
+    host: str, port: int, on_connection: Callable[[Connection], Any], *,
+    token: str | None = None, max_frame_bytes: int | Callable[[], int] = MAX_FRAME_BYTES,
+    max_queued: int = DEFAULT_MAX_QUEUED, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
 ) -> asyncio.Server:
-    """Listen for frame links; `on_connection` (a coroutine function) runs per link."""
+    """Listen for frame links; `on_connection` (a coroutine function) runs per authenticated link.
+
+    `max_frame_bytes` (a number, or a function read when a link is accepted) bounds
+    each frame after the handshake.
+    """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
 
     def factory() -> _FrameProtocol:
-        conn = Connection()
+        conn = Connection(PREAUTH_MAX_FRAME_BYTES, max_queued)
         task = loop.create_task(_handle(conn))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -296,6 +500,14 @@ async def serve(
             await asyncio.sleep(0)
         peer = conn.protocol.transport.get_extra_info("peername")
         conn.peer = f"{peer[0]}:{peer[1]}" if peer else ""
+        conn.peer_host = str(peer[0]) if peer else ""
+        try:
+            await accept_handshake(conn, token, handshake_timeout_s)
+        except (LinkAuthError, ConnectionError, OSError) as e:
+            log.warning("frame link from %s refused: %s", conn.peer or "?", e)
+            conn.close()
+            return
+        conn.max_frame_bytes = max_frame_bytes() if callable(max_frame_bytes) else max_frame_bytes
         await on_connection(conn)
 
     return await loop.create_server(factory, host, port)

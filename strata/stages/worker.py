@@ -5,6 +5,12 @@ in the order the head sent them, which keeps block reuse safe); one compute thre
 them while the event loop keeps receiving and sending, so a stage overlaps its
 transfers with its compute. Results and errors return to the head over the link the
 head opened; a broken next hop becomes an ERROR frame to the head, never silence.
+
+Links are authenticated with the cluster's internal token before their first frame
+(`strata.stages.transport`); once a head has sized the KV cache, each frame is bounded
+by what that head's batch limits allow, the FIFO is bounded (a full one stops reading
+the links: TCP backpressure) and every STEP is checked against the cache before it
+runs (`check_step`): a bad one is answered with an ERROR frame and the stage serves on.
 """
 
 from __future__ import annotations
@@ -18,18 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from strata.internal_auth import admin_denial
+from strata.internal_auth import headers as internal_headers
 from strata.load import LoadReport
 from strata.stages.protocol import CONTROL, StepMessage, StepResult, control_frame, error_frame
 from strata.stages.runtime import StageRuntime
 from strata.stages.transport import HELLO, STEP, Connection, Frame, connect, serve, split_addr
 
 log = logging.getLogger("strata.stages.worker")
+
+HELLO_MAX_FRAME_BYTES = 1 << 20  # frames before a head sized the cache (HELLO, CONTROL)
 
 
 class BusyWindow:
@@ -81,6 +91,7 @@ class StageWorker:
     def __init__(
         self, runtime: StageRuntime, model_name: str, host: str, data_port: int,
         http_url: str, join: str | None = None, join_timeout_s: float = 300.0,
+        token: str | None = None, max_inbox: int = 64,
     ) -> None:
         self.rt = runtime
         self.model_name = model_name
@@ -89,9 +100,12 @@ class StageWorker:
         self.http_url = http_url
         self.join_url = join
         self.join_timeout_s = join_timeout_s
+        self.token = token  # the cluster's internal token; None: loopback peers only
         self.head: Connection | None = None
         self.links: dict[str, Connection] = {}
-        self.inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self.inbound: set[Connection] = set()
+        self.inbox: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max_inbox)
+        self.refused_steps = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{runtime.name}")
         self.busy = BusyWindow()
         self.kv_free: int | None = None
@@ -108,7 +122,8 @@ class StageWorker:
 
     async def start(self) -> None:
         """Listen for frames and start the compute loop (and the join loop)."""
-        self._server = await serve(self.host, self.data_port, self._on_connection)
+        self._server = await serve(self.host, self.data_port, self._on_connection,
+                                   token=self.token, max_frame_bytes=self.max_frame_bytes)
         self.data_port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._compute_loop()))
         self.ready = True
@@ -126,22 +141,42 @@ class StageWorker:
             c.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
+    def max_frame_bytes(self) -> int:
+        """The largest frame a link may bring: what the head's limits allow, once known."""
+        lim = self.rt.limits
+        return HELLO_MAX_FRAME_BYTES if lim is None else max(HELLO_MAX_FRAME_BYTES, lim.max_frame_bytes())
+
     # -- links ------------------------------------------------------------------
     async def _on_connection(self, conn: Connection) -> None:
+        self.inbound.add(conn)
+        try:
+            await self._serve_link(conn)
+        finally:
+            self.inbound.discard(conn)
+            conn.close()
+
+    async def _serve_link(self, conn: Connection) -> None:
         hello = await conn.recv()
         if hello is None:
             return
-        if hello.kind != HELLO:
-            conn.close()
+        role = hello.meta.get("role")
+        if hello.kind != HELLO or role != conn.peer_role:
+            await conn.send(error_frame(0, self.rt.name, self.data_addr,
+                                        "a link starts with a HELLO naming its handshake's role"))
             return
-        if hello.meta.get("role") == "head":
+        if role == "head":
+            m = hello.meta
             try:
-                self.rt.attach(int(hello.meta["num_blocks"]), int(hello.meta["block_size"]),
-                               tuple(hello.meta.get("eos_token_ids", ())))
-            except (KeyError, ValueError) as e:
+                self.rt.attach(
+                    int(m["num_blocks"]), int(m["block_size"]), tuple(m.get("eos_token_ids", ())),
+                    max_num_tokens=int(m["max_num_batched_tokens"]),
+                    max_num_seqs=int(m["max_num_seqs"]), max_model_len=int(m["max_model_len"]),
+                )
+            except (KeyError, ValueError, TypeError) as e:
                 await conn.send(Frame(HELLO, 0, {"ok": False, "error": str(e)}))
-                conn.close()
                 return
+            for c in self.inbound:
+                c.max_frame_bytes = self.max_frame_bytes()
             if self.head is not None and self.head is not conn:
                 self.head.close()
             self.head = conn
@@ -150,14 +185,19 @@ class StageWorker:
                 "draining": self.draining,
             }))
             log.info("stage %s: head connected from %s", self.rt.name, conn.peer)
+        elif role != "stage":
+            await conn.send(error_frame(0, self.rt.name, self.data_addr, f"unknown role {role!r}"))
+            return
         while True:
             frame = await conn.recv()
             if frame is None:
                 break
             if frame.kind == STEP:
-                self.inbox.put_nowait(frame)
-            elif frame.kind == CONTROL:
-                self.rt.drop([int(s) for s in frame.meta.get("drop", [])])
+                await self.inbox.put(frame)  # a full FIFO stops this link's reads
+            elif frame.kind == CONTROL and conn is self.head:
+                drop = frame.meta.get("drop", [])
+                if isinstance(drop, list) and all(isinstance(s, int) for s in drop):
+                    self.rt.drop(drop)
         if conn is self.head:
             self.head = None
             log.warning("stage %s: head link closed", self.rt.name)
@@ -168,7 +208,7 @@ class StageWorker:
         conn = self.links.get(addr)
         if conn is None or conn.is_closed:
             host, port = split_addr(addr)
-            conn = await connect(host, port)
+            conn = await connect(host, port, token=self.token, role="stage")
             await conn.send(Frame(HELLO, 0, {"role": "stage", "from": self.data_addr}))
             self.links[addr] = conn
         return conn
@@ -187,7 +227,8 @@ class StageWorker:
         async with httpx.AsyncClient(timeout=10) as http:
             while time.monotonic() < deadline:
                 try:
-                    r = await http.post(f"{self.join_url}/stages/replicas", json={"url": self.http_url})
+                    r = await http.post(f"{self.join_url}/stages/replicas", json={"url": self.http_url},
+                                        headers=internal_headers(self.token))
                     if r.status_code == 200:
                         log.info("stage %s: joined %s", self.rt.name, self.join_url)
                         return
@@ -209,6 +250,11 @@ class StageWorker:
                 if msg.kv_free:
                     self.kv_free = msg.kv_free.get(self.data_addr, self.kv_free)
                 out = await loop.run_in_executor(self.executor, self.rt.run, msg)
+            except ValueError as e:  # a frame that does not fit this stage: refused, not run
+                self.refused_steps += 1
+                log.warning("stage %s: step %d refused: %s", self.rt.name, frame.step_id, e)
+                await self._to_head(error_frame(frame.step_id, self.rt.name, self.data_addr, str(e)))
+                continue
             except Exception as e:  # noqa: BLE001 - reported to the head as an ERROR frame
                 log.exception("stage %s: step %d failed", self.rt.name, frame.step_id)
                 await self._to_head(error_frame(frame.step_id, self.rt.name, self.data_addr, str(e)))
@@ -330,9 +376,12 @@ def build_worker_app(worker: StageWorker) -> FastAPI:
         return worker.load_body()
 
     @app.post("/drain")
-    async def drain() -> dict[str, Any]:
+    async def drain(request: Request) -> Response:
+        denied = admin_denial(request, worker.token)
+        if denied is not None:
+            return denied
         await worker.drain()
-        return {"status": "draining", "unfinished": len(worker.rt.known)}
+        return JSONResponse({"status": "draining", "unfinished": len(worker.rt.known)})
 
     @app.get("/metrics")
     async def prom() -> Response:

@@ -73,7 +73,9 @@ class Pipeline:
             for r in range(replicas.get(i, 1)):
                 addr = f"stage{i}-{r}:1"
                 rt = StageRuntime(parts.part(a, b), torch.float32, torch.device("cpu"), 1 << 40)
-                rt.attach(NUM_BLOCKS, 16, self.core.eos_token_ids)
+                rt.attach(NUM_BLOCKS, 16, self.core.eos_token_ids,
+                          max_num_tokens=SCHED.max_num_batched_tokens,
+                          max_num_seqs=SCHED.max_num_seqs, max_model_len=SCHED.max_model_len)
                 self.stages[addr] = rt
                 self.core.replicas.add(i, addr, f"http://{addr}")
         self.queue: deque[tuple[int, str, Frame]] = deque()

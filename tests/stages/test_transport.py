@@ -125,20 +125,163 @@ async def test_closed_link_reports_none_and_refuses_sends() -> None:
     server.close()
 
 
-async def test_oversized_length_prefix_closes_the_link() -> None:
+async def _raw_frame(reader: asyncio.StreamReader) -> Frame | None:
+    """Read one frame from a plain socket (a peer that does not use the transport)."""
+    try:
+        (n,) = struct.unpack("<Q", await reader.readexactly(8))
+        return decode_frame(bytearray(await reader.readexactly(n)))
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def _never_called() -> tuple[list[tp.Connection], object]:
+    reached: list[tp.Connection] = []
+
+    async def handler(conn: tp.Connection) -> None:
+        reached.append(conn)
+
+    return reached, handler
+
+
+async def test_oversized_length_prefix_before_the_handshake_is_refused_unallocated() -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    challenge = await asyncio.wait_for(_raw_frame(reader), timeout=10)
+    assert challenge is not None and challenge.kind == tp.AUTH
+    writer.write(struct.pack("<Q", 1 << 40))
+    await writer.drain()
+    err = await asyncio.wait_for(_raw_frame(reader), timeout=10)
+    assert err is not None and err.kind == tp.ERROR and "out of bounds" in err.meta["message"]
+    assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # the server hung up
+    assert not reached
+    writer.close()
+    server.close()
+
+
+async def test_oversized_frame_after_the_handshake_closes_the_link() -> None:
     seen: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
     async def hold(conn: tp.Connection) -> None:
         frame = await conn.recv()
         seen.set_result((frame, conn.closed.result()))
 
-    server = await tp.serve("127.0.0.1", 0, hold)
+    server = await tp.serve("127.0.0.1", 0, hold, max_frame_bytes=4096)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(struct.pack("<Q", 1 << 40))
-    await writer.drain()
+    conn = await tp.connect("127.0.0.1", port)
+    await conn.send(Frame(tp.STEP, 1, {}, {"h": torch.zeros(2048)}))  # 8 KiB of payload
     frame, err = await asyncio.wait_for(seen, timeout=10)
     assert frame is None and isinstance(err, FrameError)
-    assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # the server hung up
+    reply = await asyncio.wait_for(conn.recv(), timeout=10)
+    assert reply is not None and reply.kind == tp.ERROR and "4096" in reply.meta["message"]
+    assert await asyncio.wait_for(conn.recv(), timeout=10) is None
+    server.close()
+
+
+async def _echo(conn: tp.Connection) -> None:
+    while (f := await conn.recv()) is not None:
+        await conn.send(f)
+
+
+async def test_shared_token_authenticates_both_ends() -> None:
+    roles: list[str] = []
+
+    async def handler(conn: tp.Connection) -> None:
+        roles.append(conn.peer_role)
+        await _echo(conn)
+
+    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret")
+    port = server.sockets[0].getsockname()[1]
+    conn = await tp.connect("127.0.0.1", port, token="s3cret", role="head")
+    await conn.send(Frame(tp.HELLO, 7, {"x": 1}))
+    back = await asyncio.wait_for(conn.recv(), timeout=10)
+    assert back is not None and back.step_id == 7 and roles == ["head"]
+    conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize(("server_token", "client_token", "match"), [
+    ("s3cret", "wrong", "wrong internal token"),
+    ("s3cret", None, "requires the cluster's internal token"),
+    (None, "s3cret", "without an internal token"),
+])
+async def test_mismatched_tokens_are_refused_before_any_frame(
+    server_token: str | None, client_token: str | None, match: str
+) -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler, token=server_token)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(tp.LinkAuthError, match=match):
+        await tp.connect("127.0.0.1", port, token=client_token, role="head")
+    await asyncio.sleep(0.05)
+    assert not reached
+    server.close()
+
+
+async def test_a_frame_instead_of_the_handshake_is_refused() -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret")
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(_raw_frame(reader), timeout=10)).kind == tp.AUTH  # type: ignore[union-attr]
+    writer.writelines(encode_frame(Frame(tp.HELLO, 0, {"role": "head", "num_blocks": 1})))
+    await writer.drain()
+    err = await asyncio.wait_for(_raw_frame(reader), timeout=10)
+    assert err is not None and err.kind == tp.ERROR and "handshake" in err.meta["message"]
+    assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+    assert not reached
     writer.close()
+    server.close()
+
+
+async def test_a_silent_peer_is_dropped_after_the_handshake_timeout() -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret", handshake_timeout_s=0.3)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(_raw_frame(reader), timeout=10)).kind == tp.AUTH  # type: ignore[union-attr]
+    err = await asyncio.wait_for(_raw_frame(reader), timeout=10)
+    assert err is not None and err.kind == tp.ERROR and "no handshake" in err.meta["message"]
+    assert not reached
+    writer.close()
+    server.close()
+
+
+async def test_without_a_token_only_loopback_peers_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler)
+    port = server.sockets[0].getsockname()[1]
+    # Every test peer is on loopback: make the listener see this one as remote.
+    monkeypatch.setattr(tp, "is_loopback", lambda host: False)
+    with pytest.raises(tp.LinkAuthError, match="loopback peers only"):
+        await tp.connect("127.0.0.1", port)
+    assert not reached
+    server.close()
+
+
+async def test_a_full_link_stops_reading_until_the_consumer_catches_up() -> None:
+    links: list[tp.Connection] = []
+    go = asyncio.Event()
+
+    async def slow(conn: tp.Connection) -> None:
+        links.append(conn)
+        await go.wait()
+
+    server = await tp.serve("127.0.0.1", 0, slow, token="t", max_queued=4)
+    port = server.sockets[0].getsockname()[1]
+    conn = await tp.connect("127.0.0.1", port, token="t")
+    for i in range(40):
+        await conn.send(Frame(tp.STEP, i, {}, {"h": torch.full((256,), float(i))}))
+    await asyncio.sleep(0.3)
+    (link,) = links
+    assert link.reading_paused and link.queued == 4  # the rest waits in the sockets
+    got = []
+    for _ in range(40):
+        f = await asyncio.wait_for(link.recv(), timeout=10)
+        assert f is not None and link.queued <= 4
+        got.append(f.step_id)
+    assert got == list(range(40))
+    go.set()
+    conn.close()
     server.close()
