@@ -10,7 +10,6 @@ route (hold while no replica is ready) -> proxy.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -37,6 +36,13 @@ from strata.gateway.proxy import (
 from strata.gateway.ratelimit import Limits, RateLimiter
 from strata.gateway.replica import ReplicaSetConfig
 from strata.gateway.replicas import OnDemand, ReplicaSet
+from strata.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    openapi_document,
+    parse_json_body,
+)
 from strata.routing.prompt import PromptError, PromptEstimator
 from strata.routing.registry import DEFAULT_POLICY, make_policy
 
@@ -98,7 +104,8 @@ class Gateway:
         self.starlette = Starlette(
             routes=[Route("/v1/models", self._models, methods=["GET"]),
                     Route("/health", self._health, methods=["GET"]),
-                    Route("/metrics", self._metrics, methods=["GET"])],
+                    Route("/metrics", self._metrics, methods=["GET"]),
+                    Route("/openapi.json", self._openapi, methods=["GET"])],
             lifespan=self._lifespan)
 
     @asynccontextmanager
@@ -133,11 +140,11 @@ class Gateway:
             who = self._authenticate(scope)
             body = await self._read_body(scope, receive)
             try:
-                parsed = json.loads(body)
-            except ValueError as err:
-                raise GatewayError(400, f"request body is not valid JSON: {err}") from None
-            if not isinstance(parsed, dict):
-                raise GatewayError(400, "request body must be a JSON object")
+                # The engine's parser: NaN literals, lone surrogates and deep nesting are
+                # refused here too, before routing reads the prompt.
+                parsed = parse_json_body(body)
+            except OpenAIError as err:
+                raise GatewayError(400, err.message, param=err.param) from None
             try:
                 route = self.config.estimator.from_body(parsed, chat)
             except PromptError as err:
@@ -252,6 +259,9 @@ class Gateway:
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
+    async def _openapi(self, request: Request) -> Response:
+        return JSONResponse(_OPENAPI)
+
 
 class _ClientGone(Exception):
     """The client disconnected while sending its request."""
@@ -273,6 +283,17 @@ async def _send_error(send: Send, err: GatewayError) -> None:
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(b"content-type", b"application/json"), *err.headers]})
     await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+
+
+# The gateway's routes described with the engine's request models (what it forwards), so
+# that clients and fuzzers see one API.
+_OPENAPI = openapi_document("strata gateway", [
+    ("POST", "/v1/completions", CompletionRequest, "OpenAI completions, routed to a replica"),
+    ("POST", "/v1/chat/completions", ChatCompletionRequest, "OpenAI chat completions, routed"),
+    ("GET", "/v1/models", None, "Models served by the replicas"),
+    ("GET", "/health", None, "Whether a replica is ready"),
+    ("GET", "/metrics", None, "Prometheus metrics"),
+])
 
 
 def create_app(config: GatewayConfig, on_demand: OnDemand | None = None) -> Gateway:
