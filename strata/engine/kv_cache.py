@@ -4,19 +4,42 @@ Pure: this module only counts and hashes blocks (no tensors, no clock), so the
 simulator drives it unchanged. A full block is keyed by a hash chain over its
 token ids and every token before it; blocks are shared with reference counts,
 and free blocks that still hold a cached prefix are evicted least recently used.
+
+The chain is SHA-256, not Python's ``hash()``: a key collision would hand one
+request another request's KV (another tenant's prompt), and a 64-bit
+non-cryptographic hash of attacker-chosen token ids can be collided on purpose
+(vLLM's CVE-2025-25183). A hit also compares the stored token ids, so even a
+collision could only match a block holding the same tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Sequence as IntSequence
 from dataclasses import dataclass
 
 from strata.engine.sequence import Sequence
 
+# One precompiled little-endian int64 packer per block length: packing a tuple with a
+# compiled Struct is several times cheaper than array("q", tuple) or a fresh format string.
+_PACKERS: dict[int, Callable[..., bytes]] = {}
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """Hash of a full block chained on its parent's hash (so equal hashes mean equal prefixes)."""
-    return hash((parent, tokens))
+
+def block_hash(parent: bytes | None, tokens: IntSequence[int]) -> bytes:
+    """SHA-256 of a full block chained on its parent's digest (equal digests: equal prefixes).
+
+    Token ids are packed as fixed-width little-endian signed 64-bit integers, so the byte
+    string is unambiguous and the same on every machine (a root block is 8 * block_size
+    bytes, a child 32 more for its parent's digest).
+    """
+    pack = _PACKERS.get(len(tokens))
+    if pack is None:
+        pack = _PACKERS[len(tokens)] = struct.Struct(f"<{len(tokens)}q").pack
+    data = pack(*tokens)
+    return hashlib.sha256(parent + data if parent is not None else data).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +65,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         # Free blocks in eviction order: uncached ones first, then cached ones LRU-first.
         # Uncached free blocks only ever enter and leave at the front, so they are a stack
         # (a list whose end is the front: slices and appends, not one dict operation per
@@ -121,9 +144,9 @@ class BlockManager:
         self.queried_tokens += n_prompt
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
-        parent: int | None = None
+        parent: bytes | None = None
         hits: list[int] = []
-        hashes: list[int] = []
+        hashes: list[bytes] = []
         for start in range(0, n_prompt - self.block_size + 1, self.block_size):
             tokens = tuple(seq.prompt_token_ids[start : start + self.block_size])
             h = block_hash(parent, tokens)

@@ -30,7 +30,7 @@ class Sequence:
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # SHA-256 chain, see kv_cache
     num_preemptions: int = 0
     finish_reason: str | None = None
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 from collections import OrderedDict
 
 import pytest
 
-from strata.engine.kv_cache import BlockManager
+from strata.engine import kv_cache
+from strata.engine.kv_cache import BlockManager, block_hash
 from strata.engine.sampling import SamplingParams
 from strata.engine.sequence import Sequence
 
@@ -20,6 +23,29 @@ def finish_prefill(bm: BlockManager, s: Sequence) -> None:
     assert bm.allocate(s, s.num_tokens)
     s.num_computed_tokens = s.num_tokens
     bm.commit(s)
+
+
+def test_block_keys_are_a_sha256_chain_over_int64_token_ids() -> None:
+    """Keys are SHA-256 of (parent digest, little-endian int64 ids): reproducible anywhere."""
+    root = block_hash(None, (1, 2, 3, 4))
+    assert root == hashlib.sha256(struct.pack("<4q", 1, 2, 3, 4)).digest()
+    child = block_hash(root, [5, 6, 7, 8])
+    assert child == hashlib.sha256(root + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert block_hash(None, (5, 6, 7, 8)) != child  # the chain makes the key name the prefix
+    assert block_hash(None, (2, 1, 3, 4)) != root
+
+
+def test_a_key_collision_never_serves_another_prompts_blocks(monkeypatch) -> None:
+    """Even if two blocks' keys collided, a hit also needs the stored token ids to match."""
+    monkeypatch.setattr(kv_cache, "block_hash", lambda parent, tokens: b"collision")
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = seq(0, [1, 2, 3, 4, 9])
+    bm.match_prefix(a)
+    finish_prefill(bm, a)
+    b = seq(1, [5, 6, 7, 8, 9])
+    assert bm.match_prefix(b) == 0 and b.block_table == []
+    c = seq(2, [1, 2, 3, 4, 9])
+    assert bm.match_prefix(c) == 4 and c.block_table == a.block_table[:1]
 
 
 def test_allocate_and_free_returns_every_block() -> None:
