@@ -64,6 +64,16 @@ def _cache_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def _internal_token(path: Path | None) -> str | None:
+    """The cluster's internal token: the file, else STRATA_INTERNAL_TOKEN (read here, at the edge)."""
+    from strata.internal_auth import ENV_VAR, load_token
+
+    try:
+        return load_token(path, os.environ.get(ENV_VAR))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--internal-token-file") from e
+
+
 def _parse_bytes(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -95,6 +105,7 @@ def engine(
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (prefill chunk).")] = 512,
     max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
     no_prefix_caching: Annotated[bool, typer.Option(help="Disable automatic prefix caching.")] = False,
+    internal_token_file: Annotated[Path | None, typer.Option(help="File holding the cluster's internal token, which admin endpoints (/drain) require; default: $STRATA_INTERNAL_TOKEN, else loopback clients only.")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve one model replica over the OpenAI API (plus /health, /metrics, /load)."""
@@ -120,9 +131,11 @@ def engine(
         enable_prefix_caching=not no_prefix_caching,
         cache_dir=_cache_dir(),
     )
+    token = _internal_token(internal_token_file)
     core = build_engine_core(cfg)
     eng = AsyncEngine(core)
-    _serve_engine(eng, uvicorn.Config(build_app(eng), host=host, port=port, log_level="warning", access_log=False))
+    app = build_app(eng, internal_token=token)
+    _serve_engine(eng, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 
 def _serve_engine(eng: Any, config: Any) -> None:

@@ -43,6 +43,9 @@ from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
 from strata.gateway.replicas import ReplicaSetConfig
+from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
+from strata.internal_auth import generate_token, load_token
+from strata.internal_auth import headers as internal_headers
 from strata.platform.base import Platform
 from strata.platform.local import LocalPlatform
 from strata.stages.scaling import BottleneckFirst, StageObserver, stage_autoscaling
@@ -191,9 +194,16 @@ class Cluster:
     """One running cluster: platform, gateway, endpoint feed and autoscaler."""
 
     def __init__(self, config: ClusterConfig, *, platform: Platform | None = None,
-                 api_keys: ApiKeys | None = None) -> None:
-        """Build every part; nothing runs before ``run``."""
+                 api_keys: ApiKeys | None = None, internal_token: str | None = None) -> None:
+        """Build every part; nothing runs before ``run``.
+
+        ``internal_token`` is the secret the cluster's services share (admin endpoints,
+        stage links); a fresh one is generated for each cluster unless given. A platform
+        passed in that carries its own token keeps it.
+        """
         self.config = config
+        self.internal_token = (getattr(platform, "internal_token", None) or internal_token
+                               or generate_token())
         self.tier = config.tier_name  # the gateway's tier (a pipeline's head)
         tier_cfg = config.tiers[self.tier]
         self.stage_tiers: list[StageTier] = []
@@ -204,14 +214,15 @@ class Cluster:
             self.stage_tiers = stage_tiers(self.tier, stages)
             if platform is None:
                 specs = cluster_stage_specs(config, self.tier, stages, drained=self._stage_drained)
-                platform = LocalPlatform(specs, config.platform)
+                platform = LocalPlatform(specs, config.platform,
+                                         internal_token=self.internal_token)
             self.plans = [TierPlan(t.name, "stage-head" if t.head else "stage", t.min_replicas,
                                    t.max_replicas, t.initial_replicas, t.layers)
                           for t in self.stage_tiers]
         else:
             self.plans = [TierPlan(n, "engine", t.min_replicas, t.max_replicas,
                                    t.initial_replicas) for n, t in config.tiers.items()]
-        self.platform = platform or LocalPlatform.from_config(config)
+        self.platform = platform or LocalPlatform.from_config(config, self.internal_token)
         self.registry = CollectorRegistry()
         self.registry.register(_PlatformCollector(self.platform, [p.name for p in self.plans]))
         self.gateway = create_app(gateway_config(config, api_keys), on_demand=self._on_demand)
@@ -322,8 +333,10 @@ class Cluster:
                          if r.get("state") != "down"}
                 missing = [e.url for t in downstream for e in self.platform.endpoints(t)
                            if e.url not in known]
+                auth = internal_headers(self.internal_token)
                 results = await asyncio.gather(*(self._http_stages.post(
-                    head + "/stages/replicas", json={"url": u}, timeout=30) for u in missing),
+                    head + "/stages/replicas", json={"url": u}, headers=auth, timeout=30)
+                    for u in missing),
                     return_exceptions=True)
                 for u, res in zip(missing, results, strict=True):
                     if isinstance(res, httpx.Response) and res.status_code == 200:
@@ -445,7 +458,8 @@ def serve_cluster(config_path: Path | None = None, host: str | None = None,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe otherwise
     keys = ApiKeys.load(config.gateway.api_keys_file, os.environ.get("STRATA_API_KEYS"))
-    asyncio.run(_serve(Cluster(config, api_keys=keys)))
+    token = load_token(None, os.environ.get(INTERNAL_TOKEN_ENV))  # else one per cluster
+    asyncio.run(_serve(Cluster(config, api_keys=keys, internal_token=token)))
 
 
 async def _serve(cluster: Cluster) -> None:

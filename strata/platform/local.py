@@ -16,6 +16,10 @@ A supervisor owns its replica's process from launch to exit, so nothing else rac
   then SIGTERM the group, and SIGKILL it after ``stop_timeout_s``.
 * **shutdown** (``close``): SIGTERM every group, SIGKILL what is left; an ``atexit`` hook
   SIGKILLs any group still alive if the event loop never got to ``close``.
+
+With an ``internal_token`` every child gets it in ``STRATA_INTERNAL_TOKEN`` (never on its
+command line, which the logs show), ``POST /drain`` carries it, and a copy readable by
+this user only (0600) lies in the log directory for an operator's admin calls.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from typing import IO
 import httpx
 
 from strata.config import ClusterConfig, PlatformOptions
+from strata.internal_auth import ENV_VAR, write_token_file
+from strata.internal_auth import headers as internal_headers
 from strata.platform.base import Endpoint, Replica, ReplicaPhase
 from strata.platform.process import (
     ProcessSpec,
@@ -88,14 +94,18 @@ class LocalPlatform:
     """The ``Platform`` of one machine: each tier's replicas are child processes."""
 
     def __init__(self, specs: dict[str, ProcessSpec], options: PlatformOptions | None = None,
-                 *, host: str = "127.0.0.1", clock: Callable[[], float] = time.monotonic) -> None:
+                 *, host: str = "127.0.0.1", clock: Callable[[], float] = time.monotonic,
+                 internal_token: str | None = None) -> None:
         """``specs`` says how to launch each tier's replicas; nothing runs until ``scale``."""
         self.specs = specs
+        self.internal_token = internal_token
         self.options = options or PlatformOptions()
         self.host = host
         self.clock = clock
         self.log_dir = self.options.log_dir or Path(tempfile.mkdtemp(prefix="strata-replicas-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if internal_token is not None:
+            write_token_file(self.log_dir, internal_token)
         self._desired = {tier: 0 for tier in specs}
         self._slots: dict[str, list[_Slot]] = {tier: [] for tier in specs}
         self._ids = {tier: itertools.count() for tier in specs}
@@ -105,9 +115,10 @@ class LocalPlatform:
         atexit.register(self._kill_all_now)
 
     @classmethod
-    def from_config(cls, config: ClusterConfig) -> LocalPlatform:
+    def from_config(cls, config: ClusterConfig, internal_token: str | None = None) -> LocalPlatform:
         """Engine processes for every tier of the cluster file."""
-        return cls({name: engine_spec(config, name) for name in config.tiers}, config.platform)
+        return cls({name: engine_spec(config, name) for name in config.tiers}, config.platform,
+                   internal_token=internal_token)
 
     # -- the Platform interface ------------------------------------------------------------
 
@@ -274,13 +285,19 @@ class LocalPlatform:
             slot.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                env=spec.environment(os.environ))
+                env=self._environment(spec))
         finally:
             logf.close()  # the child holds its own descriptor
         slot.exited = asyncio.create_task(slot.proc.wait())
         self._set_phase(slot, "starting")
         log.info("replica %s starting on port %d (pid %d, %d thread(s), log %s)",
                  slot.replica_id, slot.port, slot.proc.pid, spec.threads, path)
+
+    def _environment(self, spec: ProcessSpec) -> dict[str, str]:
+        env = spec.environment(os.environ)
+        if self.internal_token is not None:
+            env[ENV_VAR] = self.internal_token
+        return env
 
     async def _pause(self, slot: _Slot, seconds: float) -> None:
         """Sleep up to ``seconds``; wake early on retirement or process exit."""
@@ -362,7 +379,11 @@ class LocalPlatform:
         t0 = self.clock()
         http = self._client()
         try:
-            await http.post(url + "/drain")
+            resp = await http.post(url + "/drain", headers=internal_headers(self.internal_token))
+            if resp.status_code in (401, 403):
+                log.warning("replica %s refused POST /drain (%d): %s; stopping it",
+                            slot.replica_id, resp.status_code, resp.text[:200])
+                return
         except httpx.HTTPError as err:
             log.warning("replica %s: POST /drain failed (%s); stopping it", slot.replica_id, err)
             return

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from strata.internal_auth import ENV_VAR, admin_denial, load_token
 from strata.load import LoadReport
 
 state = {"running": 0, "draining": False}
@@ -45,6 +46,10 @@ async def load(request: Request) -> JSONResponse:
 
 
 async def drain(request: Request) -> JSONResponse:
+    # The engine's admin check, with the token the platform hands its children.
+    denied = admin_denial(request, load_token(None, os.environ.get(ENV_VAR)))
+    if denied is not None:
+        return denied
     state["draining"] = True
     return JSONResponse({"status": "draining", "unfinished": state["running"]})
 

@@ -216,3 +216,34 @@ def test_replicas_die_with_a_cluster_process_killed_by_sigkill(tmp_path: Path) -
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids), "replicas outlived their cluster process"
+
+
+async def test_children_get_the_internal_token_and_drain_with_it(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    platform = LocalPlatform({"engine": fake_spec()}, FAST.model_copy(update={"log_dir": logs}),
+                             internal_token="cluster-token")
+    try:
+        token_file = logs / "internal-token"
+        assert token_file.read_text() == "cluster-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        await platform.scale("engine", 1)
+        await until(lambda: len(platform.endpoints("engine")) == 1, what="a ready replica")
+        url = platform.endpoints("engine")[0].url
+        async with httpx.AsyncClient(timeout=30) as http:
+            # The child holds the token: an unauthenticated drain is refused ...
+            r = await http.post(url + "/drain")
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            slow = asyncio.create_task(http.post(url + "/v1/completions", json={"sleep_s": 1.0}))
+            await asyncio.sleep(0.3)
+            # ... the platform's is accepted: the replica drains (refuses new work) and stops.
+            await platform.scale("engine", 0)
+            deadline = time.monotonic() + 10
+            while (await http.get(url + "/health")).json()["status"] != "draining":
+                assert time.monotonic() < deadline, "the platform's drain was not accepted"
+                await asyncio.sleep(0.05)
+            refused = await http.post(url + "/v1/completions", json={})
+            assert refused.status_code == 503
+            assert (await slow).status_code == 200
+        await until(lambda: platform.replicas("engine") == [], what="replica gone")
+    finally:
+        await platform.close()
