@@ -267,8 +267,8 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
