@@ -153,6 +153,8 @@ def decode_frame(body: bytearray | memoryview) -> Frame:
     if version != VERSION:
         raise FrameError(f"transport version {version}, this side speaks {VERSION}")
     pos = _HEADER.size
+    if pos + n * _DESC.size > len(body):
+        raise FrameError(f"frame of {len(body)} bytes cannot hold {n} tensor descriptors")
     descs = []
     for _ in range(n):
         descs.append(_DESC.unpack_from(body, pos))
@@ -160,6 +162,8 @@ def decode_frame(body: bytearray | memoryview) -> Frame:
     if pos + meta_len > len(body):
         raise FrameError("frame metadata runs past the frame")
     meta = json.loads(bytes(body[pos : pos + meta_len])) if meta_len else {}
+    if not isinstance(meta, dict):
+        raise FrameError(f"frame metadata must be a JSON object, got {type(meta).__name__}")
     pos += meta_len
     data_start = pos + _pad(pos)
     tensors: dict[str, torch.Tensor] = {}
@@ -178,6 +182,8 @@ def decode_frame(body: bytearray | memoryview) -> Frame:
         start = data_start + off
         if numel * elem != nbytes or start + nbytes > len(body):
             raise FrameError(f"tensor {name!r}: shape {shape} does not match its {nbytes} bytes")
+        if start % elem:
+            raise FrameError(f"tensor {name!r}: offset {off} is not aligned to its dtype")
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
@@ -479,14 +485,18 @@ async def serve(
     host: str, port: int, on_connection: Callable[[Connection], Any], *,
     token: str | None = None, max_frame_bytes: int | Callable[[], int] = MAX_FRAME_BYTES,
     max_queued: int = DEFAULT_MAX_QUEUED, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    max_pending_handshakes: int = 64,
 ) -> asyncio.Server:
     """Listen for frame links; `on_connection` (a coroutine function) runs per authenticated link.
 
     `max_frame_bytes` (a number, or a function read when a link is accepted) bounds
-    each frame after the handshake.
+    each frame after the handshake. At most `max_pending_handshakes` unauthenticated
+    links are held at once; more are closed at once, so a flood of idle connections
+    costs at most that many small buffers for `handshake_timeout_s` each.
     """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
+    pending = 0
 
     def factory() -> _FrameProtocol:
         conn = Connection(PREAUTH_MAX_FRAME_BYTES, max_queued)
@@ -496,19 +506,32 @@ async def serve(
         return conn.protocol
 
     async def _handle(conn: Connection) -> None:
+        nonlocal pending
         while conn.protocol.transport is None:
             await asyncio.sleep(0)
         peer = conn.protocol.transport.get_extra_info("peername")
         conn.peer = f"{peer[0]}:{peer[1]}" if peer else ""
         conn.peer_host = str(peer[0]) if peer else ""
+        if pending >= max_pending_handshakes:
+            log.warning("frame link from %s closed: %d handshakes already pending",
+                        conn.peer or "?", pending)
+            conn.protocol.transport.abort()
+            return
+        pending += 1
         try:
             await accept_handshake(conn, token, handshake_timeout_s)
         except (LinkAuthError, ConnectionError, OSError) as e:
             log.warning("frame link from %s refused: %s", conn.peer or "?", e)
             conn.close()
             return
+        finally:
+            pending -= 1
         conn.max_frame_bytes = max_frame_bytes() if callable(max_frame_bytes) else max_frame_bytes
-        await on_connection(conn)
+        try:
+            await on_connection(conn)
+        except Exception:  # noqa: BLE001 - one link's failure must not go unreported or spread
+            log.exception("frame link from %s failed", conn.peer or "?")
+            conn.close()
 
     return await loop.create_server(factory, host, port)
 

@@ -102,7 +102,7 @@ async def _raw_frame(reader: asyncio.StreamReader) -> Frame | None:
     try:
         (n,) = struct.unpack("<Q", await asyncio.wait_for(reader.readexactly(8), 10))
         return decode_frame(bytearray(await asyncio.wait_for(reader.readexactly(n), 10)))
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionResetError):
         return None
 
 

@@ -79,6 +79,13 @@ def test_malformed_frames_fail_loudly() -> None:
         decode_frame(bad_magic)
     with pytest.raises(FrameError):
         decode_frame(good[:-4])  # payload cut short
+    many = bytearray(good)
+    many[6:8] = struct.pack("<H", 65535)  # descriptors past the end of the frame
+    with pytest.raises(FrameError, match="descriptors"):
+        decode_frame(many)
+    listy = _body(Frame(tp.STEP, 1, [1, 2], {}))  # type: ignore[arg-type]
+    with pytest.raises(FrameError, match="JSON object"):
+        decode_frame(listy)
     with pytest.raises(FrameError, match="16 bytes"):
         encode_frame(Frame(tp.STEP, 1, {}, {"a_very_long_tensor_name": torch.zeros(1)}))
     with pytest.raises(FrameError, match="dtype"):
@@ -130,7 +137,7 @@ async def _raw_frame(reader: asyncio.StreamReader) -> Frame | None:
     try:
         (n,) = struct.unpack("<Q", await reader.readexactly(8))
         return decode_frame(bytearray(await reader.readexactly(n)))
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionResetError):
         return None
 
 
@@ -284,4 +291,24 @@ async def test_a_full_link_stops_reading_until_the_consumer_catches_up() -> None
     assert got == list(range(40))
     go.set()
     conn.close()
+    server.close()
+
+
+async def test_idle_unauthenticated_links_are_capped() -> None:
+    reached, handler = _never_called()
+    server = await tp.serve("127.0.0.1", 0, handler, token="t", max_pending_handshakes=3)
+    port = server.sockets[0].getsockname()[1]
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for r, _w in idle:
+        assert (await asyncio.wait_for(_raw_frame(r), timeout=10)).kind == tp.AUTH  # type: ignore[union-attr]
+    r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(_raw_frame(r4), timeout=10) is None  # closed at once
+    for _r, w in idle:
+        w.close()
+    await asyncio.sleep(0.1)
+    conn = await tp.connect("127.0.0.1", port, token="t")  # room again
+    await asyncio.sleep(0.05)
+    assert len(reached) == 1
+    conn.close()
+    w4.close()
     server.close()
