@@ -3,7 +3,9 @@
 Head 0:10 (OpenAI API, scheduler) -> stage 10:20 -> stage 20:30 (head, sampling), hidden
 states over the binary TCP transport. A second 20:30 replica joins by itself (scale-up),
 sequences spread over both, it drains (scale-down) without losing anyone, and finally a
-stage is killed: its clients get errors at once, never a hang.
+stage is killed: its clients get errors at once, never a hang. Every process holds the
+cluster's internal token (`--internal-token-file`), so the links are authenticated and the
+admin endpoints want the token.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 COMMON = ["--threads", "1", "--dtype", "float32"]
+TOKEN = "integration-cluster-token"
+ADMIN = {"x-strata-internal-token": TOKEN}
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -41,11 +45,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stage(model: Path, layers: str, *args: str) -> tuple[subprocess.Popen, str]:
+def _stage(model: Path, token_file: Path, layers: str, *args: str) -> tuple[subprocess.Popen, str]:
     port, data_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "strata.stages.cli", "--model", str(model), "--layers", layers,
            "--host", "127.0.0.1", "--port", str(port), "--data-port", str(data_port),
-           *COMMON, *args]
+           "--internal-token-file", str(token_file), *COMMON, *args]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
@@ -86,20 +90,22 @@ def _until(cond, timeout_s: float = 30.0, what: str = "condition"):  # type: ign
 
 
 @pytest.fixture(scope="module")
-def pipeline(bundled_gguf: Path) -> Iterator[dict[str, object]]:
+def pipeline(bundled_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     procs: list[subprocess.Popen] = []
+    token_file = tmp_path_factory.mktemp("run") / "internal-token"
+    token_file.write_text(TOKEN)
     try:
-        w1, u1 = _stage(bundled_gguf, "10:20")
-        w2, u2 = _stage(bundled_gguf, "20:30")
+        w1, u1 = _stage(bundled_gguf, token_file, "10:20")
+        w2, u2 = _stage(bundled_gguf, token_file, "20:30")
         procs += [w1, w2]
-        head, hu = _stage(bundled_gguf, "0:10", "--stages", "0:10,10:20,20:30",
+        head, hu = _stage(bundled_gguf, token_file, "0:10", "--stages", "0:10,10:20,20:30",
                           "--replica", u1, "--replica", u2, "--num-kv-blocks", "128",
                           "--max-model-len", "2048", "--step-timeout", "30")
         procs.append(head)
         for p, u in ((w1, u1), (w2, u2), (head, hu)):
             _wait_healthy(u, p)
         yield {"head": hu, "mid": (w1, u1), "tail": (w2, u2), "procs": procs,
-               "model": bundled_gguf}
+               "model": bundled_gguf, "token_file": token_file}
     finally:
         for p in procs:
             _stop(p)
@@ -145,7 +151,7 @@ def test_three_stage_pipeline_equals_single_engine(pipeline, reference) -> None:
 
 def test_replica_joins_takes_sequences_and_drains(pipeline, reference) -> None:  # type: ignore[no-untyped-def]
     head = pipeline["head"]
-    extra, eu = _stage(pipeline["model"], "20:30", "--join", head)
+    extra, eu = _stage(pipeline["model"], pipeline["token_file"], "20:30", "--join", head)
     pipeline["procs"].append(extra)
     _wait_healthy(eu, extra)
 
@@ -159,7 +165,8 @@ def test_replica_joins_takes_sequences_and_drains(pipeline, reference) -> None: 
     steps = {r["url"]: r["steps"] for r in tail_replicas()}
     assert steps[eu] > 0 and steps[pipeline["tail"][1]] > 0, steps
     # Scale down: the replica drains (the platform's POST /drain), the head stops using it.
-    assert httpx.post(f"{eu}/drain", timeout=5).status_code == 200
+    assert httpx.post(f"{eu}/drain", timeout=5).status_code == 401  # admin: the token only
+    assert httpx.post(f"{eu}/drain", headers=ADMIN, timeout=5).status_code == 200
     _until(lambda: all(r["url"] != eu for r in tail_replicas()), 30, "the drained replica to leave")
     assert _until(lambda: httpx.get(f"{eu}/load", timeout=5).json()["running"] == 0, 30,
                   "the drained replica to be idle") is True
