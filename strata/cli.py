@@ -106,6 +106,8 @@ def engine(
     max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
     no_prefix_caching: Annotated[bool, typer.Option(help="Disable automatic prefix caching.")] = False,
     internal_token_file: Annotated[Path | None, typer.Option(help="File holding the cluster's internal token, which admin endpoints (/drain) require; default: $STRATA_INTERNAL_TOKEN, else loopback clients only.")] = None,
+    max_body_bytes: Annotated[str, typer.Option(help="Largest request body (413 beyond, counted while reading).")] = "8MiB",
+    max_seqs_per_request: Annotated[int, typer.Option(help="Most sequences one request may create (prompts x n; 400 beyond).")] = 256,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve one model replica over the OpenAI API (plus /health, /metrics, /load)."""
@@ -113,6 +115,7 @@ def engine(
 
     from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
     from strata.engine.server import build_app
+    from strata.protocol import RequestLimits
 
     _setup_logging(log_level)
     cfg = EngineConfig(
@@ -131,10 +134,15 @@ def engine(
         enable_prefix_caching=not no_prefix_caching,
         cache_dir=_cache_dir(),
     )
+    try:
+        limits = RequestLimits(max_body_bytes=_parse_bytes(max_body_bytes),
+                               max_seqs_per_request=max_seqs_per_request)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     token = _internal_token(internal_token_file)
     core = build_engine_core(cfg)
     eng = AsyncEngine(core)
-    app = build_app(eng, internal_token=token)
+    app = build_app(eng, limits=limits, internal_token=token)
     _serve_engine(eng, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 
