@@ -4,6 +4,7 @@ the same process, still answers a normal request, and holds no KV block."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -222,3 +224,29 @@ def test_openapi_documents_describe_the_request_bodies(servers) -> None:
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         name = ref.rsplit("/", 1)[1]
         assert doc["components"]["schemas"][name]["properties"]["seed"]
+
+
+def _load_fuzz() -> ModuleType:
+    """benchmarks/fuzz.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("_bench_fuzz", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_schemathesis_fuzz_finds_no_5xx(servers) -> None:
+    """A few hundred schemathesis cases on each schema (the full run: benchmarks/fuzz.py)."""
+    pytest.importorskip("schemathesis")
+    fuzz = _load_fuzz()
+    engine, engine_url, gateway_url = servers
+    for name, url in (("engine", engine_url), ("gateway", gateway_url)):
+        result = fuzz.fuzz_target(name, url, 120, 7, engine)
+        assert result.cases >= 100, result.per_operation
+        assert not result.server_errors, result.server_errors[:3]
+        assert not result.transport_errors, result.transport_errors[:3]
+        assert any(k.startswith("2") for k in result.statuses), result.statuses
+    assert engine.poll() is None
+    _wait_idle(engine_url, 60)
