@@ -210,6 +210,40 @@ def serve(
 
 
 @app.command()
+def controller(
+    file: Annotated[
+        Path, typer.Option("--file", "-f", help="Cluster file (YAML) with platform.kind: kubernetes.")
+    ],
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(help="The gateway's URL, read for tier signals (arrivals, queue, TTFT) when prometheus.url is unset."),
+    ] = None,
+    internal_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the cluster's internal token, sent with POST /drain; default: $STRATA_INTERNAL_TOKEN."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the autoscaler in-cluster against each tier's Kubernetes Deployment (no gateway)."""
+    from strata.config import ClusterConfigError, load_cluster_config
+    from strata.platform.controller import serve_controller
+
+    _setup_logging(log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /load read otherwise
+    try:
+        config = load_cluster_config(file)
+    except ClusterConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if config.platform.kind != "kubernetes":
+        typer.echo("error: platform.kind must be kubernetes for strata controller "
+                   "(strata serve runs local replicas)", err=True)
+        raise typer.Exit(2)
+    serve_controller(config, gateway_url=gateway_url,
+                     internal_token=_internal_token(internal_token_file))
+
+
+@app.command()
 def status(
     url: Annotated[str, typer.Option(help="The cluster's gateway URL.")] = "http://127.0.0.1:8000",
     api_key: Annotated[

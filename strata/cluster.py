@@ -77,6 +77,15 @@ def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayCo
         max_queued_per_model=g.max_queued_per_model, queue_timeout_s=g.queue_timeout_s)
 
 
+def platform_for(config: ClusterConfig, internal_token: str | None) -> Platform:
+    """The cluster file's platform: local processes, or each tier's Kubernetes Deployment."""
+    if config.platform.kind == "kubernetes":
+        from strata.platform.kubernetes import KubernetesPlatform  # the client is heavy
+
+        return KubernetesPlatform.from_config(config, internal_token=internal_token)
+    return LocalPlatform.from_config(config, internal_token)
+
+
 class _PlatformCollector(Collector):
     """``strata_platform_replicas{tier,phase}``: what the platform runs, read at scrape time.
 
@@ -212,7 +221,7 @@ class Cluster:
         if tier_cfg.kind == "stages":
             stages = resolve_stages(config, self.tier)
             self.stage_tiers = stage_tiers(self.tier, stages)
-            if platform is None:
+            if platform is None and config.platform.kind == "local":
                 specs = cluster_stage_specs(config, self.tier, stages, drained=self._stage_drained)
                 platform = LocalPlatform(specs, config.platform,
                                          internal_token=self.internal_token)
@@ -222,7 +231,7 @@ class Cluster:
         else:
             self.plans = [TierPlan(n, "engine", t.min_replicas, t.max_replicas,
                                    t.initial_replicas) for n, t in config.tiers.items()]
-        self.platform = platform or LocalPlatform.from_config(config, self.internal_token)
+        self.platform = platform or platform_for(config, self.internal_token)
         self.registry = CollectorRegistry()
         self.registry.register(_PlatformCollector(self.platform, [p.name for p in self.plans]))
         self.gateway = create_app(gateway_config(config, api_keys), on_demand=self._on_demand)

@@ -261,7 +261,8 @@ class Observer:
         samples = tuple(
             ReplicaSample(replica_id=r.replica_id, started_at=r.started_at, ready=r.ready,
                           ready_changed_at=r.ready_at, terminating=r.terminating,
-                          report=rep, sampled_at=now if rep is not None else None)
+                          report=rep, sampled_at=now if rep is not None else None,
+                          capacity=r.capacity)
             for r, rep in zip(replicas, reports, strict=True))
         last_total, last_at = self._arrivals.get(tier, (0.0, None))
         if signals.arrivals_total > last_total:

@@ -1,10 +1,11 @@
 """Where replicas live, as an interface: ``scale``, ``endpoints``, ``drain``.
 
 The autoscaler and the gateway know replicas only through this protocol, so the same
-control loop drives local processes (``strata.platform.local``) and, later, Kubernetes
-Deployments (scale subresource, EndpointSlices). A platform reports what it runs as frozen
-``Replica`` records; ``endpoints`` are the replicas that passed their readiness check and
-are not on their way out, i.e. the only ones that may receive traffic.
+control loop drives local processes (``strata.platform.local``) and Kubernetes Deployments
+(``strata.platform.kubernetes``: scale subresource, EndpointSlices). A platform reports
+what it runs as frozen ``Replica`` records; ``endpoints`` are the replicas that passed
+their readiness check and are not on their way out, i.e. the only ones that may receive
+traffic.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Replica:
     crash_streak: int = 0  # crashes in a row without a stable run (CrashLoopBackOff when high)
     pid: int | None = None
     last_exit: str = ""  # why the previous process ended, for status and logs
+    capacity: float = 1.0  # size relative to the tier's others (Kubernetes: the pod's request)
 
     @property
     def ready(self) -> bool:
