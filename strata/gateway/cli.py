@@ -82,6 +82,16 @@ def gateway_command(
         help="Tokens per prefix-hash chunk.")] = 64,
     replica_header: Annotated[bool, typer.Option(
         help="Name the serving replica in an x-strata-replica response header.")] = True,
+    endpoints_from: Annotated[str, typer.Option(
+        help="static: the --replica URLs; kubernetes: the ready endpoints of --kube-service's "
+             "EndpointSlices, watched in-cluster.")] = "static",
+    kube_namespace: Annotated[str, typer.Option(help="Namespace of --kube-service.")] = "default",
+    kube_service: Annotated[str, typer.Option(
+        help="Service whose EndpointSlices list the replicas; {tier} is replaced.")]
+        = "strata-{tier}",
+    kube_api_server: Annotated[str | None, typer.Option(
+        help="API server URL without credentials (kubectl proxy); default: in-cluster.")]
+        = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
 ) -> None:
     """Serve the OpenAI API, routing each request to the replica that fits it best."""
@@ -107,12 +117,31 @@ def gateway_command(
         app = create_app(config)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    if not replica:
+    served: Any = app
+    if endpoints_from == "kubernetes":
+        served = _endpointslice_feed(app, kube_namespace, kube_service.format(tier=tier),
+                                     kube_api_server)
+    elif endpoints_from != "static":
+        raise typer.BadParameter("--endpoints-from must be static or kubernetes")
+    elif not replica:
         logging.getLogger("strata.gateway").warning(
             "no --replica given: requests wait for replicas added at runtime")
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
+    uvicorn.run(served, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level.lower(), access_log=False, lifespan="on",
                 timeout_keep_alive=75)
+
+
+def _endpointslice_feed(app: Any, namespace: str, service: str, api_server: str | None) -> Any:
+    """The gateway wrapped so its replicas follow the Service's EndpointSlices."""
+    from kubernetes import client
+
+    from strata.config import PlatformOptions
+    from strata.platform.endpointslices import EndpointSliceFeed
+    from strata.platform.kubernetes import api_client
+
+    options = PlatformOptions(kind="kubernetes", namespace=namespace, api_server=api_server)
+    return EndpointSliceFeed(app, client.DiscoveryV1Api(api_client(options)), namespace,
+                             service, port_name=options.port_name)
 
 
 app = typer.Typer(add_completion=False)

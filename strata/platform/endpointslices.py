@@ -16,6 +16,7 @@ and an in-cluster gateway (``--endpoints-from kubernetes``) use this one view.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -203,3 +204,77 @@ class EndpointSliceWatch:
                 delay = min(delay * 2, self.backoff_max_s)
             finally:
                 self._watch = None
+
+
+class EndpointSliceFeed:
+    """ASGI wrapper for an in-cluster gateway: its replica set follows a Service's slices.
+
+    ``strata gateway --endpoints-from kubernetes`` wraps the gateway in this: once the app's
+    lifespan has started, a watch on the Service's EndpointSlices runs, and every change
+    of the routable endpoints is passed to ``app.set_endpoints`` (the same call the
+    cluster's platform feed makes); the watch stops before the app's own shutdown.
+    """
+
+    def __init__(self, app: Any, api: client.DiscoveryV1Api, namespace: str, service: str,
+                 **watch_options: Any) -> None:
+        """``watch_options`` go to ``EndpointSliceWatch`` (port name, timeouts, backoff)."""
+        self.app = app
+        self.service = service
+        self.watch = EndpointSliceWatch(api, namespace, [service],
+                                        on_change=self._changed_from_thread, **watch_options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _changed_from_thread(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._changed.set)
+
+    async def _feed(self) -> None:
+        last: list[str] | None = None
+        while True:
+            urls = [e.url for e in self.watch.endpoints(self.service) if e.routable]
+            if urls != last:
+                log.info("service %s: %d routable endpoint(s)", self.service, len(urls))
+                await self.app.set_endpoints(urls)
+                last = urls
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self._changed.clear()
+
+    async def start(self) -> None:
+        """Start the watch and the feed (called once the app's lifespan has started)."""
+        self._loop = asyncio.get_running_loop()
+        self.watch.start()
+        self._task = asyncio.create_task(self._feed(), name=f"endpointslices {self.service}")
+
+    async def stop(self) -> None:
+        """Stop the feed and the watch."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await asyncio.to_thread(self.watch.stop)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI: everything goes to the app; lifespan events also start/stop the feed."""
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_() -> Any:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.stop()
+            return message
+
+        async def send_(message: Any) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await self.start()
+            await send(message)
+
+        await self.app(scope, receive_, send_)

@@ -264,3 +264,53 @@ async def test_cluster_gateway_follows_the_endpointslices(fake: FakeKubeApi) -> 
     finally:
         stop.set()
         await run
+
+
+def test_gateway_endpoints_from_kubernetes(fake: FakeKubeApi) -> None:
+    """``strata gateway --endpoints-from kubernetes`` routes to the Service's ready pods."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", "gateway", "--endpoints-from", "kubernetes",
+         "--kube-api-server", fake.url, "--port", str(port), "--tier", "engine"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        resp = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                                  json={"model": "fake", "prompt": "hi", "max_tokens": 1},
+                                  timeout=5)
+                if resp.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert resp is not None and resp.status_code == 200, resp and resp.text
+        (pod,) = fake.pod_names(DEPLOYMENT)
+        pod_port = fake.pod(pod).port  # type: ignore[union-attr]
+        assert resp.headers["x-strata-replica"].endswith(f":{pod_port}")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+async def test_unequal_pod_requests_reach_the_hpa_as_capacities(
+        fake: FakeKubeApi, platform: KubernetesPlatform) -> None:
+    from strata.autoscale.observe import Observer, ScrapeSource
+
+    await until(lambda: len(platform.endpoints("engine")) == 1, platform, 30, "1 endpoint")
+    with fake.lock:
+        fake.deployments[("default", DEPLOYMENT)].requests = {"cpu": "500m"}  # new pods
+    await platform.scale("engine", 2)
+    await until(lambda: sorted(r.capacity for r in platform.replicas("engine")) == [0.5, 2.0],
+                platform, 30, "capacities 0.5 and 2")
+
+    async def no_gateway() -> str:
+        return ""
+
+    async with httpx.AsyncClient() as http:
+        observer = Observer(platform, ScrapeSource(no_gateway, http, 60.0), http)
+        state = await observer.observe("engine", time.monotonic())
+    assert sorted(s.capacity for s in state.replicas) == [0.5, 2.0]
