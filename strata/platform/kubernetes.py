@@ -121,7 +121,8 @@ class KubernetesPlatform:
         self._desired: dict[str, int] = {}
         self._selectors: dict[str, str] = {}
         self._pods: dict[str, dict[str, _Pod]] = {t: {} for t in tiers}
-        self._draining: set[str] = set()
+        self._draining: set[str] = set()  # out of traffic, being drained or drained
+        self._drained: set[str] = set()  # drained and ranked first for deletion
         self._kick = {t: asyncio.Event() for t in tiers}
         self._changed = asyncio.Event()
         self._refresh = asyncio.Event()
@@ -210,11 +211,7 @@ class KubernetesPlatform:
         await self.start()
         tier = self._tier_of(replica_id)
         await self._drain_pod(tier, replica_id)
-        try:
-            await self._call(self.core.delete_namespaced_pod, replica_id, self.namespace)
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        await self._delete_pod(replica_id)
         deadline = self.clock() + self.options.stop_timeout_s + self.options.api_timeout_s
         while replica_id in self._pods[tier] and self.clock() < deadline:
             self._refresh.set()
@@ -345,6 +342,7 @@ class KubernetesPlatform:
             for name in set(known) - seen:
                 del known[name]
                 self._draining.discard(name)
+                self._drained.discard(name)
                 changed = True
             for name in ready:
                 pod = known.get(name)
@@ -399,12 +397,24 @@ class KubernetesPlatform:
             scale = await self._call(self.apps.read_namespaced_deployment_scale,
                                      kt.deployment, self.namespace)
             have = int(scale.spec.replicas or 0)
-            if have == want:
-                return
+            await self._refresh_pods()
+            # Pods drained earlier whose removal has not happened (a failed scale write, or
+            # the count went back up meanwhile): a drained engine serves no more, so they
+            # are removed first on a scale-down and replaced otherwise.
+            leftover = [n for n, p in self._pods[tier].items()
+                        if n in self._drained and not p.deleting]
             if want < have:
                 live = [r for r in self.replicas(tier) if not r.terminating]
-                victims = pick_victims(live, have - want)
+                victims = pick_victims(live, have - want - len(leftover))
                 await asyncio.gather(*(self._drain_pod(tier, v) for v in victims))
+                await self._write_scale(tier, want)
+                continue
+            for name in leftover:
+                log.info("pod %s: drained but still running; deleting it (it is replaced)",
+                         name)
+                await self._delete_pod(name)
+            if have == want:
+                return
             await self._write_scale(tier, want)
 
     async def _write_scale(self, tier: str, replicas: int) -> None:
@@ -444,6 +454,14 @@ class KubernetesPlatform:
                              _content_type="application/merge-patch+json")
         except ApiException as err:
             if err.status != 404:  # already gone: nothing left to rank
+                raise
+        self._drained.add(name)
+
+    async def _delete_pod(self, name: str) -> None:
+        try:
+            await self._call(self.core.delete_namespaced_pod, name, self.namespace)
+        except ApiException as err:
+            if err.status != 404:  # already gone
                 raise
 
     async def _drain_requests(self, name: str, url: str) -> None:

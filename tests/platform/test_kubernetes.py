@@ -314,3 +314,31 @@ async def test_unequal_pod_requests_reach_the_hpa_as_capacities(
         observer = Observer(platform, ScrapeSource(no_gateway, http, 60.0), http)
         state = await observer.observe("engine", time.monotonic())
     assert sorted(s.capacity for s in state.replicas) == [0.5, 2.0]
+
+
+async def test_a_drained_pod_left_by_a_failed_write_is_removed_not_doubled(
+        fake: FakeKubeApi, platform: KubernetesPlatform) -> None:
+    await platform.scale("engine", 3)
+    await until(lambda: len(platform.endpoints("engine")) == 3, platform, 30, "3 endpoints")
+    # Every write of the scale fails for a while: the first attempt's victim is drained,
+    # the retries must not drain a second pod for the same scale-down.
+    fake.inject("PUT", r"/deployments/strata-engine/scale$", 500, times=7)
+    await platform.scale("engine", 2)
+    await until(lambda: fake.spec_replicas(DEPLOYMENT) == 2, platform, 20, "spec 2")
+    await until(lambda: len(fake.deleted_pods) == 1, platform, 20, "one pod deleted")
+    await until(lambda: len(platform.endpoints("engine")) == 2
+                and len(platform.replicas("engine")) == 2, platform, 20, "2 replicas")
+    assert not [r for r in platform.replicas("engine") if r.phase != "ready"]
+    # The count goes back up while a drained pod waits for a failing write: it is
+    # deleted (the ReplicaSet replaces it) rather than left running drained.
+    fake.inject("PUT", r"/deployments/strata-engine/scale$", 500, times=1000)
+    await platform.scale("engine", 1)
+    await until(lambda: len([r for r in platform.replicas("engine")
+                             if r.phase == "draining"]) == 1, platform, 10, "a drain")
+    await platform.scale("engine", 2)
+    await until(lambda: len(fake.deleted_pods) == 2, platform, 20, "the drained pod deleted")
+    await until(lambda: len(platform.endpoints("engine")) == 2
+                and all(r.phase == "ready" for r in platform.replicas("engine"))
+                and len(platform.replicas("engine")) == 2, platform, 30, "2 ready replicas")
+    assert fake.spec_replicas(DEPLOYMENT) == 2
+    assert fake.scale_writes == [3, 2]  # never lowered to 1: the pod was replaced
