@@ -64,6 +64,25 @@ class GatewayMetrics:
         self._ttft: dict[str, Histogram] = {}
         self._e2e: dict[str, Histogram] = {}
 
+    def forget_replica(self, replica: str) -> None:
+        """Drop every series labelled with a replica that left, so churn cannot grow them."""
+        self._routed.pop(replica, None)
+        for family in (self.routed, self.replica_healthy, self.upstream_errors, self.ejections):
+            names = family._labelnames  # prometheus_client keeps no public accessor
+            for key in list(family._metrics):  # noqa: SLF001
+                if key[names.index("replica")] == replica:
+                    family.remove(*key)
+
+    def forget_model(self, model: str) -> None:
+        """Drop the series labelled with a model no longer served."""
+        self._ttft.pop(model, None)
+        self._e2e.pop(model, None)
+        for family in (self.ttft, self.e2e, self.queued):
+            try:
+                family.remove(model)
+            except KeyError:
+                pass
+
     def routed_to(self, replica: str) -> None:
         """Count one request routed to ``replica`` by this gateway's policy."""
         child = self._routed.get(replica)

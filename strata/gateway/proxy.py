@@ -1,12 +1,23 @@
-"""The streaming proxy: route, send upstream, pass the bytes through, retry before first byte.
+"""The streaming proxy: route, send upstream, pass the bytes through.
 
-Nothing is sent to the client until the replica's first body bytes arrive, so a replica
-that refuses, times out, answers 5xx/429 or dies before its first token costs a retry on
-another replica (up to ``max_retries``), invisibly to the client. After the first byte the
-upstream's chunks are forwarded as they come (no re-serialisation, no buffering); a
-replica that fails mid-stream ends an SSE stream with an OpenAI-style error event. A client
-that disconnects cancels the forwarding task, which closes the upstream connection, which
-is how the replica learns to abort the request and free its KV blocks.
+Retries (Envoy's ``connect-failure`` plus "503 when the upstream says it did not start"):
+a request moves to another replica (up to ``max_retries``) only when it never reached the
+replica (the connection could not be opened) or the replica answered 429/503 with
+Retry-After, its way of saying "not started" (admission full, draining). Once a request has
+reached a replica it is never run a second time elsewhere: a 4xx from the replica goes to
+the client verbatim and says nothing about the replica; a 5xx goes to the client too and
+counts toward the replica's ejection (consecutive faults); a connection lost after the
+request was sent is a fault, answered 502 (504 for a timeout).
+
+Silence is not failure: a non-streaming answer is silent until it is done, so the upstream
+fails a silent request only when its replica also stops answering probes (see
+strata.gateway.upstream); ``request_timeout_s`` is the operator's hard cap.
+
+After the first byte the upstream's chunks are forwarded as they come (no
+re-serialisation, no buffering); a replica that fails mid-stream ends an SSE stream with an
+OpenAI-style error event. A client that disconnects cancels the forwarding task, which
+closes the upstream connection, which is how the replica learns to abort the request and
+free its KV blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ from strata.gateway.admission import ModelQueue, QueueFull
 from strata.gateway.demand import DemandTracker
 from strata.gateway.metrics import GatewayMetrics
 from strata.gateway.replicas import Replica, ReplicaSet
-from strata.gateway.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
+from strata.gateway.upstream import (
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from strata.routing.policies import Policy
 from strata.routing.types import RouteRequest
 
@@ -58,15 +74,24 @@ class MidstreamFailure(Exception):
 
 
 class UpstreamFailure(Exception):
-    """One attempt on one replica failed before its first byte."""
+    """One attempt on one replica that produced no response to pass on.
 
-    def __init__(self, kind: str, detail: str, *, refused: bool = False,
-                 status: int | None = None) -> None:
+    ``started`` is False only when the replica certainly did not start the request (never
+    sent, or an explicit "not started" answer): only then may it be re-sent elsewhere.
+    ``fault`` says whether it counts toward the replica's ejection.
+    """
+
+    def __init__(self, kind: str, detail: str, *, started: bool, fault: bool,
+                 refused: bool = False, status: int | None = None,
+                 retry_after: bytes | None = None) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.started = started
+        self.fault = fault
         self.refused = refused
         self.status = status
+        self.retry_after = retry_after
 
 
 class ClientState:
@@ -178,29 +203,42 @@ class Proxy:
 
     async def open(self, replica: Replica, path: str, body: bytes
                    ) -> tuple[UpstreamResponse, bytes]:
-        """Send the request and wait for the first body bytes; UpstreamFailure otherwise."""
+        """Send the request and wait for the first body bytes; UpstreamFailure otherwise.
+
+        Any status the replica answers is returned for passing on, except 429/503 with
+        Retry-After, which says the request was not started (UpstreamFailure, retriable).
+        """
         try:
             resp = await replica.pool.post(path, body, replica.extra_headers)
-        except ConnectionRefusedError as err:
-            raise UpstreamFailure("connect", str(err), refused=True) from None
+        except UpstreamUnreachable as err:
+            raise UpstreamFailure("connect", str(err), started=False, fault=True,
+                                  refused=err.refused) from None
         except UpstreamTimeout as err:
-            raise UpstreamFailure("timeout", str(err)) from None
+            raise UpstreamFailure("timeout", str(err), started=True,
+                                  fault=not err.capped) from None
         except UpstreamError as err:
-            raise UpstreamFailure("reset", str(err)) from None
+            raise UpstreamFailure("reset", str(err), started=True, fault=True) from None
         try:
-            if resp.status >= 500 or resp.status == 429:
-                detail = (await resp.read_all(2048)).decode(errors="replace")
-                raise UpstreamFailure(f"http_{resp.status}", detail, status=resp.status)
+            if resp.status in (429, 503):
+                retry_after = next((v for k, v in resp.headers if k == b"retry-after"), None)
+                if retry_after is not None:
+                    detail = (await resp.read_all(2048)).decode(errors="replace")
+                    resp.release()
+                    raise UpstreamFailure(f"http_{resp.status}", detail, started=False,
+                                          fault=False, status=resp.status,
+                                          retry_after=retry_after)
             first = await resp.read()
             if not first and resp.status < 400:
-                raise UpstreamFailure("empty", "replica ended the response without a byte")
+                raise UpstreamFailure("empty", "replica ended the response without a byte",
+                                      started=True, fault=True)
             return resp, first
         except UpstreamTimeout as err:
             resp.close()
-            raise UpstreamFailure("timeout", str(err)) from None
+            raise UpstreamFailure("timeout", str(err), started=True,
+                                  fault=not err.capped) from None
         except UpstreamError as err:
             resp.close()
-            raise UpstreamFailure("reset", str(err)) from None
+            raise UpstreamFailure("reset", str(err), started=True, fault=True) from None
         except BaseException:
             resp.close()
             raise
@@ -234,7 +272,12 @@ class Proxy:
                 resp, first = await self.open(replica, path, body)
             except UpstreamFailure as failure:
                 replica.end(ticket, time.monotonic(), completed=False)
-                self.replicas.note_failure(replica, failure.refused, failure.kind)
+                if failure.fault:
+                    self.replicas.note_failure(replica, failure.refused, failure.kind)
+                else:
+                    self.replicas.note_not_started(replica, failure.kind)
+                if failure.started:
+                    raise self._failed(failure) from None  # it ran there: never run it twice
                 tried.add(replica.url)
                 last = failure
                 continue
@@ -261,6 +304,9 @@ class Proxy:
             if resp.status < 400:
                 self.metrics.observe_ttft(route.model, time.perf_counter() - t0)
                 replica.record_success()
+            elif resp.status >= 500:
+                # Passed on as it is, never retried (the replica ran it); it counts as a fault.
+                self.replicas.note_failure(replica, False, f"http_{resp.status}")
             read = resp.read
             try:
                 while not last:
@@ -272,10 +318,13 @@ class Proxy:
                                 "more_body": not last})
                 clean = True
             except UpstreamError as err:
-                self.replicas.note_failure(replica, False, "midstream")
+                capped = isinstance(err, UpstreamTimeout) and err.capped
+                if not capped:
+                    self.replicas.note_failure(replica, False, "midstream")
                 if resp.content_type != b"text/event-stream":
                     raise MidstreamFailure(str(err)) from None  # abort: a truncated body
-                error = GatewayError(502, f"replica failed mid-stream: {err}")
+                error = GatewayError(504, f"request stopped: {err}", code="request_timeout") \
+                    if capped else GatewayError(502, f"replica failed mid-stream: {err}")
                 client.finished = True
                 await send({"type": "http.response.body",
                             "body": b"data: " + error.body() + b"\n\n", "more_body": False})
@@ -287,10 +336,26 @@ class Proxy:
                 resp.close()  # closing the upstream connection cancels the request there
             replica.end(ticket, time.monotonic(), completed=clean)
 
+    def _failed(self, failure: UpstreamFailure) -> GatewayError:
+        """The answer for a request that reached a replica and produced no response."""
+        if failure.kind == "timeout":
+            code = "request_timeout" if not failure.fault else "upstream_timeout"
+            return GatewayError(504, f"the replica did not answer: {failure.detail[:300]}",
+                                code=code)
+        return GatewayError(502, f"the replica failed while handling the request "
+                            f"({failure.kind}: {failure.detail[:300]}); it was not retried "
+                            "because it may have started", code="upstream_error")
+
     def _exhausted(self, last: UpstreamFailure | None, tried: int) -> GatewayError:
         if last is None:
-            return GatewayError(503, "no replica available", code="no_ready_replica")
-        status = last.status if last.status is not None else (
-            504 if last.kind == "timeout" else 502)
-        return GatewayError(status, f"request failed on {tried} replica(s); last error "
-                            f"{last.kind}: {last.detail[:300]}", code="upstream_error")
+            return GatewayError(503, "no replica available", code="no_ready_replica",
+                                headers=[(b"retry-after", b"1")])
+        if last.retry_after is not None:
+            status = last.status or 503
+            return GatewayError(status, f"no replica could take the request ({tried} tried); "
+                                f"last answer {last.kind}: {last.detail[:300]}",
+                                type_="server_error", code="replicas_busy",
+                                headers=[(b"retry-after", last.retry_after)])
+        return GatewayError(502, f"request failed on {tried} replica(s); last error "
+                            f"{last.kind}: {last.detail[:300]}", code="upstream_error",
+                            headers=[(b"retry-after", b"1")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,10 @@ class ReplicaSetConfig:
     health_interval_s: float = 1.0
     probe_timeout_s: float = 1.0
     connect_timeout_s: float = 3.0
-    read_timeout_s: float = 300.0  # longest silence from a replica mid-response (and to TTFT)
+    # Silence from a replica (first token included) after which the gateway checks that the
+    # replica still answers its probes; the request fails only if it does not.
+    read_timeout_s: float = 300.0
+    request_timeout_s: float | None = None  # hard cap on one request; None: none
     eject_after_failures: int = 3
     eject_base_s: float = 2.0
     eject_max_s: float = 60.0
@@ -48,6 +52,13 @@ class ReplicaSetConfig:
             raise ValueError("poll_interval_s and health_interval_s must be > 0")
         if self.eject_after_failures < 1:
             raise ValueError("eject_after_failures must be >= 1")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0 (or unset for no cap)")
+
+    @property
+    def contact_window_s(self) -> float:
+        """How recent a probe answer must be for a silent replica to count as alive."""
+        return 3 * self.health_interval_s + self.probe_timeout_s
 
 
 def normalize_url(url: str) -> str:
@@ -70,10 +81,13 @@ class Replica:
         self.url_bytes = url.encode()
         self.tier = tier
         self.config = config
-        self.pool = UpstreamPool(url, config.connect_timeout_s, config.read_timeout_s)
+        self.pool = UpstreamPool(url, config.connect_timeout_s, config.read_timeout_s,
+                                 alive=self.alive, recheck_s=config.health_interval_s,
+                                 request_timeout_s=config.request_timeout_s)
         self.extra_headers = (b"Authorization: Bearer %s\r\n" % config.upstream_api_key.encode()
                               if config.upstream_api_key else b"")
         self.healthy = False  # until the first health check passes
+        self.last_contact = -1e18  # when it last answered a probe (health, draining or load)
         self.ejected_until = 0.0
         self.ejections = 0
         self.consecutive_failures = 0
@@ -99,6 +113,10 @@ class Replica:
         if not self.healthy or self.removed or now < self.ejected_until:
             return False
         return self.load is None or (self.load.ready and not self.load.draining)
+
+    def alive(self) -> bool:
+        """It answered a probe recently (maybe draining): its silence is work, not failure."""
+        return time.monotonic() - self.last_contact <= self.config.contact_window_s
 
     # -- request bookkeeping -------------------------------------------------------------
 

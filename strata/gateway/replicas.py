@@ -56,6 +56,7 @@ class ReplicaSet:
         self._activated_at = 0.0
         self._ready = 0
         self._http: httpx.AsyncClient | None = None
+        self._retiring: set[Replica] = set()  # removed, still carrying requests
         self.metrics.tier_replicas.labels(tier=tier).set(0)
 
     # -- membership ----------------------------------------------------------------------
@@ -79,18 +80,22 @@ class ReplicaSet:
         for url in [u for u in self.replicas if u not in wanted]:
             r = self.replicas.pop(url)
             r.removed = True
-            if r.task is not None:
+            if r.in_flight and r.task is not None:
+                # Its poller goes on until its last request ends: a silent request there
+                # fails only if the replica stops answering probes.
+                self._retiring.add(r)
+                r.check_now.set()
+            elif r.task is not None:
                 r.task.cancel()
-            try:
-                self.metrics.replica_healthy.remove(url)
-            except KeyError:
-                pass
+            self.metrics.forget_replica(url)
             await r.pool.close()
         self._notify()
 
     async def close(self) -> None:
         """Stop every poller and close every pool."""
-        tasks = [r.task for r in self.replicas.values() if r.task is not None]
+        tasks = [r.task for r in [*self.replicas.values(), *self._retiring]
+                 if r.task is not None]
+        self._retiring.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -175,14 +180,22 @@ class ReplicaSet:
         Short of ejection, the replica's health is checked at once: a crashed replica is
         then out within a round trip instead of a health interval.
         """
-        self.metrics.upstream_errors.labels(replica=r.url, kind=kind).inc()
         r.check_now.set()
+        if r.removed:
+            return  # its series are gone and it takes no more requests
+        self.metrics.upstream_errors.labels(replica=r.url, kind=kind).inc()
         if r.record_failure(time.monotonic(), refused):
             self.metrics.ejections.labels(replica=r.url).inc()
             log.warning("replica %s taken out for %.1f s after %s", r.url,
                         r.ejected_until - time.monotonic(), kind)
             self._set_health_gauge(r)
             self._notify()
+
+    def note_not_started(self, r: Replica, kind: str) -> None:
+        """The replica answered "not started" (busy, draining): not a fault; re-read its state."""
+        r.check_now.set()
+        if not r.removed:
+            self.metrics.upstream_errors.labels(replica=r.url, kind=kind).inc()
 
     def _set_health_gauge(self, r: Replica) -> None:
         if not r.removed:
@@ -194,7 +207,7 @@ class ReplicaSet:
     async def _poll(self, r: Replica) -> None:
         """Health every health_interval_s, load every poll_interval_s, until removed."""
         next_health = 0.0
-        while not r.removed:
+        while not r.removed or r.in_flight > 0:
             now = time.monotonic()
             if now >= next_health:
                 await self._check_health(r)
@@ -214,6 +227,7 @@ class ReplicaSet:
                 continue
             r.check_now.clear()
             next_health = 0.0
+        self._retiring.discard(r)
 
     async def _get(self, r: Replica, path: str) -> tuple[int, bytes]:
         assert self._http is not None
@@ -223,8 +237,10 @@ class ReplicaSet:
     async def _check_health(self, r: Replica) -> None:
         before = r.routable(time.monotonic())
         try:
-            status, _ = await self._get(r, "/health")
+            status, body = await self._get(r, "/health")
             ok = status == 200
+            if ok or (status == 503 and b"draining" in body):
+                r.last_contact = time.monotonic()  # answering: silence there is work
         except (httpx.HTTPError):
             ok = False
         was_healthy = r.healthy
@@ -257,6 +273,7 @@ class ReplicaSet:
             if r.load_source in ("unknown", "load"):
                 status, body = await self._get(r, "/load")
                 if status == 200:
+                    r.last_contact = time.monotonic()
                     r.load = LoadReport.from_dict(json.loads(body))
                     r.load_source = "load"
                     r.accept_report(sent_at, self.chunk_tokens)

@@ -7,9 +7,12 @@ status, headers and body chunks as they arrive (chunked decoding by httptools, t
 uvicorn uses), keep connections alive per replica, and close a connection to cancel its
 request. Whatever bytes have arrived are handed over together, never held back.
 
-Timeouts: connect (``connect_timeout_s``) and read (``read_timeout_s``: the longest silence
-from the replica, including the wait for the response head and the first token), enforced by
-one timer per response instead of a timer per read.
+Timeouts, enforced by one timer per response instead of a timer per read: connect
+(``connect_timeout_s``); silence (``read_timeout_s``, including the wait for the response
+head and the first token), which fails a request only when the pool's ``alive`` check says
+the replica stopped answering its probes too, because a non-streaming answer is silent until
+it is done and silence alone is not failure; and an optional hard cap on the whole request
+(``request_timeout_s``) for operators.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -34,7 +38,20 @@ class UpstreamError(Exception):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The replica was silent for longer than the read timeout."""
+    """The replica was silent too long (and not known alive), or the request hit its cap."""
+
+    def __init__(self, message: str, *, before_response: bool = False,
+                 capped: bool = False) -> None:
+        super().__init__(message, before_response=before_response)
+        self.capped = capped  # the operator's request_timeout_s, not a replica fault
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The connection could not be opened: the request was never sent (safe to re-send)."""
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message, before_response=True)
+        self.refused = refused
 
 
 class _Connection(asyncio.Protocol):
@@ -93,6 +110,8 @@ class UpstreamResponse:
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_type = b""
         self.last_data = time.monotonic()
+        cap = pool.request_timeout_s
+        self.deadline = self.last_data + cap if cap is not None else None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -143,19 +162,34 @@ class UpstreamResponse:
 
     def _arm_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        timeout = self._pool.read_timeout_s
+        pool = self._pool
+        timeout = pool.read_timeout_s
+
+        def later(delay: float) -> None:
+            if self.deadline is not None:
+                delay = min(delay, max(0.0, self.deadline - time.monotonic()))
+            self._timer = loop.call_later(delay, check)
 
         def check() -> None:
-            idle = time.monotonic() - self.last_data
             if self._complete or self._error is not None or self._released:
                 return
-            if idle >= timeout:
-                self.fail(UpstreamTimeout(f"replica silent for {timeout:g} s",
-                                          before_response=self.status == 0))
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                self.fail(UpstreamTimeout(
+                    f"request exceeded request_timeout_s={pool.request_timeout_s:g}",
+                    before_response=self.status == 0, capped=True))
                 return
-            self._timer = loop.call_later(timeout - idle, check)
+            idle = now - self.last_data
+            if idle < timeout:
+                later(timeout - idle)
+            elif pool.alive is not None and pool.alive():
+                later(pool.recheck_s)  # still generating: look again soon
+            else:
+                self.fail(UpstreamTimeout(
+                    f"replica silent for {idle:.0f} s and not answering its health checks",
+                    before_response=self.status == 0))
 
-        self._timer = loop.call_later(timeout, check)
+        later(timeout)
 
     async def _wait(self) -> None:
         if self._timer is None:
@@ -229,8 +263,14 @@ class UpstreamPool:
     """Keep-alive connections to one replica."""
 
     def __init__(self, url: str, connect_timeout_s: float, read_timeout_s: float,
-                 max_idle: int = 256) -> None:
-        """``url`` is ``http(s)://host:port`` (no path)."""
+                 max_idle: int = 256, *, alive: Callable[[], bool] | None = None,
+                 recheck_s: float = 1.0, request_timeout_s: float | None = None) -> None:
+        """``url`` is ``http(s)://host:port`` (no path).
+
+        ``alive`` says whether the replica still answers its probes; past ``read_timeout_s``
+        of silence a response fails only when it says no (or is None), looked at again every
+        ``recheck_s``. ``request_timeout_s`` caps a whole response (None: no cap).
+        """
         scheme, _, rest = url.partition("://")
         hostport = rest.split("/", 1)[0]
         host, sep, port = hostport.rpartition(":")
@@ -241,6 +281,9 @@ class UpstreamPool:
         self.ssl = ssl.create_default_context() if scheme == "https" else None
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.alive = alive
+        self.recheck_s = recheck_s
+        self.request_timeout_s = request_timeout_s
         self.max_idle = max_idle
         self._host_header = hostport.encode()
         self._idle: list[_Connection] = []
@@ -262,10 +305,10 @@ class UpstreamPool:
                     _Connection, self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except TimeoutError:
-            raise UpstreamTimeout(f"connect to {self.host}:{self.port} timed out",
-                                  before_response=True) from None
+            raise UpstreamUnreachable(f"connect to {self.host}:{self.port} timed out",
+                                      refused=False) from None
         except OSError as err:
-            raise ConnectionRefusedError(str(err)) from None
+            raise UpstreamUnreachable(str(err) or type(err).__name__, refused=True) from None
         return conn
 
     def _take_idle(self) -> _Connection | None:
@@ -281,8 +324,8 @@ class UpstreamPool:
                    ) -> UpstreamResponse:
         """Send a POST and wait for the response head.
 
-        Raises ConnectionRefusedError when the replica cannot be reached, UpstreamError
-        when the exchange fails before the head (a reused connection that turns out dead
+        Raises UpstreamUnreachable when the replica cannot be reached (nothing was sent),
+        UpstreamError when the exchange fails before the head (a reused connection that turns out dead
         is retried once on a fresh one, transparently).
         """
         head = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"

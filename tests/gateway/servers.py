@@ -136,14 +136,19 @@ class FlakyServer:
     """A raw HTTP/1.1 server whose POSTs fail in a chosen way (GET /health is 200).
 
     Modes: "die" sends a 200 head then drops the connection before any body byte; "hangup"
-    drops it without answering; "503" answers 503; "midstream" sends one SSE event then drops
-    the connection; "ok" streams two SSE events properly.
+    drops it without answering; "503" answers 503 (no Retry-After); "busy" answers 503 with
+    Retry-After (the engine's "not started"); "500" and "400" answer those with an OpenAI
+    error body; "midstream" sends one SSE event then drops the connection; "ok" streams two
+    SSE events properly; "silent" waits ``silent_s`` and then answers a JSON body. GET
+    /health answers while ``healthy``, and does not answer at all while ``frozen``.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, silent_s: float = 0.0) -> None:
         self.mode = mode
+        self.silent_s = silent_s
         self.posts = 0
         self.healthy = True
+        self.frozen = False
         self._server: asyncio.Server | None = None
 
     async def start(self) -> str:
@@ -164,10 +169,18 @@ class FlakyServer:
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
                 if head.startswith(b"GET /health"):
+                    if self.frozen:
+                        await asyncio.sleep(3600)
                     status = b"200 OK" if self.healthy else b"503 Service Unavailable"
                     writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
                 elif head.startswith(b"GET "):
                     writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                elif self.mode == "silent":
+                    self.posts += 1
+                    await asyncio.sleep(self.silent_s)
+                    body = b'{"choices": [{"text": "done"}]}'
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 elif not self._post(writer):
                     return
                 await writer.drain()
@@ -187,10 +200,14 @@ class FlakyServer:
             return False
         if self.mode == "hangup":
             return False
-        if self.mode == "503":
-            body = b'{"error": {"message": "loading"}}'
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%s"
-                         % (len(body), body))
+        answers = {"503": (b"503 Service Unavailable", b""),
+                   "busy": (b"503 Service Unavailable", b"retry-after: 2\r\n"),
+                   "500": (b"500 Internal Server Error", b""), "400": (b"400 Bad Request", b"")}
+        if self.mode in answers:
+            status, extra = answers[self.mode]
+            body = b'{"error": {"message": "%s from the replica"}}' % self.mode.encode()
+            writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n%s"
+                         b"content-length: %d\r\n\r\n%s" % (status, extra, len(body), body))
             return True
         if self.mode == "midstream":
             writer.write(sse_head + chunk)

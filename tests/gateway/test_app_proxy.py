@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import pytest
 from prometheus_client.exposition import generate_latest
@@ -12,7 +13,7 @@ from prometheus_client.exposition import generate_latest
 from strata.gateway.app import Gateway
 from strata.gateway.proxy import ProxyConfig
 
-from .servers import FlakyServer, completion, fake, gateway, metric, serve, wait_for
+from .servers import FAST_POLL, FlakyServer, completion, fake, gateway, metric, serve, wait_for
 
 
 async def test_streams_through_as_tokens_are_produced() -> None:
@@ -56,36 +57,86 @@ async def test_non_streaming_and_chat_bodies_pass_unchanged() -> None:
         assert a == b
 
 
-@pytest.mark.parametrize("mode", ["die", "hangup", "503"])
-async def test_retries_on_another_replica_before_the_first_token(mode: str) -> None:
-    bad = FlakyServer(mode)
-    bad_url = await bad.start()
+async def test_retries_only_what_never_started() -> None:
+    """A closed port (never sent) and 503 + Retry-After ("not started") move the request."""
+    busy = FlakyServer("busy")
+    busy_url = await busy.start()
+    closed = FlakyServer("ok")
+    closed_url = await closed.start()
     try:
         async with serve(fake()) as good, \
-                gateway([bad_url, good], policy="round_robin") as (gw, client):
-            for _ in range(4):
+                gateway([busy_url, closed_url, good], policy="round_robin") as (gw, client):
+            closed.close()  # the port now refuses connections
+            for _ in range(6):
                 r = await client.post("/v1/completions", json=completion(stream=True))
                 assert r.status_code == 200, r.text
                 assert r.headers["x-strata-replica"] == good
                 assert r.text.endswith("data: [DONE]\n\n")
-            assert bad.posts >= 1
+            assert busy.posts >= 1
             text = (await client.get("/metrics")).text
-            assert metric(text, "strata_gateway_retries_total") == bad.posts
-            assert metric(text, "strata_gateway_upstream_errors_total", replica=bad_url) >= 1
+            assert metric(text, "strata_gateway_retries_total") >= busy.posts
+            # "Not started" is no fault: the busy replica is never ejected for it.
+            assert metric(text, "strata_gateway_ejections_total", replica=busy_url) == 0
+            assert metric(text, "strata_gateway_ejections_total", replica=closed_url) == 1
+    finally:
+        busy.close()
+
+
+@pytest.mark.parametrize("mode", ["die", "hangup"])
+async def test_a_request_that_reached_a_replica_is_never_run_twice(mode: str) -> None:
+    bad = FlakyServer(mode)
+    bad_url = await bad.start()
+    backend = fake()
+    try:
+        async with serve(backend) as good, \
+                gateway([bad_url, good], policy="round_robin") as (gw, client):
+            codes = [(await client.post("/v1/completions", json=completion())).status_code
+                     for _ in range(2)]
+            assert sorted(codes) == [200, 502]
+            assert bad.posts == 1
+            text = (await client.get("/metrics")).text
+            assert metric(text, "strata_gateway_retries_total") == 0
+            assert metric(text, "strata_gateway_upstream_errors_total", replica=bad_url) == 1
+    finally:
+        bad.close()
+
+
+async def test_client_errors_pass_through_and_faults_eject() -> None:
+    """A 4xx is the client's; a 5xx is passed on unretried and counts toward ejection."""
+    bad = FlakyServer("400")
+    bad_url = await bad.start()
+    try:
+        async with gateway([bad_url]) as (gw, client):
+            replica = gw.replicas.replicas[bad_url]
+            for _ in range(5):
+                r = await client.post("/v1/completions", json=completion())
+                assert r.status_code == 400
+                assert r.json()["error"]["message"] == "400 from the replica"
+            assert replica.routable(time.monotonic()) and replica.consecutive_failures == 0
+            bad.mode = "500"
+            for _ in range(3):
+                r = await client.post("/v1/completions", json=completion())
+                assert r.status_code == 500
+                assert r.json()["error"]["message"] == "500 from the replica"
+            assert bad.posts == 8  # one post per request: nothing was retried
+            assert not replica.routable(time.monotonic())  # eject_after_failures=3
+            text = (await client.get("/metrics")).text
+            assert metric(text, "strata_gateway_ejections_total", replica=bad_url) == 1
+            assert metric(text, "strata_gateway_retries_total") == 0
     finally:
         bad.close()
 
 
 async def test_failing_replica_is_ejected_and_returns_when_healthy() -> None:
-    bad = FlakyServer("hangup")
+    bad = FlakyServer("500")
     bad_url = await bad.start()
     try:
         async with serve(fake()) as good, \
                 gateway([bad_url, good], policy="round_robin") as (gw, client):
-            for _ in range(8):
-                assert (await client.post("/v1/completions", json=completion())).is_success
+            codes = [(await client.post("/v1/completions", json=completion())).status_code
+                     for _ in range(8)]
             # eject_after_failures=3 by default; then it gets no more traffic.
-            assert bad.posts == 3
+            assert bad.posts == 3 and codes.count(500) == 3
             replica = gw.replicas.replicas[bad_url]
             assert not replica.routable(time.monotonic())
             text = (await client.get("/metrics")).text
@@ -100,17 +151,48 @@ async def test_failing_replica_is_ejected_and_returns_when_healthy() -> None:
         bad.close()
 
 
-async def test_every_replica_failing_gives_a_clear_error() -> None:
-    bad = FlakyServer("503")
+async def test_every_replica_busy_gives_503_with_retry_after() -> None:
+    bad = FlakyServer("busy")
     bad_url = await bad.start()
     try:
         async with gateway([bad_url]) as (gw, client):
             r = await client.post("/v1/completions", json=completion())
-            assert r.status_code == 503
+            assert r.status_code == 503 and r.headers["retry-after"] == "2"
             err = r.json()["error"]
-            assert err["code"] == "upstream_error" and "http_503" in err["message"]
+            assert err["code"] == "replicas_busy" and "busy from the replica" in err["message"]
     finally:
         bad.close()
+
+
+async def test_silence_is_not_failure_while_the_replica_answers_probes() -> None:
+    """A non-streaming answer silent past read_timeout_s arrives: no 5xx, no retry."""
+    slow = FlakyServer("silent", silent_s=1.5)
+    slow_url = await slow.start()
+    cfg = replace(FAST_POLL, read_timeout_s=0.3)
+    try:
+        async with gateway([slow_url], replica_set=cfg) as (gw, client):
+            r = await client.post("/v1/completions", json=completion())
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == "done"
+            assert slow.posts == 1
+            text = (await client.get("/metrics")).text
+            assert metric(text, "strata_gateway_retries_total") == 0
+            assert metric(text, "strata_gateway_upstream_errors_total", replica=slow_url) == 0
+            # The operator's hard cap still cuts it: 504, not retried, not a fault.
+            gw.replicas.replicas[slow_url].pool.request_timeout_s = 0.6
+            r = await client.post("/v1/completions", json=completion())
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+            assert slow.posts == 2
+            # A replica that stops answering probes too is known dead: the silence fails.
+            gw.replicas.replicas[slow_url].pool.request_timeout_s = None
+            slow.silent_s = 30
+            slow.frozen = True
+            t0 = time.monotonic()
+            r = await client.post("/v1/completions", json=completion())
+            assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+            assert time.monotonic() - t0 < 5 and slow.posts == 3
+    finally:
+        slow.close()
 
 
 async def test_midstream_failure_ends_sse_with_an_error_event() -> None:

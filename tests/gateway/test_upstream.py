@@ -6,7 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from strata.gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from strata.gateway.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -114,7 +119,7 @@ async def test_silence_times_out_and_refusal_is_distinct(server) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(UpstreamUnreachable):
         await UpstreamPool(f"http://127.0.0.1:{port}", 1.0, 1.0).post("/x", b"{}")
 
 

@@ -173,7 +173,8 @@ def test_rate_limit_with_real_engines(engines) -> None:
         _stop(proc)
 
 
-def test_engine_killed_before_its_first_token_is_retried(bundled_gguf, engines) -> None:
+def test_engine_killed_before_its_first_token_is_not_run_twice(bundled_gguf, engines) -> None:
+    """The request had reached the engine: a 502, never a second run on the survivor."""
     procs, (victim,) = _engines(bundled_gguf, 1)
     survivor = engines[1]
     gw_proc, gw = _gateway("--replica", victim, "--replica", survivor, "--policy",
@@ -201,10 +202,12 @@ def test_engine_killed_before_its_first_token_is_retried(bundled_gguf, engines) 
         else:
             pytest.fail("no request reached the victim engine")
         resp = results[-1]
-        assert resp.status_code == 200, resp.text
-        assert resp.headers["x-strata-replica"] == survivor
-        assert resp.text.rstrip().endswith("data: [DONE]")
-        assert "strata_gateway_retries_total 1.0" in httpx.get(gw + "/metrics").text
+        assert resp.status_code == 502, resp.text
+        assert resp.json()["error"]["code"] == "upstream_error"
+        assert "strata_gateway_retries_total 0.0" in httpx.get(gw + "/metrics").text
+        # The dead engine refuses connections now: the next request moves, never started.
+        resp = httpx.post(gw + "/v1/completions", json={**body, "prompt": "Hi"}, timeout=300)
+        assert resp.status_code == 200 and resp.headers["x-strata-replica"] == survivor
     finally:
         _stop(gw_proc)
         for p in procs:

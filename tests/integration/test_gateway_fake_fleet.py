@@ -90,7 +90,8 @@ def test_openai_client_streams_through_the_gateway_process(procs) -> None:
     assert seen == {a, b}
 
 
-def test_replica_killed_before_its_first_token_is_retried_elsewhere(procs) -> None:
+def test_replica_killed_before_its_first_token_is_not_run_twice(procs) -> None:
+    """A request that reached a replica gets a 502 when it dies, never a second run."""
     slow_a, a = procs("fake", "--ttft-ms", "1500")
     _, b = procs("fake", "--ttft-ms", "1500")
     _, gw = procs("gateway", "--replica", a, "--replica", b, "--policy", "round_robin",
@@ -115,17 +116,17 @@ def test_replica_killed_before_its_first_token_is_retried_elsewhere(procs) -> No
     else:
         pytest.fail("no request reached replica a")
     resp = results[-1]
-    assert resp.status_code == 200
-    assert resp.headers["x-strata-replica"] == b
-    assert resp.text.endswith("data: [DONE]\n\n")
+    assert resp.status_code == 502
     metrics = httpx.get(gw + "/metrics").text
-    assert "strata_gateway_retries_total 1.0" in metrics
-    # The dead replica is taken out, and later requests do not try it.
+    assert "strata_gateway_retries_total 0.0" in metrics
+    # The dead replica is taken out (its refusals are never-started: retried at most once).
     for _ in range(3):
         r = httpx.post(gw + "/v1/completions", timeout=30,
                        json={"model": "strata-fake", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 200 and r.headers["x-strata-replica"] == b
-    assert "strata_gateway_retries_total 1.0" in httpx.get(gw + "/metrics").text
+    metrics = httpx.get(gw + "/metrics").text
+    assert "strata_gateway_retries_total 0.0" in metrics or \
+        "strata_gateway_retries_total 1.0" in metrics
 
 
 def test_api_keys_from_the_environment_and_rate_limits(procs) -> None:
