@@ -49,6 +49,7 @@ from strata.bench.metrics import summarize
 from strata.bench.prompts import PromptSynthesizer, load_bench_tokenizer
 from strata.bench.results import RequestRecord
 from strata.engine.weights import bundled_model_path, load_config
+from strata.stages import links
 from strata.stages import transport as tp
 from strata.stages.plan import balanced_split, stage_costs
 from strata.stages.profile import measure_layer_costs
@@ -276,8 +277,8 @@ async def _one_way_us(tokens: int, hidden: int, reps: int) -> tuple[int, float]:
         while await conn.recv() is not None:
             got.put_nowait(time.perf_counter())
 
-    server = await tp.serve("127.0.0.1", 0, sink)
-    conn = await tp.connect("127.0.0.1", server.sockets[0].getsockname()[1])
+    server = await links.serve("127.0.0.1", 0, sink)
+    conn = await links.connect("127.0.0.1", server.sockets[0].getsockname()[1])
     frame = tp.Frame(tp.STEP, 1, {"seq_ids": list(range(min(tokens, 64)))}, {
         "hidden": torch.randn(tokens, hidden),
         "positions": torch.arange(tokens), "slots": torch.arange(tokens),

@@ -5,7 +5,7 @@ starts; a service started by hand takes it with ``--internal-token-file`` (or th
 ``STRATA_INTERNAL_TOKEN`` variable, read only in the CLI layer). Admin HTTP endpoints
 (``/drain``, ``/stages/replicas``, ...) want it in the ``x-strata-internal-token``
 header; stage links prove knowledge of it with an HMAC over the listener's nonce
-(see `strata.stages.transport`), so it never crosses the wire there.
+(see `strata.stages.links`), so it never crosses the wire there.
 
 A service with no token configured is a standalone one on a developer's machine: its
 admin endpoints and links then accept loopback peers only, never a remote one.

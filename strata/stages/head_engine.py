@@ -25,8 +25,9 @@ import httpx
 from strata.engine.core import RequestError, SeqOutput, SequenceFailed
 from strata.engine.engine import AsyncEngine
 from strata.stages.head import HeadCore, StageUnavailable
+from strata.stages.links import connect
 from strata.stages.protocol import CONTROL, StepResult, control_frame
-from strata.stages.transport import ERROR, HELLO, RESULT, Connection, Frame, connect, split_addr
+from strata.stages.transport import ERROR, HELLO, RESULT, Connection, Frame, split_addr
 
 log = logging.getLogger("strata.stages.head")
 

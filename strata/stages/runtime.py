@@ -21,8 +21,9 @@ from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampler import Sampler, SampleRequest
 from strata.engine.sampling import SamplingParams
 from strata.engine.weights import load_config, load_state_dict
+from strata.stages.bounds import StepLimits, check_step
 from strata.stages.plan import parse_layers
-from strata.stages.protocol import StepLimits, StepMessage, StepResult, check_step
+from strata.stages.protocol import StepMessage, StepResult
 
 log = logging.getLogger("strata.stages")
 

@@ -7,7 +7,7 @@ transfers with its compute. Results and errors return to the head over the link 
 head opened; a broken next hop becomes an ERROR frame to the head, never silence.
 
 Links are authenticated with the cluster's internal token before their first frame
-(`strata.stages.transport`); once a head has sized the KV cache, each frame is bounded
+(`strata.stages.links`); once a head has sized the KV cache, each frame is bounded
 by what that head's batch limits allow, the FIFO is bounded (a full one stops reading
 the links: TCP backpressure) and every STEP is checked against the cache before it
 runs (`check_step`): a bad one is answered with an ERROR frame and the stage serves on.
@@ -33,9 +33,10 @@ from prometheus_client.registry import Collector
 from strata.internal_auth import admin_denial
 from strata.internal_auth import headers as internal_headers
 from strata.load import LoadReport
+from strata.stages.links import connect, serve
 from strata.stages.protocol import CONTROL, StepMessage, StepResult, control_frame, error_frame
 from strata.stages.runtime import StageRuntime
-from strata.stages.transport import HELLO, STEP, Connection, Frame, connect, serve, split_addr
+from strata.stages.transport import HELLO, STEP, Connection, Frame, split_addr
 
 log = logging.getLogger("strata.stages.worker")
 

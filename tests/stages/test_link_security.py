@@ -26,6 +26,7 @@ import uvicorn
 
 from strata.engine.sampling import SamplingParams
 from strata.internal_auth import HEADER
+from strata.stages import links
 from strata.stages import transport as tp
 from strata.stages.head_engine import HeadEngine
 from strata.stages.head_server import HeadConfig, build_head, build_head_app
@@ -127,11 +128,11 @@ async def test_intruders_are_refused_and_the_real_head_is_still_served(tiny_hf_d
             port = worker.data_port
 
             # 1. The right protocol with the wrong token: refused in the handshake.
-            with pytest.raises(tp.LinkAuthError, match="wrong internal token"):
-                await tp.connect("127.0.0.1", port, token="not-the-secret", role="head")
+            with pytest.raises(links.LinkAuthError, match="wrong internal token"):
+                await links.connect("127.0.0.1", port, token="not-the-secret", role="head")
             # 2. No token at all against a worker that has one.
-            with pytest.raises(tp.LinkAuthError, match="requires"):
-                await tp.connect("127.0.0.1", port, role="head")
+            with pytest.raises(links.LinkAuthError, match="requires"):
+                await links.connect("127.0.0.1", port, role="head")
             # 3. A head HELLO without the handshake: an ERROR frame, then the link closes.
             r, w = await _raw(port)
             assert (await _raw_frame(r)).kind == tp.AUTH  # type: ignore[union-attr]
@@ -166,7 +167,7 @@ async def test_a_head_without_the_token_cannot_join(tiny_hf_dir: Path) -> None:
     async with _tail(tiny_hf_dir) as (worker, url):
         engine = _head(tiny_hf_dir, token=None)
         try:
-            with pytest.raises(tp.LinkAuthError, match="requires the cluster's internal token"):
+            with pytest.raises(links.LinkAuthError, match="requires the cluster's internal token"):
                 await asyncio.wrap_future(engine.add_replica(url))
             assert worker.head is None and worker.rt.runner is None
         finally:
@@ -237,7 +238,7 @@ async def _step(conn: tp.Connection, step_id: int, msg: StepMessage) -> Frame:
 
 async def test_crafted_steps_are_refused_and_nothing_is_written(tiny_hf_dir: Path) -> None:
     async with _tail(tiny_hf_dir) as (worker, _url):
-        conn = await tp.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
+        conn = await links.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
         await conn.send(_hello())
         assert (await asyncio.wait_for(conn.recv(), 30)).meta["ok"]  # type: ignore[union-attr]
         assert (await _step(conn, 1, _prefill(7))).kind == tp.RESULT
@@ -259,7 +260,7 @@ async def test_crafted_steps_are_refused_and_nothing_is_written(tiny_hf_dir: Pat
 
 async def test_a_frame_above_the_heads_limits_closes_only_that_link(tiny_hf_dir: Path) -> None:
     async with _tail(tiny_hf_dir) as (worker, _url):
-        conn = await tp.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
+        conn = await links.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
         await conn.send(_hello())
         await asyncio.wait_for(conn.recv(), 30)
         limit = worker.max_frame_bytes()
@@ -271,7 +272,7 @@ async def test_a_frame_above_the_heads_limits_closes_only_that_link(tiny_hf_dir:
         assert reply is not None and reply.kind == tp.ERROR and "out of bounds" in reply.meta["message"]
         assert await asyncio.wait_for(conn.recv(), 30) is None
         # A new link from the head is served.
-        conn = await tp.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
+        conn = await links.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
         await conn.send(_hello())
         await asyncio.wait_for(conn.recv(), 30)
         assert (await _step(conn, 6, _prefill(2))).kind == tp.RESULT
@@ -280,7 +281,7 @@ async def test_a_frame_above_the_heads_limits_closes_only_that_link(tiny_hf_dir:
 
 async def test_a_full_inbox_pauses_reading_instead_of_growing(tiny_hf_dir: Path) -> None:
     async with _tail(tiny_hf_dir, max_inbox=2) as (worker, _url):
-        conn = await tp.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
+        conn = await links.connect("127.0.0.1", worker.data_port, token=TOKEN, role="head")
         await conn.send(_hello())
         await asyncio.wait_for(conn.recv(), 30)
         gate = asyncio.Event()

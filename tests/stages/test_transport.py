@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from strata.stages import links
 from strata.stages import transport as tp
 from strata.stages.transport import Frame, FrameError, decode_frame, encode_frame
 
@@ -100,9 +101,9 @@ async def test_tcp_link_both_ways_in_order() -> None:
             f.tensors = {k: v * 2 if v.dtype.is_floating_point else v for k, v in f.tensors.items()}
             await conn.send(f)
 
-    server = await tp.serve("127.0.0.1", 0, echo)
+    server = await links.serve("127.0.0.1", 0, echo)
     port = server.sockets[0].getsockname()[1]
-    conn = await tp.connect("127.0.0.1", port)
+    conn = await links.connect("127.0.0.1", port)
     big = torch.randn(3000, 576)  # ~7 MB: exercises partial reads and write back-pressure
     for i in range(5):
         await conn.send(Frame(tp.STEP, i, {"i": i}, {"h": big + i, "ids": torch.arange(i)}))
@@ -122,9 +123,9 @@ async def test_closed_link_reports_none_and_refuses_sends() -> None:
     async def close_at_once(conn: tp.Connection) -> None:
         conn.close()
 
-    server = await tp.serve("127.0.0.1", 0, close_at_once)
+    server = await links.serve("127.0.0.1", 0, close_at_once)
     port = server.sockets[0].getsockname()[1]
-    conn = await tp.connect("127.0.0.1", port)
+    conn = await links.connect("127.0.0.1", port)
     assert await asyncio.wait_for(conn.recv(), timeout=10) is None
     assert conn.is_closed
     with pytest.raises(ConnectionError):
@@ -152,7 +153,7 @@ def _never_called() -> tuple[list[tp.Connection], object]:
 
 async def test_oversized_length_prefix_before_the_handshake_is_refused_unallocated() -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler)
+    server = await links.serve("127.0.0.1", 0, handler)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     challenge = await asyncio.wait_for(_raw_frame(reader), timeout=10)
@@ -174,9 +175,9 @@ async def test_oversized_frame_after_the_handshake_closes_the_link() -> None:
         frame = await conn.recv()
         seen.set_result((frame, conn.closed.result()))
 
-    server = await tp.serve("127.0.0.1", 0, hold, max_frame_bytes=4096)
+    server = await links.serve("127.0.0.1", 0, hold, max_frame_bytes=4096)
     port = server.sockets[0].getsockname()[1]
-    conn = await tp.connect("127.0.0.1", port)
+    conn = await links.connect("127.0.0.1", port)
     await conn.send(Frame(tp.STEP, 1, {}, {"h": torch.zeros(2048)}))  # 8 KiB of payload
     frame, err = await asyncio.wait_for(seen, timeout=10)
     assert frame is None and isinstance(err, FrameError)
@@ -198,9 +199,9 @@ async def test_shared_token_authenticates_both_ends() -> None:
         roles.append(conn.peer_role)
         await _echo(conn)
 
-    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret")
+    server = await links.serve("127.0.0.1", 0, handler, token="s3cret")
     port = server.sockets[0].getsockname()[1]
-    conn = await tp.connect("127.0.0.1", port, token="s3cret", role="head")
+    conn = await links.connect("127.0.0.1", port, token="s3cret", role="head")
     await conn.send(Frame(tp.HELLO, 7, {"x": 1}))
     back = await asyncio.wait_for(conn.recv(), timeout=10)
     assert back is not None and back.step_id == 7 and roles == ["head"]
@@ -217,10 +218,10 @@ async def test_mismatched_tokens_are_refused_before_any_frame(
     server_token: str | None, client_token: str | None, match: str
 ) -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler, token=server_token)
+    server = await links.serve("127.0.0.1", 0, handler, token=server_token)
     port = server.sockets[0].getsockname()[1]
-    with pytest.raises(tp.LinkAuthError, match=match):
-        await tp.connect("127.0.0.1", port, token=client_token, role="head")
+    with pytest.raises(links.LinkAuthError, match=match):
+        await links.connect("127.0.0.1", port, token=client_token, role="head")
     await asyncio.sleep(0.05)
     assert not reached
     server.close()
@@ -228,7 +229,7 @@ async def test_mismatched_tokens_are_refused_before_any_frame(
 
 async def test_a_frame_instead_of_the_handshake_is_refused() -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret")
+    server = await links.serve("127.0.0.1", 0, handler, token="s3cret")
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert (await asyncio.wait_for(_raw_frame(reader), timeout=10)).kind == tp.AUTH  # type: ignore[union-attr]
@@ -244,7 +245,7 @@ async def test_a_frame_instead_of_the_handshake_is_refused() -> None:
 
 async def test_a_silent_peer_is_dropped_after_the_handshake_timeout() -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler, token="s3cret", handshake_timeout_s=0.3)
+    server = await links.serve("127.0.0.1", 0, handler, token="s3cret", handshake_timeout_s=0.3)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert (await asyncio.wait_for(_raw_frame(reader), timeout=10)).kind == tp.AUTH  # type: ignore[union-attr]
@@ -257,31 +258,31 @@ async def test_a_silent_peer_is_dropped_after_the_handshake_timeout() -> None:
 
 async def test_without_a_token_only_loopback_peers_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler)
+    server = await links.serve("127.0.0.1", 0, handler)
     port = server.sockets[0].getsockname()[1]
     # Every test peer is on loopback: make the listener see this one as remote.
-    monkeypatch.setattr(tp, "is_loopback", lambda host: False)
-    with pytest.raises(tp.LinkAuthError, match="loopback peers only"):
-        await tp.connect("127.0.0.1", port)
+    monkeypatch.setattr(links, "is_loopback", lambda host: False)
+    with pytest.raises(links.LinkAuthError, match="loopback peers only"):
+        await links.connect("127.0.0.1", port)
     assert not reached
     server.close()
 
 
 async def test_a_full_link_stops_reading_until_the_consumer_catches_up() -> None:
-    links: list[tp.Connection] = []
+    accepted: list[tp.Connection] = []
     go = asyncio.Event()
 
     async def slow(conn: tp.Connection) -> None:
-        links.append(conn)
+        accepted.append(conn)
         await go.wait()
 
-    server = await tp.serve("127.0.0.1", 0, slow, token="t", max_queued=4)
+    server = await links.serve("127.0.0.1", 0, slow, token="t", max_queued=4)
     port = server.sockets[0].getsockname()[1]
-    conn = await tp.connect("127.0.0.1", port, token="t")
+    conn = await links.connect("127.0.0.1", port, token="t")
     for i in range(40):
         await conn.send(Frame(tp.STEP, i, {}, {"h": torch.full((256,), float(i))}))
     await asyncio.sleep(0.3)
-    (link,) = links
+    (link,) = accepted
     assert link.reading_paused and link.queued == 4  # the rest waits in the sockets
     got = []
     for _ in range(40):
@@ -296,7 +297,7 @@ async def test_a_full_link_stops_reading_until_the_consumer_catches_up() -> None
 
 async def test_idle_unauthenticated_links_are_capped() -> None:
     reached, handler = _never_called()
-    server = await tp.serve("127.0.0.1", 0, handler, token="t", max_pending_handshakes=3)
+    server = await links.serve("127.0.0.1", 0, handler, token="t", max_pending_handshakes=3)
     port = server.sockets[0].getsockname()[1]
     idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
     for r, _w in idle:
@@ -306,7 +307,7 @@ async def test_idle_unauthenticated_links_are_capped() -> None:
     for _r, w in idle:
         w.close()
     await asyncio.sleep(0.1)
-    conn = await tp.connect("127.0.0.1", port, token="t")  # room again
+    conn = await links.connect("127.0.0.1", port, token="t")  # room again
     await asyncio.sleep(0.05)
     assert len(reached) == 1
     conn.close()
