@@ -37,7 +37,7 @@ from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, S
 from strata.autoscale.registry import build_policy
 from strata.autoscale.types import AutoscalingPolicy, TierState
 from strata.cluster_status import render_status, status_payload
-from strata.config import ClusterConfig, load_cluster_config
+from strata.config import ClusterConfig, ClusterConfigError, load_cluster_config
 from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
@@ -466,7 +466,10 @@ def serve_cluster(config_path: Path | None = None, host: str | None = None,
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe otherwise
-    keys = ApiKeys.load(config.gateway.api_keys_file, os.environ.get("STRATA_API_KEYS"))
+    try:
+        keys = ApiKeys.load(config.gateway.api_keys_file, os.environ.get("STRATA_API_KEYS"))
+    except (ValueError, OSError) as err:
+        raise ClusterConfigError(f"gateway.api_keys_file / STRATA_API_KEYS: {err}") from None
     token = load_token(None, os.environ.get(INTERNAL_TOKEN_ENV))  # else one per cluster
     asyncio.run(_serve(Cluster(config, api_keys=keys, internal_token=token)))
 

@@ -67,11 +67,12 @@ class ApiKeys:
             else:
                 d = digest(secret)
             fields: dict[str, str] = {}
-            for opt in opts:
+            for i, opt in enumerate(opts, 1):
                 k, sep, v = opt.partition("=")
                 if not sep or k not in ("name", "rpm", "tpm"):
-                    raise ValueError(f"{source} line {lineno}: unknown option {k!r}; "
-                                     "use name=, rpm= or tpm=")
+                    # The text itself is not echoed: it may be a second key on the line.
+                    raise ValueError(f"{source} line {lineno}: unknown option (word {i + 1} "
+                                     "of the line); use name=, rpm= or tpm=, one key a line")
                 fields[k] = v
             limits: dict[str, int | None] = {}
             for k in ("rpm", "tpm"):
@@ -85,13 +86,26 @@ class ApiKeys:
 
     @classmethod
     def load(cls, path: Path | None = None, env_value: str | None = None) -> ApiKeys:
-        """Keys from a file and/or the comma-separated env value (read by the caller)."""
+        """Keys from a file and/or the comma-separated env value (read by the caller).
+
+        A source that is given but holds no key (an empty file, ``STRATA_API_KEYS=","``)
+        is an error, not "no authentication": it is a mistake that would open the gateway.
+        An unset or empty ``env_value`` is no source.
+        """
         entries: list[tuple[bytes, KeyInfo]] = []
         if path is not None:
-            entries += cls.parse(path.read_text(), source=str(path))._entries
+            found = cls.parse(path.read_text(), source=str(path))._entries
+            if not found:
+                raise ValueError(f"API key file {path} holds no keys; add one key per line, "
+                                 "or leave the file out to run without authentication")
+            entries += found
         if env_value:
             text = "\n".join(k.strip() for k in env_value.split(",") if k.strip())
-            entries += cls.parse(text, source="STRATA_API_KEYS")._entries
+            found = cls.parse(text, source="STRATA_API_KEYS")._entries
+            if not found:
+                raise ValueError("STRATA_API_KEYS is set but holds no keys; give comma-"
+                                 "separated keys, or unset it to run without authentication")
+            entries += found
         return cls(entries)
 
     def verify(self, authorization: str | None) -> KeyInfo | None:

@@ -55,3 +55,23 @@ def test_verify_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
         keys.verify("Bearer sk-hidden")
         keys.verify("Bearer sk-wrong")
     assert "sk-" not in caplog.text
+
+
+def test_a_source_without_keys_is_an_error_not_open_access(tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match=f"API key file {empty} holds no keys"):
+        ApiKeys.load(empty)
+    for value in (",", " , ,"):
+        with pytest.raises(ValueError, match="STRATA_API_KEYS is set but holds no keys"):
+            ApiKeys.load(None, env_value=value)
+    assert len(ApiKeys.load(None, env_value="")) == 0  # unset: no authentication
+
+
+def test_errors_never_echo_key_material() -> None:
+    with pytest.raises(ValueError) as info:
+        ApiKeys.parse("sk-first sk-second-secret\n")
+    assert "sk-" not in str(info.value) and "line 1" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        ApiKeys.parse("sk-a c2VjcmV0==\n")
+    assert "c2Vj" not in str(info.value)

@@ -32,3 +32,10 @@ def test_replica_urls_are_normalized() -> None:
 
     assert normalize_url("127.0.0.1:8000/") == "http://127.0.0.1:8000"
     assert normalize_url(" https://h:1 ") == "https://h:1"
+
+
+def test_api_keys_that_parse_to_nothing_stop_the_start() -> None:
+    result = CliRunner().invoke(app, [], env={"COLUMNS": "400", "STRATA_API_KEYS": ","})
+    assert result.exit_code != 0
+    assert "STRATA_API_KEYS is set but holds no keys" in " ".join(
+        result.output.replace("│", " ").split())
