@@ -97,3 +97,12 @@ class Admission:
         if q is None:
             q = self._queues[model] = ModelQueue(model, self.max_in_flight, self.max_queued)
         return q
+
+    def prune(self, q: ModelQueue) -> None:
+        """Forget an idle queue, so model names clients invent cannot pile up queues."""
+        if q.in_flight == 0 and q.queued == 0 and not q._waiters:  # noqa: SLF001
+            if self._queues.get(q.model) is q:
+                del self._queues[q.model]
+
+    def __len__(self) -> int:
+        return len(self._queues)

@@ -74,12 +74,23 @@ class GatewayConfig:
     max_queued_per_model: int = 1024
     queue_timeout_s: float = 30.0
     demand_tau_s: float = 60.0
+    served_models: tuple[str, ...] = ()  # listed on /v1/models before a replica is ready
+    # Generation requests the gateway holds at once (reading, queued, held, proxied);
+    # beyond, 503 + Retry-After at once, so a flood cannot grow the gateway's memory.
+    max_pending_requests: int = 8192
+    # On SIGTERM: readiness goes 503, new requests get 503 + Retry-After, in-flight ones
+    # get this long to finish; the rest are then ended with an error.
+    drain_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.queue_timeout_s < 0:
             raise ValueError("queue_timeout_s must be >= 0")
+        if self.max_pending_requests < 1:
+            raise ValueError("max_pending_requests must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
 
 
 class Gateway:
@@ -91,7 +102,11 @@ class Gateway:
         self.policy = make_policy(config.policy, **config.policy_params)
         self.metrics = GatewayMetrics(config.policy)
         self.replicas = ReplicaSet(config.tier, config.replica_set, self.metrics, on_demand,
-                                   config.estimator.chunk_tokens)
+                                   config.estimator.chunk_tokens, config.served_models)
+        self.draining = False
+        self._aborting = False  # past the drain timeout: what is left is ended now
+        self._active: set[asyncio.Task[Any]] = set()  # generation handlers in flight
+        self._stop_draining = asyncio.Event()
         threshold = int(getattr(self.policy, "threshold_tokens", 1024))
         self.proxy = Proxy(self.replicas, self.policy, self.metrics, config.proxy,
                            DemandTracker(threshold, config.demand_tau_s))
@@ -120,6 +135,44 @@ class Gateway:
         """Replace the replica set (the platform's feed calls this)."""
         await self.replicas.set_endpoints(urls)
 
+    # -- graceful stop -------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Stop admitting, let in-flight requests finish, end the rest; how many were ended.
+
+        From now on /health answers 503 and new generation requests 503 + Retry-After (they
+        never started, so a client or load balancer retries them elsewhere). Requests still
+        running after ``timeout_s`` (default ``drain_timeout_s``), or at once after
+        ``stop_draining``, are ended: a stream with an SSE error event, an unanswered
+        request with 503 + Retry-After, a started non-streaming body by closing it.
+        """
+        self.draining = True
+        timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        stop = asyncio.create_task(self._stop_draining.wait())
+        try:
+            while self._active and not self._stop_draining.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.wait([*self._active, stop], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        left = list(self._active)
+        if left:
+            log.warning("drain: %d request(s) still running after %.0f s; ending them",
+                        len(left), timeout)
+            self._aborting = True
+            for t in left:
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+        return len(left)
+
+    def stop_draining(self) -> None:
+        """End the drain now (a second signal): what is still running is ended."""
+        self._stop_draining.set()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point."""
         if scope["type"] == "http":
@@ -132,6 +185,27 @@ class Gateway:
     # -- generation ----------------------------------------------------------------------
 
     async def _generation(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.draining:
+            await _send_error(send, GatewayError(
+                503, "this gateway is shutting down; retry (another instance will answer)",
+                code="draining", headers=[(b"retry-after", b"1")]))
+            return
+        if len(self._active) >= self.config.max_pending_requests:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            await _send_error(send, GatewayError(
+                503, f"the gateway holds {self.config.max_pending_requests} requests already; "
+                "retry shortly", code="overloaded", headers=[(b"retry-after", b"1")]))
+            return
+        self._active.add(task)
+        try:
+            await self._generation_inner(scope, receive, send, chat, task)
+        finally:
+            self._active.discard(task)
+
+    async def _generation_inner(self, scope: Scope, receive: Receive, send: Send, chat: bool,
+                                task: asyncio.Task[Any]) -> None:
         t0 = time.perf_counter()
         client = ClientState()
         try:
@@ -159,19 +233,22 @@ class Gateway:
             except QueueFull as err:
                 raise GatewayError(503, str(err), code="queue_full",
                                    headers=[(b"retry-after", b"1")]) from None
-            task = asyncio.current_task()
-            assert task is not None
             watcher = asyncio.create_task(_watch_disconnect(receive, task, client))
             try:
                 await self.proxy.forward(send, scope["path"], body, route, queue, t0, client)
             except asyncio.CancelledError:
-                if not client.disconnected:
-                    raise  # shutdown, not the client
-                task.uncancel()
-                self.metrics.disconnects.inc()
+                if client.disconnected:
+                    task.uncancel()
+                    self.metrics.disconnects.inc()
+                elif self._aborting:
+                    task.uncancel()
+                    await self._end_aborted(send, client)
+                else:
+                    raise  # the server's own shutdown
             finally:
                 watcher.cancel()
                 queue.release()
+                self.admission.prune(queue)
         except GatewayError as err:
             self.metrics.rejected.labels(reason=err.code or str(err.status)).inc()
             await _send_error(send, err)
@@ -180,6 +257,21 @@ class Gateway:
         except MidstreamFailure as err:
             # Headers are out; closing the connection is the only honest signal left.
             log.warning("response aborted: %s", err)
+
+    async def _end_aborted(self, send: Send, client: ClientState) -> None:
+        """End a request the drain timeout cut: 503 if unanswered, else an SSE error event."""
+        self.metrics.rejected.labels(reason="drain_timeout").inc()
+        err = GatewayError(503, f"the gateway stopped after its {self.config.drain_timeout_s:g}"
+                           " s drain timeout before this request finished; retry",
+                           code="drain_timeout", headers=[(b"retry-after", b"1")])
+        if not client.started:
+            await _send_error(send, err)
+        elif client.sse and not client.finished:
+            client.finished = True
+            await send({"type": "http.response.body", "body": b"data: " + err.body() + b"\n\n",
+                        "more_body": False})
+        else:
+            raise MidstreamFailure("drain timeout")  # a half-sent body: close the connection
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes
@@ -249,6 +341,9 @@ class Gateway:
         return JSONResponse({"object": "list", "data": self.replicas.model_cards()})
 
     async def _health(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining", "tier": self.replicas.tier,
+                                 "in_flight": len(self._active)}, status_code=503)
         ready = self.replicas.ready_count()
         ok = ready > 0 or self.replicas.on_demand is not None
         return JSONResponse({"status": "ok" if ok else "no_ready_replica", "tier":

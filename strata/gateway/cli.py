@@ -7,6 +7,7 @@ Secrets come from the environment or a file, never from flags that show up in ``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 
-from strata.gateway.app import GatewayConfig, create_app
+from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
@@ -56,7 +57,18 @@ def gateway_command(
     health_interval_s: Annotated[float, typer.Option(help="Health check period.")] = 1.0,
     connect_timeout_s: Annotated[float, typer.Option(help="Upstream connect timeout.")] = 3.0,
     read_timeout_s: Annotated[float, typer.Option(
-        help="Longest upstream silence (first token included).")] = 300.0,
+        help="Upstream silence (first token included) after which the replica's probes "
+             "decide: the request fails only if the replica stopped answering them.")] = 300.0,
+    request_timeout_s: Annotated[float | None, typer.Option(
+        help="Hard cap on one request's duration (504 past it); unset: none.")] = None,
+    drain_timeout_s: Annotated[float, typer.Option(
+        help="On SIGTERM: how long in-flight requests get to finish before they are ended "
+             "(make it at least the longest request you allow).")] = 120.0,
+    served_model_name: Annotated[list[str], typer.Option(
+        help="Model name(s) the replicas serve, listed on /v1/models before any replica "
+             "is ready (repeatable).")] = [],  # noqa: B006
+    max_pending_requests: Annotated[int, typer.Option(
+        help="Generation requests held at once; beyond, 503 + Retry-After.")] = 8192,
     max_retries: Annotated[int, typer.Option(
         help="Other replicas to try when one fails before its first token.")] = 2,
     eject_after_failures: Annotated[int, typer.Option(
@@ -105,7 +117,7 @@ def gateway_command(
             replica_set=ReplicaSetConfig(
                 poll_interval_s=poll_interval_s, health_interval_s=health_interval_s,
                 connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
-                eject_after_failures=eject_after_failures,
+                request_timeout_s=request_timeout_s, eject_after_failures=eject_after_failures,
                 upstream_api_key=os.environ.get("STRATA_UPSTREAM_API_KEY") or None),
             proxy=ProxyConfig(max_retries=max_retries, hold_timeout_s=hold_timeout_s,
                               replica_header=replica_header),
@@ -113,7 +125,9 @@ def gateway_command(
                                       chunk_tokens=prefix_chunk_tokens),
             api_keys=keys, default_limits=Limits(rpm=rate_limit_rpm, tpm=rate_limit_tpm),
             max_body_bytes=max_body_bytes, max_in_flight_per_model=max_in_flight_per_model,
-            max_queued_per_model=max_queued_per_model, queue_timeout_s=queue_timeout_s)
+            max_queued_per_model=max_queued_per_model, queue_timeout_s=queue_timeout_s,
+            served_models=tuple(served_model_name), max_pending_requests=max_pending_requests,
+            drain_timeout_s=drain_timeout_s)
         app = create_app(config)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -126,9 +140,56 @@ def gateway_command(
     elif not replica:
         logging.getLogger("strata.gateway").warning(
             "no --replica given: requests wait for replicas added at runtime")
-    uvicorn.run(served, host=host, port=port, loop="uvloop", http="httptools",
-                log_level=log_level.lower(), access_log=False, lifespan="on",
-                timeout_keep_alive=75)
+    server = DrainingServer(uvicorn.Config(
+        served, host=host, port=port, loop="uvloop", http="httptools",
+        log_level=log_level.lower(), access_log=False, lifespan="on", timeout_keep_alive=75,
+        timeout_graceful_shutdown=5), app)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM/SIGINT drains the gateway before it stops listening.
+
+    The listener stays open while draining, so a request that arrives meanwhile gets a
+    503 + Retry-After instead of a refused connection; a second signal ends the drain at
+    once. The process then exits 0 (the signal is handled, not re-raised).
+    """
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        """``gateway`` is drained; ``config.app`` may wrap it."""
+        super().__init__(config)
+        self.gateway = gateway
+        self._drain: asyncio.Task[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        """Serve, remembering the loop a signal handler must reach."""
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """First signal: drain, then exit; later ones: end the drain now."""
+        loop = self._loop
+        if loop is None or not self.started or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        if self._drain is not None:
+            loop.call_soon_threadsafe(self.gateway.stop_draining)
+            return
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            logging.getLogger("strata.gateway").warning(
+                "signal received: draining (up to %g s)", self.gateway.config.drain_timeout_s)
+            self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> int:
+        ended = await self.gateway.drain()
+        self.should_exit = True
+        return ended
 
 
 def _endpointslice_feed(app: Any, namespace: str, service: str, api_server: str | None) -> Any:

@@ -69,19 +69,19 @@ class GatewayMetrics:
         self._routed.pop(replica, None)
         for family in (self.routed, self.replica_healthy, self.upstream_errors, self.ejections):
             names = family._labelnames  # prometheus_client keeps no public accessor
-            for key in list(family._metrics):  # noqa: SLF001
+            for key in list(family._metrics):  # noqa: SLF001 - no public listing
                 if key[names.index("replica")] == replica:
                     family.remove(*key)
 
-    def forget_model(self, model: str) -> None:
-        """Drop the series labelled with a model no longer served."""
-        self._ttft.pop(model, None)
-        self._e2e.pop(model, None)
+    def keep_models(self, models: frozenset[str] | set[str]) -> None:
+        """Drop the series labelled with a model outside ``models`` (no longer served)."""
         for family in (self.ttft, self.e2e, self.queued):
-            try:
-                family.remove(model)
-            except KeyError:
-                pass
+            for (model,), child in list(family._metrics.items()):  # noqa: SLF001
+                waiting = family is self.queued and child._value.get() != 0  # noqa: SLF001
+                if model not in models and not waiting:
+                    family.remove(model)
+                    self._ttft.pop(model, None)
+                    self._e2e.pop(model, None)
 
     def routed_to(self, replica: str) -> None:
         """Count one request routed to ``replica`` by this gateway's policy."""

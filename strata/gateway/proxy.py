@@ -97,11 +97,13 @@ class UpstreamFailure(Exception):
 class ClientState:
     """What the disconnect watcher and the proxy share about one client connection."""
 
-    __slots__ = ("finished", "disconnected")
+    __slots__ = ("finished", "disconnected", "started", "sse")
 
     def __init__(self) -> None:
         self.finished = False  # the last message is being sent: a disconnect now is normal
         self.disconnected = False  # the client left before that
+        self.started = False  # the response head was sent
+        self.sse = False  # ... and it is an event stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,8 @@ class Proxy:
         except QueueFull as err:
             raise GatewayError(503, str(err), code="queue_full",
                                headers=[(b"retry-after", b"1")]) from None
-        self.metrics.queued.labels(model=route.model).inc()
+        label = self.replicas.model_label(route.model)
+        self.metrics.queued.labels(model=label).inc()
         deadline = time.monotonic() + self.config.hold_timeout_s
         try:
             while True:
@@ -190,7 +193,7 @@ class Proxy:
                 self._check_model_exists(route.model)
         finally:
             queue.leave_waiting()
-            self.metrics.queued.labels(model=route.model).dec()
+            self.metrics.queued.labels(model=label).dec()
 
     def _check_model_exists(self, model: str) -> None:
         """404 when every replica's model list is known and none serves ``model``."""
@@ -296,13 +299,15 @@ class Proxy:
         try:
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": self._response_headers(resp, replica)})
+            client.started = True
+            client.sse = resp.content_type == b"text/event-stream"
             # The body's last bytes go out with the end marker: one write fewer per request.
             last = resp.at_eof
             if last:
                 client.finished = True
             await send({"type": "http.response.body", "body": first, "more_body": not last})
             if resp.status < 400:
-                self.metrics.observe_ttft(route.model, time.perf_counter() - t0)
+                self.metrics.observe_ttft(self.replicas.model_label(route.model), time.perf_counter() - t0)
                 replica.record_success()
             elif resp.status >= 500:
                 # Passed on as it is, never retried (the replica ran it); it counts as a fault.
@@ -328,7 +333,7 @@ class Proxy:
                 client.finished = True
                 await send({"type": "http.response.body",
                             "body": b"data: " + error.body() + b"\n\n", "more_body": False})
-            self.metrics.observe_e2e(route.model, time.perf_counter() - t0)
+            self.metrics.observe_e2e(self.replicas.model_label(route.model), time.perf_counter() - t0)
         finally:
             if clean:
                 resp.release()  # keep-alive: the connection goes back to the pool

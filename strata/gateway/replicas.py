@@ -40,12 +40,16 @@ class ReplicaSet:
     """The replicas of one tier, kept current by background pollers."""
 
     def __init__(self, tier: str, config: ReplicaSetConfig, metrics: GatewayMetrics,
-                 on_demand: OnDemand | None = None, chunk_tokens: int = 64) -> None:
+                 on_demand: OnDemand | None = None, chunk_tokens: int = 64,
+                 served_models: tuple[str, ...] = ()) -> None:
         """Nothing runs until ``set_endpoints`` is awaited inside the event loop.
 
         ``chunk_tokens`` is the prompt estimator's prefix chunk, to size prefix indexes.
+        ``served_models`` are the names the tier serves by configuration, listed on
+        /v1/models before any replica is ready.
         """
         self.tier = tier
+        self.served_models = served_models
         self.chunk_tokens = chunk_tokens
         self.config = config
         self.metrics = metrics
@@ -89,6 +93,7 @@ class ReplicaSet:
                 r.task.cancel()
             self.metrics.forget_replica(url)
             await r.pool.close()
+        self.metrics.keep_models(self.known_models() | {"other"})
         self._notify()
 
     async def close(self) -> None:
@@ -124,13 +129,34 @@ class ReplicaSet:
         return sum(1 for r in self.replicas.values() if r.routable(now))
 
     def model_cards(self) -> list[dict[str, Any]]:
-        """The union of healthy replicas' /v1/models entries, one per model id."""
+        """One /v1/models entry per model id: replicas' own cards, then configured names.
+
+        A configured model is listed while its replicas start (or the tier is at zero): a
+        client that discovers the model first and then asks for it is held, not refused.
+        """
         seen: dict[str, dict[str, Any]] = {}
-        for r in self.replicas.values():
-            if r.healthy:
-                for card in r.model_cards:
-                    seen.setdefault(str(card.get("id")), card)
+        by_health = sorted(self.replicas.values(), key=lambda r: not r.healthy)
+        for r in by_health:
+            for card in r.model_cards:
+                seen.setdefault(str(card.get("id")), card)
+        for name in self.served_models:
+            seen.setdefault(name, {"id": name, "object": "model", "created": 0,
+                                   "owned_by": "strata", "root": name})
         return list(seen.values())
+
+    def known_models(self) -> frozenset[str]:
+        """Model names configured or reported by a current replica."""
+        return frozenset(self.served_models).union(*(r.models for r in self.replicas.values()))
+
+    def model_label(self, model: str) -> str:
+        """``model`` as a metric label: known names as they are, anything else ``other``.
+
+        Clients choose the model string, so it cannot label a series unchecked.
+        """
+        if model in self.served_models or any(model in r.models
+                                              for r in self.replicas.values()):
+            return model
+        return "other"
 
     def _notify(self) -> None:
         """Wake everything waiting for the set to change, and refresh the tier gauge."""
