@@ -264,11 +264,11 @@ async def gateway_fault(workdir: Path, args: argparse.Namespace) -> dict[str, An
 
 
 async def scale_down(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One replica, 8 clients: the autoscaler adds a second; then the load drops to 2
-    long streams and it removes one while they run: the drained replica must finish them."""
+    """One replica, 9 clients: the autoscaler adds a second; then the load drops to 3
+    long requests and it removes one while they run: the drained replica must finish them."""
     autoscaling = {"policy": "hpa", "min_replicas": 1, "max_replicas": 2,
                    "metrics": [{"name": "concurrency", "source": "tier",
-                                "type": "AverageValue", "average_value": 3}],
+                                "type": "AverageValue", "average_value": 4}],
                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": 3}}}
     cluster = Cluster(engine_cluster(workdir, 1, autoscaling), workdir, "scale_down")
     cluster.start({"engine": 1})
@@ -278,8 +278,9 @@ async def scale_down(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         busy = asyncio.create_task(closed_loop(cluster.url, 6, heavy, stats, t0,
                                                max_tokens=args.max_tokens, model=MODEL))
-        steady = asyncio.create_task(closed_loop(cluster.url, 2, light, stats, t0,
-                                                 max_tokens=4 * args.max_tokens, model=MODEL))
+        # Three long requests at a time: the drop leaves work on both replicas.
+        steady = asyncio.create_task(closed_loop(cluster.url, 3, light, stats, t0,
+                                                 max_tokens=8 * args.max_tokens, model=MODEL))
         both = await _wait(lambda: len({o.replica for o in stats.outcomes[-8:]}) == 2
                            and len(stats.outcomes) > 8, 180)
         t_two = time.perf_counter() - t0 if both else None
