@@ -108,13 +108,14 @@ def engine(
     internal_token_file: Annotated[Path | None, typer.Option(help="File holding the cluster's internal token, which admin endpoints (/drain) require; default: $STRATA_INTERNAL_TOKEN, else loopback clients only.")] = None,
     max_body_bytes: Annotated[str, typer.Option(help="Largest request body (413 beyond, counted while reading).")] = "8MiB",
     max_seqs_per_request: Annotated[int, typer.Option(help="Most sequences one request may create (prompts x n; 400 beyond).")] = 256,
+    drain_timeout_s: Annotated[float, typer.Option(help="On SIGTERM (or from POST /drain): how long in-flight requests get before they are ended with a 503; at least the longest request you allow.")] = 120.0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve one model replica over the OpenAI API (plus /health, /metrics, /load)."""
     import uvicorn
 
     from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
-    from strata.engine.server import build_app
+    from strata.engine.server import Drainer, build_app
     from strata.protocol import RequestLimits
 
     _setup_logging(log_level)
@@ -142,15 +143,22 @@ def engine(
     token = _internal_token(internal_token_file)
     core = build_engine_core(cfg)
     eng = AsyncEngine(core)
-    app = build_app(eng, limits=limits, internal_token=token)
-    _serve_engine(eng, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    try:
+        drainer = Drainer(eng, drain_timeout_s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--drain-timeout-s") from e
+    app = build_app(eng, limits=limits, internal_token=token, drainer=drainer)
+    _serve_engine(eng, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                      timeout_graceful_shutdown=5), drainer)
 
 
-def _serve_engine(eng: Any, config: Any) -> None:
+def _serve_engine(eng: Any, config: Any, drainer: Any = None) -> None:
     """HTTP in a second thread, the engine loop in this (main) thread; SIGINT/SIGTERM stop both.
 
     The engine loop stays in the thread that built the model so that only one OpenMP worker
-    pool exists (see `AsyncEngine.run`).
+    pool exists (see `AsyncEngine.run`). With a ``drainer`` the first signal is a graceful
+    stop: new requests get 503 + Retry-After, in-flight ones finish within its timeout (the
+    rest are ended with an error), then the process exits 0; a second signal stops at once.
     """
     import signal
     import threading
@@ -168,7 +176,19 @@ def _serve_engine(eng: Any, config: Any) -> None:
         finally:
             eng.stop()  # the HTTP side ended (shutdown or bind error): end the loop too
 
+    draining: list[threading.Thread] = []
+
+    def drain_then_exit() -> None:
+        drainer.run()
+        server.should_exit = True  # uvicorn flushes the last responses, then the loop ends
+
     def on_signal(_signum: int, _frame: Any) -> None:
+        if drainer is not None and not draining and server.started:
+            logging.getLogger("strata.server").warning(
+                "signal received: draining (up to %g s)", drainer.timeout_s)
+            draining.append(threading.Thread(target=drain_then_exit, name="strata-drain", daemon=True))
+            draining[0].start()
+            return
         server.should_exit = True
         eng.stop()
 

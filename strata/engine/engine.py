@@ -264,6 +264,23 @@ class AsyncEngine:
         for loop, pairs in by_loop.items():
             loop.call_soon_threadsafe(_put_all, pairs)
 
+    @property
+    def active(self) -> int:
+        """Sequences whose consumer is still reading them."""
+        return len(self._queues)
+
+    def abort_all(self, error: BaseException) -> int:
+        """End every sequence now: its consumer gets ``error``, its KV blocks are freed.
+
+        Thread-safe; a graceful stop calls it when the drain timeout has passed.
+        """
+        sids = list(self._queues)
+        with self._lock:
+            self._aborts.extend(sids)
+            self._wake.set()
+        self._deliver([(sid, error) for sid in sids])
+        return len(sids)
+
     def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Validate a request up front so errors become 400s before streaming starts."""
         self.core.check_request(num_prompt_tokens, params)

@@ -127,7 +127,63 @@ async def _timed(
 
 
 def _error(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status_code)
+    headers = {"Retry-After": "1"} if isinstance(e, RetryElsewhere) else None
+    return JSONResponse(e.body(), status_code=e.status_code, headers=headers)
+
+
+class RetryElsewhere(OpenAIError):
+    """503 + Retry-After: this replica will not answer the request (not started, or handed
+    back at the drain timeout with nothing sent), so another replica may."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message, 503, "ServiceUnavailable", code=code)
+
+
+class Drainer:
+    """A replica's graceful stop: refuse new requests, let in-flight ones finish, end the rest.
+
+    Draining starts at ``POST /drain`` or SIGTERM, whichever comes first, and the timeout
+    counts from then, so a platform that drained a replica and then signals it does not
+    wait twice. Past ``timeout_s`` the remaining sequences are ended with a 503 (an SSE
+    error event on a stream), their KV blocks freed.
+    """
+
+    def __init__(self, engine: AsyncEngine, timeout_s: float = 120.0) -> None:
+        """``timeout_s`` should be at least the longest request this replica allows."""
+        if timeout_s < 0:
+            raise ValueError("drain timeout must be >= 0")
+        self.engine = engine
+        self.timeout_s = timeout_s
+        self.started_at: float | None = None
+
+    def begin(self) -> None:
+        """Refuse new requests from now on (idempotent; the first call starts the clock)."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        self.engine.core.draining = True
+
+    @property
+    def busy(self) -> bool:
+        """Sequences are scheduled, or a consumer still reads one."""
+        return self.engine.core.scheduler.num_unfinished > 0 or self.engine.active > 0
+
+    def run(self, poll_s: float = 0.05) -> int:
+        """Drain to the end (blocking, any thread); how many sequences had to be ended."""
+        self.begin()
+        assert self.started_at is not None
+        deadline = self.started_at + self.timeout_s
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        if not self.busy:
+            return 0
+        ended = self.engine.abort_all(RetryElsewhere(
+            f"this replica stopped: its {self.timeout_s:g} s drain timeout passed before the "
+            "request finished; retry", "drain_timeout"))
+        log.warning("drain timeout (%g s): ended %d sequence(s)", self.timeout_s, ended)
+        flush = time.monotonic() + 2.0  # let the handlers send those errors
+        while self.engine.active and time.monotonic() < flush:
+            time.sleep(poll_s)
+        return ended
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -181,13 +237,16 @@ def build_app(
     ready: Callable[[], bool] | None = None,
     limits: RequestLimits | None = None,
     internal_token: str | None = None,
+    drainer: Drainer | None = None,
 ) -> FastAPI:
     """The FastAPI app of one replica.
 
     Admin endpoints (`/drain`) want `internal_token` in the `x-strata-internal-token`
-    header; with no token they answer loopback clients only.
+    header; with no token they answer loopback clients only. ``drainer`` runs the
+    graceful stop (`POST /drain` starts it; the process's SIGTERM handler finishes it).
     """
     core = engine.core
+    drainer = drainer or Drainer(engine)
     limits = limits or RequestLimits()
     serving = Serving(engine, core.tokenizer, core.model_name, limits)
     metrics = _Metrics(core)
@@ -230,10 +289,11 @@ def build_app(
         return JSONResponse(error_body(f"internal error: {e}", "InternalServerError", None, 500), 500)
 
     def admit() -> None:
+        # 503 + Retry-After: the request was not started, so a gateway may send it elsewhere.
         if core.draining:
-            raise OpenAIError("this replica is draining; retry on another", 503, "ServiceUnavailable")
+            raise RetryElsewhere("this replica is draining; retry on another", "draining")
         if engine.dead is not None:
-            raise OpenAIError("the engine loop has died", 503, "ServiceUnavailable")
+            raise RetryElsewhere("the engine loop has died; retry on another replica", "engine_dead")
 
     @app.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -313,7 +373,7 @@ def build_app(
         denied = admin_denial(request, internal_token)
         if denied is not None:
             return denied
-        core.draining = True
+        drainer.begin()
         return {"status": "draining", "unfinished": core.scheduler.num_unfinished}
 
     @app.get("/metrics")
