@@ -7,8 +7,10 @@ Prometheus file_sd file when configured); the gateway's activator hook asks the 
 for a replica when a request arrives at a tier with none; the autoscaler loop observes,
 decides and calls ``platform.scale``. A thin ASGI front over the gateway adds what the
 cluster needs from it: an arrivals counter, the autoscaler's series on ``/metrics`` and
-``GET /admin/status``. Ctrl-C (SIGINT) or SIGTERM stops the loop, the gateway and every
-replica; a second Ctrl-C kills the replicas at once.
+``GET /admin/status``. Ctrl-C (SIGINT) or SIGTERM stops the autoscaler, drains the gateway
+(``platform.drain_timeout_s``: new requests 503 + Retry-After, in-flight ones finish or
+are ended), then stops every replica; a second Ctrl-C ends the drain and kills the
+replicas at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -60,10 +63,33 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _GENERATION = ("/v1/completions", "/v1/chat/completions")
 
 
+# The bundled model (strata.engine.weights.BUNDLED_MEMBER) as the engine names it.
+_BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_BUNDLED_ALIASES = ("smollm2-135m", "bundled")
+
+
+def served_model_name(config: ClusterConfig) -> str:
+    """The model id the tier's engines will report, known before any of them starts.
+
+    The rule of ``strata.engine.engine.default_model_name``, applied to the configured path
+    without loading anything (that module needs torch, which the gateway does not).
+    """
+    m = config.model
+    if m.served_model_name:
+        return m.served_model_name
+    if m.path is None or m.path.lower() in _BUNDLED_ALIASES:
+        return _BUNDLED_MODEL_NAME
+    path = Path(m.path).expanduser()
+    stem = path.stem if path.suffix == ".gguf" else path.name
+    return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
+
+
 def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayConfig:
     """The gateway's settings from the cluster file (no static replicas: the platform feeds them)."""
     g = config.gateway
     return GatewayConfig(
+        served_models=(served_model_name(config),),
+        drain_timeout_s=config.platform.drain_timeout_s,
         replicas=(), tier=config.tier_name, policy=config.routing.policy,
         policy_params=dict(config.routing.params),
         replica_set=ReplicaSetConfig(poll_interval_s=g.poll_interval_s,
@@ -420,6 +446,10 @@ class Cluster:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if server.started:
+                # New requests get 503 + Retry-After, in-flight ones get the drain timeout;
+                # the replicas then stop with nothing left to drain.
+                await self.gateway.drain()
             server.should_exit = True
             await asyncio.gather(serving, return_exceptions=True)
             await self.platform.close()
@@ -482,8 +512,10 @@ async def _serve(cluster: Cluster) -> None:
     def on_signal() -> None:
         nonlocal presses
         presses += 1
-        if presses > 1 and isinstance(cluster.platform, LocalPlatform):
-            cluster.platform._kill_all_now()  # a second Ctrl-C: no more waiting
+        if presses > 1:
+            cluster.gateway.stop_draining()  # a second Ctrl-C: no more waiting
+            if isinstance(cluster.platform, LocalPlatform):
+                cluster.platform._kill_all_now()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

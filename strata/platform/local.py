@@ -13,9 +13,13 @@ A supervisor owns its replica's process from launch to exit, so nothing else rac
   engine then refuses new requests with 503 so the gateway retries elsewhere), wait until
   ``/load`` reports nothing running or waiting (KV blocks freed; and the spec's ``drained``
   check agrees, e.g. no sequence is pinned to a stage replica) or ``drain_timeout_s``,
-  then SIGTERM the group, and SIGKILL it after ``stop_timeout_s``.
-* **shutdown** (``close``): SIGTERM every group, SIGKILL what is left; an ``atexit`` hook
-  SIGKILLs any group still alive if the event loop never got to ``close``.
+  then SIGTERM the group, and SIGKILL it after ``stop_timeout_s``. An engine counts its
+  own drain from ``POST /drain`` too, so at that SIGTERM it ends what is left at once.
+* **shutdown** (``close``): SIGTERM every group (an engine then drains for up to its
+  ``--drain-timeout-s``, which ``engine_spec`` sets to ``drain_timeout_s``), SIGKILL what
+  is left ``drain_timeout_s + stop_timeout_s`` later: SIGKILL always comes after the drain;
+  an ``atexit`` hook SIGKILLs any group still alive if the event loop never got to ``close``.
+  A crashed or never-ready replica gets ``stop_timeout_s`` alone.
 
 With an ``internal_token`` every child gets it in ``STRATA_INTERNAL_TOKEN`` (never on its
 command line, which the logs show), ``POST /drain`` carries it, and a copy readable by
@@ -76,6 +80,7 @@ class _Slot:
     exited: asyncio.Task[int] | None = None
     retiring: bool = False
     graceful: bool = True  # drain before stopping (False on shutdown)
+    drain_started: float | None = None  # when POST /drain was sent
     retire: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -167,14 +172,15 @@ class LocalPlatform:
             pass
 
     async def close(self) -> None:
-        """Stop every replica (SIGTERM, then SIGKILL after ``stop_timeout_s``), no draining."""
+        """Stop every replica: SIGTERM (each drains itself), SIGKILL after drain + stop timeouts."""
         self._closed = True
         slots = [s for ss in self._slots.values() for s in ss]
         for s in slots:
             self._retire(s, graceful=False)
         tasks = [s.task for s in slots if s.task is not None]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.options.stop_timeout_s + 5)
+            _, pending = await asyncio.wait(
+                tasks, timeout=self.options.drain_timeout_s + self.options.stop_timeout_s + 5)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -371,12 +377,12 @@ class LocalPlatform:
             await self._drain_requests(slot)
         if not self._exited(slot):
             self._set_phase(slot, "stopping")
-        await self._stop(slot)
+        await self._stop(slot, after_drain=True)
         slot.last_exit = "stopped"
 
     async def _drain_requests(self, slot: _Slot) -> None:
         url = f"http://{self.host}:{slot.port}"
-        t0 = self.clock()
+        t0 = slot.drain_started = self.clock()
         http = self._client()
         try:
             resp = await http.post(url + "/drain", headers=internal_headers(self.internal_token))
@@ -408,17 +414,29 @@ class LocalPlatform:
             log.warning("replica %s still busy after %.0f s of draining (%s); stopping it",
                         slot.replica_id, self.options.drain_timeout_s, last)
 
-    async def _stop(self, slot: _Slot) -> None:
+    async def _stop(self, slot: _Slot, after_drain: bool = False) -> None:
+        """SIGTERM, then SIGKILL ``stop_timeout_s`` after what is left of its drain.
+
+        ``after_drain``: a retirement, where the replica drains (its own timeout counts
+        from ``POST /drain``, or from this SIGTERM when none was sent); otherwise (crash,
+        start timeout) ``stop_timeout_s`` alone.
+        """
         proc = slot.proc
         if proc is None or proc.returncode is not None:
             return
+        grace = self.options.stop_timeout_s
+        if after_drain:
+            drain = self.options.drain_timeout_s
+            if slot.drain_started is not None:
+                drain = max(0.0, slot.drain_started + drain - self.clock())
+            grace += drain
         kill_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(slot.exited or proc.wait()),  # type: ignore[arg-type]
-                                   self.options.stop_timeout_s)
+                                   grace)
         except TimeoutError:
             log.warning("replica %s ignored SIGTERM for %.0f s: SIGKILL", slot.replica_id,
-                        self.options.stop_timeout_s)
+                        grace)
             kill_group(proc.pid, signal.SIGKILL)
             await proc.wait()
 

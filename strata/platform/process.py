@@ -110,6 +110,8 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
                "--kv-cache", str(opts.kv_cache_bytes), "--block-size", str(opts.block_size),
                "--max-num-seqs", str(opts.max_num_seqs),
                "--max-num-batched-tokens", str(opts.max_num_batched_tokens),
+               # The platform's SIGKILL comes stop_timeout_s after this drain (see local).
+               "--drain-timeout-s", str(config.platform.drain_timeout_s),
                "--log-level", "warning"]
         if model.path is not None:
             cmd += ["--model", model.path]
