@@ -96,6 +96,7 @@ def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayCo
                                      health_interval_s=g.health_interval_s,
                                      connect_timeout_s=g.connect_timeout_s,
                                      read_timeout_s=g.read_timeout_s,
+                                     request_timeout_s=g.request_timeout_s,
                                      eject_after_failures=g.eject_after_failures),
         proxy=ProxyConfig(max_retries=g.max_retries, hold_timeout_s=g.hold_timeout_s),
         api_keys=api_keys, default_limits=Limits(rpm=g.rate_limit_rpm, tpm=g.rate_limit_tpm),

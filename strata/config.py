@@ -256,7 +256,9 @@ class GatewayOptions(_Strict):
     queue_timeout_s: float = Field(default=30.0, ge=0)
     hold_timeout_s: float = Field(default=60.0, ge=0)  # wait for a replica (scale from zero)
     connect_timeout_s: float = Field(default=3.0, gt=0)
+    # Silence after which a replica's probes decide; a request fails only if they fail too.
     read_timeout_s: float = Field(default=300.0, gt=0)
+    request_timeout_s: float | None = Field(default=None, gt=0)  # hard cap; None: none
     max_retries: int = Field(default=2, ge=0)
     poll_interval_s: float = Field(default=0.2, gt=0)
     health_interval_s: float = Field(default=1.0, gt=0)

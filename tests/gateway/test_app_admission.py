@@ -111,6 +111,15 @@ async def test_body_size_limit_and_method() -> None:
         assert_openai_error(r, 413, "body_too_large")
         assert (await client.get("/v1/completions")).status_code == 405
 
+        async def chunked():  # no Content-Length: counted while it arrives
+            for _ in range(3):
+                yield b"x" * 1500
+
+        r = await client.post("/v1/completions", content=chunked(),
+                              headers={"content-type": "application/json"})
+        assert_openai_error(r, 413, "body_too_large")
+        assert "2048 bytes" in r.json()["error"]["message"]
+
 
 async def test_prompt_too_large_for_every_kv_cache_is_rejected() -> None:
     from .servers import LoadBackend, report
