@@ -196,11 +196,18 @@ class Proxy:
             self.metrics.queued.labels(model=label).dec()
 
     def _check_model_exists(self, model: str) -> None:
-        """404 when every replica's model list is known and none serves ``model``."""
+        """404 when ``model`` is neither configured nor served by a replica that says what it serves.
+
+        With no replica's list known yet, the configured names decide (when there are any),
+        so a request for another model is refused at once instead of held.
+        """
         rs = list(self.replicas.replicas.values())
-        if model and rs and all(r.models for r in rs) and \
-                not any(model in r.models for r in rs):
-            served = sorted(set().union(*(r.models for r in rs)))
+        configured = self.replicas.served_models
+        if not model or model in configured or any(model in r.models for r in rs):
+            return
+        known = bool(rs) and all(r.models for r in rs)
+        if known or (configured and not any(r.models for r in rs)):
+            served = sorted(set(configured).union(*(r.models for r in rs)))
             raise GatewayError(404, f"model {model!r} is not served here; available: "
                                f"{', '.join(served)}", code="model_not_found", param="model")
 

@@ -73,6 +73,8 @@ async def test_configured_models_are_listed_and_held_until_a_replica_is_ready() 
             holder["gw"] = gw
             models = (await client.get("/v1/models")).json()["data"]
             assert [m["id"] for m in models] == ["m1"]  # before any replica exists
+            other = await client.post("/v1/completions", json=completion(model="m2"))
+            assert other.status_code == 404  # not held: no replica will ever serve it
             r = await client.post("/v1/completions", json=completion(model="m1"))
             assert r.status_code == 200, r.text
             models = (await client.get("/v1/models")).json()["data"]
