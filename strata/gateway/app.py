@@ -201,6 +201,11 @@ class Gateway:
         self._active.add(task)
         try:
             await self._generation_inner(scope, receive, send, chat, task)
+        except asyncio.CancelledError:
+            if not self._aborting:
+                raise
+            task.uncancel()  # ended by the drain timeout before it was forwarded (queued)
+            await self._end_aborted(send, ClientState())
         finally:
             self._active.discard(task)
 

@@ -46,13 +46,16 @@ async def test_past_the_drain_timeout_streams_get_an_error_event_others_a_503() 
     slow = FlakyServer("silent", silent_s=30)
     slow_url = await slow.start()
     try:
-        async with gateway([slow_url]) as (gw, client):
+        async with gateway([slow_url], max_in_flight_per_model=1) as (gw, client):
             silent = asyncio.create_task(client.post("/v1/completions", json=completion()))
             await wait_for(lambda: slow.posts == 1)
-            assert await gw.drain(timeout_s=0.3) == 1
-            answered = await silent
-            assert answered.status_code == 503 and answered.headers["retry-after"] == "1"
-            assert answered.json()["error"]["code"] == "drain_timeout"
+            queued = asyncio.create_task(client.post("/v1/completions", json=completion()))
+            await wait_for(lambda: len(gw._active) == 2)
+            assert await gw.drain(timeout_s=0.3) == 2
+            for answered in (await silent, await queued):
+                assert answered.status_code == 503 and answered.headers["retry-after"] == "1"
+                assert answered.json()["error"]["code"] == "drain_timeout"
+            assert slow.posts == 1
     finally:
         slow.close()
 
