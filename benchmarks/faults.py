@@ -31,11 +31,13 @@ import asyncio
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from reliability import (
     HUNG,
     LOST,
@@ -53,6 +55,8 @@ from reliability import (
     write_result,
 )
 
+from strata.cluster import Cluster as StrataCluster
+from strata.config import load_cluster_config
 from strata.platform.process import free_port
 
 MODEL = "smollm2"
@@ -263,47 +267,74 @@ async def gateway_fault(workdir: Path, args: argparse.Namespace) -> dict[str, An
     return result
 
 
+class InProcess:
+    """A strata Cluster (the very object ``strata serve`` runs) on its own event-loop thread,
+    so the experiment can call ``platform.scale`` the way the autoscaler does, at the moment
+    the leaving replica holds requests."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        path = workdir / "cluster.yaml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        self.cluster = StrataCluster(load_cluster_config(path))
+        self.loop = asyncio.new_event_loop()
+        self.stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.stop = asyncio.Event()
+            self.loop.run_until_complete(self.cluster.run(self.stop, lambda _: started.set()))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not started.wait(120):
+            raise RuntimeError("the cluster did not start")
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(90)
+
+
 async def scale_down(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One replica, 9 clients: the autoscaler adds a second; then the load drops to 3
-    long requests and it removes one while they run: the drained replica must finish them."""
-    autoscaling = {"policy": "hpa", "min_replicas": 1, "max_replicas": 2,
-                   "metrics": [{"name": "concurrency", "source": "tier",
-                                "type": "AverageValue", "average_value": 4}],
-                   "behavior": {"scaleDown": {"stabilizationWindowSeconds": 3}}}
-    cluster = Cluster(engine_cluster(workdir, 1, autoscaling), workdir, "scale_down")
-    cluster.start({"engine": 1})
+    """Two replicas under 8 clients; the tier is scaled to one (``platform.scale``, what
+    the autoscaler calls) while requests run on the replica that leaves (the newest): they
+    must all finish there, and nothing may fail."""
+    config = engine_cluster(workdir, 2)
+    config["autoscaler"] = {"period_s": 3600}
+    running = InProcess(config, workdir)
+    c = running.cluster
     stats = LoadStats()
     t0 = time.perf_counter()
-    heavy, light = asyncio.Event(), asyncio.Event()
+    stop = asyncio.Event()
+    drained: dict[str, Any] = {}
+    t_two = t_drain = t_gone = None
     try:
-        busy = asyncio.create_task(closed_loop(cluster.url, 6, heavy, stats, t0,
-                                               max_tokens=args.max_tokens, model=MODEL))
-        # Three long requests at a time: the drop leaves work on both replicas.
-        steady = asyncio.create_task(closed_loop(cluster.url, 3, light, stats, t0,
-                                                 max_tokens=8 * args.max_tokens, model=MODEL))
-        both = await _wait(lambda: len({o.replica for o in stats.outcomes[-8:]}) == 2
-                           and len(stats.outcomes) > 8, 180)
-        t_two = time.perf_counter() - t0 if both else None
-        heavy.set()
-        await busy
-        t_drop = time.perf_counter() - t0
-        drained: dict[str, Any] = {}
+        await _wait(lambda: len(c.platform.endpoints("engine")) == 2, 300)
+        t_two = time.perf_counter() - t0
+        load = asyncio.create_task(closed_loop(c.url, args.workers, stop, stats, t0,
+                                               max_tokens=args.max_tokens, model=MODEL,
+                                               timeout_s=300))
+        victim = max(c.platform.replicas("engine"), key=lambda x: x.ready_at or 0.0)
 
-        def draining() -> bool:
-            for r in cluster.replicas():
-                if r["phase"] in ("draining", "stopping"):
-                    drained.update(r)
-                    return True
-            return False
-        saw = await _wait(draining, 90)
-        t_drain = time.perf_counter() - t0 if saw else None
-        gone = await _wait(lambda: len(cluster.replicas()) == 1, 180) if saw else False
+        def busy() -> bool:
+            g = c.gateway.replicas.replicas.get(victim.url or "")
+            return g is not None and g.in_flight >= 2
+        await _wait(busy, 60)
+        drained.update(id=victim.replica_id, url=victim.url)
+        t_drain = time.perf_counter() - t0
+        await asyncio.to_thread(running.call, c.platform.scale("engine", 1))
+        gone = await _wait(lambda: len(c.platform.replicas("engine")) == 1, 180)
         t_gone = time.perf_counter() - t0 if gone else None
         await asyncio.sleep(3)
-        light.set()
-        await steady
+        stop.set()
+        await load
     finally:
-        cluster.stop()
+        await asyncio.to_thread(running.close)
     # In flight at the decision and answered by the leaving replica (a non-streamed
     # answer names its replica only in the final headers, so this is read afterwards).
     in_flight_on_victim = [o.index for o in stats.outcomes if t_drain is not None
@@ -314,8 +345,8 @@ async def scale_down(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "target": "scale_down", "counts": counts,
         "lost": sum(counts[k] for k in LOST) + counts[RESET],
-        "hung": counts[HUNG], "two_replicas_serving_at_s": t_two,
-        "load_dropped_at_s": t_drop, "draining_at_s": t_drain,
+        "hung": counts[HUNG], "two_replicas_ready_at_s": t_two,
+        "scaled_down_at_s": t_drain,
         "replica_gone_at_s": t_gone, "drained_replica": drained.get("id"),
         "in_flight_on_drained_replica": len(in_flight_on_victim),
         "their_endings": _kinds(on_victim),
