@@ -8,6 +8,12 @@ logged, optionally appended to a JSON-lines file, and exported as gauges:
 ``strata_autoscaler_desired_replicas``, ``strata_autoscaler_current_replicas`` and
 ``strata_autoscaler_metric{name=...}``, each labelled with the tier and the policy.
 
+The loop survives bad signals and its own parts' failures: a tier whose state cannot be
+observed (``ObservationError``: Prometheus down, NaN, a wrong answer shape), whose policy
+raises, or whose scale request fails is skipped for this tick, logged when the reason
+changes (with the traceback when it is not an ``ObservationError``) and counted in
+``strata_autoscaler_skipped_ticks{tier,stage}``; the other tiers and later ticks go on.
+
 The activator path (``activate``) is the one exception to the period: a request held
 for a tier at zero replicas asks for one replica at once, as Knative's activator pokes its
 autoscaler, and the decision is recorded like the policy's own.
@@ -16,6 +22,7 @@ autoscaler, and the decision is recorded like the policy's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -79,7 +86,28 @@ class AutoscalerMetrics:
         self.errors = Counter("strata_autoscaler_observe_errors",
                               "Ticks whose tier state could not be observed.", ["tier"],
                               registry=registry)
+        self.skipped = Counter("strata_autoscaler_skipped_ticks",
+                               "Ticks with no decision for a tier, by the stage that failed "
+                               "(observe, decide, actuate).", ["tier", "stage"],
+                               registry=registry)
         self._names: dict[tuple[str, str], set[str]] = {}
+
+    def forget(self, tier: str) -> None:
+        """Remove every series of a tier that is gone."""
+        for tier_, policy in [k for k in self._names if k[0] == tier]:
+            for name in self._names.pop((tier_, policy)):
+                self.metric.remove(tier, policy, name)
+            for gauge in (self.desired, self.current):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tier, policy)
+            for direction in ("up", "down"):
+                with contextlib.suppress(KeyError):
+                    self.scale_events.remove(tier, policy, direction)
+        with contextlib.suppress(KeyError):
+            self.errors.remove(tier)
+        for stage in ("observe", "decide", "actuate"):
+            with contextlib.suppress(KeyError):
+                self.skipped.remove(tier, stage)
 
     def export(self, d: ScaleDecision) -> None:
         """Set the gauges from one decision; metric names it no longer reports are removed."""
@@ -128,23 +156,30 @@ class Autoscaler:
     # -- one reconcile --------------------------------------------------------------------
 
     async def tick(self) -> list[ScaleDecision]:
-        """Observe, decide and actuate every autoscaled tier once; returns the decisions."""
+        """Observe, decide and actuate every autoscaled tier once; returns the decisions.
+
+        A tier that fails at any stage is skipped (see the module docstring); only
+        cancellation propagates.
+        """
         now = self.clock()
         tiers = list(self.policies)
         states = await asyncio.gather(*(self.observer.observe(t, now) for t in tiers),
                                       return_exceptions=True)
         decisions: list[ScaleDecision] = []
         for tier, state in zip(tiers, states, strict=True):
-            if isinstance(state, ObservationError):
-                self.metrics.errors.labels(tier).inc()
-                if self._last_error.get(tier) != str(state):
-                    log.warning("tier %s: cannot observe, no decision this tick: %s", tier, state)
-                self._last_error[tier] = str(state)
-                continue
-            if isinstance(state, BaseException):
+            if isinstance(state, asyncio.CancelledError):
                 raise state
-            self._last_error.pop(tier, None)
-            decision = self.policies[tier].decide(state, now)
+            if isinstance(state, BaseException):
+                self.metrics.errors.labels(tier).inc()
+                self._skip(tier, "observe", state)
+                continue
+            if tier not in self.policies:
+                continue  # removed while this tick observed it
+            try:
+                decision = self.policies[tier].decide(state, now)
+            except Exception as err:  # noqa: BLE001 - one tier's policy must not stop the loop
+                self._skip(tier, "decide", err)
+                continue
             asked = self.platform.desired(tier)
             if asked != state.current_replicas:
                 # The activator changed the count while this tick observed: the decision
@@ -153,9 +188,36 @@ class Autoscaler:
                                    f"replicas changed to {asked} during the tick")
                 self._record(decision, self.source, applied=False)
             else:
-                await self._apply(decision, self.source)
+                try:
+                    await self._apply(decision, self.source)
+                except Exception as err:  # noqa: BLE001 - the platform may fail; retry next tick
+                    self._skip(tier, "actuate", err)
+                    continue
+            self._last_error.pop(tier, None)
             decisions.append(decision)
         return decisions
+
+    def _skip(self, tier: str, stage: str, err: BaseException) -> None:
+        """Count and log a tier's skipped tick (the log only when the reason changes)."""
+        self.metrics.skipped.labels(tier, stage).inc()
+        why = str(err) if isinstance(err, ObservationError) else f"{type(err).__name__}: {err}"
+        if self._last_error.get(tier) != why:
+            if isinstance(err, ObservationError):
+                log.warning("tier %s: cannot observe, no decision this tick: %s", tier, why)
+            else:
+                log.error("tier %s: %s failed, no decision this tick: %s", tier, stage, why,
+                          exc_info=err)
+        self._last_error[tier] = why
+
+    def remove_tier(self, tier: str) -> None:
+        """Stop autoscaling a tier that is gone and drop everything kept about it."""
+        self.policies.pop(tier, None)
+        self.max_replicas.pop(tier, None)
+        self._last_error.pop(tier, None)
+        self.metrics.forget(tier)
+        forget = getattr(self.observer, "forget", None)
+        if forget is not None:
+            forget(tier)
 
     async def _apply(self, decision: ScaleDecision, source: str) -> None:
         if decision.desired != self.platform.desired(decision.tier):
@@ -179,7 +241,10 @@ class Autoscaler:
         """Tick every ``period_s`` until cancelled (a slow tick delays, never overlaps)."""
         next_at = self.clock()
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - the loop outlives any one tick's failure
+                log.exception("autoscaler tick failed; trying again next period")
             next_at += self.period_s
             delay = next_at - self.clock()
             if delay < 0:  # fell behind: start again from now rather than burst

@@ -16,18 +16,29 @@ from the cluster's front), ``strata_gateway_queue_depth``,
 ``strata_prompt_tokens_total``, ``strata_generation_tokens_total``,
 ``strata_requests_total`` and ``strata_time_per_output_token_seconds``. Prometheus targets
 carry a ``tier`` label (the cluster writes them to a file_sd file).
+
+Everything read here comes from other processes and is untrusted. A replica whose /load
+or /metrics is unreachable, slow, not JSON, not a LoadReport, or carries a NaN, an
+infinity or a negative count is left out of this tick (its report is ``None``: a missing
+metric, as Kubernetes' HPA treats one); a tier-level signal that is unreadable or not a
+finite non-negative number raises ``ObservationError`` and the loop skips the tier's
+tick. Each drop is logged when its reason changes and counted in
+``strata_autoscaler_dropped_samples``. Per-replica and per-tier state here is keyed by
+what is present now and dropped with it, so replica churn cannot grow it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter
 
 from strata.autoscale.signals import (
     CounterWindow,
@@ -50,10 +61,93 @@ PROMPT_TOKENS = "strata_prompt_tokens_total"
 GENERATION_TOKENS = "strata_generation_tokens_total"
 FINISHED = "strata_requests_total"
 ENGINE_TPOT = "strata_time_per_output_token_seconds_bucket"
+GATEWAY_SERIES = (ARRIVALS, QUEUE_DEPTH, IN_FLIGHT, GATEWAY_TTFT)
+ENGINE_SERIES = (PROMPT_TOKENS, GENERATION_TOKENS, FINISHED, ENGINE_TPOT)
+
+# A histogram page with more distinct bucket bounds than this is garbage: each bound keeps
+# a window, so an unbounded set would grow the autoscaler's memory without limit.
+MAX_BUCKET_BOUNDS = 64
+DEFAULT_TIMEOUT_S = 5.0  # one /load, /metrics or Prometheus answer, body included
+
+log = logging.getLogger("strata.autoscaler")
 
 
 class ObservationError(Exception):
     """A tier's signals could not be read this tick (the decision is skipped)."""
+
+
+def _finite(value: float, what: str, *, negative_ok: bool = False) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    if value < 0 and not negative_ok:
+        raise ValueError(f"{what} is {value!r}, below zero")
+    return float(value)
+
+
+def parse_load_report(data: Any) -> LoadReport:
+    """A /load body as a LoadReport, or ValueError saying what is wrong with it.
+
+    Every field the report defines must be present with its type; counts are
+    non-negative integers, rates finite and non-negative, and at most all KV blocks free.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"/load body is a {type(data).__name__}, not a JSON object")
+    values: dict[str, Any] = {}
+    for f in fields(LoadReport):
+        if f.name not in data:
+            if f.name in ("ready", "draining", "stage"):
+                continue  # defaulted fields an older replica may not send
+            raise ValueError(f"/load lacks {f.name!r}")
+        v = data[f.name]
+        if f.type == "str":
+            ok = isinstance(v, str)
+        elif f.type == "bool":
+            ok = isinstance(v, bool)
+        elif f.type == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        else:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+                and v >= 0
+        if not ok:
+            raise ValueError(f"/load field {f.name!r} is {v!r}, not a valid {f.type}")
+        values[f.name] = v
+    if values["free_kv_blocks"] > values["total_kv_blocks"]:
+        raise ValueError("/load says more KV blocks free than it has")
+    if values["prefix_hit_rate"] > 1:
+        raise ValueError(f"/load prefix_hit_rate {values['prefix_hit_rate']!r} is above 1")
+    return LoadReport(**values)
+
+
+def check_signals(s: TierSignals) -> TierSignals:
+    """``s`` if every number in it is finite (and non-negative, custom metrics aside)."""
+    try:
+        for name in ("arrival_rate_rps", "mean_prompt_tokens", "mean_output_tokens",
+                     "pending_requests", "arrivals_total"):
+            _finite(getattr(s, name), name)
+        if s.in_flight_requests is not None:
+            _finite(s.in_flight_requests, "in_flight_requests")
+        for name in ("ttft_s", "tpot_s"):
+            for v in getattr(s, name):
+                _finite(v, name)
+        for name, v in s.extra.items():
+            _finite(v, f"custom metric {name}", negative_ok=True)
+    except ValueError as err:
+        raise ObservationError(f"tier signal unusable: {err}") from err
+    return s
+
+
+def _page_ok(samples: list[Sample], names: tuple[str, ...]) -> list[Sample]:
+    """``samples`` if the series the autoscaler reads from them are sane, else ValueError."""
+    bounds: set[str] = set()
+    for smp in samples:
+        if smp.name in names:
+            _finite(smp.value, smp.name)
+            if "le" in smp.labels:
+                bounds.add(smp.labels["le"])
+                float(smp.labels["le"])
+    if len(bounds) > MAX_BUCKET_BOUNDS:
+        raise ValueError(f"{len(bounds)} histogram bucket bounds (at most {MAX_BUCKET_BOUNDS})")
+    return samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +185,13 @@ class ScrapeSource:
     name = "metrics"
 
     def __init__(self, gateway_metrics: Callable[[], Awaitable[str]], http: httpx.AsyncClient,
-                 window_s: float) -> None:
+                 window_s: float, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``gateway_metrics`` returns the gateway's /metrics text (in-process or HTTP)."""
         self.gateway_metrics = gateway_metrics
         self.http = http
         self.window_s = window_s
+        self.timeout_s = timeout_s
+        self._dropped: dict[str, str] = {}  # replica url -> why its last page was dropped
         self._windows: dict[str, dict[str, CounterWindow]] = {}
         self._hists: dict[str, dict[str, HistogramWindow]] = {}
 
@@ -105,20 +201,37 @@ class ScrapeSource:
     def _hist(self, tier: str, name: str) -> HistogramWindow:
         return self._hists.setdefault(tier, {}).setdefault(name, HistogramWindow(self.window_s))
 
+    async def _get_page(self, url: str) -> list[Sample]:
+        resp = await asyncio.wait_for(self.http.get(url + "/metrics"), self.timeout_s)
+        if resp.status_code != 200:
+            raise ValueError(f"HTTP {resp.status_code}")
+        return _page_ok(parse_samples(resp.text), ENGINE_SERIES)
+
     async def _scrape(self, url: str) -> list[Sample] | None:
         try:
-            resp = await self.http.get(url + "/metrics")
-            return parse_samples(resp.text) if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None  # a replica going away mid-scrape: its counters leave the sum
+            page = await self._get_page(url)
+        except Exception as err:  # noqa: BLE001 - any failure of an untrusted page drops it
+            # A replica going away mid-scrape, or answering garbage: its counters leave
+            # the sum (a later good page counts as a restart), and the tick goes on.
+            why = f"{type(err).__name__}: {err}"
+            if self._dropped.get(url) != why:
+                log.warning("replica %s /metrics dropped this tick: %s", url, why)
+            self._dropped[url] = why
+            return None
+        self._dropped.pop(url, None)
+        return page
 
     async def signals(self, tier: str, replicas: list[Replica], now: float) -> TierSignals:
         """Scrape, fold into the windows, and read the windows."""
         try:
-            gw = parse_samples(await self.gateway_metrics())
-        except (httpx.HTTPError, ValueError) as err:
-            raise ObservationError(f"gateway /metrics unreadable: {err}") from err
+            text = await asyncio.wait_for(self.gateway_metrics(), self.timeout_s)
+            gw = _page_ok(parse_samples(text), GATEWAY_SERIES)
+        except Exception as err:  # noqa: BLE001 - the page is untrusted text
+            raise ObservationError(f"gateway /metrics unreadable: "
+                                   f"{type(err).__name__}: {err}") from err
         urls = [r.url for r in replicas if r.url is not None]
+        for gone in set(self._dropped) - set(urls):
+            del self._dropped[gone]
         pages = await asyncio.gather(*(self._scrape(u) for u in urls))
         engines = {u: p for u, p in zip(urls, pages, strict=True) if p is not None}
 
@@ -134,7 +247,7 @@ class ScrapeSource:
 
         finished = self._counter(tier, FINISHED).increase()
         in_flight = total(gw, IN_FLIGHT)
-        return TierSignals(
+        return check_signals(TierSignals(
             arrival_rate_rps=arrivals.rate(),
             mean_prompt_tokens=_per_request(self._counter(tier, PROMPT_TOKENS).increase(),
                                             finished),
@@ -145,7 +258,18 @@ class ScrapeSource:
             arrivals_total=arrivals.value,
             ttft_s=ttft.observations(),
             tpot_s=tpot.observations(),
-        )
+        ))
+
+    def state_size(self) -> int:
+        """Per-source readings, bucket bounds and drop reasons held (bounded by what exists)."""
+        return (sum(cw.num_sources for w in self._windows.values() for cw in w.values())
+                + sum(len(h) for hs in self._hists.values() for h in hs.values())
+                + len(self._dropped))
+
+    def forget(self, tier: str) -> None:
+        """Drop a tier's windows (the tier is gone)."""
+        self._windows.pop(tier, None)
+        self._hists.pop(tier, None)
 
 
 class PrometheusSource:
@@ -154,30 +278,47 @@ class PrometheusSource:
     name = "prometheus"
 
     def __init__(self, url: str, http: httpx.AsyncClient, window_s: float,
-                 custom: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 custom: Mapping[str, Mapping[str, str]] | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``custom``: tier -> {custom_name: PromQL}; ``$tier`` in a query is replaced."""
         self.url = url.rstrip("/")
         self.http = http
         self.window = f"{max(1, round(window_s))}s"
         self.custom = custom or {}
+        self.timeout_s = timeout_s
 
     async def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
-        """An instant query's result as (labels, value) pairs."""
+        """An instant query's result as (labels, value) pairs, every value finite."""
         try:
-            resp = await self.http.get(self.url + "/api/v1/query", params={"query": promql})
+            resp = await asyncio.wait_for(
+                self.http.get(self.url + "/api/v1/query", params={"query": promql}),
+                self.timeout_s)
             body = resp.json()
-        except (httpx.HTTPError, json.JSONDecodeError) as err:
-            raise ObservationError(f"Prometheus at {self.url} unreachable: {err}") from err
-        if body.get("status") != "success":
-            raise ObservationError(f"Prometheus rejected {promql!r}: "
-                                   f"{body.get('errorType')}: {body.get('error')}")
-        data = body["data"]
-        if data["resultType"] == "scalar":
-            return [({}, float(data["result"][1]))]
-        if data["resultType"] != "vector":
-            raise ObservationError(f"{promql!r} must return an instant vector or scalar, "
-                                   f"got a {data['resultType']}")
-        return [(r["metric"], float(r["value"][1])) for r in data["result"]]
+        except (httpx.HTTPError, TimeoutError, ValueError) as err:
+            raise ObservationError(f"Prometheus at {self.url} unreachable or not JSON: "
+                                   f"{type(err).__name__}: {err}") from err
+        try:
+            if body.get("status") != "success":
+                raise ObservationError(f"Prometheus rejected {promql!r}: "
+                                       f"{body.get('errorType')}: {body.get('error')}")
+            data = body["data"]
+            if data["resultType"] == "scalar":
+                out = [({}, float(data["result"][1]))]
+            elif data["resultType"] != "vector":
+                raise ObservationError(f"{promql!r} must return an instant vector or scalar, "
+                                       f"got a {data['resultType']}")
+            else:
+                out = [({str(k): str(v) for k, v in r["metric"].items()}, float(r["value"][1]))
+                       for r in data["result"]]
+        except ObservationError:
+            raise
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+            raise ObservationError(f"Prometheus answer to {promql!r} has the wrong shape: "
+                                   f"{type(err).__name__}: {err}") from err
+        for _, v in out:
+            if not math.isfinite(v):
+                raise ObservationError(f"Prometheus answered {v} to {promql!r}")
+        return out
 
     async def scalar(self, promql: str) -> float:
         """The sum of a query's result (0 when it has no series yet)."""
@@ -204,9 +345,14 @@ class PrometheusSource:
         values = dict(zip(names, results[:len(names)], strict=True))
         obs = {}
         for key, result in zip(hists, results[len(names):], strict=True):
-            obs[key] = histogram_observations({float(labels["le"]): v for labels, v in result
-                                               if "le" in labels})
-        return TierSignals(
+            try:
+                cumulative = {float(labels["le"]): v for labels, v in result if "le" in labels}
+            except ValueError as err:
+                raise ObservationError(f"{key} histogram has a bad 'le' label: {err}") from err
+            if len(cumulative) > MAX_BUCKET_BOUNDS:
+                raise ObservationError(f"{key} histogram has {len(cumulative)} bucket bounds")
+            obs[key] = histogram_observations(cumulative)
+        return check_signals(TierSignals(
             arrival_rate_rps=values["rate"],
             mean_prompt_tokens=_per_request(values["prompt"], values["finished"]),
             mean_output_tokens=_per_request(values["generation"], values["finished"]),
@@ -215,48 +361,95 @@ class PrometheusSource:
             arrivals_total=values["arrivals"],
             ttft_s=obs["ttft"], tpot_s=obs["tpot"],
             extra={name: values[name] for name in custom},
-        )
+        ))
 
 
 class Observer:
     """Builds each tier's ``TierState`` from the platform, /load reads and a signal source."""
 
     def __init__(self, platform: Platform, source: SignalSource, http: httpx.AsyncClient,
-                 startup_memory: int = 20) -> None:
-        """``startup_memory``: how many recent start-up durations a tier remembers."""
+                 startup_memory: int = 20, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 registry: CollectorRegistry | None = None) -> None:
+        """``startup_memory``: how many recent start-up durations a tier remembers.
+
+        ``timeout_s`` bounds each /load read, body included (a replica that trickles
+        bytes must not hold the tick); ``registry`` receives the dropped-samples counter.
+        """
         self.platform = platform
         self.source = source
         self.http = http
         self.startup_memory = startup_memory
+        self.timeout_s = timeout_s
         self._startups: dict[str, deque[float]] = {}
-        self._counted: set[tuple[str, float]] = set()
+        self._counted: dict[str, set[tuple[str, float]]] = {}  # tier -> (replica, start)
         self._arrivals: dict[str, tuple[float, float | None]] = {}  # total, last change
+        self._dropped: dict[str, dict[str, str]] = {}  # tier -> replica -> why
+        self.dropped_samples = Counter(
+            "strata_autoscaler_dropped_samples",
+            "Replica load reports left out of a tick (unreachable, slow or invalid).",
+            ["tier", "reason"], registry=registry or CollectorRegistry())
 
-    async def _load(self, replica: Replica) -> LoadReport | None:
+    async def _read_load(self, url: str) -> LoadReport:
+        resp = await asyncio.wait_for(self.http.get(url + "/load"), self.timeout_s)
+        if resp.status_code != 200:
+            raise ValueError(f"HTTP {resp.status_code}")
+        return parse_load_report(resp.json())
+
+    async def _load(self, tier: str, replica: Replica) -> LoadReport | None:
         if replica.url is None or replica.phase in ("starting", "backoff"):
             return None
+        dropped = self._dropped.setdefault(tier, {})
         try:
-            resp = await self.http.get(replica.url + "/load")
-            if resp.status_code != 200:
-                return None
-            return LoadReport.from_dict(resp.json())
-        except (httpx.HTTPError, ValueError, TypeError):
+            report = await self._read_load(replica.url)
+        except (httpx.HTTPError, TimeoutError, ValueError) as err:
+            # ValueError covers a body that is not JSON and one that is not a LoadReport.
+            kind = ("timeout" if isinstance(err, TimeoutError | httpx.TimeoutException)
+                    else "unreachable" if isinstance(err, httpx.HTTPError) else "invalid")
+            self.dropped_samples.labels(tier, kind).inc()
+            why = f"{type(err).__name__}: {err}"
+            if dropped.get(replica.replica_id) != why:
+                log.warning("tier %s: replica %s /load left out of this tick: %s",
+                            tier, replica.replica_id, why)
+            dropped[replica.replica_id] = why
             return None
+        dropped.pop(replica.replica_id, None)
+        return report
 
     def _note_startups(self, tier: str, replicas: list[Replica]) -> tuple[float, ...]:
         memory = self._startups.setdefault(tier, deque(maxlen=self.startup_memory))
+        counted = self._counted.setdefault(tier, set())
+        present = {(r.replica_id, r.started_at) for r in replicas}
+        counted &= present  # a replica (process) that is gone is never seen again
         for r in replicas:
             key = (r.replica_id, r.started_at)
-            if r.startup_s is not None and key not in self._counted:
-                self._counted.add(key)
+            if r.startup_s is not None and key not in counted:
+                counted.add(key)
                 memory.append(r.startup_s)
         return tuple(memory)
+
+    def state_size(self) -> int:
+        """Entries held across every tier (for tests that check state stays bounded)."""
+        return (sum(len(c) for c in self._counted.values())
+                + sum(len(d) for d in self._dropped.values())
+                + sum(len(m) for m in self._startups.values()) + len(self._arrivals))
+
+    def forget(self, tier: str) -> None:
+        """Drop everything kept about a tier that is gone (its source's windows too)."""
+        for state in (self._startups, self._counted, self._arrivals, self._dropped):
+            state.pop(tier, None)
+        forget = getattr(self.source, "forget", None)
+        if forget is not None:
+            forget(tier)
 
     async def observe(self, tier: str, now: float) -> TierState:
         """The tier's state at ``now`` (on the platform's clock)."""
         replicas = self.platform.replicas(tier)
+        dropped = self._dropped.get(tier)
+        if dropped:
+            for gone in set(dropped) - {r.replica_id for r in replicas}:
+                del dropped[gone]
         reports, signals = await asyncio.gather(
-            asyncio.gather(*(self._load(r) for r in replicas)),
+            asyncio.gather(*(self._load(tier, r) for r in replicas)),
             self.source.signals(tier, replicas, now))
         samples = tuple(
             ReplicaSample(replica_id=r.replica_id, started_at=r.started_at, ready=r.ready,

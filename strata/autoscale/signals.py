@@ -135,6 +135,16 @@ class CounterWindow:
         span = self.span_s()
         return self.increase() / span if span > 0 else 0.0
 
+    @property
+    def num_sources(self) -> int:
+        """Sources whose last reading is kept (those in the latest update)."""
+        return len(self._last)
+
+    @property
+    def idle(self) -> bool:
+        """No source reports it any more and it rose by nothing over the window."""
+        return not self._last and self.increase() == 0
+
 
 @dataclass
 class HistogramWindow:
@@ -149,6 +159,8 @@ class HistogramWindow:
         for le in bounds:
             cw = self._buckets.setdefault(le, CounterWindow(self.window_s))
             cw.update(now, {src: r[le] for src, r in readings.items() if le in r})
+            if cw.idle:  # a bound nobody exports any more: forget it, so bounds stay few
+                del self._buckets[le]
 
     def increases(self) -> dict[float, float]:
         """Cumulative bucket increases over the window."""
@@ -157,3 +169,7 @@ class HistogramWindow:
     def observations(self) -> tuple[float, ...]:
         """The window's observations, synthesized from bucket increases."""
         return histogram_observations(self.increases())
+
+    def __len__(self) -> int:
+        """Bucket bounds held."""
+        return len(self._buckets)

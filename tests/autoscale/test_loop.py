@@ -173,10 +173,92 @@ async def test_unobservable_tier_is_skipped_and_counted() -> None:
     assert loop.last_error("engine") is None
 
 
-async def test_other_observer_failures_are_not_swallowed() -> None:
-    loop = make(MemoryPlatform(), ScriptedObserver(KeyError("bug")), CollectorRegistry())
-    with pytest.raises(KeyError):
-        await loop.tick()
+async def test_other_observer_failures_skip_the_tick_with_a_traceback(caplog) -> None:
+    """A bug in observation is logged with its traceback and counted; the loop goes on."""
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(KeyError("bug"), KeyError("bug"), busy(1, 0.9)),
+                registry)
+    assert await loop.tick() == [] and await loop.tick() == []
+    assert loop.last_error("engine") == "KeyError: 'bug'"
+    assert gauge(registry, "strata_autoscaler_skipped_ticks_total", tier="engine",
+                 stage="observe") == 2
+    logged = [r for r in caplog.records if "observe failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # once per reason
+    assert [d.desired for d in await loop.tick()] == [2]
+    assert loop.last_error("engine") is None
+
+
+class RaisingPolicy:
+    """A policy whose decide() fails, as one fed a value it cannot handle might."""
+
+    name = "raising"
+
+    def decide(self, state: TierState, now: float) -> None:
+        raise ValueError("cannot convert float NaN to integer")
+
+
+async def test_a_failing_policy_skips_only_its_tier() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    platform.wanted["other"] = 1
+    other = TierState(tier="other", current_replicas=1,
+                      replicas=(replica("o0", kv=0.9),))
+    observer = ScriptedObserver(busy(1, 0.9), other)
+    loop = Autoscaler(platform, observer, {"engine": RaisingPolicy(), "other": hpa()},  # type: ignore[dict-item]
+                      period_s=15, registry=registry, clock=lambda: 1000.0)
+    decisions = await loop.tick()
+    assert [(d.tier, d.desired) for d in decisions] == [("other", 2)]
+    assert "NaN" in (loop.last_error("engine") or "")
+    assert gauge(registry, "strata_autoscaler_skipped_ticks_total", tier="engine",
+                 stage="decide") == 1
+
+
+class FailingPlatform(MemoryPlatform):
+    async def scale(self, tier: str, replicas: int) -> None:
+        raise ConnectionError("API server unavailable")
+
+
+async def test_a_failing_scale_request_is_retried_next_tick() -> None:
+    platform, registry = FailingPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(busy(1, 0.9), busy(1, 0.9)), registry)
+    assert await loop.tick() == []
+    assert gauge(registry, "strata_autoscaler_skipped_ticks_total", tier="engine",
+                 stage="actuate") == 1
+    assert "API server unavailable" in (loop.last_error("engine") or "")
+    assert await loop.tick() == []  # tried again, failed again, still running
+
+
+async def test_run_survives_a_tick_that_raises() -> None:
+    """Even a failure outside the per-tier guards leaves the loop ticking."""
+    loop = Autoscaler(MemoryPlatform(), ScriptedObserver(), {"engine": hpa()}, period_s=1.0)
+    calls: list[float] = []
+
+    async def failing_tick() -> list:
+        calls.append(time.monotonic())
+        raise RuntimeError("tick bug")
+
+    loop.tick = failing_tick  # type: ignore[method-assign]
+    task = asyncio.create_task(loop.run())
+    await asyncio.sleep(1.3)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(calls) == 2
+
+
+async def test_removing_a_tier_drops_its_state_and_series() -> None:
+    platform, registry = MemoryPlatform(), CollectorRegistry()
+    loop = make(platform, ScriptedObserver(ObservationError("down"), busy(1, 0.9)), registry)
+    await loop.tick()
+    await loop.tick()
+    assert gauge(registry, "strata_autoscaler_desired_replicas", tier="engine",
+                 policy="hpa") == 2
+    loop.remove_tier("engine")
+    assert loop.policies == {} and loop.last_error("engine") is None
+    assert await loop.tick() == []
+    names = {s.name for m in registry.collect() for s in m.samples
+             if s.labels.get("tier") == "engine"}
+    assert names == set()
 
 
 async def test_activation_from_zero_asks_for_one_and_waits_for_ready() -> None:
