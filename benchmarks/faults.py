@@ -140,6 +140,7 @@ async def run_kill(name: str, cluster: Cluster, ready: dict[str, int],
         await load
         raise RuntimeError(f"{name}: no target with a stream in flight within 60 s")
     pid, replica_id, label = victim
+    restarts_before = {r["id"]: r.get("restarts", 0) for r in cluster.replicas()}
     in_flight_at_kill = {i for i, o in stats.in_flight.items()}
     streams_at_kill = sum(1 for o in stats.in_flight.values() if o.stream and o.tokens > 0)
     os.kill(pid, signal.SIGKILL)
@@ -157,11 +158,12 @@ async def run_kill(name: str, cluster: Cluster, ready: dict[str, int],
         if restart_gateway:
             tier = cluster.status()["tiers"][0]
             return bool(tier["ready"] >= ready[tier["name"]])
-        for r in cluster.replicas():
-            if r["id"] == replica_id and r["pid"] != pid and r["phase"] == "ready" and \
-                    r.get("head_state", "live") in ("live", None):
-                return True
-        return False
+        # Restarted (the count moved: a status row can lag behind the kill), ready, and
+        # for a stage worker joined to the head again.
+        return any(r["id"] == replica_id and r["pid"] not in (None, pid)
+                   and r["restarts"] > restarts_before.get(replica_id, 0)
+                   and r["phase"] == "ready" and r.get("head_state", "live") == "live"
+                   for r in cluster.replicas())
 
     returned = await _wait(back, 300)
     t_back = time.perf_counter() - t0 - t_kill if returned else None
