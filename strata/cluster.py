@@ -286,7 +286,9 @@ class Cluster:
                     sc.downscale_stabilization_s))
                 policies[t.name] = BottleneckFirst(inner, t.name, [s.name for s in scaled],
                                                    self.stage_observer)
-        observer = _TierObservers(Observer(self.platform, source, self.http), self.stage_observer,
+        observer = _TierObservers(Observer(self.platform, source, self.http,
+                                           registry=self.registry),
+                                  self.stage_observer,
                                   {t.name for t in self.stage_tiers if not t.head})
         self.autoscaler = Autoscaler(
             self.platform, observer, policies,
