@@ -15,4 +15,9 @@ python -m pip install -q --upgrade pip
 # torch first and exactly: a looser request could pull a multi-GB CUDA build.
 python -m pip install -q "torch>=2.6,<2.14"
 python -m pip install -q -e ".[test]"
+# Security checks before the tests: bandit (config and justified skips in pyproject.toml)
+# and pip-audit of the installed environment (fails on any known vulnerability; only an
+# unreachable advisory service is tolerated, with a warning).
+python -m bandit -c pyproject.toml -r strata -q
+python scripts/audit_deps.py
 python -m pytest -q -ra "$@"

