@@ -283,6 +283,7 @@ class HeadEngine(AsyncEngine):
                         break
                     progressed = True
                     outputs += self._apply(ev, errors)
+                errors += core.take_failures()
                 for step_id in core.expired_steps(time.perf_counter()):
                     errors += core.fail_step(
                         step_id, f"a pipeline step got no answer within {core.step_timeout_s:.0f} s"

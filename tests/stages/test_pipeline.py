@@ -267,3 +267,26 @@ def test_a_step_without_answer_times_out_and_a_late_answer_is_ignored(parts: Par
     assert not pipe.core.has_work and pipe.core.blocks.num_free_blocks == NUM_BLOCKS
     pipe.run_one()  # the stage answers after all: nothing happens
     assert 1 not in pipe.out and not pipe.core.inflight
+
+
+def test_a_detokenizer_fault_at_the_head_fails_its_sequence_alone(parts: Parts) -> None:
+    pipe = Pipeline(parts, [(0, 15), (15, 30)], {}, inflight=2)
+    ids = parts.tokenizer.encode("Once upon a time")
+    params = SamplingParams(max_tokens=6, temperature=0)
+    for sid in (1, 2, 3):
+        pipe.core.add(sid, ids, params, 0.0)
+
+    def explode(token_id: int) -> str:
+        raise RuntimeError("detokenizer fault injected by the test")
+
+    pipe.core.states[2].detok.add = explode  # type: ignore[method-assign]
+    failures: dict[int, BaseException] = {}
+    while pipe.core.has_work:
+        pipe.launch()
+        assert pipe.queue, "work left but nothing schedulable"
+        pipe.run_one()
+        failures.update(pipe.core.take_failures())
+    assert set(failures) == {2} and "injected" in str(failures[2])
+    assert len(pipe.out[1]) == 6 and len(pipe.out[3]) == 6 and 2 not in pipe.out
+    assert pipe.core.blocks.num_free_blocks == NUM_BLOCKS
+    assert pipe.stages["stage0-0:1"].known == set()  # the stage dropped its KV too
