@@ -22,6 +22,7 @@ class _LazyGroup(TyperGroup):
         "gateway": ("strata.gateway.cli", "gateway_command"),
         "stage": ("strata.stages.cli", "stage_command"),
         "simulate": ("strata.sim.cli", "app"),
+        "deploy": ("strata.deploy.cli", "app"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

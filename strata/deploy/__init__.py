@@ -1,0 +1,1 @@
+"""Deployment artefacts derived from the cluster file (Kubernetes manifests)."""

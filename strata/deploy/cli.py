@@ -1,0 +1,52 @@
+"""``strata deploy``: Kubernetes manifests from the cluster file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Deploy a cluster file to Kubernetes.")
+
+
+@app.callback()
+def deploy() -> None:
+    """Deploy a cluster file to Kubernetes (a group, so more sub-commands can follow)."""
+
+
+@app.command()
+def render(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cluster file (YAML).")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Directory to write one YAML file per object into; "
+                               "default: one multi-document stream on stdout.")] = None,
+    image: Annotated[str, typer.Option(help="Container image of every strata pod.")]
+        = "strata:latest",
+    namespace: Annotated[str, typer.Option(help="Namespace of every object.")] = "strata",
+) -> None:
+    """Render Namespace, RBAC, engine tiers, gateway and controller as Kubernetes YAML.
+
+    The pods read the Secret strata-internal-token (key: token), which is not rendered:
+    create it once, e.g. kubectl -n strata create secret generic strata-internal-token
+    --from-literal=token=$(python -c 'import secrets; print(secrets.token_urlsafe(32))').
+    """
+    from strata.config import ClusterConfigError
+    from strata.deploy.render import RenderError, file_name, to_yaml
+    from strata.deploy.render import render as render_objects
+
+    try:
+        data = yaml.safe_load(file.read_text())
+        objects = render_objects(data, namespace=namespace, image=image)
+    except (OSError, yaml.YAMLError, ClusterConfigError, RenderError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if output is None:
+        typer.echo(to_yaml(objects), nl=False)
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    for i, obj in enumerate(objects):
+        (output / file_name(obj, i)).write_text(to_yaml([obj]))
+    typer.echo(f"wrote {len(objects)} objects to {output}", err=True)

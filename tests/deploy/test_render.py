@@ -1,0 +1,250 @@
+"""``strata deploy render``: the cluster file as Kubernetes objects.
+
+No API server runs here, so the objects are checked against the Kubernetes OpenAPI schema
+(``kubernetes-validate``, strict: unknown fields fail), against what
+``strata.platform.kubernetes`` looks up (names, port), and every command line is parsed by
+the real ``strata`` Typer app. A golden file pins the whole output (regenerate it with
+``STRATA_REGEN_GOLDEN=1``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from strata.cli import app as strata_app
+from strata.config import parse_cluster_config
+from strata.deploy.render import RenderError, render, to_yaml
+from strata.internal_auth import ENV_VAR, HEADER
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "cluster.example.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "cluster.example.yaml"
+K8S_VERSION = "1.31.0"
+
+
+def _example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def _objects(data: dict[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
+    return render(_example() if data is None else data, **kw)
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _parse(argv: list[str]) -> click.Context:
+    """Parse ``argv`` (``strata <command> ...``) with the real CLI, without running it."""
+    assert argv[0] == "strata"
+    group = typer.main.get_command(strata_app)
+    with click.Context(group) as ctx:
+        cmd = group.get_command(ctx, argv[1])
+        assert cmd is not None, f"strata has no command {argv[1]!r}"
+        known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+        flags = [a for a in argv[2:] if a.startswith("-")]
+        assert set(flags) <= known, f"unknown flags: {set(flags) - known}"
+        return cmd.make_context(argv[1], list(argv[2:]), parent=ctx)
+
+
+def test_every_object_passes_the_strict_kubernetes_schema() -> None:
+    objects = _objects()
+    assert objects[0]["kind"] == "Namespace"  # created before what lives in it
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "strata"
+
+
+def test_a_bad_object_fails_the_schema() -> None:
+    """The check above can fail: strict mode rejects a misspelled field."""
+    deployment = _one(_objects(), "Deployment", "strata-engine")
+    deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_names_and_port_are_the_ones_the_kubernetes_platform_looks_up() -> None:
+    data = _example()
+    data["platform"] = {**data["platform"], "deployment_name": "llm-{tier}",
+                        "service_name": "llm-{tier}-svc"}
+    objects = _objects(data, namespace="prod")
+    config = parse_cluster_config(yaml.safe_load(
+        _one(objects, "ConfigMap", "strata-cluster")["data"]["cluster.yaml"]))
+    opts = config.platform
+    assert (opts.kind, opts.namespace, opts.kube_auth) == ("kubernetes", "prod", "in-cluster")
+    deployment = _one(objects, "Deployment", opts.deployment_name.format(tier="engine"))
+    service = _one(objects, "Service", opts.service_name.format(tier="engine"))
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == selector
+    assert deployment["spec"]["template"]["metadata"]["labels"] == selector
+    assert [p["name"] for p in service["spec"]["ports"]] == [opts.port_name]
+    assert [p["name"] for p in _container(deployment)["ports"]] == [opts.port_name]
+    gateway = _parse(_container(_one(objects, "Deployment", "strata-gateway"))["command"])
+    assert gateway.params["kube_service"] == "llm-{tier}-svc"
+    assert gateway.params["kube_namespace"] == "prod"
+    role = _one(objects, "Role", "strata-controller")
+    assert role["rules"][0]["resourceNames"] == ["llm-engine"]
+
+
+def test_roles_are_namespaced_and_least_privilege() -> None:
+    objects = _objects()
+    assert not [o for o in objects if o["kind"].startswith("Cluster")]
+    role = _one(objects, "Role", "strata-controller")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules) == {(("apps",), ("deployments", "deployments/scale")),
+                          (("discovery.k8s.io",), ("endpointslices",)), (("",), ("pods",))}
+    scale = rules[(("apps",), ("deployments", "deployments/scale"))]
+    assert scale["resourceNames"] == ["strata-engine"]
+    assert set(scale["verbs"]) == {"get", "update", "patch"}
+    assert set(rules[(("discovery.k8s.io",), ("endpointslices",))]["verbs"]) == {
+        "get", "list", "watch"}
+    assert set(rules[(("",), ("pods",))]["verbs"]) == {"get", "list", "watch", "patch",
+                                                       "delete"}
+    gateway_role = _one(objects, "Role", "strata-gateway")
+    assert gateway_role["rules"] == [{"apiGroups": ["discovery.k8s.io"],
+                                      "resources": ["endpointslices"],
+                                      "verbs": ["get", "list", "watch"]}]
+    for name in ("strata-controller", "strata-gateway"):
+        binding = _one(objects, "RoleBinding", name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                      "kind": "Role", "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name,
+                                        "namespace": "strata"}]
+    engine = _one(objects, "Deployment", "strata-engine")["spec"]["template"]["spec"]
+    assert engine["automountServiceAccountToken"] is False
+
+
+def test_engine_pod_drains_before_it_is_killed() -> None:
+    objects = _objects()
+    config = parse_cluster_config(_example())
+    engine = _one(objects, "Deployment", "strata-engine")
+    spec = engine["spec"]["template"]["spec"]
+    drain = config.platform.drain_timeout_s
+    assert spec["terminationGracePeriodSeconds"] >= drain + config.platform.stop_timeout_s
+    c = _container(engine)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # Startup allows the file's whole start timeout for the model to load.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= (
+        config.platform.start_timeout_s)
+    # /health is 503 while draining: liveness must not kill a pod within its grace period.
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > spec[
+        "terminationGracePeriodSeconds"]
+    (hook_cmd,) = [c["lifecycle"]["preStop"]["exec"]["command"]]
+    assert hook_cmd[:2] == ["python", "-c"]
+    compile(hook_cmd[2], "preStop", "exec")
+    assert "/drain" in hook_cmd[2] and HEADER in hook_cmd[2] and ENV_VAR in hook_cmd[2]
+    assert {"name": ENV_VAR, "valueFrom": {"secretKeyRef": {
+        "name": "strata-internal-token", "key": "token"}}} in c["env"]
+    pdb = _one(objects, "PodDisruptionBudget", "strata-engine")
+    assert pdb["spec"] == {"maxUnavailable": 1,
+                           "selector": engine["spec"]["selector"]}
+    assert engine["spec"]["replicas"] == config.tiers["engine"].initial_replicas
+
+
+def test_engine_command_is_the_local_platforms_and_parses() -> None:
+    data = _example()
+    data["engine"] = {**data["engine"], "threads": 3, "max_model_len": 1024,
+                      "prefix_caching": False}
+    objects = _objects(data, image="registry.example/strata:1.2")
+    c = _container(_one(objects, "Deployment", "strata-engine"))
+    assert c["image"] == "registry.example/strata:1.2"
+    ctx = _parse(c["command"])
+    p = ctx.params
+    assert (p["host"], p["port"], p["threads"]) == ("0.0.0.0", 8000, 3)
+    assert (p["max_model_len"], p["no_prefix_caching"], p["drain_timeout_s"]) == (
+        1024, True, 120.0)
+    assert int(p["kv_cache"]) == 1 << 30
+    assert c["resources"]["requests"]["cpu"] == "3"
+    # Threads unset: the engine measures the pod's cores itself.
+    default = _parse(_container(_one(_objects(), "Deployment", "strata-engine"))["command"])
+    assert default.params["threads"] is None
+
+
+def test_gateway_and_controller_commands_parse() -> None:
+    data = _example()
+    data["routing"] = {"policy": "prefix_affinity", "params": {"load_factor": 1.5}}
+    objects = _objects(data)
+    gw = _container(_one(objects, "Deployment", "strata-gateway"))
+    p = _parse(gw["command"]).params
+    assert (p["endpoints_from"], p["host"], p["port"]) == ("kubernetes", "0.0.0.0", 8000)
+    assert (p["policy"], p["policy_param"]) == ("prefix_affinity", ["load_factor=1.5"])
+    assert p["served_model_name"] == ["SmolLM2-135M-Instruct"]
+    assert p["hold_timeout_s"] == 60.0
+    ctl = _container(_one(objects, "Deployment", "strata-controller"))
+    p = _parse(ctl["command"]).params
+    assert str(p["file"]) == "/etc/strata/cluster.yaml"
+    assert p["gateway_url"] == "http://strata-gateway.strata.svc:8000"
+    assert ctl["volumeMounts"][0]["mountPath"] == "/etc/strata"
+
+
+def test_network_policies_open_the_gateway_and_close_the_engines() -> None:
+    objects = _objects()
+    gw = _one(objects, "NetworkPolicy", "strata-gateway")["spec"]
+    assert gw["ingress"] == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    eng = _one(objects, "NetworkPolicy", "strata-engines")["spec"]
+    engine_labels = _one(objects, "Deployment", "strata-engine")["spec"]["selector"][
+        "matchLabels"]
+    assert eng["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    (rule,) = eng["ingress"]
+    components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                  for peer in rule["from"]}
+    assert components == {"gateway", "controller"}
+
+
+def test_stage_tiers_and_local_paths_are_refused() -> None:
+    data = _example()
+    data["tiers"] = {"pipeline": {"stages": [{"layers": "0:15"}, {"layers": "15:30"}]}}
+    with pytest.raises(RenderError, match="stage tiers are not rendered yet"):
+        render(data)
+    data = _example()
+    data["gateway"] = {**data["gateway"], "api_keys_file": "keys.yaml"}
+    with pytest.raises(RenderError, match="api_keys_file"):
+        render(data)
+
+
+def test_golden_file() -> None:
+    text = to_yaml(_objects())
+    if os.environ.get("STRATA_REGEN_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+    assert GOLDEN.read_text() == text, (
+        "rendered manifests changed; if intended, rerun with STRATA_REGEN_GOLDEN=1")
+
+
+def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "manifests"
+    res = runner.invoke(strata_app, ["deploy", "render", "-f", str(EXAMPLE), "-o", str(out),
+                                     "--namespace", "team-a", "--image", "strata:test"])
+    assert res.exit_code == 0, res.output
+    files = sorted(out.iterdir())
+    objects = _objects(namespace="team-a", image="strata:test")
+    assert len(files) == len(objects)
+    assert [yaml.safe_load(f.read_text()) for f in files] == objects
+    res = runner.invoke(strata_app, ["deploy", "render", "-f", str(EXAMPLE)])
+    assert res.exit_code == 0, res.output
+    assert list(yaml.safe_load_all(res.stdout)) == _objects()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers: {engine: {replicaz: 2}}\n")
+    res = runner.invoke(strata_app, ["deploy", "render", "-f", str(bad)])
+    assert res.exit_code == 2
+    assert "replicaz" in res.output
