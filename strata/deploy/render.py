@@ -21,8 +21,11 @@ import yaml
 
 from strata.config import ClusterConfig, parse_cluster_config
 
-INTERNAL_TOKEN_SECRET = "strata-internal-token"
-INTERNAL_TOKEN_KEY = "token"
+# The Secret's name and key, not its value (which the user creates; see the module doc).
+INTERNAL_TOKEN_SECRET = "strata-internal-token"  # nosec B105 (a name, not a secret)
+INTERNAL_TOKEN_KEY = "token"  # nosec B105 (a key name, not a secret)
+# A pod serves on its own IP (the Service and NetworkPolicies below decide who reaches it).
+POD_HOST = "0.0.0.0"  # nosec B104 (inside a pod, behind the NetworkPolicy)
 CONFIG_MAP = "strata-cluster"
 CONFIG_MOUNT = "/etc/strata"
 CONFIG_FILE = "cluster.yaml"
@@ -86,7 +89,7 @@ def engine_argv(config: ClusterConfig, tier: str) -> list[str]:
     """
     from strata.platform.process import engine_spec
 
-    argv = engine_spec(config, tier, cores=1).argv("0.0.0.0", ENGINE_PORT)
+    argv = engine_spec(config, tier, cores=1).argv(POD_HOST, ENGINE_PORT)
     i = argv.index("engine")
     out = ["strata", *argv[i:]]
     if config.engine_for(tier).threads is None:
@@ -101,7 +104,7 @@ def gateway_argv(config: ClusterConfig, namespace: str) -> list[str]:
 
     g = config.gateway
     tier = config.tier_name
-    argv = ["strata", "gateway", "--host", "0.0.0.0", "--port", str(g.port),
+    argv = ["strata", "gateway", "--host", POD_HOST, "--port", str(g.port),
             "--endpoints-from", "kubernetes", "--kube-namespace", namespace,
             "--kube-service", config.platform.service_name, "--tier", tier,
             "--served-model-name", served_model_name(config),
@@ -164,10 +167,12 @@ def _engine_objects(config: ClusterConfig, tier: str, namespace: str,
         "resources": {"requests": {"cpu": str(threads or 1)}},
         # Loading the model may take start_timeout_s; until then neither probe below runs.
         "startupProbe": {"httpGet": health, "periodSeconds": _PROBE_PERIOD_S,
-                         "failureThreshold": max(1, math.ceil(p.start_timeout_s
+                         "timeoutSeconds": 3, "failureThreshold": max(1, math.ceil(p.start_timeout_s
                                                               / _PROBE_PERIOD_S))},
         # /health answers 503 while draining, so the Service drops the pod at once.
-        "readinessProbe": {"httpGet": health, "periodSeconds": 2, "failureThreshold": 1},
+        # Two misses, not one: a busy engine may answer a probe late.
+        "readinessProbe": {"httpGet": health, "periodSeconds": 2, "timeoutSeconds": 3,
+                           "failureThreshold": 2},
         # Also 503 while draining: the threshold outlasts the grace period, so liveness only
         # restarts an engine that died, never one finishing its drain.
         "livenessProbe": {"httpGet": health, "periodSeconds": 10, "timeoutSeconds": 5,

@@ -248,3 +248,39 @@ def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
     res = runner.invoke(strata_app, ["deploy", "render", "-f", str(bad)])
     assert res.exit_code == 2
     assert "replicaz" in res.output
+
+
+def test_prestop_hook_posts_drain_with_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook's one-liner, run against a loopback server standing in for the engine."""
+    import http.server
+    import threading
+
+    from strata.deploy.render import ENGINE_PORT, _prestop_drain
+
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the http.server hook's name)
+            seen.append(("POST", self.path, self.headers.get(HEADER)))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        code = _prestop_drain(port)["exec"]["command"][2]
+        assert code == _prestop_drain(ENGINE_PORT)["exec"]["command"][2].replace(
+            f":{ENGINE_PORT}/", f":{port}/")
+        monkeypatch.setenv(ENV_VAR, "s3cret")
+        exec(compile(code, "preStop", "exec"), {})  # noqa: S102 (our own rendered hook)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("POST", "/drain", "s3cret")]
