@@ -154,7 +154,8 @@ def test_activation_of_a_broken_tier_ends_in_a_clear_503(tmp_path: Path) -> None
     proc, url = start_cluster(config, tmp_path)
     try:
         t0 = time.monotonic()
-        r = complete(url)
+        # the served name is the model file's stem; another name is a 404 at once
+        r = complete(url, model="no-such-model")
         elapsed = time.monotonic() - t0
         assert r.status_code == 503, r.text
         error = r.json()["error"]

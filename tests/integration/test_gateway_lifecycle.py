@@ -39,6 +39,16 @@ def _stream_in_thread(url: str, body: dict, out: list[str], first: threading.Eve
     return t
 
 
+def _wait_draining(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.get(url + "/health", timeout=5)
+        if r.status_code == 503 and r.json().get("status") == "draining":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not draining {timeout_s:g} s after SIGTERM")
+
+
 def _body(max_tokens: int, stream: bool) -> dict:
     return {"model": "tiny", "prompt": "Once upon a time", "max_tokens": max_tokens,
             "ignore_eos": True, "stream": stream, "temperature": 0}
@@ -52,10 +62,12 @@ def test_engine_sigterm_finishes_streams_and_refuses_new_requests(tiny_hf_dir: P
         t = _stream_in_thread(url, _body(400, True), out, first)
         assert first.wait(60)
         proc.send_signal(signal.SIGTERM)
+        # The signal is delivered asynchronously: a request that arrives before the process
+        # has noticed it is legitimately served, so wait until readiness says draining.
+        _wait_draining(url)
         late = httpx.post(url + "/v1/completions", json=_body(2, False), timeout=30)
         assert late.status_code == 503 and late.headers["retry-after"] == "1"
         assert late.json()["error"]["code"] == "draining"
-        assert httpx.get(url + "/health", timeout=5).json()["status"] == "draining"
         t.join(120)
         assert out[0] == "200" and "".join(out[1:]).endswith("data: [DONE]\n\n")
         assert proc.wait(30) == 0
