@@ -9,6 +9,8 @@ inside torch ops, so the event loop keeps serving while the model runs.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import logging
@@ -184,8 +186,39 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     return EngineCore(runner, tokenizer, sched, name, cfg.enable_prefix_caching)
 
 
+@functools.cache
+def _malloc_trim() -> object | None:
+    """glibc's malloc_trim, or None where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the OS; False where that is not possible.
+
+    Each step allocates and frees prompt-length-sized buffers (prefill activations,
+    logits, tokenizer work) from many threads; glibc keeps those freed pages in its
+    arenas, so an engine's RSS creeps up over a long run although nothing stays alive.
+    """
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)  # type: ignore[operator]
+    return True
+
+
 class AsyncEngine:
     """Runs EngineCore in a thread; `generate` streams one sequence's outputs."""
+
+    # Seconds without work after which the loop returns freed heap pages to the OS (once
+    # per idle spell: a trim walks the whole heap, so it is kept off the busy path).
+    idle_trim_s = 1.0
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
@@ -198,6 +231,7 @@ class AsyncEngine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
+        self.release_memory = release_free_memory  # replaceable, for tests
 
     def start(self) -> None:
         """Run the engine loop in a background thread (tests, embedded use)."""
@@ -224,6 +258,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         core = self.core
+        trimmed = True
         try:
             while not self._stopped:
                 with self._lock:
@@ -242,8 +277,12 @@ class AsyncEngine:
                             log.exception("adding sequence %d failed; the loop goes on", sid)
                             self._deliver([(sid, SequenceFailed(f"could not add the sequence: {e!r}"))])
                 if not core.has_work:
-                    self._wake.wait(timeout=1.0)
+                    woke = self._wake.wait(timeout=self.idle_trim_s)
+                    if not woke and not trimmed and not self._stopped:
+                        self.release_memory()
+                        trimmed = True
                     continue
+                trimmed = False
                 outputs = core.step()
                 failures = core.take_failures()
                 if outputs or failures:
