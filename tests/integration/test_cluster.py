@@ -91,6 +91,29 @@ def test_cluster_lifecycle(cluster: tuple[subprocess.Popen, str],
         wait_for(lambda: tier(url)["ready"] == 2, 150, "a second ready replica")
         n = len(results)
         wait_for(lambda: len({rep for _, rep in results[n:]}) == 2, 60, "traffic on both")
+        # Scale down drains: a long stream on the newest replica (the one removed) must
+        # finish. It starts while the clients still keep the tier at 2, so the scale-down
+        # cannot come before it.
+        replicas = tier(url)["replicas"]
+        victim = min(replicas, key=lambda r: r["ready_for_s"])
+        keeper = max(replicas, key=lambda r: r["ready_for_s"])
+        chunks: list[str] = []
+        with httpx.stream("POST", victim["url"] + "/v1/completions", timeout=180, json={
+                "model": "tiny", "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+                "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(line)
+                    if len(chunks) == 2:  # now idle the clients: the tier goes 2 -> 1
+                        stop.set()
+                        for w in workers:
+                            w.join(120)
+                        wait_for(lambda: tier(url)["desired"] == 1, 30, "the scale-down decision")
+                        states = {r["id"]: r["phase"] for r in tier(url)["replicas"]}
+                        # The tiny model may have generated all 1500 tokens already (the
+                        # client has read 2): then the drain ends at once and the replica is
+                        # stopping, and its SIGTERM drain must still deliver the whole stream.
+                        assert states[victim["id"]] in ("draining", "stopping"), states
     finally:
         stop.set()
         for w in workers:
@@ -98,21 +121,6 @@ def test_cluster_lifecycle(cluster: tuple[subprocess.Popen, str],
     assert results and all(code == 200 for code, _ in results)
     assert any(d["source"] == "metrics" and d["desired"] == 2 for d in status(url)["decisions"])
 
-    # Scale down drains: a long stream on the newest replica (the one removed) must finish.
-    replicas = tier(url)["replicas"]
-    victim = min(replicas, key=lambda r: r["ready_for_s"])
-    keeper = max(replicas, key=lambda r: r["ready_for_s"])
-    chunks: list[str] = []
-    with httpx.stream("POST", victim["url"] + "/v1/completions", timeout=180, json={
-            "model": "tiny", "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
-            "stream": True}) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(line)
-                if len(chunks) == 2:  # now the gateway's tier is idle: 2 -> 1
-                    wait_for(lambda: tier(url)["desired"] == 1, 30, "the scale-down decision")
-                    states = {r["id"]: r["phase"] for r in tier(url)["replicas"]}
-                    assert states[victim["id"]] == "draining", states
     assert json.loads(chunks[-1][6:])["choices"][0]["finish_reason"] == "length"
     assert len(chunks) >= 1500 // 2  # the whole answer came through
     wait_for(lambda: [r["id"] for r in tier(url)["replicas"]] == [keeper["id"]], 30,
