@@ -245,8 +245,20 @@ class EngineCore:
         if extra:
             self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :], failed)
         self.scheduler.on_step_done(batch)
+        outputs = self._append_sampled(sample_entries, tokens, lps, failed)
+        self._account(batch, len(sample_entries), time.perf_counter() - t0)
+        return outputs
+
+    def _append_sampled(
+        self,
+        entries: list,
+        tokens: list[int],
+        lps: list[TokenLogprobs | None],
+        failed: dict[int, BaseException],
+    ) -> list[SeqOutput]:
+        """Append each sampled token; a sequence that raises (or already failed) fails alone."""
         outputs: list[SeqOutput] = []
-        for e, tok, lp in zip(sample_entries, tokens, lps, strict=True):
+        for e, tok, lp in zip(entries, tokens, lps, strict=True):
             if e.seq.seq_id in failed:
                 continue
             try:
@@ -258,7 +270,6 @@ class EngineCore:
                 outputs.append(out)
         for seq_id, exc in failed.items():
             self._fail(seq_id, exc)
-        self._account(batch, len(sample_entries), time.perf_counter() - t0)
         return outputs
 
     def _sample(

@@ -304,21 +304,11 @@ class HeadCore(EngineCore):
         if inf.plp_ranges and result.prompt_logits is not None:
             self._collect_prompt_logprobs(batch, inf.plp_ranges, result.prompt_logits, failed)
         self.scheduler.on_step_done(batch)
-        outputs: list[SeqOutput] = []
-        for e, tok, lp in zip(sample_entries, result.tokens, result.logprobs, strict=True):
-            if e.seq.seq_id in failed:
-                continue
-            try:
-                out = self._append_token(e.seq, tok, lp)
-            except Exception as exc:  # noqa: BLE001 - fails this sequence alone
-                failed[e.seq.seq_id] = exc
-                continue
-            if out is not None:
-                outputs.append(out)
-                if out.finished:
-                    self._release(e.seq.seq_id)
-        for seq_id, exc in failed.items():
-            self._fail(seq_id, exc)  # after _retire: not busy, so its blocks go now
+        # after _retire: a failed sequence is not busy, so its blocks go at once
+        outputs = self._append_sampled(sample_entries, result.tokens, result.logprobs, failed)
+        for out in outputs:
+            if out.finished:
+                self._release(out.seq_id)
         round_trip = time.perf_counter() - inf.started
         self._account(batch, len(sample_entries), round_trip)
         stage_total = sum(result.stage_s.values())
