@@ -15,13 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import generate_latest
 from pydantic import BaseModel, ValidationError
 
-from strata.engine.core import EngineCore, RequestError, SequenceFailed
+from strata.engine.core import RequestError, SequenceFailed
 from strata.engine.engine import AsyncEngine
+from strata.engine.metrics import EngineMetrics
 from strata.engine.serving import Serving
 from strata.internal_auth import admin_denial
 from strata.protocol import (
@@ -42,58 +41,8 @@ from strata.protocol import (
 
 log = logging.getLogger("strata.server")
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
-
-
-class _EngineCollector(Collector):
-    """Gauges read from the engine core at scrape time (no per-step bookkeeping)."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        r = self.core.load_report()
-        labels = ["model_name"]
-        m = [self.core.model_name]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(m, value)
-            return g
-
-        yield gauge("strata_num_requests_running", "Sequences in the running batch.", r.running)
-        yield gauge("strata_num_requests_waiting", "Sequences waiting to be scheduled.", r.waiting)
-        yield gauge("strata_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", r.kv_usage)
-        yield gauge("strata_kv_cache_free_blocks", "Free (or evictable) KV blocks.", r.free_kv_blocks)
-        yield gauge("strata_kv_cache_total_blocks", "KV blocks of this replica.", r.total_kv_blocks)
-        yield gauge("strata_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache.", r.prefix_hit_rate)
-        yield gauge("strata_generation_tokens_per_second", "Output tokens/s, recent window.", r.generation_tokens_per_s)
-        yield gauge("strata_prompt_tokens_per_second", "Prefilled tokens/s, recent window.", r.prompt_tokens_per_s)
-        c = CounterMetricFamily("strata_prompt_tokens", "Prefilled prompt tokens.", labels=labels)
-        c.add_metric(m, self.core.total_prompt_tokens)
-        yield c
-        c = CounterMetricFamily("strata_generation_tokens", "Generated tokens.", labels=labels)
-        c.add_metric(m, self.core.total_generation_tokens)
-        yield c
-
-
-class _Metrics:
-    """Request-level histograms observed by the HTTP layer."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(core))
-        lbl = ["model_name"]
-        self.ttft = Histogram("strata_time_to_first_token_seconds", "Time to first token.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.tpot = Histogram("strata_time_per_output_token_seconds", "Mean time per output token after the first.", lbl, registry=self.registry, buckets=_TPOT_BUCKETS)
-        self.e2e = Histogram("strata_e2e_request_latency_seconds", "Request latency end to end.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.requests = Counter("strata_requests", "Finished requests by finish reason.", lbl + ["finish_reason"], registry=self.registry)
-        self.errors = Counter("strata_request_errors", "Rejected requests by HTTP status.", lbl + ["status"], registry=self.registry)
-
-
 async def _timed(
-    gen: AsyncIterator[bytes], metrics: _Metrics, model: str, t0: float
+    gen: AsyncIterator[bytes], metrics: EngineMetrics, model: str, t0: float
 ) -> AsyncIterator[bytes]:
     """Pass SSE frames through while observing TTFT/TPOT/E2E."""
     first: float | None = None
@@ -249,7 +198,7 @@ def build_app(
     drainer = drainer or Drainer(engine)
     limits = limits or RequestLimits()
     serving = Serving(engine, core.tokenizer, core.model_name, limits)
-    metrics = _Metrics(core)
+    metrics = EngineMetrics(core)
     model = core.model_name
     app = FastAPI(title="strata engine", docs_url=None, redoc_url=None)
     _describe_request_bodies(app)
@@ -376,6 +325,17 @@ def build_app(
         drainer.begin()
         return {"status": "draining", "unfinished": core.scheduler.num_unfinished}
 
+    @app.get("/internal/prefix")
+    async def prefix(request: Request, epoch: str | None = None, since: int | None = None) -> Any:
+        # Routing keys the prefix cache holds (strata.prefix_report); internal: they say
+        # which prompts were sent recently.
+        denied = admin_denial(request, internal_token)
+        if denied is not None:
+            return denied
+        if core.prefixes is None:
+            raise OpenAIError("this replica has no prefix cache to report", 404, "NotFoundError")
+        return core.prefixes.report(epoch, since).to_dict()
+
     @app.get("/metrics")
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
@@ -402,7 +362,7 @@ def _describe_request_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _observe_whole(metrics: _Metrics, model: str, t0: float, body: dict[str, Any]) -> None:
+def _observe_whole(metrics: EngineMetrics, model: str, t0: float, body: dict[str, Any]) -> None:
     dt = time.perf_counter() - t0
     metrics.e2e.labels(model).observe(dt)
     for c in body.get("choices", []):
