@@ -50,3 +50,24 @@ def render(
     for i, obj in enumerate(objects):
         (output / file_name(obj, i)).write_text(to_yaml([obj]))
     typer.echo(f"wrote {len(objects)} objects to {output}", err=True)
+
+
+@app.command()
+def dashboard(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cluster file (YAML).")],
+    namespace: Annotated[str | None, typer.Option(
+        help="Namespace the dashboard opens on; default: the file's platform.namespace.")]
+        = None,
+) -> None:
+    """Print the cluster's Grafana dashboard (JSON model: import it in Grafana)."""
+    import json
+
+    from strata.config import ClusterConfigError, parse_cluster_config
+    from strata.deploy.dashboard import dashboard as dashboard_model
+
+    try:
+        config = parse_cluster_config(yaml.safe_load(file.read_text()), str(file))
+    except (OSError, yaml.YAMLError, ClusterConfigError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps(dashboard_model(config, namespace), indent=2))

@@ -48,7 +48,7 @@ HISTOGRAMS = {
 
 
 @asynccontextmanager
-async def _engine(model: Path, max_num_seqs: int = 8) -> AsyncIterator[tuple[str, str]]:
+async def serve_engine(model: Path, max_num_seqs: int = 8) -> AsyncIterator[tuple[str, str]]:
     """A real engine serving its HTTP app on loopback; yields (base URL, model name)."""
     core = build_engine_core(EngineConfig(
         model=str(model), dtype="float32", device="cpu", threads=1, num_kv_blocks=NUM_BLOCKS,
@@ -115,7 +115,7 @@ PROMPT = "The history of the printing press begins with movable type, " * 6
 
 
 async def test_vllm_series_carry_the_strata_readings(tiny_hf_dir: Path) -> None:
-    async with _engine(tiny_hf_dir) as (url, model), httpx.AsyncClient(timeout=60) as http:
+    async with serve_engine(tiny_hf_dir) as (url, model), httpx.AsyncClient(timeout=60) as http:
         made = [await _complete(http, url, model, PROMPT) for _ in range(2)]
         made.append(await _complete(http, url, model, PROMPT + " again", stream=True,
                                     max_tokens=6))
@@ -148,7 +148,7 @@ async def test_vllm_series_carry_the_strata_readings(tiny_hf_dir: Path) -> None:
 
 async def test_queue_readings_agree_while_requests_wait(tiny_hf_dir: Path) -> None:
     """One sequence at a time, three sent: scrapes see a queue, and both names agree on it."""
-    async with _engine(tiny_hf_dir, max_num_seqs=1) as (url, model), \
+    async with serve_engine(tiny_hf_dir, max_num_seqs=1) as (url, model), \
             httpx.AsyncClient(timeout=60) as http:
         sent = asyncio.gather(*[_complete(http, url, model, f"{i} {PROMPT}", max_tokens=48)
                                 for i in range(3)])
@@ -202,7 +202,7 @@ def _endpoint_picker_metrics(text: str) -> dict[str, Any]:
 
 
 async def test_routers_parse_the_engine_as_a_vllm_replica(tiny_hf_dir: Path) -> None:
-    async with _engine(tiny_hf_dir) as (url, model), httpx.AsyncClient(timeout=60) as http:
+    async with serve_engine(tiny_hf_dir) as (url, model), httpx.AsyncClient(timeout=60) as http:
         for _ in range(2):
             await _complete(http, url, model, PROMPT)
         text = (await http.get(url + "/metrics")).text
