@@ -216,3 +216,24 @@ async def test_routers_parse_the_engine_as_a_vllm_replica(tiny_hf_dir: Path) -> 
     epp = _endpoint_picker_metrics(text)
     assert epp == {"waiting": 0, "running": 0, "kv_usage": stats["kv_usage"], "max_lora": 0,
                    "active_adapters": [], "block_size": BLOCK}
+
+
+async def test_the_stage_head_exports_the_same_families(tiny_hf_dir: Path) -> None:
+    """The head of a pipeline serves the engine's app, so routers read it like an engine."""
+    from strata.stages.head_server import HeadConfig, build_head, build_head_app
+
+    engine = build_head(HeadConfig(stages=((0, 1), (1, 2)), model=str(tiny_hf_dir),
+                                   dtype="float32", device="cpu", threads=1,
+                                   num_kv_blocks=NUM_BLOCKS, max_model_len=256))
+    engine.start()
+    try:
+        async with serve(build_head_app(engine), lifespan="off") as url, \
+                httpx.AsyncClient(timeout=30) as http:
+            text = (await http.get(url + "/metrics")).text
+    finally:
+        engine.stop()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    _assert_aliases_agree(families, engine.core.model_name)
+    for name in HISTOGRAMS.values():
+        assert families[name].type == "histogram"
+    assert _endpoint_picker_metrics(text)["block_size"] == BLOCK
