@@ -243,6 +243,10 @@ def controller(
         Path | None,
         typer.Option(help="File holding the cluster's internal token, sent with POST /drain; default: $STRATA_INTERNAL_TOKEN."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve the autoscaler's Prometheus series on /metrics at this port; default: not served."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run the autoscaler in-cluster against each tier's Kubernetes Deployment (no gateway)."""
@@ -261,7 +265,7 @@ def controller(
                    "(strata serve runs local replicas)", err=True)
         raise typer.Exit(2)
     serve_controller(config, gateway_url=gateway_url,
-                     internal_token=_internal_token(internal_token_file))
+                     internal_token=_internal_token(internal_token_file), metrics_port=metrics_port)
 
 
 @app.command()

@@ -7,7 +7,9 @@ queue, TTFT) from Prometheus when ``prometheus.url`` is set, else from the gatew
 ``/metrics`` at ``--gateway-url`` (without either, only per-replica metrics are known).
 Nothing is scaled at start: the Deployments' ``spec.replicas`` are adopted, and a count
 outside a tier's bounds is corrected by its policy on the first tick. SIGTERM or SIGINT
-stops the loop; the pods keep running.
+stops the loop; the pods keep running. With ``--metrics-port`` the loop's series
+(desired/current replicas, scale events, skipped ticks) are served on ``/metrics`` there,
+as ``strata serve`` serves them on the gateway's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import httpx
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 
 from strata.autoscale.loop import Autoscaler
 from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, SignalSource
@@ -44,15 +46,24 @@ def _gateway_metrics(http: httpx.AsyncClient, url: str | None) -> Callable[[], A
 async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
                          gateway_url: str | None = None,
                          internal_token: str | None = None,
-                         platform: KubernetesPlatform | None = None) -> None:
-    """Run the autoscaler against the cluster's Deployments until ``stop`` is set."""
+                         platform: KubernetesPlatform | None = None,
+                         metrics_port: int | None = None,
+                         metrics_host: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's port
+    """Run the autoscaler against the cluster's Deployments until ``stop`` is set.
+
+    ``metrics_port``: serve the loop's Prometheus series on ``/metrics`` there (0: any).
+    """
     if config.platform.kind != "kubernetes":
         raise ValueError("strata controller drives Kubernetes Deployments; set platform.kind: "
                          "kubernetes in the cluster file (strata serve runs local replicas)")
     platform = platform or KubernetesPlatform.from_config(config, internal_token=internal_token)
     http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
     task: asyncio.Task[None] | None = None
+    registry = CollectorRegistry()
+    exporter = None
     try:
+        if metrics_port is not None:
+            exporter, _ = start_http_server(metrics_port, metrics_host, registry)
         await platform.start()
         source: SignalSource
         if config.prometheus.url is not None:
@@ -66,10 +77,10 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
             name: build_policy(config.autoscaling_for(name))
             for name, tier in config.tiers.items() if tier.autoscaling is not None}
         autoscaler = Autoscaler(
-            platform, Observer(platform, source, http), policies,
+            platform, Observer(platform, source, http, registry=registry), policies,
             period_s=config.autoscaler.period_s, source=source.name,
             max_replicas={n: t.max_replicas for n, t in config.tiers.items()},
-            registry=CollectorRegistry(), history=config.autoscaler.history,
+            registry=registry, history=config.autoscaler.history,
             decision_log=config.autoscaler.decision_log)
         log.info("strata controller: namespace %s, tiers %s, %s every %g s",
                  config.platform.namespace,
@@ -91,10 +102,14 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
             await asyncio.gather(task, return_exceptions=True)
         await platform.close()
         await http.aclose()
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
 
 
 def serve_controller(config: ClusterConfig, *, gateway_url: str | None = None,
-                     internal_token: str | None = None) -> None:
+                     internal_token: str | None = None,
+                     metrics_port: int | None = None) -> None:
     """Run the controller until SIGTERM/SIGINT (the process entry point)."""
 
     async def main() -> None:
@@ -103,6 +118,6 @@ def serve_controller(config: ClusterConfig, *, gateway_url: str | None = None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run_controller(config, stop, gateway_url=gateway_url,
-                             internal_token=internal_token)
+                             internal_token=internal_token, metrics_port=metrics_port)
 
     asyncio.run(main())
