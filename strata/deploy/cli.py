@@ -26,12 +26,25 @@ def render(
     image: Annotated[str, typer.Option(help="Container image of every strata pod.")]
         = "strata:latest",
     namespace: Annotated[str, typer.Option(help="Namespace of every object.")] = "strata",
+    autoscaler: Annotated[str, typer.Option(
+        help="Who scales the autoscaled tiers: strata (the strata controller), hpa "
+             "(autoscaling/v2 HPAs + prometheus-adapter rules) or keda (KEDA "
+             "ScaledObjects).")] = "strata",
+    with_secret: Annotated[bool, typer.Option(
+        "--with-secret", help="Also render the strata-internal-token Secret with a fresh "
+                              "random value (it changes on every render).")] = False,
+    service_monitor: Annotated[bool, typer.Option(
+        help="Render a prometheus-operator ServiceMonitor (needs its CRD).")] = True,
+    monitoring_namespace: Annotated[str, typer.Option(
+        help="Namespace of Prometheus and prometheus-adapter: let in to scrape /metrics; "
+             "home of the adapter rules.")] = "monitoring",
 ) -> None:
-    """Render Namespace, RBAC, engine tiers, gateway and controller as Kubernetes YAML.
+    """Render the cluster file as Kubernetes YAML (kubectl apply -f DIR takes it).
 
-    The pods read the Secret strata-internal-token (key: token), which is not rendered:
-    create it once, e.g. kubectl -n strata create secret generic strata-internal-token
-    --from-literal=token=$(python -c 'import secrets; print(secrets.token_urlsafe(32))').
+    Every pod reads the Secret strata-internal-token (key: token). Either pass
+    --with-secret, or create it once: kubectl -n strata create secret generic
+    strata-internal-token --from-literal=token=$(python -c 'import secrets;
+    print(secrets.token_urlsafe(32))').
     """
     from strata.config import ClusterConfigError
     from strata.deploy.render import RenderError, file_name, to_yaml
@@ -39,7 +52,10 @@ def render(
 
     try:
         data = yaml.safe_load(file.read_text())
-        objects = render_objects(data, namespace=namespace, image=image)
+        objects = render_objects(data, namespace=namespace, image=image,
+                                 autoscaler=autoscaler, with_secret=with_secret,
+                                 service_monitor=service_monitor,
+                                 monitoring_namespace=monitoring_namespace)
     except (OSError, yaml.YAMLError, ClusterConfigError, RenderError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -3,44 +3,71 @@
 A pure function from a validated ``ClusterConfig`` to plain dicts, so the manifests can be
 checked (schema, names, flags) without an API server. The objects are the ones
 ``strata.platform.kubernetes`` expects to find: one Deployment and one Service (port
-``http``) per engine tier, named by ``platform.deployment_name``/``service_name``; a gateway
-that follows the tier's EndpointSlices; and the ``strata controller`` that scales the tier
-through the Deployment's scale subresource with a Role limited to exactly those objects.
+``http``) per tier, named by ``platform.deployment_name``/``service_name``, and a gateway
+that follows the routed tier's EndpointSlices. Command lines are the ones the local
+platform starts (``engine_spec``, ``cluster_stage_specs``), so a flag added there reaches
+the cluster too.
 
-The engine command line is the one the local platform starts (``engine_spec``), so a flag
-added there reaches the cluster too. Not rendered: the ``strata-internal-token`` Secret (it
-holds a random value the user creates once), autoscaler objects (HPA/KEDA) and monitoring.
+* **Engine tiers**: Deployment, Service, PodDisruptionBudget; probes on ``/health``; a
+  preStop ``POST /drain`` (the engine then drains for ``drain_timeout_s`` on SIGTERM).
+* **Stage pipelines** (``strata.deploy.stages``): the head and one Deployment per later
+  stage; stage replicas join the head themselves, and their frame links accept only the
+  pipeline's own pods.
+* **Autoscaling**, by ``RenderOptions.autoscaler``: ``strata`` renders the strata
+  controller (the autoscaler in-cluster, scaling engine tiers through the Deployment
+  scale subresource with a Role limited to exactly those objects); ``hpa`` and ``keda``
+  render HorizontalPodAutoscalers (plus prometheus-adapter rules) or KEDA ScaledObjects
+  on the same signals instead, and no controller (``strata.deploy.autoscaling``).
+* **Monitoring** (``strata.deploy.monitoring``): a ServiceMonitor for every ``/metrics``
+  (not gated by the internal token; the NetworkPolicies let the monitoring namespace in)
+  and the Grafana dashboard as a ConfigMap when ``strata.deploy.dashboard`` exists.
+* **The internal token**: every pod reads the Secret ``strata-internal-token`` (key
+  ``token``). It is not rendered by default, since a fresh random value on every render
+  would change the manifests on every run (GitOps diffs); ``with_secret`` renders one.
+
+Not rendered: API keys for the gateway (``gateway.api_keys_file`` is refused: give the
+gateway ``STRATA_API_KEYS`` from a Secret of your own).
 """
 
 from __future__ import annotations
 
-import math
+import base64
+import secrets
 from typing import Any
 
 import yaml
 
 from strata.config import ClusterConfig, parse_cluster_config
+from strata.deploy.objects import (
+    CONFIG_FILE,
+    CONFIG_MAP,
+    CONFIG_MOUNT,
+    CONTROLLER,
+    ENGINE_PORT,
+    GATEWAY,
+    GATEWAY_ACCOUNT,
+    INTERNAL_TOKEN_KEY,
+    INTERNAL_TOKEN_SECRET,
+    PART_OF,
+    POD_HOST,
+    SERVICE_ACCOUNT,
+    RenderError,
+    RenderOptions,
+    container_security,
+    grace_s,
+    http_probes,
+    labels,
+    meta,
+    pdb,
+    replica_deployment,
+    service,
+    strip_threads,
+    token_env,
+)
 
-# The Secret's name and key, not its value (which the user creates; see the module doc).
-INTERNAL_TOKEN_SECRET = "strata-internal-token"  # nosec B105 (a name, not a secret)
-INTERNAL_TOKEN_KEY = "token"  # nosec B105 (a key name, not a secret)
-# A pod serves on its own IP (the Service and NetworkPolicies below decide who reaches it).
-POD_HOST = "0.0.0.0"  # nosec B104 (inside a pod, behind the NetworkPolicy)
-CONFIG_MAP = "strata-cluster"
-CONFIG_MOUNT = "/etc/strata"
-CONFIG_FILE = "cluster.yaml"
-SERVICE_ACCOUNT = "strata-controller"
-GATEWAY_ACCOUNT = "strata-gateway"
-GATEWAY = "strata-gateway"
-CONTROLLER = "strata-controller"
-ENGINE_PORT = 8000
-PART_OF = "strata"
+__all__ = ["ENGINE_PORT", "RenderError", "RenderOptions", "render", "to_yaml", "file_name"]
+
 _RESERVED_TIERS = ("gateway", "controller")
-_PROBE_PERIOD_S = 5
-
-
-class RenderError(ValueError):
-    """The cluster file cannot be rendered for Kubernetes; the message says why and how."""
 
 
 def kubernetes_cluster_file(data: dict[str, Any] | None, namespace: str) -> dict[str, Any]:
@@ -58,44 +85,12 @@ def kubernetes_cluster_file(data: dict[str, Any] | None, namespace: str) -> dict
     return out
 
 
-def _labels(component: str, tier: str | None = None) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": "strata", "app.kubernetes.io/part-of": PART_OF,
-              "app.kubernetes.io/component": component}
-    if tier is not None:
-        labels["strata/tier"] = tier
-    return labels
-
-
-def _meta(name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": dict(labels)}
-
-
-def _token_env() -> dict[str, Any]:
-    return {"name": "STRATA_INTERNAL_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": INTERNAL_TOKEN_SECRET, "key": INTERNAL_TOKEN_KEY}}}
-
-
-def _security() -> dict[str, Any]:
-    # The image runs as uid 10001 (deploy/Dockerfile) and writes only to mounted volumes.
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]}}
-
-
 def engine_argv(config: ClusterConfig, tier: str) -> list[str]:
-    """``strata engine ...`` for ``tier``: the local platform's command, bound on 0.0.0.0.
-
-    Threads the file leaves unset are left to the engine (it measures the pod's cores)
-    rather than divided among replicas as on one machine.
-    """
+    """``strata engine ...`` for ``tier``: the local platform's command, bound on 0.0.0.0."""
     from strata.platform.process import engine_spec
 
     argv = engine_spec(config, tier, cores=1).argv(POD_HOST, ENGINE_PORT)
-    i = argv.index("engine")
-    out = ["strata", *argv[i:]]
-    if config.engine_for(tier).threads is None:
-        j = out.index("--threads")
-        del out[j:j + 2]
-    return out
+    return strip_threads(argv, config.engine_for(tier).threads)
 
 
 def gateway_argv(config: ClusterConfig, namespace: str) -> list[str]:
@@ -134,12 +129,6 @@ def gateway_argv(config: ClusterConfig, namespace: str) -> list[str]:
     return argv
 
 
-def _grace_s(config: ClusterConfig) -> int:
-    """Drain, then the stop margin: the kubelet's SIGKILL must not cut a drain short."""
-    p = config.platform
-    return math.ceil(p.drain_timeout_s + p.stop_timeout_s)
-
-
 def _prestop_drain(port: int) -> dict[str, Any]:
     """``POST /drain`` before SIGTERM (the image has python but no curl)."""
     code = ("import os,urllib.request as u;"
@@ -149,123 +138,65 @@ def _prestop_drain(port: int) -> dict[str, Any]:
     return {"exec": {"command": ["python", "-c", code]}}
 
 
-def _engine_objects(config: ClusterConfig, tier: str, namespace: str,
-                    image: str) -> list[dict[str, Any]]:
+def _engine_objects(config: ClusterConfig, tier: str, opts: RenderOptions,
+                    replicas: int | None) -> list[dict[str, Any]]:
     p = config.platform
-    t = config.tiers[tier]
     name = p.deployment_name.format(tier=tier)
-    service = p.service_name.format(tier=tier)
-    labels = _labels("engine", tier)
-    health = {"path": "/health", "port": p.port_name}
-    grace = _grace_s(config)
+    pod_labels = labels("engine", tier)
     threads = config.engine_for(tier).threads
     container = {
-        "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
+        "name": "engine", "image": opts.image, "imagePullPolicy": "IfNotPresent",
         "command": engine_argv(config, tier),
         "ports": [{"name": p.port_name, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        "env": [_token_env()],
+        "env": [token_env()],
         "resources": {"requests": {"cpu": str(threads or 1)}},
-        # Loading the model may take start_timeout_s; until then neither probe below runs.
-        "startupProbe": {"httpGet": health, "periodSeconds": _PROBE_PERIOD_S,
-                         "timeoutSeconds": 3, "failureThreshold": max(1, math.ceil(p.start_timeout_s
-                                                              / _PROBE_PERIOD_S))},
-        # /health answers 503 while draining, so the Service drops the pod at once.
-        # Two misses, not one: a busy engine may answer a probe late.
-        "readinessProbe": {"httpGet": health, "periodSeconds": 2, "timeoutSeconds": 3,
-                           "failureThreshold": 2},
-        # Also 503 while draining: the threshold outlasts the grace period, so liveness only
-        # restarts an engine that died, never one finishing its drain.
-        "livenessProbe": {"httpGet": health, "periodSeconds": 10, "timeoutSeconds": 5,
-                          "failureThreshold": math.ceil(grace / 10) + 1},
+        **http_probes(config, p.port_name),
         "lifecycle": {"preStop": _prestop_drain(ENGINE_PORT)},
-        "securityContext": _security(),
+        "securityContext": container_security(),
     }
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, namespace, labels),
-        "spec": {
-            "replicas": t.initial_replicas,
-            "selector": {"matchLabels": labels},
-            "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "automountServiceAccountToken": False,
-                "terminationGracePeriodSeconds": grace,
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
-                                    "runAsGroup": 10001, "fsGroup": 10001},
-                "containers": [container],
-            }},
-        },
-    }
-    svc = {
-        "apiVersion": "v1", "kind": "Service", "metadata": _meta(service, namespace, labels),
-        "spec": {"selector": labels, "ports": [{"name": p.port_name, "port": ENGINE_PORT,
-                                                "targetPort": p.port_name, "protocol": "TCP"}]},
-    }
-    pdb = {
-        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": _meta(name, namespace, labels),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
-    }
-    return [deployment, svc, pdb]
+    ns = opts.namespace
+    return [replica_deployment(name, ns, pod_labels, container, replicas=replicas,
+                               grace=grace_s(config)),
+            service(p.service_name.format(tier=tier), ns, pod_labels,
+                    [(p.port_name, ENGINE_PORT)]),
+            pdb(name, ns, pod_labels)]
 
 
-def _rbac(config: ClusterConfig, namespace: str) -> list[dict[str, Any]]:
+def _account(name: str, namespace: str, component: str,
+             rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ServiceAccount with its own Role (``rules``) bound to it, in ``namespace`` only."""
+    obj_labels = labels(component)
+    rbac = "rbac.authorization.k8s.io/v1"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(name, namespace, obj_labels)},
+        {"apiVersion": rbac, "kind": "Role", "metadata": meta(name, namespace, obj_labels),
+         "rules": rules},
+        {"apiVersion": rbac, "kind": "RoleBinding", "metadata": meta(name, namespace, obj_labels),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
+
+
+_READ_SLICES = {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                "verbs": ["get", "list", "watch"]}
+
+
+def _controller_rbac(config: ClusterConfig, namespace: str) -> list[dict[str, Any]]:
     """Least privilege: the tiers' own Deployments; pods and EndpointSlices of the namespace."""
-    p = config.platform
-    deployments = sorted(p.deployment_name.format(tier=t) for t in config.tiers)
-    labels = _labels("controller")
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount",
-          "metadata": _meta(SERVICE_ACCOUNT, namespace, labels)}
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": _meta(SERVICE_ACCOUNT, namespace, labels),
-        "rules": [
-            {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
-             "resourceNames": deployments, "verbs": ["get", "update", "patch"]},
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-             "verbs": ["get", "list", "watch"]},
-            # patch: the pod-deletion-cost annotation; delete: drain(replica) replaces a pod.
-            {"apiGroups": [""], "resources": ["pods"],
-             "verbs": ["get", "list", "watch", "patch", "delete"]},
-        ],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": _meta(SERVICE_ACCOUNT, namespace, labels),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": SERVICE_ACCOUNT},
-        "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT,
-                      "namespace": namespace}],
-    }
-    gw_labels = _labels("gateway")
-    gw_sa = {"apiVersion": "v1", "kind": "ServiceAccount",
-             "metadata": _meta(GATEWAY_ACCOUNT, namespace, gw_labels)}
-    gw_role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": _meta(GATEWAY_ACCOUNT, namespace, gw_labels),
-        "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                   "verbs": ["get", "list", "watch"]}],
-    }
-    gw_binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": _meta(GATEWAY_ACCOUNT, namespace, gw_labels),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": GATEWAY_ACCOUNT},
-        "subjects": [{"kind": "ServiceAccount", "name": GATEWAY_ACCOUNT,
-                      "namespace": namespace}],
-    }
-    return [sa, role, binding, gw_sa, gw_role, gw_binding]
-
-
-def _config_volume() -> tuple[dict[str, Any], dict[str, Any]]:
-    volume = {"name": "cluster", "configMap": {"name": CONFIG_MAP}}
-    mount = {"name": "cluster", "mountPath": CONFIG_MOUNT, "readOnly": True}
-    return volume, mount
+    deployments = sorted(config.platform.deployment_name.format(tier=t) for t in config.tiers)
+    return _account(SERVICE_ACCOUNT, namespace, "controller", [
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
+         "resourceNames": deployments, "verbs": ["get", "update", "patch"]},
+        dict(_READ_SLICES),
+        # patch: the pod-deletion-cost annotation; delete: drain(replica) replaces a pod.
+        {"apiGroups": [""], "resources": ["pods"],
+         "verbs": ["get", "list", "watch", "patch", "delete"]},
+    ])
 
 
 def _gateway_objects(config: ClusterConfig, namespace: str, image: str) -> list[dict[str, Any]]:
     port = config.gateway.port
-    labels = _labels("gateway")
+    gw_labels = labels("gateway")
     tcp = {"tcpSocket": {"port": "http"}}
     container = {
         "name": "gateway", "image": image, "imagePullPolicy": "IfNotPresent",
@@ -275,96 +206,154 @@ def _gateway_objects(config: ClusterConfig, namespace: str, image: str) -> list[
         # hold requests meanwhile, so its probes check the listener only.
         "readinessProbe": {**tcp, "periodSeconds": 5},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
-        "securityContext": _security(),
+        "securityContext": container_security(),
     }
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(GATEWAY, namespace, labels),
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": meta(GATEWAY, namespace, gw_labels),
+        "spec": {"replicas": 1, "selector": {"matchLabels": gw_labels},
+                 "template": {"metadata": {"labels": gw_labels}, "spec": {
                      "serviceAccountName": GATEWAY_ACCOUNT,
-                     "terminationGracePeriodSeconds": _grace_s(config),
+                     "terminationGracePeriodSeconds": grace_s(config),
                      "containers": [container]}}},
     }
-    svc = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(GATEWAY, namespace, labels),
-           "spec": {"selector": labels, "ports": [{"name": "http", "port": port,
-                                                   "targetPort": "http", "protocol": "TCP"}]}}
-    return [deployment, svc]
+    return [deployment, service(GATEWAY, namespace, gw_labels, [("http", port)])]
 
 
 def _controller_objects(config: ClusterConfig, namespace: str,
                         image: str) -> list[dict[str, Any]]:
-    labels = _labels("controller")
-    volume, mount = _config_volume()
+    ctl_labels = labels("controller")
+    volume = {"name": "cluster", "configMap": {"name": CONFIG_MAP}}
+    mount = {"name": "cluster", "mountPath": CONFIG_MOUNT, "readOnly": True}
     argv = ["strata", "controller", "-f", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
             "--gateway-url", f"http://{GATEWAY}.{namespace}.svc:{config.gateway.port}"]
     container = {"name": "controller", "image": image, "imagePullPolicy": "IfNotPresent",
-                 "command": argv, "env": [_token_env()], "volumeMounts": [mount],
-                 "securityContext": _security()}
+                 "command": argv, "env": [token_env()], "volumeMounts": [mount],
+                 "securityContext": container_security()}
     return [{
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _meta(CONTROLLER, namespace, labels),
+        "metadata": meta(CONTROLLER, namespace, ctl_labels),
         # One autoscaler at a time: Recreate never runs two side by side.
         "spec": {"replicas": 1, "strategy": {"type": "Recreate"},
-                 "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": {
+                 "selector": {"matchLabels": ctl_labels},
+                 "template": {"metadata": {"labels": ctl_labels}, "spec": {
                      "serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
                      "volumes": [volume]}}},
     }]
 
 
-def _network_policies(config: ClusterConfig, namespace: str) -> list[dict[str, Any]]:
-    gateway = {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": _meta(GATEWAY, namespace, _labels("gateway")),
-        "spec": {"podSelector": {"matchLabels": _labels("gateway")},
-                 "policyTypes": ["Ingress"],
-                 "ingress": [{"ports": [{"port": config.gateway.port, "protocol": "TCP"}]}]},
-    }
-    peers = [{"podSelector": {"matchLabels": _labels(c)}} for c in ("gateway", "controller")]
-    engines = {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": _meta("strata-engines", namespace, _labels("engine")),
-        "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "strata",
-                                                 "app.kubernetes.io/component": "engine"}},
-                 "policyTypes": ["Ingress"],
-                 "ingress": [{"from": peers,
-                              "ports": [{"port": ENGINE_PORT, "protocol": "TCP"}]}]},
-    }
-    return [gateway, engines]
+def network_policy(name: str, namespace: str, component: str, selector: dict[str, str],
+                   rules: list[tuple[list[dict[str, Any]], list[int]]]) -> dict[str, Any]:
+    """Ingress to the pods of ``selector``: each rule lets its peers reach its ports."""
+    ingress = [{"from": peers, "ports": [{"port": p, "protocol": "TCP"} for p in ports]}
+               for peers, ports in rules]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": meta(name, namespace, labels(component)),
+            "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
+                     "ingress": ingress}}
 
 
-def render(data: dict[str, Any] | None, *, namespace: str = "strata",
-           image: str = "strata:latest") -> list[dict[str, Any]]:
-    """Every object of the cluster, in apply order, from the parsed cluster file ``data``.
+def component_peer(component: str) -> dict[str, Any]:
+    """The pods of one strata component in this namespace."""
+    return {"podSelector": {"matchLabels": labels(component)}}
 
-    Raises ``ClusterConfigError`` for an invalid file and ``RenderError`` for a valid one
-    that cannot run on Kubernetes yet.
-    """
-    cluster_data = kubernetes_cluster_file(data, namespace)
-    config = parse_cluster_config(cluster_data, "cluster file")
-    for name, tier in config.tiers.items():
-        if tier.kind == "stages":
-            raise RenderError(f"tiers.{name}: stage tiers are not rendered yet; use an engine "
-                              "tier (kind: engine) for Kubernetes")
+
+def monitoring_peer(opts: RenderOptions) -> list[dict[str, Any]]:
+    """Prometheus' namespace, when a ServiceMonitor is rendered (it scrapes each pod)."""
+    if not opts.service_monitor:
+        return []
+    return [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": opts.monitoring_namespace}}}]
+
+
+def _gateway_policy(config: ClusterConfig, namespace: str) -> dict[str, Any]:
+    gateway = network_policy(GATEWAY, namespace, "gateway", labels("gateway"), [])
+    # No `from`: the gateway is the one component reachable from anywhere.
+    gateway["spec"]["ingress"] = [{"ports": [{"port": config.gateway.port, "protocol": "TCP"}]}]
+    return gateway
+
+
+def _engine_policy(namespace: str, opts: RenderOptions, controller: bool) -> dict[str, Any]:
+    peers = [component_peer("gateway")]
+    if controller:
+        peers.append(component_peer("controller"))
+    selector = {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "engine"}
+    return network_policy("strata-engines", namespace, "engine", selector,
+                          [([*peers, *monitoring_peer(opts)], [ENGINE_PORT])])
+
+
+def _secret(namespace: str) -> dict[str, Any]:
+    """The internal token with a fresh random value (``--with-secret``)."""
+    token = secrets.token_urlsafe(32)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": meta(INTERNAL_TOKEN_SECRET, namespace, labels("internal-token")),
+            "data": {INTERNAL_TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
+
+
+def _check(config: ClusterConfig, opts: RenderOptions) -> None:
+    for name in config.tiers:
         if name in _RESERVED_TIERS:
             raise RenderError(f"tiers.{name}: the name is taken by strata's own {name}; "
                               "rename the tier (e.g. engine)")
     if config.gateway.api_keys_file is not None:
         raise RenderError("gateway.api_keys_file is a path on this machine; remove it and "
                           "give the gateway STRATA_API_KEYS from a Secret instead")
+    if opts.autoscaler not in ("strata", "hpa", "keda"):
+        raise RenderError(f"autoscaler {opts.autoscaler!r}: use strata, hpa or keda")
+
+
+def render(data: dict[str, Any] | None, *, namespace: str = "strata",
+           image: str = "strata:latest", **options: Any) -> list[dict[str, Any]]:
+    """Every object of the cluster, in apply order, from the parsed cluster file ``data``.
+
+    ``options`` are the other ``RenderOptions`` fields (autoscaler, with_secret, ...).
+    Raises ``ClusterConfigError`` for an invalid file and ``RenderError`` for a valid one
+    that cannot run on Kubernetes (the message says what to change).
+    """
+    from strata.deploy.autoscaling import autoscaling_objects, scaled_tiers
+    from strata.deploy.monitoring import monitoring_objects
+    from strata.deploy.stages import stage_objects, stage_policies, stage_tier_plans
+
+    opts = RenderOptions(namespace=namespace, image=image, **options)
+    cluster_data = kubernetes_cluster_file(data, namespace)
+    config = parse_cluster_config(cluster_data, "cluster file")
+    _check(config, opts)
+    pipeline = config.tiers[config.tier_name].kind == "stages"
+    plans = stage_tier_plans(config) if pipeline else []
+    scaled = scaled_tiers(config, plans, opts)  # RenderError if the choice cannot scale them
+    # The controller drives engine tiers only (the Kubernetes platform runs no pipeline);
+    # with hpa or keda the native objects scale instead, so it is not rendered at all.
+    controller = opts.autoscaler == "strata" and not pipeline
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": namespace, "labels": {"app.kubernetes.io/part-of": PART_OF}}},
-        *_rbac(config, namespace),
-        {"apiVersion": "v1", "kind": "ConfigMap",
-         "metadata": _meta(CONFIG_MAP, namespace, _labels("controller")),
-         "data": {CONFIG_FILE: yaml.safe_dump(cluster_data, sort_keys=False)}},
     ]
-    for tier in config.tiers:
-        objects += _engine_objects(config, tier, namespace, image)
+    if opts.with_secret:
+        objects.append(_secret(namespace))
+    if controller:
+        objects += _controller_rbac(config, namespace)
+    objects += _account(GATEWAY_ACCOUNT, namespace, "gateway", [dict(_READ_SLICES)])
+    objects.append({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": meta(CONFIG_MAP, namespace, labels("controller")),
+                    "data": {CONFIG_FILE: yaml.safe_dump(cluster_data, sort_keys=False)}})
+    managed = {s.deployment for s in scaled}  # spec.replicas left to the HPA / KEDA
+    if pipeline:
+        objects += stage_objects(config, plans, opts, managed)
+    else:
+        for tier, t in config.tiers.items():
+            name = config.platform.deployment_name.format(tier=tier)
+            objects += _engine_objects(config, tier, opts,
+                                       None if name in managed else t.initial_replicas)
     objects += _gateway_objects(config, namespace, image)
-    objects += _controller_objects(config, namespace, image)
-    objects += _network_policies(config, namespace)
+    if controller:
+        objects += _controller_objects(config, namespace, image)
+    objects += autoscaling_objects(config, scaled, opts)
+    objects += monitoring_objects(config, opts)
+    objects.append(_gateway_policy(config, namespace))
+    if pipeline:
+        objects += stage_policies(config, plans, opts)
+    else:
+        objects.append(_engine_policy(namespace, opts, controller))
     return objects
 
 

@@ -3,13 +3,18 @@
 No API server runs here, so the objects are checked against the Kubernetes OpenAPI schema
 (``kubernetes-validate``, strict: unknown fields fail), against what
 ``strata.platform.kubernetes`` looks up (names, port), and every command line is parsed by
-the real ``strata`` Typer app. A golden file pins the whole output (regenerate it with
-``STRATA_REGEN_GOLDEN=1``).
+the real ``strata`` Typer app. A golden file per example cluster file (and autoscaler
+choice) pins the whole output (regenerate them with ``STRATA_REGEN_GOLDEN=1``). Stage
+pipelines, autoscalers and monitoring have their own test files next to this one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,11 @@ from strata.internal_auth import ENV_VAR, HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "cluster.example.yaml"
-GOLDEN = Path(__file__).parent / "golden" / "cluster.example.yaml"
+PIPELINE = ROOT / "deploy" / "cluster.pipeline.example.yaml"
+GOLDEN_DIR = Path(__file__).parent / "golden"
 K8S_VERSION = "1.31.0"
+# Custom resources: kubernetes-validate knows only the core schemas (see crd_schemas.py).
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
 
 
 def _example() -> dict[str, Any]:
@@ -63,13 +71,24 @@ def _parse(argv: list[str]) -> click.Context:
         return cmd.make_context(argv[1], list(argv[2:]), parent=ctx)
 
 
-def test_every_object_passes_the_strict_kubernetes_schema() -> None:
-    objects = _objects()
+def validate_core(objects: list[dict[str, Any]], namespace: str = "strata") -> None:
+    """Every core object against the strict 1.31 schema; each in ``namespace``."""
     assert objects[0]["kind"] == "Namespace"  # created before what lives in it
     for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == "strata"
+        if obj["kind"] == "Namespace":
+            continue
+        # prometheus-adapter reads its rules from its own namespace
+        expected = "monitoring" if obj["metadata"]["name"] == "strata-prometheus-adapter" \
+            else namespace
+        assert obj["metadata"]["namespace"] == expected, obj["metadata"]
+
+
+@pytest.mark.parametrize("autoscaler", ["strata", "hpa", "keda"])
+def test_every_object_passes_the_strict_kubernetes_schema(autoscaler: str) -> None:
+    validate_core(_objects(autoscaler=autoscaler))
 
 
 def test_a_bad_object_fails_the_schema() -> None:
@@ -207,27 +226,63 @@ def test_network_policies_open_the_gateway_and_close_the_engines() -> None:
     assert eng["podSelector"]["matchLabels"].items() <= engine_labels.items()
     (rule,) = eng["ingress"]
     components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                  for peer in rule["from"]}
+                  for peer in rule["from"] if "podSelector" in peer}
     assert components == {"gateway", "controller"}
+    # Prometheus scrapes each engine's /metrics: its namespace, and nothing else, is let in.
+    (ns_peer,) = [peer for peer in rule["from"] if "podSelector" not in peer]
+    assert ns_peer == {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}
+    closed = _objects(service_monitor=False)
+    (rule,) = _one(closed, "NetworkPolicy", "strata-engines")["spec"]["ingress"]
+    assert all("podSelector" in peer for peer in rule["from"])
+    assert not [o for o in closed if o["kind"] == "ServiceMonitor"]
 
 
-def test_stage_tiers_and_local_paths_are_refused() -> None:
-    data = _example()
-    data["tiers"] = {"pipeline": {"stages": [{"layers": "0:15"}, {"layers": "15:30"}]}}
-    with pytest.raises(RenderError, match="stage tiers are not rendered yet"):
-        render(data)
+def test_local_paths_and_reserved_names_are_refused() -> None:
     data = _example()
     data["gateway"] = {**data["gateway"], "api_keys_file": "keys.yaml"}
     with pytest.raises(RenderError, match="api_keys_file"):
         render(data)
+    data = _example()
+    data["tiers"] = {"gateway": data["tiers"]["engine"]}
+    with pytest.raises(RenderError, match="taken by strata's own gateway"):
+        render(data)
+    with pytest.raises(RenderError, match="use strata, hpa or keda"):
+        render(_example(), autoscaler="vpa")
 
 
-def test_golden_file() -> None:
-    text = to_yaml(_objects())
+def test_the_token_secret_is_rendered_only_when_asked() -> None:
+    import base64
+
+    assert not [o for o in _objects() if o["kind"] == "Secret"]
+    first = _one(_objects(with_secret=True), "Secret", "strata-internal-token")
+    second = _one(_objects(with_secret=True), "Secret", "strata-internal-token")
+    kubernetes_validate.validate(first, K8S_VERSION, strict=True)
+    token = base64.b64decode(first["data"]["token"]).decode()
+    assert len(token) >= 43 and token.replace("-", "").replace("_", "").isalnum()
+    assert first["data"] != second["data"]  # fresh on every render: hence not by default
+    objects = _objects(with_secret=True)
+    assert [o["kind"] for o in objects[:2]] == ["Namespace", "Secret"]  # before its readers
+
+
+# (example file, autoscaler) -> golden file: every example, and each autoscaler form once.
+GOLDENS = [
+    (EXAMPLE, "strata", "cluster.example.yaml"),
+    (EXAMPLE, "hpa", "cluster.example.hpa.yaml"),
+    (EXAMPLE, "keda", "cluster.example.keda.yaml"),
+    (PIPELINE, "hpa", "cluster.pipeline.example.hpa.yaml"),
+]
+
+
+@pytest.mark.parametrize(("example", "autoscaler", "golden"), GOLDENS)
+def test_golden_file(example: Path, autoscaler: str, golden: str) -> None:
+    text = to_yaml(render(yaml.safe_load(example.read_text()), autoscaler=autoscaler))
+    path = GOLDEN_DIR / golden
     if os.environ.get("STRATA_REGEN_GOLDEN") == "1":
-        GOLDEN.write_text(text)
-    assert GOLDEN.read_text() == text, (
-        "rendered manifests changed; if intended, rerun with STRATA_REGEN_GOLDEN=1")
+        path.write_text(text)
+    assert path.read_text() == text, (
+        f"rendered manifests of {example.name} changed; if intended, rerun with "
+        "STRATA_REGEN_GOLDEN=1")
 
 
 def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
@@ -243,6 +298,14 @@ def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
     res = runner.invoke(strata_app, ["deploy", "render", "-f", str(EXAMPLE)])
     assert res.exit_code == 0, res.output
     assert list(yaml.safe_load_all(res.stdout)) == _objects()
+    res = runner.invoke(strata_app, ["deploy", "render", "-f", str(EXAMPLE), "--autoscaler",
+                                     "keda", "--with-secret", "--no-service-monitor",
+                                     "--monitoring-namespace", "obs"])
+    assert res.exit_code == 0, res.output
+    kinds = [o["kind"] for o in yaml.safe_load_all(res.stdout)]
+    assert "ScaledObject" in kinds and "Secret" in kinds and "ServiceMonitor" not in kinds
+    res = runner.invoke(strata_app, ["deploy", "render", "-f", str(PIPELINE)])
+    assert res.exit_code == 2 and "--autoscaler hpa or keda" in res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiers: {engine: {replicaz: 2}}\n")
     res = runner.invoke(strata_app, ["deploy", "render", "-f", str(bad)])
@@ -250,11 +313,21 @@ def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
     assert "replicaz" in res.output
 
 
+@contextlib.contextmanager
+def loopback(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """``handler`` served on a free loopback port (standing in for a pod); yields the port."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_prestop_hook_posts_drain_with_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hook's one-liner, run against a loopback server standing in for the engine."""
-    import http.server
-    import threading
-
     from strata.deploy.render import ENGINE_PORT, _prestop_drain
 
     seen: list[tuple[str, str, str | None]] = []
@@ -270,17 +343,10 @@ def test_prestop_hook_posts_drain_with_the_token(monkeypatch: pytest.MonkeyPatch
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        port = server.server_address[1]
+    with loopback(Handler) as port:
         code = _prestop_drain(port)["exec"]["command"][2]
         assert code == _prestop_drain(ENGINE_PORT)["exec"]["command"][2].replace(
             f":{ENGINE_PORT}/", f":{port}/")
         monkeypatch.setenv(ENV_VAR, "s3cret")
         exec(compile(code, "preStop", "exec"), {})  # noqa: S102 (our own rendered hook)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert seen == [("POST", "/drain", "s3cret")]
