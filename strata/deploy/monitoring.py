@@ -1,7 +1,7 @@
 """Monitoring objects: a ServiceMonitor over every strata ``/metrics``, and the dashboard.
 
 Engines, the stage head, stage replicas and the gateway all serve Prometheus text on
-``GET /metrics`` of their HTTP port, and none of them gates it with the internal token
+``GET /metrics`` of their HTTP port (the strata controller on its ``metrics`` port), and none of them gates it with the internal token
 (only admin calls such as ``/drain`` want it), so the ServiceMonitor needs no bearer
 token or header. What stands between Prometheus and an engine is the NetworkPolicy, which
 lets the monitoring namespace in (``strata.deploy.render.monitoring_peer``). Each target
@@ -20,13 +20,13 @@ SERVICE_MONITOR = "strata"
 DASHBOARD_CONFIG_MAP = "strata-dashboard"
 # Components whose Service lists pods serving /metrics (not the stage-join Service, which
 # lists the head a second time).
-SCRAPED = ("engine", "gateway", "stage", "stage-head")
+SCRAPED = ("engine", "gateway", "stage", "stage-head", "controller")
 
 
 def service_monitor(config: ClusterConfig, opts: RenderOptions) -> dict[str, Any]:
     """prometheus-operator's ServiceMonitor for every strata Service of the namespace."""
     interval = f"{math.ceil(config.autoscaler.period_s)}s"
-    ports = sorted({config.platform.port_name, "http"})
+    ports = sorted({config.platform.port_name, "http", "metrics"})  # metrics: the controller
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
         "metadata": meta(SERVICE_MONITOR, opts.namespace, labels("monitoring")),

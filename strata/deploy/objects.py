@@ -26,6 +26,7 @@ GATEWAY_ACCOUNT = "strata-gateway"
 GATEWAY = "strata-gateway"
 CONTROLLER = "strata-controller"
 ENGINE_PORT = 8000
+CONTROLLER_METRICS_PORT = 9100  # the strata controller's /metrics (its only listener)
 STAGE_DATA_PORT = 9000  # a stage replica's frame listener (the local platform lets it pick)
 METRICS_PATH = "/metrics"
 PART_OF = "strata"

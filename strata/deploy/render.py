@@ -43,6 +43,7 @@ from strata.deploy.objects import (
     CONFIG_MAP,
     CONFIG_MOUNT,
     CONTROLLER,
+    CONTROLLER_METRICS_PORT,
     ENGINE_PORT,
     GATEWAY,
     GATEWAY_ACCOUNT,
@@ -202,6 +203,8 @@ def _gateway_objects(config: ClusterConfig, namespace: str, image: str) -> list[
         "name": "gateway", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": gateway_argv(config, namespace),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        # The replicas' prefix reports (/internal/prefix) want the internal token.
+        "env": [token_env()],
         # The gateway's /health is 503 with no ready replica; it must stay reachable to
         # hold requests meanwhile, so its probes check the listener only.
         "readinessProbe": {**tcp, "periodSeconds": 5},
@@ -226,11 +229,17 @@ def _controller_objects(config: ClusterConfig, namespace: str,
     volume = {"name": "cluster", "configMap": {"name": CONFIG_MAP}}
     mount = {"name": "cluster", "mountPath": CONFIG_MOUNT, "readOnly": True}
     argv = ["strata", "controller", "-f", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
-            "--gateway-url", f"http://{GATEWAY}.{namespace}.svc:{config.gateway.port}"]
+            "--gateway-url", f"http://{GATEWAY}.{namespace}.svc:{config.gateway.port}",
+            # desired/current replicas, scale events: the dashboard's scaling panels
+            "--metrics-port", str(CONTROLLER_METRICS_PORT)]
     container = {"name": "controller", "image": image, "imagePullPolicy": "IfNotPresent",
-                 "command": argv, "env": [token_env()], "volumeMounts": [mount],
+                 "command": argv,
+                 "ports": [{"name": "metrics", "containerPort": CONTROLLER_METRICS_PORT,
+                            "protocol": "TCP"}],
+                 "env": [token_env()], "volumeMounts": [mount],
                  "securityContext": container_security()}
-    return [{
+    metrics = service(CONTROLLER, namespace, ctl_labels, [("metrics", CONTROLLER_METRICS_PORT)])
+    return [metrics, {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta(CONTROLLER, namespace, ctl_labels),
         # One autoscaler at a time: Recreate never runs two side by side.
@@ -280,6 +289,12 @@ def _engine_policy(namespace: str, opts: RenderOptions, controller: bool) -> dic
     selector = {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "engine"}
     return network_policy("strata-engines", namespace, "engine", selector,
                           [([*peers, *monitoring_peer(opts)], [ENGINE_PORT])])
+
+
+def _controller_policy(namespace: str, opts: RenderOptions) -> dict[str, Any]:
+    """The controller serves only its /metrics: Prometheus alone may reach it."""
+    rules = [(monitoring_peer(opts), [CONTROLLER_METRICS_PORT])] if opts.service_monitor else []
+    return network_policy(CONTROLLER, namespace, "controller", labels("controller"), rules)
 
 
 def _secret(namespace: str) -> dict[str, Any]:
@@ -354,6 +369,8 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
         objects += stage_policies(config, plans, opts)
     else:
         objects.append(_engine_policy(namespace, opts, controller))
+    if controller:
+        objects.append(_controller_policy(namespace, opts))
     return objects
 
 

@@ -209,11 +209,22 @@ def test_gateway_and_controller_commands_parse() -> None:
     assert (p["policy"], p["policy_param"]) == ("prefix_affinity", ["load_factor=1.5"])
     assert p["served_model_name"] == ["SmolLM2-135M-Instruct"]
     assert p["hold_timeout_s"] == 60.0
+    assert {"name": ENV_VAR, "valueFrom": {"secretKeyRef": {
+        "name": "strata-internal-token", "key": "token"}}} in gw["env"]
     ctl = _container(_one(objects, "Deployment", "strata-controller"))
     p = _parse(ctl["command"]).params
     assert str(p["file"]) == "/etc/strata/cluster.yaml"
     assert p["gateway_url"] == "http://strata-gateway.strata.svc:8000"
     assert ctl["volumeMounts"][0]["mountPath"] == "/etc/strata"
+    # Its scaling series for the dashboard, on a port only the monitoring namespace reaches.
+    assert p["metrics_port"] == 9100
+    assert ctl["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    svc = _one(objects, "Service", "strata-controller")["spec"]
+    assert svc["ports"][0]["targetPort"] == "metrics"
+    (rule,) = _one(objects, "NetworkPolicy", "strata-controller")["spec"]["ingress"]
+    assert rule == {"from": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": 9100, "protocol": "TCP"}]}
 
 
 def test_network_policies_open_the_gateway_and_close_the_engines() -> None:

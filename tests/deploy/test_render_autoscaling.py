@@ -173,7 +173,7 @@ def test_the_crd_checks_can_fail() -> None:
         validate_crd(sm)
 
 
-def test_service_monitor_selects_the_metrics_ports_of_engines_and_gateway() -> None:
+def test_service_monitor_selects_the_metrics_ports_of_every_strata_service() -> None:
     objects = render(_example())
     sm = _one(objects, "ServiceMonitor", "strata")
     validate_crd(sm)
@@ -183,7 +183,8 @@ def test_service_monitor_selects_the_metrics_ports_of_engines_and_gateway() -> N
     selected = [s for s in objects if s["kind"] == "Service"
                 and spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
                 and s["metadata"]["labels"]["app.kubernetes.io/component"] in expr["values"]]
-    assert {s["metadata"]["name"] for s in selected} == {"strata-engine", "strata-gateway"}
+    assert {s["metadata"]["name"] for s in selected} == {"strata-engine", "strata-gateway",
+                                                         "strata-controller"}
     ports = {e["port"] for e in spec["endpoints"]}
     for svc in selected:
         assert ports & {p["name"] for p in svc["spec"]["ports"]}
