@@ -33,8 +33,9 @@ def render(
     with_secret: Annotated[bool, typer.Option(
         "--with-secret", help="Also render the strata-internal-token Secret with a fresh "
                               "random value (it changes on every render).")] = False,
-    service_monitor: Annotated[bool, typer.Option(
-        help="Render a prometheus-operator ServiceMonitor (needs its CRD).")] = True,
+    monitoring: Annotated[bool, typer.Option(
+        help="Render a prometheus-operator ServiceMonitor (needs its CRD) and the Grafana "
+             "dashboard, and let the monitoring namespace scrape /metrics.")] = True,
     monitoring_namespace: Annotated[str, typer.Option(
         help="Namespace of Prometheus and prometheus-adapter: let in to scrape /metrics; "
              "home of the adapter rules.")] = "monitoring",
@@ -54,7 +55,7 @@ def render(
         data = yaml.safe_load(file.read_text())
         objects = render_objects(data, namespace=namespace, image=image,
                                  autoscaler=autoscaler, with_secret=with_secret,
-                                 service_monitor=service_monitor,
+                                 monitoring=monitoring,
                                  monitoring_namespace=monitoring_namespace)
     except (OSError, yaml.YAMLError, ClusterConfigError, RenderError) as e:
         typer.echo(f"error: {e}", err=True)

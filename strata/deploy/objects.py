@@ -47,7 +47,7 @@ class RenderOptions:
     image: str = "strata:latest"
     autoscaler: Autoscaler = "strata"  # who scales the autoscaled tiers
     with_secret: bool = False  # render the internal-token Secret with a fresh random value
-    service_monitor: bool = True  # a prometheus-operator ServiceMonitor for /metrics
+    monitoring: bool = True  # ServiceMonitor, Grafana dashboard, Prometheus let in
     monitoring_namespace: str = "monitoring"  # where Prometheus (and prometheus-adapter) run
 
 

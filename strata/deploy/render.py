@@ -11,16 +11,20 @@ the cluster too.
 * **Engine tiers**: Deployment, Service, PodDisruptionBudget; probes on ``/health``; a
   preStop ``POST /drain`` (the engine then drains for ``drain_timeout_s`` on SIGTERM).
 * **Stage pipelines** (``strata.deploy.stages``): the head and one Deployment per later
-  stage; stage replicas join the head themselves, and their frame links accept only the
-  pipeline's own pods.
+  stage (explicit layer ranges: ``stages: auto`` measures at start-up and is refused);
+  stage replicas join the head themselves, and their frame links accept only the
+  pipeline's own pods. The Kubernetes platform, hence the strata controller, drives
+  engine tiers only, so a stage that scales needs ``hpa`` or ``keda``.
 * **Autoscaling**, by ``RenderOptions.autoscaler``: ``strata`` renders the strata
   controller (the autoscaler in-cluster, scaling engine tiers through the Deployment
   scale subresource with a Role limited to exactly those objects); ``hpa`` and ``keda``
   render HorizontalPodAutoscalers (plus prometheus-adapter rules) or KEDA ScaledObjects
   on the same signals instead, and no controller (``strata.deploy.autoscaling``).
-* **Monitoring** (``strata.deploy.monitoring``): a ServiceMonitor for every ``/metrics``
-  (not gated by the internal token; the NetworkPolicies let the monitoring namespace in)
-  and the Grafana dashboard as a ConfigMap when ``strata.deploy.dashboard`` exists.
+* **Monitoring** (``strata.deploy.monitoring``; off with ``monitoring=False``): a
+  ServiceMonitor for every ``/metrics`` (engines, stages, gateway, the controller's
+  metrics port; none is gated by the internal token, and the NetworkPolicies let the
+  monitoring namespace in) and the Grafana dashboard (``strata.deploy.dashboard``) as a
+  ConfigMap for Grafana's sidecar, next to Grafana in the monitoring namespace.
 * **The internal token**: every pod reads the Secret ``strata-internal-token`` (key
   ``token``). It is not rendered by default, since a fresh random value on every render
   would change the manifests on every run (GitOps diffs); ``with_secret`` renders one.
@@ -269,7 +273,7 @@ def component_peer(component: str) -> dict[str, Any]:
 
 def monitoring_peer(opts: RenderOptions) -> list[dict[str, Any]]:
     """Prometheus' namespace, when a ServiceMonitor is rendered (it scrapes each pod)."""
-    if not opts.service_monitor:
+    if not opts.monitoring:
         return []
     return [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": opts.monitoring_namespace}}}]
@@ -293,7 +297,7 @@ def _engine_policy(namespace: str, opts: RenderOptions, controller: bool) -> dic
 
 def _controller_policy(namespace: str, opts: RenderOptions) -> dict[str, Any]:
     """The controller serves only its /metrics: Prometheus alone may reach it."""
-    rules = [(monitoring_peer(opts), [CONTROLLER_METRICS_PORT])] if opts.service_monitor else []
+    rules = [(monitoring_peer(opts), [CONTROLLER_METRICS_PORT])] if opts.monitoring else []
     return network_policy(CONTROLLER, namespace, "controller", labels("controller"), rules)
 
 

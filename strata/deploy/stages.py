@@ -180,7 +180,7 @@ def stage_policies(config: ClusterConfig, plans: list[StageTier],
         labels("stage-head", plans[0].name),
         [([component_peer("gateway"), own, *monitoring_peer(opts)], [ENGINE_PORT])])
     rules = [([own], [ENGINE_PORT, STAGE_DATA_PORT])]
-    if opts.service_monitor:
+    if opts.monitoring:
         rules.append((monitoring_peer(opts), [ENGINE_PORT]))  # /metrics, never the frames
     stages = network_policy(
         f"{config.platform.deployment_name.format(tier=tier)}-stages", ns, "stage",

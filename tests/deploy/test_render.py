@@ -37,6 +37,8 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 K8S_VERSION = "1.31.0"
 # Custom resources: kubernetes-validate knows only the core schemas (see crd_schemas.py).
 CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+# Read by Prometheus' and Grafana's helpers, which watch their own namespace.
+MONITORING_NAMESPACED = {"strata-prometheus-adapter", "strata-dashboard"}
 
 
 def _example() -> dict[str, Any]:
@@ -81,7 +83,7 @@ def validate_core(objects: list[dict[str, Any]], namespace: str = "strata") -> N
         if obj["kind"] == "Namespace":
             continue
         # prometheus-adapter reads its rules from its own namespace
-        expected = "monitoring" if obj["metadata"]["name"] == "strata-prometheus-adapter" \
+        expected = "monitoring" if obj["metadata"]["name"] in MONITORING_NAMESPACED \
             else namespace
         assert obj["metadata"]["namespace"] == expected, obj["metadata"]
 
@@ -243,7 +245,7 @@ def test_network_policies_open_the_gateway_and_close_the_engines() -> None:
     (ns_peer,) = [peer for peer in rule["from"] if "podSelector" not in peer]
     assert ns_peer == {"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "monitoring"}}}
-    closed = _objects(service_monitor=False)
+    closed = _objects(monitoring=False)
     (rule,) = _one(closed, "NetworkPolicy", "strata-engines")["spec"]["ingress"]
     assert all("podSelector" in peer for peer in rule["from"])
     assert not [o for o in closed if o["kind"] == "ServiceMonitor"]
@@ -276,6 +278,25 @@ def test_the_token_secret_is_rendered_only_when_asked() -> None:
     assert [o["kind"] for o in objects[:2]] == ["Namespace", "Secret"]  # before its readers
 
 
+def test_the_dashboard_is_rendered_next_to_grafana() -> None:
+    import json
+
+    from strata.deploy.dashboard import dashboard_configmap
+
+    objects = _objects(namespace="team-a")
+    cm = _one(objects, "ConfigMap", "strata-dashboard")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's label
+    config = parse_cluster_config(yaml.safe_load(
+        _one(objects, "ConfigMap", "strata-cluster")["data"]["cluster.yaml"]))
+    assert cm["data"] == dashboard_configmap(config, "team-a")["data"]
+    board = json.loads(cm["data"]["strata.json"])
+    (ns,) = [v for v in board["templating"]["list"] if v["name"] == "namespace"]
+    assert ns["current"]["value"] == "team-a"  # opens on this cluster
+    assert not [o for o in _objects(monitoring=False) if o["kind"] == "ConfigMap"
+                and o["metadata"]["name"] == "strata-dashboard"]
+
+
 # (example file, autoscaler) -> golden file: every example, and each autoscaler form once.
 GOLDENS = [
     (EXAMPLE, "strata", "cluster.example.yaml"),
@@ -287,7 +308,12 @@ GOLDENS = [
 
 @pytest.mark.parametrize(("example", "autoscaler", "golden"), GOLDENS)
 def test_golden_file(example: Path, autoscaler: str, golden: str) -> None:
-    text = to_yaml(render(yaml.safe_load(example.read_text()), autoscaler=autoscaler))
+    objects = render(yaml.safe_load(example.read_text()), autoscaler=autoscaler)
+    # The dashboard's JSON is pinned by its own module's tests (test_dashboard.py).
+    for obj in objects:
+        if obj["metadata"]["name"] == "strata-dashboard":
+            obj["data"] = {key: "(strata.deploy.dashboard)" for key in obj["data"]}
+    text = to_yaml(objects)
     path = GOLDEN_DIR / golden
     if os.environ.get("STRATA_REGEN_GOLDEN") == "1":
         path.write_text(text)
@@ -310,7 +336,7 @@ def test_cli_writes_one_file_per_object_or_a_stream(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert list(yaml.safe_load_all(res.stdout)) == _objects()
     res = runner.invoke(strata_app, ["deploy", "render", "-f", str(EXAMPLE), "--autoscaler",
-                                     "keda", "--with-secret", "--no-service-monitor",
+                                     "keda", "--with-secret", "--no-monitoring",
                                      "--monitoring-namespace", "obs"])
     assert res.exit_code == 0, res.output
     kinds = [o["kind"] for o in yaml.safe_load_all(res.stdout)]
