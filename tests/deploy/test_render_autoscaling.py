@@ -262,3 +262,65 @@ async def test_queried_series_are_served_by_a_real_engine_and_gateway(
     finally:
         engine.stop()
     assert wanted - served == set()
+
+
+def _every_expression() -> list[str]:
+    """Every PromQL the HPA rules and KEDA triggers carry, over each policy's mapping.
+
+    Adapter templates get what prometheus-adapter substitutes (a namespace and pod
+    matcher, the pod grouping, the series name).
+    """
+    variants = [_example(), _llm_example(min_replicas=0)]
+    data = _example()
+    data["tiers"]["engine"]["autoscaling"] = {
+        "policy": "hpa", "min_replicas": 1, "max_replicas": 4, "metrics": [
+            {"name": m, "type": "AverageValue", "average_value": 1} for m in (
+                "kv_usage", "running", "waiting", "concurrency", "tokens_per_s")] + [
+            {"name": m, "source": "tier", "type": "Value", "value": 1} for m in (
+                "pending_requests", "in_flight_requests", "concurrency", "ttft_p90_s",
+                "tpot_p90_s")]}
+    variants.append(data)
+    for metric in ("concurrency", "rps"):
+        kpa = _example()
+        kpa["tiers"]["engine"]["autoscaling"] = {"policy": "kpa", "metric": metric,
+                                                 "min_replicas": 1, "max_replicas": 2}
+        variants.append(kpa)
+    pipeline = yaml.safe_load((Path(__file__).parents[2] / "deploy"
+                               / "cluster.pipeline.example.yaml").read_text())
+    exprs: list[str] = []
+    for variant in [*variants, pipeline]:
+        for obj in render(variant, autoscaler="keda"):
+            if obj["kind"] == "ScaledObject":
+                exprs += [t["metadata"]["query"] for t in obj["spec"]["triggers"]]
+        if variant is variants[1]:
+            continue  # min_replicas 0: KEDA only
+        config = _adapter(render(variant, autoscaler="hpa"))
+        for rule in config["rules"] + config["externalRules"]:
+            series = rule["seriesQuery"].split("{")[0]
+            exprs.append(rule["seriesQuery"])
+            exprs.append(rule["metricsQuery"]
+                         .replace("<<.LabelMatchers>>", 'namespace="strata",pod=~"a|b"')
+                         .replace("<<.GroupBy>>", "pod").replace("<<.Series>>", series))
+    return sorted(set(exprs))
+
+
+def test_promtool_parses_every_query(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        reason = "promtool is not installed (run scripts/install_prometheus.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; CI=true requires this test to run")
+        pytest.skip(reason)
+    exprs = _every_expression()
+    assert len(exprs) > 20
+    rules = {"groups": [{"name": "strata-autoscaling", "rules": [
+        {"record": f"strata:autoscaling:{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    done = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")],  # noqa: S603
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(exprs)} rules found" in done.stdout
