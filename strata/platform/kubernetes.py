@@ -140,8 +140,10 @@ class KubernetesPlatform:
         opts = config.platform
         for name, tier in config.tiers.items():
             if tier.kind == "stages":
-                raise ValueError(f"tiers.{name}: stage pipelines run on the local platform "
-                                 "only; use platform.kind: local")
+                raise ValueError(f"tiers.{name}: the strata controller scales engine tiers "
+                                 "only; on Kubernetes a stage pipeline's stages are scaled by "
+                                 "HPAs or KEDA (strata deploy render --autoscaler hpa|keda), "
+                                 "locally by strata serve (platform.kind: local)")
         tiers = {name: KubeTier(opts.deployment_name.format(tier=name),
                                 opts.service_name.format(tier=name)) for name in config.tiers}
         return cls(tiers, opts, api or api_client(opts), internal_token=internal_token)

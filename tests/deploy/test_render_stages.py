@@ -188,3 +188,12 @@ def test_prestop_hook_drains_and_waits_for_the_pinned_sequences(
         exec(compile(code, "preStop", "exec"), {})  # noqa: S102 (our own rendered hook)
     assert seen[0] == ("POST", "/drain", "s3cret")
     assert [s[1] for s in seen[1:]] == ["/load"] * 4  # returned after two idle reads
+
+
+def test_the_kubernetes_platform_points_a_pipeline_to_hpa_or_keda() -> None:
+    """The strata controller cannot drive a pipeline; its refusal names the way that works."""
+    from strata.platform.kubernetes import KubernetesPlatform
+
+    config = parse_cluster_config({**_pipeline(), "platform": {"kind": "kubernetes"}})
+    with pytest.raises(ValueError, match=r"--autoscaler hpa\|keda"):
+        KubernetesPlatform.from_config(config, api=object())  # type: ignore[arg-type]
