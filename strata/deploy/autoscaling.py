@@ -226,12 +226,13 @@ def _engine_tier(config: ClusterConfig, tier: str, opts: RenderOptions) -> Scale
             ("strata_gateway_queue_depth", q.gateway)], "AverageValue",
             cfg.target_waiting_per_replica))
         pct = cfg.slo_percentile / 100
+        p = f"p{cfg.slo_percentile:g}".replace(".", "_")  # p90, p99_5: a valid metric name
         if cfg.ttft_slo_s is not None:
-            signals.append(q.quantile(f"strata_ttft_p{cfg.slo_percentile:g}_seconds",
+            signals.append(q.quantile(f"strata_ttft_{p}_seconds",
                                       "strata_gateway_ttft_seconds_bucket", q.gateway, pct,
                                       cfg.ttft_slo_s))
         if cfg.tpot_slo_s is not None:
-            signals.append(q.quantile(f"strata_tpot_p{cfg.slo_percentile:g}_seconds",
+            signals.append(q.quantile(f"strata_tpot_{p}_seconds",
                                       "strata_time_per_output_token_seconds_bucket", q.pods,
                                       pct, cfg.tpot_slo_s))
         behavior = _behavior(cfg.behavior, cfg.downscale_stabilization_s)

@@ -61,6 +61,13 @@ def test_llm_policy_maps_onto_hpa_metrics_with_the_files_targets() -> None:
     assert hpa["behavior"] == {"scaleDown": {"stabilizationWindowSeconds": 60}}
     kinds = {m["type"] for m in hpa["metrics"]}
     assert kinds == {"Pods", "External"}
+    data = _example()
+    data["slos"] = {**data["slos"], "percentile": 99.5}
+    objects = render(data, autoscaler="hpa")
+    names = set(_hpa_metrics(objects))
+    assert {"strata_ttft_p99_5_seconds", "strata_tpot_p99_5_seconds"} <= names
+    rules = _adapter(objects)["externalRules"]
+    assert [r for r in rules if "histogram_quantile(0.995," in r["metricsQuery"]]
 
 
 def test_hpa_and_keda_replace_the_controller() -> None:
