@@ -84,8 +84,12 @@ def served_model_name(config: ClusterConfig) -> str:
     return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
 
 
-def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayConfig:
-    """The gateway's settings from the cluster file (no static replicas: the platform feeds them)."""
+def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None,
+                   internal_token: str | None = None) -> GatewayConfig:
+    """The gateway's settings from the cluster file (no static replicas: the platform feeds them).
+
+    ``internal_token`` lets it read the replicas' prefix reports.
+    """
     g = config.gateway
     return GatewayConfig(
         served_models=(served_model_name(config),),
@@ -97,7 +101,8 @@ def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None) -> GatewayCo
                                      connect_timeout_s=g.connect_timeout_s,
                                      read_timeout_s=g.read_timeout_s,
                                      request_timeout_s=g.request_timeout_s,
-                                     eject_after_failures=g.eject_after_failures),
+                                     eject_after_failures=g.eject_after_failures,
+                                     internal_token=internal_token),
         proxy=ProxyConfig(max_retries=g.max_retries, hold_timeout_s=g.hold_timeout_s),
         api_keys=api_keys, default_limits=Limits(rpm=g.rate_limit_rpm, tpm=g.rate_limit_tpm),
         max_body_bytes=g.max_body_bytes, max_in_flight_per_model=g.max_in_flight_per_model,
@@ -261,7 +266,8 @@ class Cluster:
         self.platform = platform or platform_for(config, self.internal_token)
         self.registry = CollectorRegistry()
         self.registry.register(_PlatformCollector(self.platform, [p.name for p in self.plans]))
-        self.gateway = create_app(gateway_config(config, api_keys), on_demand=self._on_demand)
+        self.gateway = create_app(gateway_config(config, api_keys, self.internal_token),
+                                  on_demand=self._on_demand)
         self.front = ClusterFront(self.gateway, self.tier, self.registry, self._status)
         self.http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
         source: SignalSource

@@ -32,6 +32,10 @@ class LoadReport:
     ready: bool = True
     draining: bool = False
     stage: str = ""  # "a:b" for a layer-range stage, "" for a whole engine
+    # Output tokens left to the running sequence nearest its max_tokens: a sequence slot
+    # frees within that many decode steps (0: unknown). Every gateway reads the same bound
+    # on how long a full replica keeps a new request waiting.
+    slot_free_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from strata.engine.kv_cache import BlockManager
+from strata.engine.prefix_registry import PrefixRegistry, RouteKeys
 from strata.engine.runner import ModelRunner
 from strata.engine.sampler import Sampler, SampleRequest, TokenLogprobs, logprobs_of
 from strata.engine.sampling import SamplingParams
@@ -22,6 +23,7 @@ from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from strata.load import LoadReport
+from strata.routing.prompt import PromptEstimator
 
 log = logging.getLogger("strata.engine")
 
@@ -113,6 +115,15 @@ class EngineCore:
         self.config = scheduler_config
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
+        # Routing keys the prefix cache holds, for gateways (None without prefix caching),
+        # hashed in the gateways' default chunks (a gateway chunking otherwise ignores them).
+        self.route_estimator = PromptEstimator()
+        self.prefixes: PrefixRegistry | None = None
+        if enable_prefix_caching:
+            self.prefixes = PrefixRegistry(self.blocks.block_size,
+                                           chunk_bytes=self.route_estimator.chunk_bytes,
+                                           chunk_tokens=self.route_estimator.chunk_tokens)
+            self.blocks.evicted = []
         self.sampler = Sampler()
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.states: dict[int, _SeqState] = {}
@@ -161,8 +172,9 @@ class EngineCore:
                     "logit_bias",
                 )
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float) -> None:
-        """Queue a validated sequence."""
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float,
+            route_keys: RouteKeys = ()) -> None:
+        """Queue a validated sequence; ``route_keys`` name its prefix for the gateways."""
         vocab = self.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -184,10 +196,14 @@ class EngineCore:
         except BaseException:
             del self.states[seq_id]
             raise
+        if self.prefixes is not None:
+            self.prefixes.admit(seq_id, route_keys)
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence and free its KV blocks; False if it was unknown or done."""
         self.states.pop(seq_id, None)
+        if self.prefixes is not None:
+            self.prefixes.release(seq_id)
         return self.scheduler.abort(seq_id) is not None
 
     def take_failures(self) -> list[tuple[int, BaseException]]:
@@ -245,9 +261,22 @@ class EngineCore:
         if extra:
             self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :], failed)
         self.scheduler.on_step_done(batch)
+        if self.prefixes is not None:
+            self._follow_prefix_cache(batch)
         outputs = self._append_sampled(sample_entries, tokens, lps, failed)
         self._account(batch, len(sample_entries), time.perf_counter() - t0)
         return outputs
+
+    def _follow_prefix_cache(self, batch: Batch) -> None:
+        """Tell the prefix registry what this step evicted and which prompts it prefilled."""
+        prefixes, evicted = self.prefixes, self.blocks.evicted
+        assert prefixes is not None and evicted is not None
+        if evicted:
+            prefixes.evict(evicted)
+            evicted.clear()
+        for e in batch.prefills:
+            if e.samples:
+                prefixes.bind(e.seq.seq_id, e.seq.block_hashes)
 
     def _append_sampled(
         self,
@@ -388,6 +417,8 @@ class EngineCore:
         if finish is not None:
             self.scheduler.finish(seq, finish)
             del self.states[seq.seq_id]
+            if self.prefixes is not None:
+                self.prefixes.release(seq.seq_id)
         return out
 
     @staticmethod
@@ -429,6 +460,9 @@ class EngineCore:
     def load_report(self, ready: bool = True) -> LoadReport:
         """This replica's load right now."""
         prompt_rate, gen_rate = self.rates.rates(time.monotonic())
+        max_len = self.config.max_model_len
+        slot_free = min((min(s.params.max_tokens - len(s.output_token_ids), max_len - s.num_tokens)
+                         for s in self.scheduler.running), default=0)
         return LoadReport(
             model=self.model_name,
             running=len(self.scheduler.running),
@@ -446,4 +480,5 @@ class EngineCore:
             prefill_token_s=self.prefill_token_s,
             ready=ready,
             draining=self.draining,
+            slot_free_tokens=max(0, slot_free),
         )

@@ -28,6 +28,7 @@ from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFail
 from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
+from strata.engine.prefix_registry import RouteKeys
 from strata.engine.quant import CALIBRATION_TEXT, FileBlocks, int8_supported, quantize_model
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
@@ -225,7 +226,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: list[tuple[int, list[int], SamplingParams, float]] = []
+        self._adds: list[tuple[int, list[int], SamplingParams, float, RouteKeys]] = []
         self._aborts: list[int] = []
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
@@ -267,10 +268,10 @@ class AsyncEngine:
                     self._wake.clear()
                 for sid in aborts:
                     core.abort(sid)
-                for sid, ids, params, now in adds:
+                for sid, ids, params, now, keys in adds:
                     if sid in self._queues:
                         try:
-                            core.add(sid, ids, params, now)
+                            core.add(sid, ids, params, now, keys)
                         except RequestError as e:
                             self._deliver([(sid, e)])
                         except Exception as e:  # noqa: BLE001 - fails this request alone
@@ -324,15 +325,19 @@ class AsyncEngine:
         """Validate a request up front so errors become 400s before streaming starts."""
         self.core.check_request(num_prompt_tokens, params)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
-        """Yield output deltas until the sequence finishes; aborts it if the caller stops."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       route_keys: RouteKeys = ()) -> AsyncIterator[SeqOutput]:
+        """Yield output deltas until the sequence finishes; aborts it if the caller stops.
+
+        ``route_keys`` name the prompt's prefix for the gateways (strata.engine.route_keys).
+        """
         if self.dead is not None:
             raise RuntimeError("the engine loop has died; restart this replica")
         sid = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[sid] = (asyncio.get_running_loop(), q)
         with self._lock:
-            self._adds.append((sid, prompt_ids, params, time.monotonic()))
+            self._adds.append((sid, prompt_ids, params, time.monotonic(), route_keys))
             self._wake.set()
         finished = False
         outputs = 0

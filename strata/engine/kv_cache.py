@@ -76,6 +76,9 @@ class BlockManager:
         self.free_cached: OrderedDict[int, None] = OrderedDict()
         self.queried_tokens = 0
         self.hit_tokens = 0
+        # Hashes of blocks evicted from the prefix cache since the owner last emptied this
+        # list (None: not tracked); the engine's prefix registry follows the cache by it.
+        self.evicted: list[bytes] | None = None
 
     # -- capacity ---------------------------------------------------------------
     @property
@@ -113,6 +116,8 @@ class BlockManager:
             h = hashes[block]
             if cached.get(h) == block:
                 del cached[h]
+                if self.evicted is not None:
+                    self.evicted.append(h)
             hashes[block] = None
             self.block_tokens[block] = None
             taken.append(block)

@@ -14,6 +14,8 @@ from typing import Any
 
 from strata.engine.core import RequestError, SeqOutput
 from strata.engine.engine import AsyncEngine
+from strata.engine.prefix_registry import RouteKeys
+from strata.engine.route_keys import id_route_keys, locate, text_route_keys
 from strata.engine.sampler import TokenLogprobs
 from strata.engine.sampling import SamplingParams
 from strata.engine.tokenizer import Tokenizer
@@ -27,6 +29,10 @@ from strata.protocol import (
     now_s,
     sse,
 )
+from strata.routing.prompt import chat_routing_text
+
+# One sequence to run: (choice index, prompt ids, sampling, the prompt's routing keys).
+Job = tuple[int, list[int], SamplingParams, RouteKeys]
 
 
 def sampling_params(
@@ -100,6 +106,9 @@ class Serving:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = engine.core.config.max_model_len
+        core = engine.core
+        # Routing keys are computed only where a prefix registry reports them.
+        self.route_estimator = core.route_estimator if core.prefixes is not None else None
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
 
     def _decode_one(self, token_id: int) -> str:
@@ -196,20 +205,18 @@ class Serving:
             )
         return {"content": content}
 
-    async def _fan_in(
-        self, jobs: list[tuple[int, list[int], SamplingParams]]
-    ) -> AsyncIterator[tuple[int, SeqOutput]]:
+    async def _fan_in(self, jobs: list[Job]) -> AsyncIterator[tuple[int, SeqOutput]]:
         """Run several sequences and yield (choice index, output) as they arrive."""
         if len(jobs) == 1:
-            idx, ids, params = jobs[0]
-            async for out in self.engine.generate(ids, params):
+            idx, ids, params, keys = jobs[0]
+            async for out in self.engine.generate(ids, params, keys):
                 yield idx, out
             return
         q: asyncio.Queue = asyncio.Queue()
 
-        async def pump(idx: int, ids: list[int], params: SamplingParams) -> None:
+        async def pump(idx: int, ids: list[int], params: SamplingParams, keys: RouteKeys) -> None:
             try:
-                async for out in self.engine.generate(ids, params):
+                async for out in self.engine.generate(ids, params, keys):
                     await q.put((idx, out))
             except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
                 await q.put((idx, e))
@@ -230,23 +237,38 @@ class Serving:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- completions --------------------------------------------------------------
+    def _prompt_with_keys(self, prompt: str | list[int]) -> tuple[list[int], RouteKeys]:
+        """A completion prompt's ids and routing keys (none without a prefix registry)."""
+        est = self.route_estimator
+        if est is None:
+            return self.tokenize_prompt(prompt), ()
+        if isinstance(prompt, str):
+            data = prompt.encode()
+            if len(data) < est.chunk_bytes:
+                return self.tokenize_prompt(prompt), ()
+            ids, ends = self.tokenizer.encode_with_ends(prompt)
+            return ids, text_route_keys(est, data, [(0, len(data), 0)], ends)
+        ids = self.tokenize_prompt(prompt)
+        return ids, id_route_keys(est, ids)
+
     def prepare_completion(
         self, req: CompletionRequest
-    ) -> tuple[list[list[int]], list[tuple[int, list[int], SamplingParams]]]:
+    ) -> tuple[list[list[int]], list[Job]]:
         """Tokenize prompts and build one job per (prompt, n)."""
         self.check_model(req.model)
         self.check_fan_out(len(req.prompts()), req.n)
-        prompts = [self.tokenize_prompt(p) for p in req.prompts()]
+        prepared = [self._prompt_with_keys(p) for p in req.prompts()]
+        prompts = [ids for ids, _ in prepared]
         want_prompt_lp = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
             want_prompt_lp = max(req.logprobs, want_prompt_lp or 0)
         jobs = []
-        for pi, ids in enumerate(prompts):
+        for pi, (ids, keys) in enumerate(prepared):
             max_tokens = self.default_max_tokens(req.max_tokens or 16, len(ids), "prompt")
             for j in range(req.n):
                 params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j)
                 self.check_engine(len(ids), params)
-                jobs.append((pi * req.n + j, ids, params))
+                jobs.append((pi * req.n + j, ids, params, keys))
         return prompts, jobs
 
     def check_engine(self, n_prompt: int, params: SamplingParams) -> None:
@@ -259,7 +281,7 @@ class Serving:
     async def completion(self, req: CompletionRequest) -> dict[str, Any]:
         """Whole (non-streaming) completion response."""
         prompts, jobs = self.prepare_completion(req)
-        choices = {idx: _Choice(idx, idx // req.n) for idx, _, _ in jobs}
+        choices = {idx: _Choice(idx, idx // req.n) for idx, *_ in jobs}
         prompt_lps: dict[int, list] = {}
         cached = {}
         async for idx, out in self._fan_in(jobs):
@@ -324,7 +346,7 @@ class Serving:
         offsets: dict[int, int] = {}
         n_prompt = sum(len(p) for p in prompts)
         if req.echo:
-            for idx, _, _ in jobs:
+            for idx, *_ in jobs:
                 prompt = req.prompts()[idx // req.n]
                 ptext = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
                 offsets[idx] = len(ptext)
@@ -393,7 +415,7 @@ class Serving:
     # -- chat ---------------------------------------------------------------------
     def prepare_chat(
         self, req: ChatCompletionRequest
-    ) -> tuple[list[int], list[tuple[int, list[int], SamplingParams]], str]:
+    ) -> tuple[list[int], list[Job], str]:
         """Render the chat template, tokenize, and build n jobs."""
         self.check_model(req.model)
         self.check_fan_out(1, req.n)
@@ -408,7 +430,7 @@ class Serving:
             )
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from e
-        ids = self.tokenize_prompt(prompt)
+        ids, keys = self._chat_prompt_with_keys(req, prompt)
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = self.default_max_tokens(requested, len(ids))
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -416,17 +438,32 @@ class Serving:
         for j in range(req.n):
             params = sampling_params(req, max_tokens, top, None, j)
             self.check_engine(len(ids), params)
-            jobs.append((j, ids, params))
+            jobs.append((j, ids, params, keys))
         # vLLM's chat echo: the last message is prepended when it is the assistant's own.
         last = ""
         if req.echo and messages and messages[-1]["role"] == "assistant":
             last = messages[-1]["content"]
         return ids, jobs, last
 
+    def _chat_prompt_with_keys(
+        self, req: ChatCompletionRequest, prompt: str
+    ) -> tuple[list[int], RouteKeys]:
+        """The rendered prompt's ids and the routing keys of the messages it was made of."""
+        est = self.route_estimator
+        if est is None:
+            return self.tokenize_prompt(prompt), ()
+        # The raw role and content, as a gateway reads them from the request body.
+        routing, contents = chat_routing_text(
+            [{"role": m.role, "content": m.content} for m in req.messages])
+        if len(routing) < est.chunk_bytes:
+            return self.tokenize_prompt(prompt), ()
+        ids, ends = self.tokenizer.encode_with_ends(prompt)
+        return ids, text_route_keys(est, routing, locate(contents, prompt), ends)
+
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """Whole (non-streaming) chat completion response."""
         ids, jobs, echo_text = self.prepare_chat(req)
-        choices = {idx: _Choice(idx, 0) for idx, _, _ in jobs}
+        choices = {idx: _Choice(idx, 0) for idx, *_ in jobs}
         cached = 0
         async for idx, out in self._fan_in(jobs):
             c = choices[idx]
@@ -475,7 +512,7 @@ class Serving:
                 "choices": [choice],
             }
 
-        for idx, _, _ in jobs:
+        for idx, *_ in jobs:
             yield sse(chunk(idx, {"role": "assistant", "content": ""}))
             if echo_text:
                 yield sse(chunk(idx, {"content": echo_text}))

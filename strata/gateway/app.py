@@ -102,7 +102,8 @@ class Gateway:
         self.policy = make_policy(config.policy, **config.policy_params)
         self.metrics = GatewayMetrics(config.policy)
         self.replicas = ReplicaSet(config.tier, config.replica_set, self.metrics, on_demand,
-                                   config.estimator.chunk_tokens, config.served_models)
+                                   config.estimator.chunk_tokens, config.served_models,
+                                   chunk_bytes=config.estimator.chunk_bytes)
         self.draining = False
         self._aborting = False  # past the drain timeout: what is left is ended now
         self._active: set[asyncio.Task[Any]] = set()  # generation handlers in flight

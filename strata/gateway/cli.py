@@ -2,7 +2,9 @@
 
 The root CLI mounts ``gateway_command``; ``python -m strata.gateway.cli`` runs it alone.
 Secrets come from the environment or a file, never from flags that show up in ``ps``:
-``STRATA_API_KEYS`` (comma-separated client keys) and ``STRATA_UPSTREAM_API_KEY``.
+``STRATA_API_KEYS`` (comma-separated client keys), ``STRATA_UPSTREAM_API_KEY`` and the
+cluster's internal token (``--internal-token-file`` or ``STRATA_INTERNAL_TOKEN``), which the
+replicas' prefix reports want.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
 from strata.gateway.replica import ReplicaSetConfig
+from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
+from strata.internal_auth import load_token
 from strata.routing.prompt import PromptEstimator
 from strata.routing.registry import DEFAULT_POLICY, make_policy, policy_names
 
@@ -104,6 +108,10 @@ def gateway_command(
     kube_api_server: Annotated[str | None, typer.Option(
         help="API server URL without credentials (kubectl proxy); default: in-cluster.")]
         = None,
+    internal_token_file: Annotated[Path | None, typer.Option(
+        help="File holding the cluster's internal token, which the replicas' prefix reports "
+             "(/internal/prefix) want; default: $STRATA_INTERNAL_TOKEN, else none (loopback "
+             "replicas only).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
 ) -> None:
     """Serve the OpenAI API, routing each request to the replica that fits it best."""
@@ -112,13 +120,15 @@ def gateway_command(
     try:
         make_policy(policy, **params)
         keys = ApiKeys.load(api_keys_file, os.environ.get("STRATA_API_KEYS"))
+        internal_token = load_token(internal_token_file, os.environ.get(INTERNAL_TOKEN_ENV))
         config = GatewayConfig(
             replicas=tuple(replica), tier=tier, policy=policy, policy_params=params,
             replica_set=ReplicaSetConfig(
                 poll_interval_s=poll_interval_s, health_interval_s=health_interval_s,
                 connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
                 request_timeout_s=request_timeout_s, eject_after_failures=eject_after_failures,
-                upstream_api_key=os.environ.get("STRATA_UPSTREAM_API_KEY") or None),
+                upstream_api_key=os.environ.get("STRATA_UPSTREAM_API_KEY") or None,
+                internal_token=internal_token),
             proxy=ProxyConfig(max_retries=max_retries, hold_timeout_s=hold_timeout_s,
                               replica_header=replica_header),
             estimator=PromptEstimator(bytes_per_token=bytes_per_token,

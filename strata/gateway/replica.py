@@ -42,6 +42,10 @@ class ReplicaSetConfig:
     eject_base_s: float = 2.0
     eject_max_s: float = 60.0
     prefix_capacity_chunks: int = 8192  # until the replica reports its KV size
+    # Prefix reports (GET /internal/prefix): the cluster's internal token, if it has one, and
+    # how long a prompt this gateway sent counts as held before a report must show it.
+    internal_token: str | None = None
+    prefix_grace_s: float = 1.0
     upstream_api_key: str | None = None
     # After on_demand(tier) returns, the replica it started needs time to load and pass a
     # health check; asking again sooner would only start more replicas for the same burst.
@@ -100,7 +104,8 @@ class Replica:
         self.pending: OrderedDict[int, tuple[float, int]] = OrderedDict()
         self.pending_tokens = 0
         self._tickets = itertools.count()
-        self.prefix = PrefixIndex(config.prefix_capacity_chunks)
+        self.prefix = PrefixIndex(config.prefix_capacity_chunks, config.prefix_grace_s)
+        self.prefix_source = "unknown"  # "engine" | "none" | "unknown": /internal/prefix
         self.finishes: deque[float] = deque()
         self.models: frozenset[str] = frozenset()
         self.model_cards: list[dict[str, Any]] = []
@@ -126,7 +131,7 @@ class Replica:
         ticket = next(self._tickets)
         self.pending[ticket] = (now, request.prompt_tokens)
         self.pending_tokens += request.prompt_tokens
-        self.prefix.insert(request.prefix_hashes)
+        self.prefix.insert(request.prefix_hashes, now)
         return ticket
 
     def first_byte(self, ticket: int) -> None:

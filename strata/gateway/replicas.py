@@ -4,7 +4,9 @@ Each replica (strata.gateway.replica) has one keep-alive connection pool for pro
 requests and one background task here (sharing a pooled httpx client) that checks /health
 every ``health_interval_s`` and reads load every ``poll_interval_s``: strata's /load when
 the replica serves it, else the vLLM/SGLang series of its /metrics, else nothing (the
-router then sees only the gateway's in-flight counts). A replica is routable when its last
+router then sees only the gateway's in-flight counts). With each /load it also reads what
+the replica's prefix cache holds (``/internal/prefix``, a delta since the last reading;
+see strata.prefix_report), so every gateway routes by the same caches. A replica is routable when its last
 health check passed, it is not ejected, and its report (if any) says ready and not
 draining. A failed request or an unreachable /load makes the poller check health at once.
 
@@ -26,12 +28,17 @@ import httpx
 from strata.gateway.metrics import GatewayMetrics
 from strata.gateway.probe import parse_metrics
 from strata.gateway.replica import Replica, ReplicaSetConfig, normalize_url
+from strata.internal_auth import headers as internal_headers
 from strata.load import LoadReport
+from strata.prefix_report import MAX_KEYS, PrefixReport, PrefixReportError
 from strata.routing.types import Demand, RouteRequest, Snapshot
 
 __all__ = ["OnDemand", "Replica", "ReplicaSet", "ReplicaSetConfig", "normalize_url"]
 
 log = logging.getLogger("strata.gateway")
+
+# A prefix report's body can hold MAX_KEYS keys of up to 10 digits each, plus separators.
+_MAX_PREFIX_BODY = 12 * MAX_KEYS + 4096
 
 OnDemand = Callable[[str], Awaitable[None]]
 
@@ -41,16 +48,18 @@ class ReplicaSet:
 
     def __init__(self, tier: str, config: ReplicaSetConfig, metrics: GatewayMetrics,
                  on_demand: OnDemand | None = None, chunk_tokens: int = 64,
-                 served_models: tuple[str, ...] = ()) -> None:
+                 served_models: tuple[str, ...] = (), chunk_bytes: int = 256) -> None:
         """Nothing runs until ``set_endpoints`` is awaited inside the event loop.
 
-        ``chunk_tokens`` is the prompt estimator's prefix chunk, to size prefix indexes.
+        ``chunk_tokens`` and ``chunk_bytes`` are the prompt estimator's prefix chunk, to size
+        prefix indexes and to check that a replica's prefix reports use the same chunks.
         ``served_models`` are the names the tier serves by configuration, listed on
         /v1/models before any replica is ready.
         """
         self.tier = tier
         self.served_models = served_models
         self.chunk_tokens = chunk_tokens
+        self.chunk_bytes = chunk_bytes
         self.config = config
         self.metrics = metrics
         self.on_demand = on_demand
@@ -276,6 +285,8 @@ class ReplicaSet:
             r.healthy = False
         if r.healthy and not was_healthy:
             r.load_source = "unknown"  # possibly a new process behind the same URL
+            r.prefix_source = "unknown"
+            r.prefix.forget_reports()
             await self._read_models(r)
         if r.routable(time.monotonic()) != before:
             log.info("replica %s is %s", r.url, "in" if not before else "out")
@@ -303,6 +314,8 @@ class ReplicaSet:
                     r.load = LoadReport.from_dict(json.loads(body))
                     r.load_source = "load"
                     r.accept_report(sent_at, self.chunk_tokens)
+                    if r.prefix_source != "none":
+                        await self._read_prefix(r)
                     return True
                 if r.load_source == "load" or status not in (404, 405):
                     return True  # transient (e.g. 503 while loading): keep the source
@@ -319,3 +332,49 @@ class ReplicaSet:
         except (httpx.HTTPError, ValueError, TypeError) as err:
             log.debug("replica %s: load unreadable: %s", r.url, err)
         return True
+
+    async def _read_prefix(self, r: Replica) -> None:
+        """Apply the change in the replica's prefix cache since the last reading.
+
+        A replica without the endpoint (404: vLLM, a stage head, prefix caching off), one
+        that refuses this gateway (no or another internal token) or one that chunks prompts
+        otherwise is modelled from this gateway's own requests alone.
+        """
+        assert self._http is not None
+        epoch, since = r.prefix.since()
+        params = {"epoch": epoch, "since": since} if epoch is not None else None
+        requested_at = time.monotonic()
+        resp = await self._http.get(r.url + "/internal/prefix", params=params,
+                                    headers=internal_headers(self.config.internal_token))
+        status = resp.status_code
+        if status in (401, 403, 404, 405):
+            if status != 404 and status != 405:
+                log.warning("replica %s refuses its prefix report (%d): give the gateway the "
+                            "cluster's internal token; routing on this gateway's requests alone",
+                            r.url, status)
+            r.prefix_source = "none"
+            r.prefix.forget_reports()
+            return
+        if status != 200:
+            return  # transient: keep what was reported
+        try:
+            if len(resp.content) > _MAX_PREFIX_BODY:
+                raise PrefixReportError(f"body of {len(resp.content)} bytes")
+            report = PrefixReport.from_dict(json.loads(resp.content))
+        except (ValueError, PrefixReportError) as err:
+            log.warning("replica %s: unusable prefix report (%s); asking for all of it", r.url, err)
+            r.prefix.forget_reports()
+            return
+        if (report.chunk_bytes, report.chunk_tokens) != (self.chunk_bytes, self.chunk_tokens):
+            log.warning("replica %s hashes prompts in chunks of %d bytes / %d tokens, this "
+                        "gateway in %d / %d: its prefix reports are not used; give the gateway "
+                        "--bytes-per-token and --prefix-chunk-tokens that make the same", r.url,
+                        report.chunk_bytes, report.chunk_tokens, self.chunk_bytes,
+                        self.chunk_tokens)
+            r.prefix_source = "none"
+            r.prefix.forget_reports()
+            return
+        if not r.prefix.apply(report, requested_at):
+            r.prefix.forget_reports()  # the next reading asks for the whole set
+            return
+        r.prefix_source = "engine"

@@ -123,24 +123,38 @@ class PromptEstimator:
                           "prompt")
 
     def _chat(self, messages: Any) -> tuple[int, tuple[int, ...]]:
-        if not isinstance(messages, list) or not messages:
-            raise PromptError("'messages' must be a non-empty list", "messages")
-        parts: list[str] = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise PromptError("each message must be an object", "messages")
-            parts.append(str(m.get("role", "")))
-            parts.append("\n")
-            content = m.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):  # content parts: only text parts count
-                parts.extend(p.get("text", "") for p in content
-                             if isinstance(p, dict) and isinstance(p.get("text"), str))
-            parts.append("\n")
-        data = "".join(parts).encode()
+        data, _ = chat_routing_text(messages)
         tokens = self.tokens_for_bytes(len(data)) + self.chat_tokens_per_message * len(messages)
         return tokens, self.text_hashes(data)
+
+
+def chat_routing_text(messages: Any) -> tuple[bytes, list[tuple[int, int, str]]]:
+    """The text a chat request's prefix hashes are taken over, and where its contents lie.
+
+    The text is ``role\ncontent\n`` per message (text parts only), not the rendered chat
+    template, so a gateway needs no tokenizer. The spans are (start byte, end byte, content)
+    of each non-empty content in that text; an engine uses them to find the same prefix in
+    its rendered prompt (strata.engine.route_keys).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("'messages' must be a non-empty list", "messages")
+    out = bytearray()
+    spans: list[tuple[int, int, str]] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise PromptError("each message must be an object", "messages")
+        out += str(m.get("role", "")).encode()
+        out += b"\n"
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text parts count
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and isinstance(p.get("text"), str))
+        if isinstance(content, str) and content:
+            start = len(out)
+            out += content.encode()
+            spans.append((start, len(out), content))
+        out += b"\n"
+    return bytes(out), spans
 
 
 def _chain(data: memoryview, step: int, max_chunks: int) -> tuple[int, ...]:

@@ -13,7 +13,9 @@ minimum (ties: least load, then rotation). The estimate, for a replica with repo
 - ``ttft``   = work * prefill_token_s + steps * decode_step_s (when sequences are running)
   + ``slot_wait`` when every one of the L.max_num_seqs sequence slots is taken:
   queue position / completions_per_s (measured by the gateway), or, before any completion
-  was seen, position * max_tokens * decode_step_s.
+  was seen, position * L.slot_free_tokens * decode_step_s (the running sequences' own
+  bound, which every gateway reads alike), or position * max_tokens * decode_step_s when
+  the replica does not report it.
 
 ``prefill_token_s`` is L.prefill_token_s, else 1 / L.prompt_tokens_per_s; a replica that has
 measured nothing yet borrows the median of the replicas that have. If no replica has
@@ -120,7 +122,8 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
         if r.completions_per_s > 0:
             ttft += position / r.completions_per_s
         else:
-            ttft += position * max(1, request.max_tokens) * rates.decode_step_s
+            slot_tokens = load.slot_free_tokens or max(1, request.max_tokens)
+            ttft += position * slot_tokens * rates.decode_step_s
 
     if load.block_size <= 0 or load.total_kv_blocks <= 0:
         return Estimate(r, ttft, fits_now=True, fits_ever=True)
@@ -136,7 +139,8 @@ def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimat
 # load_score, has_report, queued prompt tokens, step budget (0: nothing running), queue
 # position for a sequence slot (0: a slot is free), completions/s, block size (0: no KV
 # check), free blocks after the queue, total blocks, prefix_match_tokens, plain: measured
-# rates, a KV check and no prefix match, the case pick takes a short path for).
+# rates, a KV check and no prefix match, the case pick takes a short path for, the
+# replica's slot_free_tokens (0: the request's max_tokens stands in)).
 _Terms = tuple[Any, ...]
 _load_score = itemgetter(5)
 _ttft = itemgetter(0)  # of a (ttft, terms) pair
@@ -154,7 +158,7 @@ def _terms(r: ReplicaState) -> _Terms:
         # slot 8 says whether a decode step is added, slot 9 whether the request fits now.
         return (r, r.healthy, r.models, None, None, score, False,
                 r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
-                0.0, 0, 0, 0, r.prefix_match_tokens, False)
+                0.0, 0, 0, 0, r.prefix_match_tokens, False, 0)
     p = load.prefill_token_s
     if p <= 0 and load.prompt_tokens_per_s > 0:
         p = 1.0 / load.prompt_tokens_per_s
@@ -173,7 +177,8 @@ def _terms(r: ReplicaState) -> _Terms:
     free = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
     return (r, r.healthy and load.ready and not load.draining, r.models, p, d, score, True,
             queued, budget, position, r.completions_per_s, bs, free, load.total_kv_blocks,
-            r.prefix_match_tokens, p is not None and bs > 0 and r.prefix_match_tokens <= 0)
+            r.prefix_match_tokens, p is not None and bs > 0 and r.prefix_match_tokens <= 0,
+            load.slot_free_tokens)
 
 
 def _flag(t: _Terms, model: str) -> int:
@@ -276,7 +281,7 @@ class ResourceMatch:
                     if cps > 0:
                         ttft += position / cps
                     else:
-                        ttft += position * slot_tokens * t[4]
+                        ttft += position * (t[16] or slot_tokens) * t[4]
                 bs = t[11]
                 if bs != need_bs:
                     need_bs = bs
@@ -287,7 +292,7 @@ class ResourceMatch:
                     ever_pool.append((ttft, t))
                 continue
             (_, _, _, p, d, _, has_load, queued, budget, position, cps, bs, free, total,
-             pm, _) = t
+             pm, _, slot_free) = t
             if p is None:
                 p, d = fb_p, fb_d
             if pm > 0:
@@ -310,7 +315,7 @@ class ResourceMatch:
                 if cps > 0:
                     ttft += position / cps
                 else:
-                    ttft += position * slot_tokens * d
+                    ttft += position * (slot_free or slot_tokens) * d
             if not bs:
                 now_pool.append((ttft, t))
                 continue

@@ -177,7 +177,7 @@ class SimGateway:
         ep.in_flight += 1
         ep.pending.append(req.prompt_tokens)
         ep.pending_tokens += req.prompt_tokens
-        ep.prefix.insert(rr.prefix_hashes)
+        ep.prefix.insert(rr.prefix_hashes, now)
         self._touch(ep)
         req.dispatched_s = now
         ep.replica.submit(req, now)

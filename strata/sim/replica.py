@@ -46,7 +46,8 @@ _ZEROS = [0] * 4096  # sampled token ids: their values never matter to the sched
 _new_load_report = positional_constructor(  # a report per gateway poll
     LoadReport, "model running waiting waiting_prompt_tokens free_kv_blocks total_kv_blocks "
     "block_size max_num_seqs max_num_batched_tokens prefix_hit_rate prompt_tokens_per_s "
-    "generation_tokens_per_s decode_step_s prefill_token_s ready draining stage")
+    "generation_tokens_per_s decode_step_s prefill_token_s ready draining stage "
+    "slot_free_tokens")
 
 
 class ReplicaState(enum.Enum):
@@ -485,6 +486,9 @@ class SimReplica:
         if running_prefill is None:
             running_prefill = self._running_prefill = self._running_prefill_tokens()
         state = self.state
+        # EngineCore.load_report's slot bound; a skipped run has decoded j more tokens each.
+        slot_free = min((s.params.max_tokens - len(s.output_token_ids) for s in sched.running),
+                        default=j)
         return _new_load_report(  # the fields in the order named at _new_load_report
             self.spec.model_name,
             len(sched.running),
@@ -503,4 +507,5 @@ class SimReplica:
             state is ReplicaState.READY or state is ReplicaState.DRAINING,
             state is ReplicaState.DRAINING,
             "",
+            max(0, slot_free - j),
         )

@@ -127,6 +127,7 @@ class HeadCore(EngineCore):
             runner.num_blocks, runner.block_size, enable_prefix_caching, self.replicas.path_of
         )
         self.scheduler = Scheduler(scheduler_config, self.blocks)
+        self.prefixes = None  # its steps do not follow the prefix cache for gateways (yet)
         self.max_inflight = max_inflight
         self.step_timeout_s = step_timeout_s
         self.inflight: dict[int, InFlight] = {}

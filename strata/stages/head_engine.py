@@ -266,7 +266,7 @@ class HeadEngine(AsyncEngine):
                 errors: list[tuple[int, BaseException]] = []
                 for sid in aborts:
                     core.abort(sid)
-                for sid, ids, params, now in adds:
+                for sid, ids, params, now, _keys in adds:  # no prefix registry here
                     if sid in self._queues:
                         try:
                             core.add(sid, ids, params, now)

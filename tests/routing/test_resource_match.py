@@ -69,6 +69,22 @@ def test_full_sequence_slots_add_a_wait_from_the_completion_rate() -> None:
     assert pick(a, b) == "b"
 
 
+def test_a_full_replica_waits_as_long_as_its_running_sequences_say() -> None:
+    """Without a completion rate, the replica's own slot bound sets the wait, not the request's."""
+    req = request(prompt_tokens=3000, max_tokens=1)
+    long_runs = replica("a", report(running=64, max_num_seqs=64, slot_free_tokens=400),
+                        prefix_match_tokens=2800)
+    idle = replica("b", report())
+    # 400 decode steps of 20 ms outweigh the prefill the cached prefix would save.
+    assert pick(long_runs, idle, req=req) == "b"
+    ending = replica("a", report(running=64, max_num_seqs=64, slot_free_tokens=2),
+                     prefix_match_tokens=2800)
+    assert pick(ending, idle, req=req) == "a"
+    # Without the bound the request's own max_tokens stands in (the older estimate).
+    unknown = replica("a", report(running=64, max_num_seqs=64), prefix_match_tokens=2800)
+    assert pick(unknown, idle, req=req) == "a"
+
+
 def test_rejects_replicas_whose_kv_cannot_hold_the_request() -> None:
     req = request(prompt_tokens=1600, max_tokens=800)  # 150 blocks of 16
     tight = replica("tight", report(free_kv_blocks=100))  # idle, but no room now
@@ -161,7 +177,8 @@ def _random_state(rng, i: int) -> ReplicaState:
         prompt_tokens_per_s=rng.choice((0.0, rng.uniform(100, 20000))),
         decode_step_s=rng.choice((0.0, rng.uniform(0.005, 0.05))),
         prefill_token_s=rng.choice((0.0, 0.0, rng.uniform(1e-5, 1e-3))),
-        ready=rng.random() > 0.05, draining=rng.random() < 0.05)
+        ready=rng.random() > 0.05, draining=rng.random() < 0.05,
+        slot_free_tokens=rng.choice((0, rng.randrange(1, 2000))))
     return replica(f"r{i}", load, **kw)
 
 
