@@ -16,8 +16,8 @@ ones the tier's ``autoscaling`` block names (``strata.autoscale``):
   down on a low TTFT; the largest proposal over the other metrics still wins).
 * ``kpa``: concurrency (running + waiting) or finished requests per second per replica
   vs ``target * target_utilization``; the stable window becomes the scale-down window.
-* stage tiers: the stage's busy ratio vs ``target_busy_pct`` (not the bottleneck-first
-  coupling of strata's controller: each stage scales on its own).
+* stage tiers: the stage's busy ratio vs ``target_busy_pct`` (without the bottleneck-first
+  coupling of the strata controller: each stage scales on its own).
 
 ``behavior`` is Kubernetes' own and carries over as is. A native HPA cannot scale to zero
 (that needs the alpha ``HPAScaleToZero`` gate), so ``min_replicas: 0`` asks for KEDA,
@@ -261,18 +261,10 @@ def _stage_tier(config: ClusterConfig, plan: StageTier, opts: RenderOptions) -> 
 def scaled_tiers(config: ClusterConfig, plans: list[StageTier],
                  opts: RenderOptions) -> list[ScaledTier]:
     """The tiers an HPA or KEDA scales under ``opts.autoscaler`` ([] for ``strata``)."""
-    if plans:
-        stages = [p for p in plans if p.autoscaled]
-        if stages and opts.autoscaler == "strata":
-            names = ", ".join(p.name for p in stages)
-            raise RenderError(f"stages {names} scale between their min_replicas and "
-                              "max_replicas, and the strata controller drives engine tiers "
-                              "only on Kubernetes: render with --autoscaler hpa or keda, or "
-                              "give each stage min_replicas == max_replicas")
-        return [] if opts.autoscaler == "strata" else [_stage_tier(config, p, opts)
-                                                      for p in stages]
     if opts.autoscaler == "strata":
         return []
+    if plans:
+        return [_stage_tier(config, p, opts) for p in plans if p.autoscaled]
     out = [s for tier in config.tiers if (s := _engine_tier(config, tier, opts)) is not None]
     for s in out:
         if s.min_replicas == 0 and opts.autoscaler == "hpa":

@@ -13,11 +13,11 @@ the cluster too.
 * **Stage pipelines** (``strata.deploy.stages``): the head and one Deployment per later
   stage (explicit layer ranges: ``stages: auto`` measures at start-up and is refused);
   stage replicas join the head themselves, and their frame links accept only the
-  pipeline's own pods. The Kubernetes platform, hence the strata controller, drives
-  engine tiers only, so a stage that scales needs ``hpa`` or ``keda``.
+  pipeline's own pods.
 * **Autoscaling**, by ``RenderOptions.autoscaler``: ``strata`` renders the strata
-  controller (the autoscaler in-cluster, scaling engine tiers through the Deployment
-  scale subresource with a Role limited to exactly those objects); ``hpa`` and ``keda``
+  controller (the autoscaler in-cluster, scaling engine tiers or a pipeline's stages
+  through the Deployment scale subresource with a Role limited to exactly those objects,
+  and draining a pod before it goes); ``hpa`` and ``keda``
   render HorizontalPodAutoscalers (plus prometheus-adapter rules) or KEDA ScaledObjects
   on the same signals instead, and no controller (``strata.deploy.autoscaling``).
 * **Monitoring** (``strata.deploy.monitoring``; off with ``monitoring=False``): a
@@ -186,9 +186,10 @@ _READ_SLICES = {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices
                 "verbs": ["get", "list", "watch"]}
 
 
-def _controller_rbac(config: ClusterConfig, namespace: str) -> list[dict[str, Any]]:
+def _controller_rbac(config: ClusterConfig, namespace: str,
+                     tiers: list[str]) -> list[dict[str, Any]]:
     """Least privilege: the tiers' own Deployments; pods and EndpointSlices of the namespace."""
-    deployments = sorted(config.platform.deployment_name.format(tier=t) for t in config.tiers)
+    deployments = sorted(config.platform.deployment_name.format(tier=t) for t in tiers)
     return _account(SERVICE_ACCOUNT, namespace, "controller", [
         {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale"],
          "resourceNames": deployments, "verbs": ["get", "update", "patch"]},
@@ -340,9 +341,9 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
     pipeline = config.tiers[config.tier_name].kind == "stages"
     plans = stage_tier_plans(config) if pipeline else []
     scaled = scaled_tiers(config, plans, opts)  # RenderError if the choice cannot scale them
-    # The controller drives engine tiers only (the Kubernetes platform runs no pipeline);
-    # with hpa or keda the native objects scale instead, so it is not rendered at all.
-    controller = opts.autoscaler == "strata" and not pipeline
+    # With hpa or keda the native objects scale instead: no controller is rendered at all.
+    controller = opts.autoscaler == "strata"
+    tiers = [p.name for p in plans] or list(config.tiers)  # what the controller drives
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": namespace, "labels": {"app.kubernetes.io/part-of": PART_OF}}},
@@ -350,7 +351,7 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
     if opts.with_secret:
         objects.append(_secret(namespace))
     if controller:
-        objects += _controller_rbac(config, namespace)
+        objects += _controller_rbac(config, namespace, tiers)
     objects += _account(GATEWAY_ACCOUNT, namespace, "gateway", [dict(_READ_SLICES)])
     objects.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": meta(CONFIG_MAP, namespace, labels("controller")),
@@ -370,7 +371,7 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
     objects += monitoring_objects(config, opts)
     objects.append(_gateway_policy(config, namespace))
     if pipeline:
-        objects += stage_policies(config, plans, opts)
+        objects += stage_policies(config, plans, opts, controller)
     else:
         objects.append(_engine_policy(namespace, opts, controller))
     if controller:

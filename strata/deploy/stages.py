@@ -44,20 +44,19 @@ from strata.deploy.objects import (
     strip_threads,
     token_env,
 )
-from strata.stages.tiers import StageTier, cluster_stage_specs, stage_tiers
+from strata.stages.tiers import StageTier, cluster_stage_specs
 
 PIPELINE_LABEL = "strata/pipeline"
 
 
 def stage_tier_plans(config: ClusterConfig) -> list[StageTier]:
     """The pipeline's tiers, head first; ``stages: auto`` cannot be rendered (it measures)."""
-    tier = config.tier_name
-    t = config.tiers[tier]
-    if t.stages == "auto" or t.stages is None:
-        raise RenderError(f"tiers.{tier}.stages: auto splits by costs measured at start-up, "
-                          "so the stage Deployments cannot be named in advance; write the "
-                          "layer ranges out (stages: [{layers: '0:15'}, {layers: '15:30'}])")
-    return stage_tiers(tier, list(t.stages))
+    from strata.platform.kubernetes import pipeline_tiers
+
+    try:
+        return pipeline_tiers(config)  # the tiers the strata controller will look up
+    except ValueError as e:
+        raise RenderError(str(e)) from None
 
 
 def join_service_name(config: ClusterConfig) -> str:
@@ -166,9 +165,13 @@ def stage_objects(config: ClusterConfig, plans: list[StageTier], opts: RenderOpt
     return out
 
 
-def stage_policies(config: ClusterConfig, plans: list[StageTier],
-                   opts: RenderOptions) -> list[dict[str, Any]]:
-    """The head takes the gateway and its pipeline; stage links take only the pipeline."""
+def stage_policies(config: ClusterConfig, plans: list[StageTier], opts: RenderOptions,
+                   controller: bool) -> list[dict[str, Any]]:
+    """The head takes the gateway and its pipeline; stage links take only the pipeline.
+
+    With the strata controller, it reads each stage replica's ``/load`` and drains the
+    ones it removes over HTTP, never the frames.
+    """
     from strata.deploy.render import component_peer, monitoring_peer, network_policy
 
     tier = config.tier_name
@@ -180,8 +183,10 @@ def stage_policies(config: ClusterConfig, plans: list[StageTier],
         labels("stage-head", plans[0].name),
         [([component_peer("gateway"), own, *monitoring_peer(opts)], [ENGINE_PORT])])
     rules = [([own], [ENGINE_PORT, STAGE_DATA_PORT])]
-    if opts.monitoring:
-        rules.append((monitoring_peer(opts), [ENGINE_PORT]))  # /metrics, never the frames
+    http_peers = [*([component_peer("controller")] if controller else []),
+                  *monitoring_peer(opts)]  # /load, /drain, /metrics
+    if http_peers:
+        rules.append((http_peers, [ENGINE_PORT]))
     stages = network_policy(
         f"{config.platform.deployment_name.format(tier=tier)}-stages", ns, "stage",
         {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "stage",

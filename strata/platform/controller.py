@@ -10,6 +10,10 @@ outside a tier's bounds is corrected by its policy on the first tick. SIGTERM or
 stops the loop; the pods keep running. With ``--metrics-port`` the loop's series
 (desired/current replicas, scale events, skipped ticks) are served on ``/metrics`` there,
 as ``strata serve`` serves them on the gateway's.
+
+A stage pipeline's later stages scale as under ``strata serve``: each on its busy ratio,
+only the bottleneck growing in a tick. Stage replicas join the head themselves
+(``--join``), so the controller only scales them and drains the ones it removes.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from collections.abc import Awaitable, Callable
 import httpx
 from prometheus_client import CollectorRegistry, start_http_server
 
-from strata.autoscale.loop import Autoscaler
+from strata.autoscale.loop import Autoscaler, TierObserver
 from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, SignalSource
 from strata.autoscale.registry import build_policy
 from strata.autoscale.types import AutoscalingPolicy
 from strata.config import ClusterConfig
-from strata.platform.kubernetes import KubernetesPlatform
+from strata.platform.kubernetes import KubernetesPlatform, pipeline_tiers
+from strata.stages.scaling import PipelineObservers, StageObserver, pipeline_policies
 
 log = logging.getLogger("strata.controller")
 
@@ -48,7 +53,7 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
                          internal_token: str | None = None,
                          platform: KubernetesPlatform | None = None,
                          metrics_port: int | None = None,
-                         metrics_host: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's port
+                         metrics_host: str = "0.0.0.0") -> None:  # noqa: S104  # nosec B104 - a pod's port
     """Run the autoscaler against the cluster's Deployments until ``stop`` is set.
 
     ``metrics_port``: serve the loop's Prometheus series on ``/metrics`` there (0: any).
@@ -76,10 +81,20 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
         policies: dict[str, AutoscalingPolicy] = {
             name: build_policy(config.autoscaling_for(name))
             for name, tier in config.tiers.items() if tier.autoscaling is not None}
+        observer: TierObserver = Observer(platform, source, http, registry=registry)
+        max_replicas = {n: t.max_replicas for n, t in config.tiers.items()}
+        pipeline = pipeline_tiers(config)
+        if pipeline:  # each later stage on its busy ratio, the bottleneck first
+            stages = StageObserver(platform, http)
+            policies.update(pipeline_policies(
+                pipeline, config.tiers[config.tier_name].stage_scaling, stages))
+            observer = PipelineObservers(observer, stages,
+                                         {t.name for t in pipeline if not t.head})
+            max_replicas = {t.name: t.max_replicas for t in pipeline}
         autoscaler = Autoscaler(
-            platform, Observer(platform, source, http, registry=registry), policies,
+            platform, observer, policies,
             period_s=config.autoscaler.period_s, source=source.name,
-            max_replicas={n: t.max_replicas for n, t in config.tiers.items()},
+            max_replicas=max_replicas,
             registry=registry, history=config.autoscaler.history,
             decision_log=config.autoscaler.decision_log)
         log.info("strata controller: namespace %s, tiers %s, %s every %g s",

@@ -1,5 +1,9 @@
 """Replicas as the pods of one Kubernetes Deployment per tier (``platform: {kind: kubernetes}``).
 
+A stage pipeline is its head plus one tier per later stage (``pipeline_tiers``), each a
+Deployment like an engine tier's; a stage pod's ``/load`` reports the sequences the head
+still runs through it, so the drain below waits for those too.
+
 The same ``Platform`` seam as ``LocalPlatform``, over the official ``kubernetes`` client:
 
 * **scale**: the tier's Deployment ``/scale`` subresource, written with optimistic
@@ -44,6 +48,7 @@ from strata.internal_auth import HEADER as INTERNAL_TOKEN_HEADER
 from strata.platform.base import Endpoint, Replica, ReplicaPhase
 from strata.platform.endpointslices import EndpointSliceWatch, SliceEndpoint
 from strata.platform.process import pick_victims
+from strata.stages.tiers import StageTier, stage_tiers
 
 log = logging.getLogger("strata.platform.kubernetes")
 
@@ -82,6 +87,23 @@ def _retryable(err: BaseException) -> bool:
     if isinstance(err, ApiException):
         return err.status in (429, 500, 502, 503, 504) or err.status == 0
     return isinstance(err, (Urllib3Error, OSError, TimeoutError))
+
+
+def pipeline_tiers(config: ClusterConfig) -> list[StageTier]:
+    """The head and stage tiers of the cluster's pipeline, head first; [] for engine tiers.
+
+    Only explicit layer ranges: ``stages: auto`` splits by costs measured at start-up, so
+    its stage Deployments cannot be named in advance.
+    """
+    tier = config.tier_name
+    t = config.tiers[tier]
+    if t.kind != "stages":
+        return []
+    if not isinstance(t.stages, list):
+        raise ValueError(f"tiers.{tier}.stages: auto splits by costs measured at start-up, so "
+                         "the stage Deployments cannot be named in advance; write the layer "
+                         "ranges out (stages: [{layers: '0:15'}, {layers: '15:30'}])")
+    return stage_tiers(tier, t.stages)
 
 
 @dataclass(eq=False)
@@ -136,16 +158,15 @@ class KubernetesPlatform:
     @classmethod
     def from_config(cls, config: ClusterConfig, *, api: client.ApiClient | None = None,
                     internal_token: str | None = None) -> KubernetesPlatform:
-        """Every engine tier of the cluster file, named by the platform's name patterns."""
+        """Every tier of the cluster file, named by the platform's name patterns.
+
+        A stage pipeline is its head and one tier per later stage (``pipeline_tiers``),
+        each a Deployment scaled like an engine tier.
+        """
         opts = config.platform
-        for name, tier in config.tiers.items():
-            if tier.kind == "stages":
-                raise ValueError(f"tiers.{name}: the strata controller scales engine tiers "
-                                 "only; on Kubernetes a stage pipeline's stages are scaled by "
-                                 "HPAs or KEDA (strata deploy render --autoscaler hpa|keda), "
-                                 "locally by strata serve (platform.kind: local)")
+        names = [t.name for t in pipeline_tiers(config)] or list(config.tiers)
         tiers = {name: KubeTier(opts.deployment_name.format(tier=name),
-                                opts.service_name.format(tier=name)) for name in config.tiers}
+                                opts.service_name.format(tier=name)) for name in names}
         return cls(tiers, opts, api or api_client(opts), internal_token=internal_token)
 
     # -- start and stop ---------------------------------------------------------------------

@@ -7,7 +7,9 @@ the replica sample's custom metrics, so the existing policies scale a stage unch
 HPA on ``custom_stage_busy`` with a Utilization target adds replicas to the stage that
 is the bottleneck (its busy ratio sits near 1 while the others wait on it) and removes
 them where stages idle. `StageObserver` builds a stage tier's `TierState` for the
-control loop (`strata.autoscale.loop`), like the engine tiers' observer does.
+control loop (`strata.autoscale.loop`), like the engine tiers' observer does;
+`pipeline_policies` and `PipelineObservers` are what a loop runs for a pipeline (the
+strata controller on Kubernetes).
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from strata.autoscale.types import AutoscalingPolicy, ReplicaSample, ScaleDecision, TierState
 from strata.load import LoadReport
 from strata.platform.base import Platform, Replica
+
+if TYPE_CHECKING:
+    from strata.autoscale.loop import TierObserver
+    from strata.config import StageScaling
+    from strata.stages.tiers import StageTier
 
 STAGE_BUSY = "custom_stage_busy"  # 0..1
 STAGE_QUEUE = "custom_stage_queue"  # micro-batches waiting
@@ -146,3 +153,32 @@ class BottleneckFirst:
             return d
         return replace(d, desired=d.current,
                        reason=f"{d.reason}; held: stage tier {top} is the bottleneck")
+
+
+class PipelineObservers:
+    """The loop's observer with a pipeline: stage tiers through `StageObserver`, the rest
+    (the head, engine tiers) through `default`."""
+
+    def __init__(self, default: TierObserver, stages: StageObserver,
+                 stage_tiers: set[str]) -> None:
+        self.default = default
+        self.stages = stages
+        self.stage_tiers = stage_tiers
+
+    async def observe(self, tier: str, now: float) -> TierState:
+        """The tier's state from whichever observer reads it."""
+        if tier in self.stage_tiers:
+            return await self.stages.observe(tier, now)
+        return await self.default.observe(tier, now)
+
+
+def pipeline_policies(tiers: Sequence[StageTier], scaling: StageScaling,
+                      observer: StageObserver) -> dict[str, AutoscalingPolicy]:
+    """One bottleneck-first HPA on the busy ratio per stage tier that may change size."""
+    from strata.autoscale.registry import build_policy
+
+    scaled = [t for t in tiers if t.autoscaled]
+    return {t.name: BottleneckFirst(
+        build_policy(stage_autoscaling(t.max_replicas, t.min_replicas, scaling.target_busy_pct,
+                                       scaling.downscale_stabilization_s)),
+        t.name, [s.name for s in scaled], observer) for t in scaled}

@@ -42,14 +42,16 @@ def _objects(autoscaler: str = "hpa", data: dict[str, Any] | None = None,
     return render(_pipeline() if data is None else data, autoscaler=autoscaler, **kw)
 
 
-@pytest.mark.parametrize("autoscaler", ["hpa", "keda"])
+@pytest.mark.parametrize("autoscaler", ["strata", "hpa", "keda"])
 def test_pipeline_objects_pass_their_schemas(autoscaler: str) -> None:
     objects = _objects(autoscaler)
     validate_core(objects)
     for obj in objects:
         if obj["kind"] in ("ScaledObject", "ServiceMonitor"):
             validate_crd(obj)
-    assert not [o for o in objects if o["metadata"]["name"] == "strata-controller"]
+    controller = [o for o in objects if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "strata-controller"]
+    assert len(controller) == (autoscaler == "strata")
 
 
 def test_commands_are_the_local_platforms_with_the_pods_address() -> None:
@@ -136,12 +138,30 @@ def test_stage_hpa_scales_on_the_busy_ratio_within_the_stage_bounds() -> None:
     assert _one(objects, "Deployment", HEAD)["spec"]["replicas"] == 1
 
 
-def test_what_cannot_run_is_refused_and_fixed_stages_need_no_autoscaler() -> None:
-    with pytest.raises(RenderError, match="--autoscaler hpa or keda"):
-        _objects("strata")
+def test_the_strata_controller_scales_the_stages_through_their_deployments() -> None:
+    objects = _objects("strata")
+    scale = _one(objects, "Role", "strata-controller")["rules"][0]
+    assert scale["resources"] == ["deployments", "deployments/scale"]
+    assert scale["resourceNames"] == [HEAD, STAGE]  # the tiers the controller looks up
+    assert _one(objects, "Deployment", STAGE)["spec"]["replicas"] == 1  # adopted at start
+    assert not [o for o in objects if o["kind"] in ("HorizontalPodAutoscaler",
+                                                    "ScaledObject")]
+    # It reads each stage replica's /load and drains it over HTTP, never the frames.
+    pol = _one(objects, "NetworkPolicy", "strata-pipeline-stages")["spec"]
+    ctl = _one(objects, "Deployment", "strata-controller")["spec"]["template"]["metadata"][
+        "labels"]
+    for rule in pol["ingress"]:
+        if {"podSelector": {"matchLabels": ctl}} in rule["from"]:
+            assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+            break
+    else:
+        raise AssertionError("the controller cannot reach the stage replicas")
+
+
+def test_auto_stages_are_refused_and_fixed_stages_get_no_autoscaler() -> None:
     data = _pipeline()
     data["tiers"]["pipeline"]["stages"][1].update(min_replicas=2, max_replicas=2, replicas=2)
-    objects = _objects("strata", data)
+    objects = _objects("hpa", data)
     validate_core(objects)
     assert _one(objects, "Deployment", STAGE)["spec"]["replicas"] == 2
     assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
@@ -188,12 +208,3 @@ def test_prestop_hook_drains_and_waits_for_the_pinned_sequences(
         exec(compile(code, "preStop", "exec"), {})  # noqa: S102 (our own rendered hook)
     assert seen[0] == ("POST", "/drain", "s3cret")
     assert [s[1] for s in seen[1:]] == ["/load"] * 4  # returned after two idle reads
-
-
-def test_the_kubernetes_platform_points_a_pipeline_to_hpa_or_keda() -> None:
-    """The strata controller cannot drive a pipeline; its refusal names the way that works."""
-    from strata.platform.kubernetes import KubernetesPlatform
-
-    config = parse_cluster_config({**_pipeline(), "platform": {"kind": "kubernetes"}})
-    with pytest.raises(ValueError, match=r"--autoscaler hpa\|keda"):
-        KubernetesPlatform.from_config(config, api=object())  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """A replica process with the engine's control surface (/health, /load, /drain) and no model.
 
 Used to test the local platform's process handling in a fraction of a second per start:
-``python fake_replica.py --port P [--crash-file F] [--startup-s S] [--ignore-sigterm]``.
+``python fake_replica.py --port P [--crash-file F] [--startup-s S] [--ignore-sigterm]
+[--busy-ratio R]`` (R: report a stage replica's busy ratio on /load).
 ``POST /v1/completions`` with ``{"sleep_s": 2}`` holds a request that long; ``GET /env``
 shows the thread variables the platform set.
 """
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -27,7 +29,7 @@ from starlette.routing import Route
 from strata.internal_auth import ENV_VAR, admin_denial, load_token
 from strata.load import LoadReport
 
-state = {"running": 0, "draining": False}
+state: dict[str, Any] = {"running": 0, "draining": False, "busy_ratio": None}
 
 
 async def health(request: Request) -> JSONResponse:
@@ -42,7 +44,10 @@ async def load(request: Request) -> JSONResponse:
         free_kv_blocks=100 - int(state["running"]), total_kv_blocks=100, block_size=16,
         max_num_seqs=8, max_num_batched_tokens=512, prefix_hit_rate=0.0,
         prompt_tokens_per_s=0.0, generation_tokens_per_s=0.0, decode_step_s=0.0,
-        prefill_token_s=0.0, draining=bool(state["draining"])).to_dict())
+        prefill_token_s=0.0, draining=bool(state["draining"])).to_dict()
+        # a stage replica's signals (strata.stages.worker), with --busy-ratio
+        | ({"busy_ratio": state["busy_ratio"], "queued_frames": 0}
+           if state["busy_ratio"] is not None else {}))
 
 
 async def drain(request: Request) -> JSONResponse:
@@ -88,7 +93,9 @@ def main() -> None:
     p.add_argument("--crash-file", type=Path)
     p.add_argument("--startup-s", type=float, default=0.0)
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--busy-ratio", type=float, help="report a stage replica's busy ratio")
     args = p.parse_args()
+    state["busy_ratio"] = args.busy_ratio
     if args.crash_file is not None and args.crash_file.exists():
         args.crash_file.unlink()
         print("crashing on purpose", flush=True)

@@ -35,10 +35,10 @@ REPLICA = Path(__file__).parents[1] / "integration" / "fake_replica.py"
 DEPLOYMENT = "strata-engine"
 
 
-def start_replica(name: str) -> tuple[int, Callable[[], None]]:
-    """The kubelet: one real replica process per pod."""
+def start_replica(name: str, *args: str) -> tuple[int, Callable[[], None]]:
+    """The kubelet: one real replica process per pod (``args``: more fake_replica flags)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPLICA), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(REPLICA), "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop() -> None:
