@@ -79,11 +79,52 @@ def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     )
 
 
+def padded_rows(n: int) -> int:
+    """The row count a GEMM of ``n`` rows runs at: ``n`` up to 16, then one of a few buckets.
+
+    Above 16 rows, ``n`` is rounded up to a multiple of an eighth of the next power of two
+    (at least 16): at most ~12% more rows, and only ~4 distinct counts per octave. The
+    AMX tiles that run bf16 GEMMs hold 16 rows, so multiples of 16 cost little there.
+    """
+    if n <= 16:
+        return n
+    step = max(16, (1 << (n - 1).bit_length()) // 8)
+    return -(-n // step) * step
+
+
+def _pads(t: torch.Tensor) -> bool:
+    """Whether torch runs this tensor's GEMMs and attention through oneDNN (see below)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _padded_linear(weight: torch.Tensor):  # type: ignore[no-untyped-def]
+    """F.linear on 2-D activations, padded to `padded_rows` where the GEMM is oneDNN's.
+
+    On the CPU, torch runs bf16/fp16 GEMMs through oneDNN, which JIT-compiles a kernel
+    for each new input shape and keeps it in its primitive cache (up to 1024 entries): a
+    server that sees every prompt length grows its native memory by one kernel per new
+    length until the cache is full, for hours. Padding the rows bounds the shapes to the
+    buckets, so the cache stops growing after the first few requests. Rows are
+    independent in a GEMM, so the first ``n`` rows of the padded product are the product.
+    fp32 GEMMs go to MKL/BLAS, which caches nothing per shape; they run unpadded.
+    """
+    if not _pads(weight):
+        return lambda x: F.linear(x, weight)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        m = padded_rows(n)
+        if m == n:
+            return F.linear(x, weight)
+        return F.linear(F.pad(x, (0, 0, 0, m - n)), weight)[:n]
+
+    return fn
+
+
 def _as_fn(linear: nn.Module):  # type: ignore[no-untyped-def]
     """A projection as a plain callable on 2-D activations (fp Linear or Int8Linear)."""
     if isinstance(linear, nn.Linear):
-        weight = linear.weight
-        return lambda x: F.linear(x, weight)
+        return _padded_linear(linear.weight)
     fast = getattr(linear, "forward_2d", None)
     return fast if fast is not None else linear
 
@@ -141,19 +182,36 @@ class Attention(nn.Module):
     def _causal(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int = 0
     ) -> torch.Tensor:
-        """Causal attention of q (the last len(q) positions) over k/v."""
+        """Causal attention of q (the last len(q) positions) over k/v.
+
+        On the CPU in bf16/fp16, torch's flash attention runs oneDNN micro-kernels that it
+        compiles and caches per sequence length (and per query/key length pair with a
+        context), without bound: q, k and v are padded at the end to `padded_rows`, as
+        the projections are. Real queries never see the padded keys (they lie after every
+        real position, so the causal mask hides them); the padded queries' rows are
+        dropped.
+        """
+        lq, lk = q.shape[0], k.shape[0]
+        pq, pk = lq, lk
+        if _pads(q):
+            pq, pk = padded_rows(lq), padded_rows(lk)
+            if context_len == 0:
+                pq = pk = max(pq, pk)
+            q = F.pad(q, (0, 0, 0, 0, 0, pq - lq)) if pq != lq else q
+            if pk != lk:
+                k = F.pad(k, (0, 0, 0, 0, 0, pk - lk))
+                v = F.pad(v, (0, 0, 0, 0, 0, pk - lk))
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
         kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, Lk, D]
         vh = v.transpose(0, 1).unsqueeze(0)
         if context_len == 0:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         else:
-            lq, lk = q.shape[0], k.shape[0]
             # Bottom-right aligned causal mask: query i sits at position context_len + i.
-            rows = torch.arange(lq, device=q.device).unsqueeze(1) + context_len
-            mask = torch.arange(lk, device=q.device).unsqueeze(0) <= rows
+            rows = torch.arange(pq, device=q.device).unsqueeze(1) + context_len
+            mask = torch.arange(pk, device=q.device).unsqueeze(0) <= rows
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-        return o.squeeze(0).transpose(0, 1)
+        return o.squeeze(0).transpose(0, 1)[:lq]
 
     def prefill_chunks(
         self,
@@ -451,4 +509,10 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (fp32) of normalised hidden states."""
         assert self.lm_head is not None, "this model part has no head"
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        n = hidden.shape[0]
+        pads = isinstance(head, nn.Linear) and _pads(head.weight) and hidden.dim() == 2
+        m = padded_rows(n) if pads else n
+        if m != n:  # through the module still, so its hooks (calibration) see the call
+            return head(F.pad(hidden, (0, 0, 0, m - n)))[:n].float()
+        return head(hidden).float()

@@ -123,3 +123,58 @@ def test_transposed_weight_storage_keeps_the_function() -> None:
     with torch.no_grad():
         after = ours.compute_logits(ours(ids, pos))
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_bf16_shapes_are_bucketed_and_keep_the_function() -> None:
+    """oneDNN compiles and caches a kernel per GEMM/attention shape in bf16 (native memory
+    that grows with every new prompt length): the runner must reach torch with a few
+    padded row counts only, and the padding must not change what the model computes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from strata.engine.model import padded_rows
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            # Under inference mode the mode sees linear/SDPA whole; otherwise their parts.
+            if name in ("linear", "mm", "addmm", "scaled_dot_product_attention",
+                        "_scaled_dot_product_flash_attention_for_cpu"):
+                x = args[1] if name == "addmm" else args[0]
+                self.rows.add(x.shape[-2])
+            return func(*args, **(kwargs or {}))
+
+    _, model = tiny_pair()
+    model = model.to(torch.bfloat16)
+    runner = ModelRunner(model, num_blocks=512, block_size=4, dtype=torch.bfloat16)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=96), BlockManager(512, 4))
+    g = torch.Generator().manual_seed(2)
+    lengths = list(range(17, 200, 7))
+    for i, n in enumerate(lengths):
+        sched.add(Sequence(i, torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_tokens=1)))
+    mode = Shapes()
+    worst = 0.0
+    while sched.num_unfinished:
+        batch = sched.step()
+        inputs = runner.prepare(batch)
+        with mode:
+            hidden = runner.forward(inputs)
+            logits = runner.logits(hidden, inputs.sample_rows)
+        sampled = [e for e in batch.entries if e.samples]
+        sched.on_step_done(batch)
+        for row, e in zip(logits, sampled, strict=True):
+            ids = torch.tensor(e.seq.prompt_token_ids)
+            with torch.no_grad():
+                ref = model.compute_logits(model(ids, torch.arange(len(ids))))[-1]
+            worst = max(worst, (row - ref).abs().max().item() / ref.abs().max().item())
+            sched.finish(e.seq, "length")
+    assert worst < 0.05  # bf16 against bf16: the same function up to rounding
+    assert mode.rows, "no GEMM was seen: the probe is broken"
+    assert all(r == padded_rows(r) for r in mode.rows), sorted(mode.rows)
+    # Up to 16 rows (decode batches, sampled rows) run as they are; above, every prompt
+    # length and chunk split would be its own shape without the padding.
+    large = {r for r in mode.rows if r > 16}
+    assert len(large) <= 8, sorted(large)
