@@ -263,6 +263,10 @@ class GatewayOptions(_Strict):
     poll_interval_s: float = Field(default=0.2, gt=0)
     health_interval_s: float = Field(default=1.0, gt=0)
     eject_after_failures: int = Field(default=3, ge=1)
+    # Gateway pods on Kubernetes, active-active behind one Service (they agree on routing:
+    # load and prefix-cache contents come from the engines' own reports). `strata serve`
+    # runs one gateway in its own process.
+    replicas: int = Field(default=2, ge=1, le=64)
 
 
 class PlatformOptions(_Strict):

@@ -219,13 +219,22 @@ def _gateway_objects(config: ClusterConfig, namespace: str, image: str) -> list[
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta(GATEWAY, namespace, gw_labels),
-        "spec": {"replicas": 1, "selector": {"matchLabels": gw_labels},
+        "spec": {"replicas": config.gateway.replicas, "selector": {"matchLabels": gw_labels},
                  "template": {"metadata": {"labels": gw_labels}, "spec": {
                      "serviceAccountName": GATEWAY_ACCOUNT,
                      "terminationGracePeriodSeconds": grace_s(config),
+                     # Active-active gateways on different nodes where the cluster has them.
+                     "affinity": {"podAntiAffinity": {
+                         "preferredDuringSchedulingIgnoredDuringExecution": [{
+                             "weight": 100, "podAffinityTerm": {
+                                 "topologyKey": "kubernetes.io/hostname",
+                                 "labelSelector": {"matchLabels": gw_labels}}}]}},
                      "containers": [container]}}},
     }
-    return [deployment, service(GATEWAY, namespace, gw_labels, [("http", port)])]
+    objects = [deployment, service(GATEWAY, namespace, gw_labels, [("http", port)])]
+    if config.gateway.replicas > 1:
+        objects.append(pdb(GATEWAY, namespace, gw_labels))
+    return objects
 
 
 def _controller_objects(config: ClusterConfig, namespace: str,

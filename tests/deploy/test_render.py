@@ -251,6 +251,23 @@ def test_network_policies_open_the_gateway_and_close_the_engines() -> None:
     assert not [o for o in closed if o["kind"] == "ServiceMonitor"]
 
 
+def test_gateways_run_active_active_on_different_nodes() -> None:
+    data = _example()
+    data.setdefault("gateway", {})["replicas"] = 3
+    objects = _objects(data)
+    spec = _one(objects, "Deployment", "strata-gateway")["spec"]
+    assert spec["replicas"] == 3
+    term = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    budget = _one(objects, "PodDisruptionBudget", "strata-gateway")["spec"]
+    assert budget["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    data["gateway"]["replicas"] = 1  # one gateway: a budget of one unavailable guards nothing
+    assert not [o for o in _objects(data) if o["kind"] == "PodDisruptionBudget"
+                and o["metadata"]["name"] == "strata-gateway"]
+
+
 def test_local_paths_and_reserved_names_are_refused() -> None:
     data = _example()
     data["gateway"] = {**data["gateway"], "api_keys_file": "keys.yaml"}
