@@ -153,64 +153,6 @@ def _change_in_period(events: list[_ScaleEvent], period_s: int, now: float) -> i
     return sum(e.change for e in events if e.at > cutoff)
 
 
-def scale_up_limit(
-    current: int,
-    up_events: list[_ScaleEvent],
-    down_events: list[_ScaleEvent],
-    rules: ResolvedRules,
-    now: float,
-) -> int:
-    """The most replicas the scale-up policies allow now (``calculateScaleUpLimitWithScalingRules``)."""
-    if rules.select_policy == "Disabled":
-        return current
-    result: int | None = None
-    for policy in rules.policies:
-        added = _change_in_period(up_events, policy.period_seconds, now)
-        removed = _change_in_period(down_events, policy.period_seconds, now)
-        start = current - added + removed
-        if policy.type == "Pods":
-            proposed = start + policy.value
-        else:  # rounded up, or a small percentage could never add a replica
-            proposed = math.ceil(start * (1 + policy.value / 100))
-        if result is None:
-            result = proposed
-        elif rules.select_policy == "Min":
-            result = min(result, proposed)
-        else:
-            result = max(result, proposed)
-    assert result is not None
-    return result
-
-
-def scale_down_limit(
-    current: int,
-    up_events: list[_ScaleEvent],
-    down_events: list[_ScaleEvent],
-    rules: ResolvedRules,
-    now: float,
-) -> int:
-    """The fewest replicas the scale-down policies allow now (``calculateScaleDownLimitWithBehaviors``)."""
-    if rules.select_policy == "Disabled":
-        return current
-    result: int | None = None
-    for policy in rules.policies:
-        added = _change_in_period(up_events, policy.period_seconds, now)
-        removed = _change_in_period(down_events, policy.period_seconds, now)
-        start = current - added + removed
-        if policy.type == "Pods":
-            proposed = start - policy.value
-        else:  # int32() truncation: the replicas that stay are rounded down
-            proposed = int(start * (1 - policy.value / 100))
-        if result is None:
-            result = proposed
-        elif rules.select_policy == "Min":
-            result = max(result, proposed)  # the least change down is the highest count
-        else:
-            result = min(result, proposed)
-    assert result is not None
-    return result
-
-
 class Normalizer:
     """The HPA's behaviour step for one scale target, with the history it needs.
 
@@ -316,7 +258,7 @@ class Normalizer:
 
         if stabilized > current:
             limit_up = max(
-                scale_up_limit(current, self._up_events, self._down_events, up, now), current
+                self.scale_up_limit(current, up, now), current
             )
             if max_replicas > limit_up:
                 maximum, limit = limit_up, "ScaleUpLimit"
@@ -326,7 +268,7 @@ class Normalizer:
                 return Normalized(maximum, stabilized, stabilization, limit)
         elif stabilized < current:
             limit_down = min(
-                scale_down_limit(current, self._up_events, self._down_events, down, now), current
+                self.scale_down_limit(current, down, now), current
             )
             if min_replicas < limit_down:
                 minimum, limit = limit_down, "ScaleDownLimit"
@@ -335,6 +277,47 @@ class Normalizer:
             if stabilized < minimum:
                 return Normalized(minimum, stabilized, stabilization, limit)
         return Normalized(stabilized, stabilized, stabilization, "DesiredWithinRange")
+
+    def _period_starts(
+        self, current: int, rules: ResolvedRules, now: float
+    ) -> list[tuple[ScalingPolicy, int]]:
+        """Each of the direction's policies with the replica count at its period's start."""
+        return [
+            (
+                policy,
+                current
+                - _change_in_period(self._up_events, policy.period_seconds, now)
+                + _change_in_period(self._down_events, policy.period_seconds, now),
+            )
+            for policy in rules.policies
+        ]
+
+    def scale_up_limit(self, current: int, rules: ResolvedRules, now: float) -> int:
+        """The most replicas the scale-up policies allow now (``calculateScaleUpLimitWithScalingRules``)."""
+        if rules.select_policy == "Disabled":
+            return current
+        allowed = [
+            start + policy.value
+            if policy.type == "Pods"
+            # rounded up, or a small percentage could never add a replica
+            else math.ceil(start * (1 + policy.value / 100))
+            for policy, start in self._period_starts(current, rules, now)
+        ]
+        return min(allowed) if rules.select_policy == "Min" else max(allowed)
+
+    def scale_down_limit(self, current: int, rules: ResolvedRules, now: float) -> int:
+        """The fewest replicas the scale-down policies allow now (``calculateScaleDownLimitWithBehaviors``)."""
+        if rules.select_policy == "Disabled":
+            return current
+        allowed = [
+            start - policy.value
+            if policy.type == "Pods"
+            # int32() truncation: the replicas that stay are rounded down
+            else int(start * (1 - policy.value / 100))
+            for policy, start in self._period_starts(current, rules, now)
+        ]
+        # "Min" is the least change: for a scale-down, the highest count.
+        return max(allowed) if rules.select_policy == "Min" else min(allowed)
 
     def record_scale(self, previous: int, new: int, now: float) -> None:
         """Remember an actual change of replica count for the rate limits (``storeScaleEvent``)."""

@@ -34,8 +34,8 @@ from strata.autoscale.behavior import (
     DEFAULT_DOWNSCALE_STABILIZATION_S,
     DEFAULT_TOLERANCE,
     Behavior,
-    Normalizer,
 )
+from strata.autoscale.finish import BehaviorConfig, Proposal, ScaleFinish
 from strata.autoscale.replica_calculator import (
     MetricUnavailable,
     ReadinessRules,
@@ -53,7 +53,6 @@ from strata.autoscale.types import (
     ScaleDecision,
     TierState,
 )
-from strata.autoscale.zero import ScaleToZeroGate
 
 CUSTOM_PREFIX = "custom_"
 
@@ -110,7 +109,7 @@ def _default_metrics() -> tuple[HpaMetric, ...]:
     return (HpaMetric(name="kv_usage", type="Utilization", average_utilization=80),)
 
 
-class HpaConfig(ConfigModel):
+class HpaConfig(BehaviorConfig):
     """``autoscaling: {policy: hpa, ...}``; defaults are Kubernetes' own."""
 
     policy: Literal["hpa"] = "hpa"
@@ -128,14 +127,6 @@ class HpaConfig(ConfigModel):
     scale_to_zero_grace_s: float = Field(default=30.0, ge=0.0)
     scale_to_zero_retention_s: float = Field(default=0.0, ge=0.0)
 
-    @model_validator(mode="after")
-    def _bounds(self) -> HpaConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
-            )
-        return self
-
 
 class HpaPolicy:
     """A Kubernetes HPA for one tier; its history lives here and advances only in ``decide``."""
@@ -145,14 +136,7 @@ class HpaPolicy:
 
     def __init__(self, config: HpaConfig) -> None:
         self.config = config
-        self.normalizer = Normalizer(
-            config.behavior,
-            downscale_stabilization_s=config.downscale_stabilization_s,
-            tolerance=config.tolerance,
-        )
-        self.zero_gate = ScaleToZeroGate(
-            grace_s=config.scale_to_zero_grace_s, retention_s=config.scale_to_zero_retention_s
-        )
+        self.finish = ScaleFinish.with_behavior(config, disabled_at_zero=True)
         self.readiness = ReadinessRules(
             initialization_period_s=config.cpu_initialization_period_s,
             initial_readiness_delay_s=config.initial_readiness_delay_s,
@@ -202,89 +186,41 @@ class HpaPolicy:
         assert metric.average_value is not None
         return average_value_replicas(current, metric.average_value, values, groups, tolerances)
 
-    def _metrics_proposal(
-        self, state: TierState, now: float, report: dict[str, float]
-    ) -> tuple[int | None, str, str]:
-        """The largest valid proposal (None: do not scale), the metric behind it, errors."""
-        tolerances = self.normalizer.tolerances
+    def proposal(self, state: TierState, now: float) -> Proposal:
+        """The largest valid proposal over the metrics, or none when a broken metric could
+        shrink the tier (if every metric fails, or some fail and the rest would scale down)."""
+        tolerances = self.finish.tolerances
         best: int | None = None
         best_metric = ""
         errors: list[str] = []
+        report: dict[str, float] = {}
         for metric in self.config.metrics:
             try:
-                proposal, value = self.propose(metric, state, now, tolerances)
+                replicas, value = self.propose(metric, state, now, tolerances)
             except MetricUnavailable as err:
                 errors.append(f"{metric.label}: {err}")
                 continue
             report[metric.label] = value
-            report[f"{metric.label}.proposal"] = float(proposal)
-            if best is None or proposal > best:
-                best, best_metric = proposal, metric.label
+            report[f"{metric.label}.proposal"] = float(replicas)
+            if best is None or replicas > best:
+                best, best_metric = replicas, metric.label
         error = ""
         if errors:
             error = f"invalid metrics ({len(errors)} of {len(self.config.metrics)}): {'; '.join(errors)}"
-        if best is None or (errors and best < state.current_replicas):
-            return None, best_metric, error
-        return best, best_metric, error
+        current = state.current_replicas
+        if best is None or (errors and best < current):
+            why = f"FailedComputeMetricsReplicas: {error or 'no metric proposal'}"
+            return Proposal(None, [why], report)
+        reasons = [error] if error else []
+        best = max(best, 0)
+        if best > current:
+            reasons.append(f"{best_metric} above target")
+        elif best < current:
+            reasons.append("all metrics below target")
+        else:
+            reasons.append("metrics within tolerance of target")
+        return Proposal(best, reasons, report)
 
     def decide(self, state: TierState, now: float) -> ScaleDecision:
-        """One HPA reconcile for the tier at ``now``."""
-        cfg = self.config
-        current = state.current_replicas
-        self.normalizer.record_initial(current, now)
-        report: dict[str, float] = {"ready_replicas": float(state.ready_count)}
-        reasons: list[str] = []
-
-        if current == 0 and cfg.min_replicas != 0:
-            desired = 0
-            reasons.append("ScalingDisabled: scaling is disabled since the replica count is zero")
-        elif current > cfg.max_replicas:
-            desired = cfg.max_replicas
-            reasons.append("current number of replicas above max_replicas")
-        elif current < cfg.min_replicas:
-            desired = cfg.min_replicas
-            reasons.append("current number of replicas below min_replicas")
-        else:
-            proposal, metric_name, error = self._metrics_proposal(state, now, report)
-            if proposal is None:
-                desired = current
-                reasons.append(f"FailedComputeMetricsReplicas: {error or 'no metric proposal'}")
-            else:
-                if error:
-                    reasons.append(error)
-                proposal = max(proposal, 0)
-                report["proposal"] = float(proposal)
-                if proposal > current:
-                    reasons.append(f"{metric_name} above target")
-                elif proposal < current:
-                    reasons.append("all metrics below target")
-                else:
-                    reasons.append("metrics within tolerance of target")
-                normalized = self.normalizer.normalize(
-                    current, proposal, cfg.min_replicas, cfg.max_replicas, now
-                )
-                report["stabilized"] = float(normalized.stabilized)
-                desired = normalized.desired
-                if normalized.stabilization != "ReadyForNewScale":
-                    reasons.append(normalized.stabilization)
-                if normalized.limit != "DesiredWithinRange":
-                    reasons.append(normalized.limit)
-
-        if cfg.min_replicas == 0:
-            desired, why = self.zero_gate.apply(
-                state, desired, cfg.min_replicas, cfg.max_replicas, now
-            )
-            if why:
-                reasons.append(why)
-        if desired != current:
-            self.normalizer.record_scale(current, desired, now)
-        report["desired"] = float(desired)
-        return ScaleDecision(
-            tier=state.tier,
-            current=current,
-            desired=desired,
-            policy=self.name,
-            reason="; ".join(reasons),
-            metrics=report,
-            at=now,
-        )
+        """One HPA reconcile for the tier at ``now``; metrics are read only within bounds."""
+        return self.finish.decide(self.name, state, now, lambda: self.proposal(state, now))

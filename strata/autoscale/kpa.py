@@ -30,15 +30,15 @@ import math
 from collections import deque
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from strata.autoscale.types import ConfigModel, ScaleDecision, TierState
-from strata.autoscale.zero import ScaleToZeroGate
+from strata.autoscale.finish import BoundedConfig, Proposal, ScaleFinish
+from strata.autoscale.types import ScaleDecision, TierState
 
 TARGET_MIN = 0.01  # Knative's autoscaling.TargetMin
 
 
-class KpaConfig(ConfigModel):
+class KpaConfig(BoundedConfig):
     """``autoscaling: {policy: kpa, ...}``; defaults are Knative's ``config-autoscaler``."""
 
     policy: Literal["kpa"] = "kpa"
@@ -57,14 +57,6 @@ class KpaConfig(ConfigModel):
     max_replicas: int | None = Field(default=None, ge=1)  # None: unbounded, as Knative's 0
     scale_to_zero_grace_s: float = Field(default=30.0, ge=0.0)
     scale_to_zero_retention_s: float = Field(default=0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> KpaConfig:
-        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
-            )
-        return self
 
     @property
     def total_value(self) -> float:
@@ -134,9 +126,7 @@ class KpaPolicy:
         self._delay = (
             _MaxWindow(config.scale_down_delay_s) if config.scale_down_delay_s > 0 else None
         )
-        self.zero_gate = ScaleToZeroGate(
-            grace_s=config.scale_to_zero_grace_s, retention_s=config.scale_to_zero_retention_s
-        )
+        self.finish = ScaleFinish(config)  # the windows above are the KPA's behaviour
         self.panic_since: float | None = None  # Knative's panicTime (last time over threshold)
         self.max_panic_pods = 0
         self._started = False
@@ -152,7 +142,11 @@ class KpaPolicy:
         return float(state.concurrency)
 
     def decide(self, state: TierState, now: float) -> ScaleDecision:
-        """One tick of the KPA decider for the tier at ``now``."""
+        """One tick of the KPA decider for the tier at ``now``, then bounds and zero."""
+        return self.finish.decide(self.name, state, now, self.proposal(state, now))
+
+    def proposal(self, state: TierState, now: float) -> Proposal:
+        """The decider's count before bounds (stable or panic, then the scale-down delay)."""
         cfg = self.config
         ready = state.ready_count
         if not self._started:
@@ -216,16 +210,6 @@ class KpaPolicy:
                 reasons.append(f"scale-down delayed: holding {delayed}")
                 desired = delayed
 
-        bounded = max(desired, cfg.min_replicas)
-        if cfg.max_replicas is not None:
-            bounded = min(bounded, cfg.max_replicas)
-        if bounded != desired:
-            reasons.append(f"bounded to [{cfg.min_replicas}, {cfg.max_replicas or 'inf'}]")
-        max_replicas = cfg.max_replicas if cfg.max_replicas is not None else max(bounded, 1)
-        desired, why = self.zero_gate.apply(state, bounded, cfg.min_replicas, max_replicas, now)
-        if why:
-            reasons.append(why)
-
         excess_burst = -1.0
         if cfg.target_burst_capacity == 0:
             excess_burst = 0.0
@@ -242,14 +226,5 @@ class KpaPolicy:
             "panic": 1.0 if self.panicking else 0.0,
             "ready_replicas": float(ready),
             "excess_burst_capacity": float(excess_burst),
-            "desired": float(desired),
         }
-        return ScaleDecision(
-            tier=state.tier,
-            current=state.current_replicas,
-            desired=desired,
-            policy=self.name,
-            reason="; ".join(reasons),
-            metrics=metrics,
-            at=now,
-        )
+        return Proposal(desired, reasons, metrics)

@@ -32,15 +32,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from strata.autoscale.behavior import (
     DEFAULT_DOWNSCALE_STABILIZATION_S,
     DEFAULT_TOLERANCE,
     Behavior,
-    Normalizer,
 )
 from strata.autoscale.capacity import CapacityEstimator
+from strata.autoscale.finish import BehaviorConfig, Proposal, ScaleFinish
 from strata.autoscale.replica_calculator import (
     MetricUnavailable,
     Tolerances,
@@ -48,11 +48,10 @@ from strata.autoscale.replica_calculator import (
     tier_average_value_replicas,
     utilization_replicas,
 )
-from strata.autoscale.types import ConfigModel, ScaleDecision, TierState, percentile
-from strata.autoscale.zero import ScaleToZeroGate
+from strata.autoscale.types import ScaleDecision, TierState, percentile
 
 
-class LlmConfig(ConfigModel):
+class LlmConfig(BehaviorConfig):
     """``autoscaling: {policy: llm, ...}``."""
 
     policy: Literal["llm"] = "llm"
@@ -76,14 +75,6 @@ class LlmConfig(ConfigModel):
     downscale_stabilization_s: int = Field(default=DEFAULT_DOWNSCALE_STABILIZATION_S, ge=0)
     scale_to_zero_grace_s: float = Field(default=30.0, ge=0.0)
     scale_to_zero_retention_s: float = Field(default=0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> LlmConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
-            )
-        return self
 
 
 @dataclass(slots=True)
@@ -207,68 +198,21 @@ class LlmPolicy:
     def __init__(self, config: LlmConfig) -> None:
         self.config = config
         self.recommender = LlmRecommender(config)
-        self.normalizer = Normalizer(
-            config.behavior,
-            downscale_stabilization_s=config.downscale_stabilization_s,
-            tolerance=config.tolerance,
-        )
-        self.zero_gate = ScaleToZeroGate(
-            grace_s=config.scale_to_zero_grace_s, retention_s=config.scale_to_zero_retention_s
-        )
+        self.finish = ScaleFinish.with_behavior(config, hold_reason="no signal available: holding")
 
     def _raw(self, state: TierState, now: float) -> Recommendation:
         """The unstabilized proposal; the predictive policy overrides this."""
-        rec = self.recommender.recommend(state, now, self.normalizer.tolerances)
+        rec = self.recommender.recommend(state, now, self.finish.tolerances)
         if rec.replicas is not None:
             rec.notes.insert(0, f"{rec.signal} signal drives {rec.replicas} replica(s)")
         return rec
 
     def decide(self, state: TierState, now: float) -> ScaleDecision:
-        """The desired replica count for the tier at ``now``."""
-        cfg = self.config
-        current = state.current_replicas
-        self.normalizer.record_initial(current, now)
+        """The desired replica count for the tier at ``now``.
+
+        The signals are read every tick (the capacity estimate and the forecast learn from
+        each), and reported even when the current count is outside the bounds.
+        """
         rec = self._raw(state, now)
-        reasons = list(rec.notes)
-        metrics = dict(rec.metrics)
-        metrics["ready_replicas"] = float(state.ready_count)
-
-        if current > cfg.max_replicas:
-            desired = cfg.max_replicas
-            reasons.append("current number of replicas above max_replicas")
-        elif current < cfg.min_replicas:
-            desired = cfg.min_replicas
-            reasons.append("current number of replicas below min_replicas")
-        else:
-            proposal = current if rec.replicas is None else rec.replicas
-            if rec.replicas is None:
-                reasons.append("no signal available: holding")
-            metrics["proposal"] = float(proposal)
-            normalized = self.normalizer.normalize(
-                current, proposal, cfg.min_replicas, cfg.max_replicas, now
-            )
-            metrics["stabilized"] = float(normalized.stabilized)
-            desired = normalized.desired
-            if normalized.stabilization != "ReadyForNewScale":
-                reasons.append(normalized.stabilization)
-            if normalized.limit != "DesiredWithinRange":
-                reasons.append(normalized.limit)
-
-        if cfg.min_replicas == 0:
-            desired, why = self.zero_gate.apply(
-                state, desired, cfg.min_replicas, cfg.max_replicas, now
-            )
-            if why:
-                reasons.append(why)
-        if desired != current:
-            self.normalizer.record_scale(current, desired, now)
-        metrics["desired"] = float(desired)
-        return ScaleDecision(
-            tier=state.tier,
-            current=current,
-            desired=desired,
-            policy=self.name,
-            reason="; ".join(reasons),
-            metrics=metrics,
-            at=now,
-        )
+        return self.finish.decide(self.name, state, now, Proposal(rec.replicas, rec.notes,
+                                                                  rec.metrics))

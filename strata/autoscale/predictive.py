@@ -83,7 +83,7 @@ class PredictivePolicy(LlmPolicy):
         rate = state.arrival_rate_rps
         self.errors.score(now, rate)
         self.forecaster.observe(now, rate)
-        llm = self.recommender.recommend(state, now, self.normalizer.tolerances)
+        llm = self.recommender.recommend(state, now, self.finish.tolerances)
 
         horizon = self.startup_s(state)
         fit = self.forecaster.fit()

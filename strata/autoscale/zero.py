@@ -33,12 +33,16 @@ class ScaleToZeroGate:
         return max(self.grace_s, self.retention_s)
 
     def apply(
-        self, state: TierState, desired: int, min_replicas: int, max_replicas: int, now: float
+        self, state: TierState, desired: int, min_replicas: int, max_replicas: int | None,
+        now: float,
     ) -> tuple[int, str]:
-        """The desired count after the zero rules, and why it changed ("" if it did not)."""
+        """The desired count after the zero rules, and why it changed ("" if it did not).
+
+        ``max_replicas`` None: unbounded (Knative's ``max-scale`` 0).
+        """
         if state.current_replicas == 0 and state.pending_requests > 0 and desired < 1:
             self._zero_wanted_since = None
-            if max_replicas < 1:
+            if max_replicas is not None and max_replicas < 1:
                 return desired, ""
             return 1, (
                 f"activator holds {state.pending_requests} request(s) for a tier at zero: "
