@@ -24,7 +24,7 @@ from strata.prefix_report import PrefixReport
 class PrefixIndex:
     """Reported hashes plus an LRU of hashes this gateway sent."""
 
-    def __init__(self, capacity: int, grace_s: float = 1.0) -> None:
+    def __init__(self, capacity: int, grace_s: float = 2.0) -> None:
         """``capacity`` is in local prefix chunks; 0 disables the local entries."""
         self._lru: OrderedDict[int, float] = OrderedDict()  # hash -> when it was sent
         self.capacity = max(0, capacity)

@@ -43,9 +43,10 @@ class ReplicaSetConfig:
     eject_max_s: float = 60.0
     prefix_capacity_chunks: int = 8192  # until the replica reports its KV size
     # Prefix reports (GET /internal/prefix): the cluster's internal token, if it has one, and
-    # how long a prompt this gateway sent counts as held before a report must show it.
+    # how long a prompt this gateway sent counts as held before a report must show it (the
+    # engine admits a prompt between two steps, which can take a second on a CPU).
     internal_token: str | None = None
-    prefix_grace_s: float = 1.0
+    prefix_grace_s: float = 2.0
     upstream_api_key: str | None = None
     # After on_demand(tier) returns, the replica it started needs time to load and pass a
     # health check; asking again sooner would only start more replicas for the same burst.
