@@ -45,7 +45,7 @@ from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
-from strata.gateway.replicas import ReplicaSetConfig
+from strata.gateway.replica_set import ReplicaSetConfig
 from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
 from strata.internal_auth import generate_token, load_token
 from strata.internal_auth import headers as internal_headers

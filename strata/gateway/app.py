@@ -34,8 +34,8 @@ from strata.gateway.proxy import (
     ProxyConfig,
 )
 from strata.gateway.ratelimit import Limits, RateLimiter
-from strata.gateway.replica import ReplicaSetConfig
-from strata.gateway.replicas import OnDemand, ReplicaSet
+from strata.gateway.replica_record import ReplicaSetConfig
+from strata.gateway.replica_set import OnDemand, ReplicaSet
 from strata.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

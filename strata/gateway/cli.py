@@ -22,7 +22,7 @@ from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
-from strata.gateway.replica import ReplicaSetConfig
+from strata.gateway.replica_record import ReplicaSetConfig
 from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
 from strata.internal_auth import load_token
 from strata.routing.prompt import PromptEstimator

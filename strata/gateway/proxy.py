@@ -31,7 +31,7 @@ from typing import Any
 from strata.gateway.admission import ModelQueue, QueueFull
 from strata.gateway.demand import DemandTracker
 from strata.gateway.metrics import GatewayMetrics
-from strata.gateway.replicas import Replica, ReplicaSet
+from strata.gateway.replica_set import Replica, ReplicaSet
 from strata.gateway.upstream import (
     UpstreamError,
     UpstreamResponse,

@@ -1,7 +1,7 @@
 """The simulated gateway: strata's routing policies fed the same snapshot the real gateway builds.
 
 For each request it builds the ``RouteRequest`` and ``Snapshot`` that
-``strata.gateway.replicas`` builds and calls the configured policy's ``pick``. A replica's
+``strata.gateway.replica_set`` builds and calls the configured policy's ``pick``. A replica's
 load report is re-read when it is older than ``poll_interval_s`` (the real gateway polls
 every 0.2 s; here the read happens lazily at the next pick, as of that instant); requests
 dispatched since the report count as ``pending``; ``completions_per_s`` is measured over
@@ -27,24 +27,23 @@ from strata.gateway.demand import DemandTracker
 from strata.gateway.prefix_index import PrefixIndex
 from strata.load import LoadReport
 from strata.routing.registry import make_policy
-from strata.routing.types import Demand, RouteRequest, Snapshot
-from strata.routing.types import ReplicaState as RouteState
+from strata.routing.types import Demand, ReplicaState, RouteRequest, Snapshot
 from strata.sim.events import EventLoop
 from strata.sim.frozen import positional_constructor
 from strata.sim.replica import SimReplica
 from strata.sim.types import SimRequest
 
-_COMPLETION_WINDOW_S = 10.0  # strata.gateway.replicas
+_COMPLETION_WINDOW_S = 10.0  # strata.gateway.replica_record
 _NO_DEMAND = Demand()
 _ANY_MODEL: frozenset[str] = frozenset()
 _new_route_state = positional_constructor(  # a state per replica change
-    RouteState, "url healthy in_flight running waiting kv_usage load pending_requests "
+    ReplicaState, "url healthy in_flight running waiting kv_usage load pending_requests "
     "pending_prompt_tokens prefix_match_tokens completions_per_s models")
 _new_snapshot = positional_constructor(Snapshot, "replicas seq demand")  # one per request
 
 
 class _Endpoint:
-    """The gateway's record of one replica (strata.gateway.replicas.Replica, simulated)."""
+    """The gateway's record of one replica (strata.gateway.replica_record.Replica, simulated)."""
 
     __slots__ = ("replica", "url", "in_flight", "pending", "pending_tokens", "report",
                  "report_at", "finishes", "prefix", "state", "dirty", "index")
@@ -59,7 +58,7 @@ class _Endpoint:
         self.report_at = -math.inf
         self.finishes: deque[float] = deque()
         self.prefix = PrefixIndex(prefix_capacity)
-        self.state: RouteState | None = None
+        self.state: ReplicaState | None = None
         self.dirty = False
         self.index = -1  # position in the snapshot; -1 when not routable
 
@@ -85,7 +84,7 @@ class SimGateway:
         # Routable endpoints in snapshot order, their cached router states, the order in
         # which their reports go stale, and those whose state must be rebuilt.
         self._routable: list[_Endpoint] = []
-        self._states: list[RouteState] = []
+        self._states: list[ReplicaState] = []
         self._by_age: deque[_Endpoint] = deque()
         self._dirty: list[_Endpoint] = []
         self.held: deque[SimRequest] = deque()
@@ -213,7 +212,7 @@ class SimGateway:
             self._dirty.append(ep)
 
     @staticmethod
-    def _state_of(ep: _Endpoint, now: float) -> RouteState:
+    def _state_of(ep: _Endpoint, now: float) -> ReplicaState:
         f = ep.finishes
         cutoff = now - _COMPLETION_WINDOW_S
         while f and f[0] < cutoff:

@@ -50,7 +50,7 @@ _new_load_report = positional_constructor(  # a report per gateway poll
     "slot_free_tokens")
 
 
-class ReplicaState(enum.Enum):
+class ReplicaPhase(enum.Enum):
     """Life of a replica: provisioned, serving, on its way out, gone."""
 
     STARTING = "starting"
@@ -87,7 +87,7 @@ class SimReplica:
         self.scheduler = Scheduler(
             SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens,
                             engine.max_model_len), self.blocks)
-        self.state = ReplicaState.STARTING
+        self.state = ReplicaPhase.STARTING
         self.created_at = created_at
         self.ready_at: float | None = None
         self.stopped_at: float | None = None
@@ -124,12 +124,12 @@ class SimReplica:
     @property
     def ready(self) -> bool:
         """Serving or draining (it answers /load as ready)."""
-        return self.state in (ReplicaState.READY, ReplicaState.DRAINING)
+        return self.state in (ReplicaPhase.READY, ReplicaPhase.DRAINING)
 
     @property
     def routable(self) -> bool:
         """Takes new requests."""
-        return self.state is ReplicaState.READY
+        return self.state is ReplicaPhase.READY
 
     @property
     def num_unfinished(self) -> int:
@@ -138,21 +138,21 @@ class SimReplica:
 
     def mark_ready(self, now: float) -> None:
         """Start-up is over: the replica serves from now on."""
-        if self.state is ReplicaState.STARTING:
-            self.state = ReplicaState.READY
+        if self.state is ReplicaPhase.STARTING:
+            self.state = ReplicaPhase.READY
             self.ready_at = now
 
     def drain(self, now: float) -> None:
         """Take no new requests; stop once the current ones are done (or now if starting)."""
-        if self.state is ReplicaState.STARTING or (
-                self.state is ReplicaState.READY and not self.requests):
+        if self.state is ReplicaPhase.STARTING or (
+                self.state is ReplicaPhase.READY and not self.requests):
             self._stop(now)
-        elif self.state is ReplicaState.READY:
-            self.state = ReplicaState.DRAINING
+        elif self.state is ReplicaPhase.READY:
+            self.state = ReplicaPhase.DRAINING
 
     def _stop(self, now: float) -> None:
         self.materialize(now)
-        self.state = ReplicaState.STOPPED
+        self.state = ReplicaPhase.STOPPED
         self.stopped_at = now
         self._version += 1
         self.listener.on_stopped(self, now)
@@ -239,7 +239,7 @@ class SimReplica:
         for seq in batch.preempted:
             self.requests[seq.seq_id].preemptions += 1
         self._account(batch, now)
-        if self.state is ReplicaState.STOPPED:
+        if self.state is ReplicaPhase.STOPPED:
             return
         running = sched.running
         # A pure-decode step that left a waiting request unadmitted will leave it so
@@ -283,7 +283,7 @@ class SimReplica:
         del self.requests[seq.seq_id]
         req.status = "ok"
         self.listener.on_finish(self, req, now)
-        if self.state is ReplicaState.DRAINING and not self.requests:
+        if self.state is ReplicaPhase.DRAINING and not self.requests:
             self._stop(now)
 
     def _account(self, batch: Batch, now: float) -> None:
@@ -408,7 +408,7 @@ class SimReplica:
             for s in run.seqs:
                 if len(s.output_token_ids) >= s.params.max_tokens:
                     self._finish(s, self.requests[s.seq_id], now)
-        if self.state is ReplicaState.STOPPED:
+        if self.state is ReplicaPhase.STOPPED:
             return
         self._continue(now)
 
@@ -504,8 +504,8 @@ class SimReplica:
             gen_rate,
             decode_step_s,
             self.prefill_token_s,
-            state is ReplicaState.READY or state is ReplicaState.DRAINING,
-            state is ReplicaState.DRAINING,
+            state is ReplicaPhase.READY or state is ReplicaPhase.DRAINING,
+            state is ReplicaPhase.DRAINING,
             "",
             max(0, slot_free - j),
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ReplicaState = Literal["live", "draining", "down"]
+StageReplicaPhase = Literal["live", "draining", "down"]
 Path = tuple[str, ...]  # one data address per downstream stage, in pipeline order
 
 
@@ -27,7 +27,7 @@ class StageReplica:
     stage: int  # index among the downstream stages (0 = the one right after the head)
     addr: str  # host:port of its frame listener
     url: str  # http://host:port of its HTTP face
-    state: ReplicaState = "live"
+    state: StageReplicaPhase = "live"
     pinned: set[int] = field(default_factory=set)
     inflight: int = 0  # micro-batches sent through it and not answered
     steps: int = 0
@@ -40,7 +40,7 @@ class ReplicaView:
     stage: str
     addr: str
     url: str
-    state: ReplicaState
+    state: StageReplicaPhase
     pinned: int
     inflight: int
     used_kv_blocks: int
@@ -124,7 +124,7 @@ class ReplicaSets:
         """The sequence's path, None when it is not pinned."""
         return self.paths.get(seq_id)
 
-    def set_state(self, addr: str, state: ReplicaState) -> StageReplica | None:
+    def set_state(self, addr: str, state: StageReplicaPhase) -> StageReplica | None:
         """Mark a replica draining (no new pins) or down (lost)."""
         rep = self.replicas.get(addr)
         if rep is not None:

@@ -14,8 +14,8 @@ import uvicorn
 
 from strata.bench.fake_backend import FakeBackend, FakeBackendConfig
 from strata.gateway.app import Gateway, GatewayConfig, create_app
-from strata.gateway.replica import ReplicaSetConfig
-from strata.gateway.replicas import OnDemand
+from strata.gateway.replica_record import ReplicaSetConfig
+from strata.gateway.replica_set import OnDemand
 from strata.load import LoadReport
 
 Scope = MutableMapping[str, Any]

@@ -28,7 +28,7 @@ def test_bad_options_fail_before_serving(args: list[str], message: str) -> None:
 
 
 def test_replica_urls_are_normalized() -> None:
-    from strata.gateway.replica import normalize_url
+    from strata.gateway.replica_record import normalize_url
 
     assert normalize_url("127.0.0.1:8000/") == "http://127.0.0.1:8000"
     assert normalize_url(" https://h:1 ") == "https://h:1"

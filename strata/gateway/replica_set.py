@@ -1,6 +1,6 @@
 """The gateway's replica set: connection pools, load polling, health, ejection, activation.
 
-Each replica (strata.gateway.replica) has one keep-alive connection pool for proxied
+Each replica (strata.gateway.replica_record) has one keep-alive connection pool for proxied
 requests and one background task here (sharing a pooled httpx client) that checks /health
 every ``health_interval_s`` and reads load every ``poll_interval_s``: strata's /load when
 the replica serves it, else the vLLM/SGLang series of its /metrics, else nothing (the
@@ -27,7 +27,7 @@ import httpx
 
 from strata.gateway.metrics import GatewayMetrics
 from strata.gateway.probe import parse_metrics
-from strata.gateway.replica import Replica, ReplicaSetConfig, normalize_url
+from strata.gateway.replica_record import Replica, ReplicaSetConfig, normalize_url
 from strata.internal_auth import headers as internal_headers
 from strata.load import LoadReport
 from strata.prefix_report import MAX_KEYS, PrefixReport, PrefixReportError
