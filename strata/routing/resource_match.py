@@ -33,11 +33,11 @@ whole cache is smaller than prompt + max_tokens is rejected outright.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import compress
-from operator import is_not, itemgetter
-from typing import Any
+from operator import attrgetter, is_not, itemgetter
 
+from strata.load import LoadReport
 from strata.routing.types import ReplicaState, RouteRequest, Snapshot
 
 
@@ -49,15 +49,20 @@ class Rates:
     decode_step_s: float
 
 
-def measured_rates(r: ReplicaState) -> Rates | None:
-    """The rates a replica measured itself, or None when it has not measured any yet."""
-    load = r.load
-    if load is None:
-        return None
+def measured_prefill_token_s(load: LoadReport) -> float | None:
+    """Seconds per prefill token a replica measured: its own figure, else the inverse of
+    its prefill rate; None when it has measured neither yet."""
     p = load.prefill_token_s
     if p <= 0 and load.prompt_tokens_per_s > 0:
         p = 1.0 / load.prompt_tokens_per_s
-    if p <= 0:
+    return p if p > 0 else None
+
+
+def measured_rates(r: ReplicaState) -> Rates | None:
+    """The rates a replica measured itself, or None when it has not measured any yet."""
+    load = r.load
+    p = None if load is None else measured_prefill_token_s(load)
+    if load is None or p is None:
         return None
     return Rates(prefill_token_s=p, decode_step_s=max(0.0, load.decode_step_s))
 
@@ -95,125 +100,215 @@ class Estimate:
     replica: ReplicaState
     ttft_s: float
     fits_now: bool
-    fits_ever: bool
+    fits_ever: bool  # now, or once the queue ahead has released its blocks
+
+
+class ReplicaTerms:
+    """The parts of one replica's estimate that do not depend on the request.
+
+    Computed once per replica state (``ResourceMatch`` keeps them while the gateway keeps
+    the state); ``estimate`` adds the request's part. A replica without a strata report
+    (vLLM and others) has ``queued_requests`` instead of a token count and no KV check.
+    """
+
+    __slots__ = ("state", "routable", "models", "load_score", "prefill_token_s",
+                 "decode_step_s", "reported", "queued_requests", "running", "kv_full",
+                 "queued_tokens", "step_budget", "slot_position", "completions_per_s",
+                 "slot_free_tokens", "block_size", "free_blocks", "total_blocks",
+                 "prefix_match_tokens")
+
+    def __init__(self, r: ReplicaState) -> None:
+        # r.routable and r.load_score, inlined: a gateway computes terms for every new
+        # replica state.
+        load = r.load
+        self.state = r
+        self.models = r.models
+        score = r.running + r.waiting + r.pending_requests
+        self.load_score = r.in_flight if r.in_flight > score else score
+        self.prefix_match_tokens = r.prefix_match_tokens
+        self.completions_per_s = r.completions_per_s
+        if load is None:
+            self.routable = r.healthy
+            self.prefill_token_s = None  # the fleet's median stands in
+            self.decode_step_s = 0.0
+            self.reported = False
+            # Requests queued (each assumed as long as this prompt), whether a decode step
+            # is added, and whether the cache is full.
+            self.queued_requests = r.waiting + r.pending_requests
+            self.running = r.running > 0
+            self.kv_full = r.kv_usage >= 1.0
+            self.queued_tokens = self.step_budget = self.slot_position = 0
+            self.slot_free_tokens = self.block_size = self.free_blocks = self.total_blocks = 0
+            return
+        self.routable = r.healthy and load.ready and not load.draining
+        p = self.prefill_token_s = measured_prefill_token_s(load)  # None: as without a report
+        self.decode_step_s = 0.0 if p is None else max(0.0, load.decode_step_s)
+        self.reported = True
+        self.queued_requests = 0
+        self.running = self.kv_full = False
+        # Prefill tokens ahead; the tokens a step can prefill beside the running sequences
+        # (0: nothing running, no decode steps added); the queue position for a sequence
+        # slot (0: a slot is free); the block size (0: no KV check) and the blocks free
+        # once the queue has claimed its own.
+        queued = self.queued_tokens = load.waiting_prompt_tokens + r.pending_prompt_tokens
+        running = load.running
+        self.step_budget = max(1, load.max_num_batched_tokens - running) if running > 0 else 0
+        occupied = running + load.waiting + r.pending_requests
+        self.slot_position = (occupied - load.max_num_seqs + 1
+                              if load.max_num_seqs > 0 and occupied >= load.max_num_seqs else 0)
+        self.slot_free_tokens = load.slot_free_tokens
+        bs = load.block_size if load.block_size > 0 and load.total_kv_blocks > 0 else 0
+        self.block_size = bs
+        self.free_blocks = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
+        self.total_blocks = load.total_kv_blocks
+
+    def serves(self, model: str) -> bool:
+        """Whether the replica is a candidate for a request for ``model``."""
+        return self.routable and (not self.models or not model or model in self.models)
+
+
+Pool = list[tuple[float, ReplicaTerms]]  # (estimated TTFT, replica), in snapshot order
+
+
+def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_tokens: int,
+                   fallback: Rates) -> tuple[Pool, Pool, Pool]:
+    """The estimate of the module docstring for one request on each candidate, by KV fit:
+    the candidates that can hold it now, those that can once their queue has drained, and
+    those whose whole cache is too small.
+
+    ``fallback``: the rates of a candidate that has measured none. One loop over the
+    candidates rather than a call per candidate: this runs for every request.
+    """
+    ceil = math.ceil
+    now_pool: Pool = []
+    ever_pool: Pool = []
+    never_pool: Pool = []
+    last = prompt_tokens - 1  # the last prompt token is always computed
+    slot_tokens = max(1, max_tokens)
+    total_tokens = prompt_tokens + max_tokens
+    need_bs = need_total = 0  # need_total: ceil(total_tokens / need_bs), the whole request's blocks
+    for t in candidates:
+        p = t.prefill_token_s
+        if p is None:
+            p, d = fallback.prefill_token_s, fallback.decode_step_s
+        else:
+            d = t.decode_step_s
+        new_tokens = prompt_tokens
+        hit = t.prefix_match_tokens
+        if hit > 0 and last > 0:
+            new_tokens -= hit if hit < last else last
+        if not t.reported:
+            work = t.queued_requests * prompt_tokens + new_tokens
+            ttft = work * p + (d if t.running else 0.0)
+            (ever_pool if t.kv_full else now_pool).append((ttft, t))
+            continue
+        work = t.queued_tokens + new_tokens
+        ttft = work * p
+        if t.step_budget:
+            ttft += ceil(work / t.step_budget) * d
+        if t.slot_position:
+            if t.completions_per_s > 0:
+                ttft += t.slot_position / t.completions_per_s
+            else:
+                ttft += t.slot_position * (t.slot_free_tokens or slot_tokens) * d
+        bs = t.block_size
+        if not bs:
+            now_pool.append((ttft, t))
+            continue
+        if bs != need_bs:  # a fleet shares one block size: divide once per request
+            need_bs = bs
+            need_total = ceil(total_tokens / bs)
+        need = need_total if new_tokens == prompt_tokens else ceil((new_tokens + max_tokens) / bs)
+        if need <= t.free_blocks:
+            now_pool.append((ttft, t))
+        elif need_total <= t.total_blocks:
+            ever_pool.append((ttft, t))
+        else:
+            never_pool.append((ttft, t))
+    return now_pool, ever_pool, never_pool
 
 
 def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimate:
     """Estimate this request's TTFT on replica ``r`` and whether its KV cache can hold it."""
-    load = r.load
-    rates = measured_rates(r) or fallback
-    hit = expected_hit_tokens(request, r)
-    new_tokens = request.prompt_tokens - hit
-    if load is None:
-        queued = (r.waiting + r.pending_requests) * request.prompt_tokens
-        work = queued + new_tokens
-        ttft = work * rates.prefill_token_s + (rates.decode_step_s if r.running else 0.0)
-        return Estimate(r, ttft, fits_now=r.kv_usage < 1.0, fits_ever=True)
+    now, ever, never = estimate_pools(
+        [ReplicaTerms(r)], request.prompt_tokens, request.max_tokens, fallback)
+    ttft = (now or ever or never)[0][0]
+    return Estimate(r, ttft, fits_now=bool(now), fits_ever=bool(now or ever))
 
-    queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
-    work = queued + new_tokens
-    ttft = work * rates.prefill_token_s
-    if load.running > 0:
-        budget = max(1, load.max_num_batched_tokens - load.running)
-        ttft += math.ceil(work / budget) * rates.decode_step_s
-    occupied = load.running + load.waiting + r.pending_requests
-    if load.max_num_seqs > 0 and occupied >= load.max_num_seqs:
-        position = occupied - load.max_num_seqs + 1
-        if r.completions_per_s > 0:
-            ttft += position / r.completions_per_s
+
+class _TermsCache:
+    """The terms of the last snapshot's states by position, and which are candidates.
+
+    The snapshot's states are frozen and kept alive here, so the same object at a
+    position means the same state: only positions holding a new object are recomputed,
+    found by a comparison that runs in C, as is the candidate filter.
+    """
+
+    __slots__ = ("states", "terms", "model", "flags")
+
+    def __init__(self) -> None:
+        self.states: tuple[ReplicaState, ...] = ()
+        self.terms: list[ReplicaTerms] = []
+        self.model: str | None = None
+        # For ``model``: 0 not a candidate, 1 a candidate with measured rates, 2 one without.
+        self.flags: list[int] = []
+
+    def candidates(self, states: tuple[ReplicaState, ...],
+                   model: str) -> tuple[list[ReplicaTerms], bool]:
+        """The candidates' terms for a request for ``model`` in snapshot order, and whether
+        any of them lacks measured rates."""
+        terms = self.terms
+        n = len(states)
+        changed: list[int] | None = None
+        if len(self.states) == n:
+            changed = list(compress(range(n), map(is_not, states, self.states)))
+            for i in changed:
+                terms[i] = ReplicaTerms(states[i])
         else:
-            slot_tokens = load.slot_free_tokens or max(1, request.max_tokens)
-            ttft += position * slot_tokens * rates.decode_step_s
+            terms = self.terms = [ReplicaTerms(r) for r in states]
+        self.states = states
+        flags = self.flags
+        if changed is None or model != self.model:
+            self.model = model
+            flags = self.flags = [_flag(t, model) for t in terms]
+        else:
+            for i in changed:
+                flags[i] = _flag(terms[i], model)
+        return list(compress(terms, flags)), 2 in flags
 
-    if load.block_size <= 0 or load.total_kv_blocks <= 0:
-        return Estimate(r, ttft, fits_now=True, fits_ever=True)
-    bs = load.block_size
-    need = math.ceil((new_tokens + request.max_tokens) / bs)
-    free = load.free_kv_blocks - math.ceil(queued / bs)
-    fits_ever = math.ceil(request.total_tokens / bs) <= load.total_kv_blocks
-    return Estimate(r, ttft, fits_now=need <= free, fits_ever=fits_ever)
+
+def _flag(t: ReplicaTerms, model: str) -> int:
+    if not t.serves(model):
+        return 0
+    return 2 if t.prefill_token_s is None else 1
 
 
-# Per-replica terms of the estimate that do not depend on the request, with the state they
-# were computed from: (state, routable, models, prefill_token_s or None, decode_step_s,
-# load_score, has_report, queued prompt tokens, step budget (0: nothing running), queue
-# position for a sequence slot (0: a slot is free), completions/s, block size (0: no KV
-# check), free blocks after the queue, total blocks, prefix_match_tokens, plain: measured
-# rates, a KV check and no prefix match, the case pick takes a short path for, the
-# replica's slot_free_tokens (0: the request's max_tokens stands in)).
-_Terms = tuple[Any, ...]
-_load_score = itemgetter(5)
+_load_score = attrgetter("load_score")
 _ttft = itemgetter(0)  # of a (ttft, terms) pair
 
 
-def _terms(r: ReplicaState) -> _Terms:
-    """The request-independent parts of ``estimate`` for ``r``, in the order pick reads them."""
-    load = r.load
-    # r.load_score and measured_rates(r), inlined.
-    score = r.running + r.waiting + r.pending_requests
-    if r.in_flight > score:
-        score = r.in_flight
-    if load is None:
-        # No report: slot 7 counts queued requests (each assumed as long as this prompt),
-        # slot 8 says whether a decode step is added, slot 9 whether the request fits now.
-        return (r, r.healthy, r.models, None, None, score, False,
-                r.waiting + r.pending_requests, bool(r.running), r.kv_usage < 1.0,
-                0.0, 0, 0, 0, r.prefix_match_tokens, False, 0)
-    p = load.prefill_token_s
-    if p <= 0 and load.prompt_tokens_per_s > 0:
-        p = 1.0 / load.prompt_tokens_per_s
-    d = None
-    if p <= 0:
-        p = None
-    else:
-        d = max(0.0, load.decode_step_s)
-    queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
-    running = load.running
-    budget = max(1, load.max_num_batched_tokens - running) if running > 0 else 0
-    occupied = running + load.waiting + r.pending_requests
-    position = (occupied - load.max_num_seqs + 1
-                if load.max_num_seqs > 0 and occupied >= load.max_num_seqs else 0)
-    bs = load.block_size if load.block_size > 0 and load.total_kv_blocks > 0 else 0
-    free = load.free_kv_blocks - math.ceil(queued / bs) if bs else 0
-    return (r, r.healthy and load.ready and not load.draining, r.models, p, d, score, True,
-            queued, budget, position, r.completions_per_s, bs, free, load.total_kv_blocks,
-            r.prefix_match_tokens, p is not None and bs > 0 and r.prefix_match_tokens <= 0,
-            load.slot_free_tokens)
-
-
-def _flag(t: _Terms, model: str) -> int:
-    """0: not a candidate for ``model``; 1: a candidate with measured rates; 2: one without."""
-    if not (t[1] and (not t[2] or not model or model in t[2])):
-        return 0
-    return 2 if t[3] is None else 1
-
-
-@dataclass(frozen=True, slots=True)
 class ResourceMatch:
     """Minimum estimated TTFT among replicas that can hold the request (module docstring).
 
     Estimates within ``tie_tolerance`` (relative) of the best count as equal, and equal
     replicas are ordered by load_score, so an idle fleet still spreads requests.
 
-    ``pick`` gives exactly the decision of ``estimates`` followed by the selection in its
-    docstring, but computes each replica state's request-independent terms once and
-    allocates no estimate objects: a gateway that keeps a replica's state until it changes
-    pays only the per-request arithmetic. The terms are remembered by snapshot position
-    together with the previous snapshot's states (frozen, and kept alive by that tuple, so
-    identity means the same state); positions whose state is a different object are
-    recomputed, found by a comparison that runs in C, as is the candidate filter.
+    The decision depends only on the request and the snapshot. ``pick`` keeps each
+    replica state's ``ReplicaTerms`` while the snapshot keeps the state, so a gateway that
+    keeps a replica's state until it changes pays only the per-request arithmetic.
     """
 
-    tie_tolerance: float = 0.05
-    name: str = "resource_match"
-    # [states, their terms, candidate flags for the model below (0: not a candidate, 1: a
-    # measured one, 2: one without rates), that model, how many flags are 2]
-    _memo: list[Any] = field(default_factory=lambda: [(), [], [], None, 0], init=False,
-                             repr=False, compare=False)
+    __slots__ = ("tie_tolerance", "name", "_cache")
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.tie_tolerance < 1.0:
+    def __init__(self, tie_tolerance: float = 0.05, name: str = "resource_match") -> None:
+        if not 0.0 <= tie_tolerance < 1.0:
             raise ValueError("resource_match tie_tolerance must be in [0, 1)")
+        self.tie_tolerance = tie_tolerance
+        self.name = name
+        self._cache = _TermsCache()
+
+    def __repr__(self) -> str:
+        return f"ResourceMatch(tie_tolerance={self.tie_tolerance!r}, name={self.name!r})"
 
     def estimates(self, request: RouteRequest, snapshot: Snapshot) -> list[Estimate]:
         """Estimates for every candidate replica (for metrics, debugging and tests)."""
@@ -224,116 +319,22 @@ class ResourceMatch:
     def pick(self, request: RouteRequest, snapshot: Snapshot) -> ReplicaState | None:
         """The replica with the lowest estimated TTFT that fits, else None.
 
-        Same result as: ests = estimates(); pool = those that fit now, else those that fit
-        ever; best = min ttft over pool; near = pool within tie_tolerance of best (in
-        snapshot order); among near, the least load_score; ties rotate by snapshot.seq.
+        pool = the candidates that fit now, else those that fit ever; best = min ttft over
+        pool; near = pool within tie_tolerance of best (in snapshot order); among near, the
+        least load_score; ties rotate by snapshot.seq.
         """
-        memo = self._memo
-        states = snapshot.replicas
-        model = request.model
-        old, terms, flags, flags_model, unmeasured = memo
-        n = len(states)
-        if len(old) == n:
-            changed = list(compress(range(n), map(is_not, states, old)))
-            for i in changed:
-                terms[i] = _terms(states[i])
-        else:
-            terms = [_terms(r) for r in states]
-            changed = None
-        if changed is None or model != flags_model:
-            flags = [_flag(t, model) for t in terms]
-            unmeasured = flags.count(2)
-        else:
-            for i in changed:
-                f = _flag(terms[i], model)
-                unmeasured += (f == 2) - (flags[i] == 2)
-                flags[i] = f
-        memo[:] = (states, terms, flags, model, unmeasured)
-        cands: list[_Terms] = list(compress(terms, flags))
+        cands, unmeasured = self._cache.candidates(snapshot.replicas, request.model)
         if not cands:
             return None
-        fb_p = fb_d = 0.0
-        if unmeasured:
-            fallback = fleet_rates(tuple(t[0] for t in cands))
-            fb_p, fb_d = fallback.prefill_token_s, fallback.decode_step_s
-        prompt = request.prompt_tokens
-        max_tokens = request.max_tokens
-        last = prompt - 1
-        slot_tokens = max(1, max_tokens)
-        total_tokens = prompt + max_tokens
-        ceil = math.ceil
-        # Candidates that fit now, and (only needed when none does) those that fit ever,
-        # each as (ttft, terms) in snapshot order.
-        now_pool: list[tuple[float, _Terms]] = []
-        ever_pool: list[tuple[float, _Terms]] = []
-        need_bs = 0  # the block size whose ceil(total_tokens / bs) need_total holds
-        need_total = 0
-        for t in cands:
-            if t[15]:  # the loop below for a plain replica, with its dead branches removed
-                work = t[7] + prompt
-                ttft = work * t[3]
-                budget = t[8]
-                if budget:
-                    ttft += ceil(work / budget) * t[4]
-                position = t[9]
-                if position:
-                    cps = t[10]
-                    if cps > 0:
-                        ttft += position / cps
-                    else:
-                        ttft += position * (t[16] or slot_tokens) * t[4]
-                bs = t[11]
-                if bs != need_bs:
-                    need_bs = bs
-                    need_total = ceil(total_tokens / bs)
-                if need_total <= t[12]:
-                    now_pool.append((ttft, t))
-                elif need_total <= t[13]:
-                    ever_pool.append((ttft, t))
-                continue
-            (_, _, _, p, d, _, has_load, queued, budget, position, cps, bs, free, total,
-             pm, _, slot_free) = t
-            if p is None:
-                p, d = fb_p, fb_d
-            if pm > 0:
-                hit = pm if pm < last else last
-                if hit < 0:
-                    hit = 0
-                new_tokens = prompt - hit
-            else:
-                new_tokens = prompt
-            if not has_load:
-                work = queued * prompt + new_tokens
-                ttft = work * p + (d if budget else 0.0)
-                (now_pool if position else ever_pool).append((ttft, t))
-                continue
-            work = queued + new_tokens
-            ttft = work * p
-            if budget:
-                ttft += ceil(work / budget) * d
-            if position:
-                if cps > 0:
-                    ttft += position / cps
-                else:
-                    ttft += position * (slot_free or slot_tokens) * d
-            if not bs:
-                now_pool.append((ttft, t))
-                continue
-            if bs != need_bs:
-                need_bs = bs
-                need_total = ceil(total_tokens / bs)
-            need = need_total if new_tokens == prompt else ceil((new_tokens + max_tokens) / bs)
-            if need <= free:
-                now_pool.append((ttft, t))
-            elif need_total <= total:
-                ever_pool.append((ttft, t))
+        fallback = fleet_rates(tuple(t.state for t in cands)) if unmeasured else _UNIT_RATES
+        now_pool, ever_pool, _ = estimate_pools(cands, request.prompt_tokens,
+                                                request.max_tokens, fallback)
         pool = now_pool or ever_pool
         if not pool:
             return None
-        # (min() over a map: the same comparisons as the loop it replaces, run in C)
         best = min(map(_ttft, pool))
         limit = best * (1.0 + self.tie_tolerance) + 1e-9
         near = [e[1] for e in pool if e[0] <= limit]
         least = min(map(_load_score, near))
-        ties = [t[0] for t in near if t[5] == least]
+        ties = [t.state for t in near if t.load_score == least]
         return ties[snapshot.seq % len(ties)]

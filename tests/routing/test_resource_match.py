@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from strata.routing.resource_match import ResourceMatch, estimate, fleet_rates
+from strata.routing.resource_match import (
+    Estimate,
+    Rates,
+    ResourceMatch,
+    estimate,
+    fleet_rates,
+    measured_rates,
+)
 from strata.routing.types import ReplicaState, RouteRequest, Snapshot
 
 from .helpers import replica, report, request
@@ -156,6 +165,39 @@ def _reference_pick(policy: ResourceMatch, req, snap: Snapshot) -> ReplicaState 
     return ties[snap.seq % len(ties)]
 
 
+def _reference_estimate(req: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimate:
+    """The module docstring's estimate, written out plainly for one replica."""
+    load = r.load
+    rates = measured_rates(r) or fallback
+    hit = max(0, min(r.prefix_match_tokens, req.prompt_tokens - 1))
+    new_tokens = req.prompt_tokens - hit
+    if load is None:
+        work = (r.waiting + r.pending_requests) * req.prompt_tokens + new_tokens
+        ttft = work * rates.prefill_token_s + (rates.decode_step_s if r.running else 0.0)
+        return Estimate(r, ttft, fits_now=r.kv_usage < 1.0, fits_ever=True)
+    queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
+    work = queued + new_tokens
+    ttft = work * rates.prefill_token_s
+    if load.running > 0:
+        ttft += math.ceil(work / max(1, load.max_num_batched_tokens - load.running)) * (
+            rates.decode_step_s)
+    occupied = load.running + load.waiting + r.pending_requests
+    if load.max_num_seqs > 0 and occupied >= load.max_num_seqs:
+        position = occupied - load.max_num_seqs + 1
+        if r.completions_per_s > 0:
+            ttft += position / r.completions_per_s
+        else:
+            slot_tokens = load.slot_free_tokens or max(1, req.max_tokens)
+            ttft += position * slot_tokens * rates.decode_step_s
+    if load.block_size <= 0 or load.total_kv_blocks <= 0:
+        return Estimate(r, ttft, fits_now=True, fits_ever=True)
+    bs = load.block_size
+    fits_now = math.ceil((new_tokens + req.max_tokens) / bs) <= (
+        load.free_kv_blocks - math.ceil(queued / bs))
+    fits_ever = fits_now or math.ceil(req.total_tokens / bs) <= load.total_kv_blocks
+    return Estimate(r, ttft, fits_now=fits_now, fits_ever=fits_ever)
+
+
 def _random_state(rng, i: int) -> ReplicaState:
     kind = rng.random()
     kw = dict(in_flight=rng.randrange(0, 12), pending_requests=rng.randrange(0, 4),
@@ -180,6 +222,23 @@ def _random_state(rng, i: int) -> ReplicaState:
         ready=rng.random() > 0.05, draining=rng.random() < 0.05,
         slot_free_tokens=rng.choice((0, rng.randrange(1, 2000))))
     return replica(f"r{i}", load, **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_estimate_equals_the_written_out_formula_on_random_replicas(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    fits = set()
+    for i in range(400):
+        r = _random_state(rng, i)
+        req = RouteRequest(model="m", prompt_tokens=rng.choice((0, 1, rng.randrange(1, 6000))),
+                           max_tokens=rng.choice((0, 1, rng.randrange(1, 2000))))
+        fallback = rng.choice((fleet_rates(()), Rates(rng.uniform(1e-5, 1e-3), 0.02)))
+        got, want = estimate(req, r, fallback), _reference_estimate(req, r, fallback)
+        assert got == want  # the TTFT to the bit: the same arithmetic in the same order
+        fits.add((got.fits_now, got.fits_ever))
+    assert fits == {(True, True), (False, True), (False, False)}
 
 
 @pytest.mark.parametrize("seed", range(8))
