@@ -15,6 +15,7 @@ the table beside the paper's claims and writes ``results/sim_paper.json`` and PN
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from strata.sim.experiments import DayOptions, PaperOptions, run_paper
 from strata.sim.perf_model import build_replica_model
 from strata.sim.report import summarize
 from strata.sim.scenario import SimOptions, build_setup, simulate
+from strata.sim.types import SimRequest
 
 PAPER = {"e2e_latency": -0.372, "throughput": 2.1, "utilization": 0.58}
 ORDER = ("static-mean", "static-peak", "hpa-gpu-util", "strata-llm", "strata-predictive",
@@ -179,6 +181,16 @@ def plot(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def outcome_hash(requests: list[SimRequest]) -> str:
+    """SHA-256 over every request's outcome: equal before and after a change that claims to
+    change nothing in the simulation."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(repr((r.req_id, r.arrival_s, r.dispatched_s, r.first_token_s, r.finish_s,
+                       r.replica, r.status, r.preemptions, r.cached_tokens)).encode())
+    return h.hexdigest()
+
+
 def speed(args: argparse.Namespace, console: Console) -> None:
     """One hour of the trace at 10x on 64 replicas: wall time and events/s."""
     base = load_trace("azure-conv", args.data_dir)
@@ -204,7 +216,9 @@ def speed(args: argparse.Namespace, console: Console) -> None:
     wall = time.perf_counter() - t0
     s = summarize(cluster, stats)
     sim = s["simulator"]
-    doc = {"requests": len(tr.records), "replicas": args.replicas, "routing": args.routing,
+    outcomes = outcome_hash(cluster.requests)
+    doc = {"requests": len(tr.records), "outcome_sha256": outcomes,
+           "replicas": args.replicas, "routing": args.routing,
            "rate_scale": args.rate_scale, "block_size": args.block_size, "wall_s": wall,
            "cprofile": args.cprofile, "breakdown": breakdown, "simulator": sim, "summary": s}
     out = Path(args.output or "results/sim_speed.json")
@@ -219,7 +233,8 @@ def speed(args: argparse.Namespace, console: Console) -> None:
                  ("iterations (simulated)", f"{sim['iterations']:,}"),
                  ("scheduler.step() calls", f"{sim['scheduler_steps']:,}"),
                  ("iterations/s", f"{sim['iterations_per_s']:,.0f}"),
-                 ("virtual s", f"{sim['virtual_s']:,.0f}")):
+                 ("virtual s", f"{sim['virtual_s']:,.0f}"),
+                 ("per-request outcome sha256", outcomes[:16])):
         t.add_row(k, v)
     console.print(t)
     if breakdown:
