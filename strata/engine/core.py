@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from strata.load import LoadReport
+from strata.load_meter import LoadMeter
 from strata.routing.prompt import PromptEstimator
 
 log = logging.getLogger("strata.engine")
@@ -74,30 +74,6 @@ class _SeqState:
     prompt_logprobs_sent: bool = False
 
 
-class _RateWindow:
-    """Counts over a sliding time window, for the load report's measured rates."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self.events: deque[tuple[float, int, int]] = deque()
-
-    def add(self, now: float, prompt: int, gen: int) -> None:
-        self.events.append((now, prompt, gen))
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.events.popleft()
-
-    def rates(self, now: float) -> tuple[float, float]:
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.events.popleft()
-        if not self.events:
-            return 0.0, 0.0
-        span = max(now - self.events[0][0], 1e-3)
-        return (
-            sum(e[1] for e in self.events) / span,
-            sum(e[2] for e in self.events) / span,
-        )
-
-
 class EngineCore:
     """One model replica's batching loop body."""
 
@@ -127,11 +103,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.states: dict[int, _SeqState] = {}
-        self.rates = _RateWindow()
-        self.decode_step_s = 0.0
-        self.prefill_token_s = 0.0
-        self.total_prompt_tokens = 0
-        self.total_generation_tokens = 0
+        self.meter = LoadMeter(time.monotonic())
         self.draining = False
         # Sequences that failed inside a step, for the loop to tell their consumers.
         self.failures: list[tuple[int, BaseException]] = []
@@ -439,27 +411,13 @@ class EngineCore:
         return s
 
     def _account(self, batch: Batch, n_sampled: int, step_s: float) -> None:
-        now = time.monotonic()
-        prompt_toks = batch.num_prefill_tokens
-        self.total_prompt_tokens += prompt_toks
-        self.total_generation_tokens += n_sampled
-        self.rates.add(now, prompt_toks, n_sampled)
-        alpha = 0.2
-        if not batch.prefills:
-            self.decode_step_s = (
-                step_s if self.decode_step_s == 0 else (1 - alpha) * self.decode_step_s + alpha * step_s
-            )
-        elif prompt_toks >= 32:
-            per_tok = step_s / batch.num_tokens
-            self.prefill_token_s = (
-                per_tok
-                if self.prefill_token_s == 0
-                else (1 - alpha) * self.prefill_token_s + alpha * per_tok
-            )
+        prompt = batch.num_prefill_tokens
+        self.meter.record(time.monotonic(), step_s, prompt, prompt + len(batch.decodes), n_sampled)
 
     def load_report(self, ready: bool = True) -> LoadReport:
         """This replica's load right now."""
-        prompt_rate, gen_rate = self.rates.rates(time.monotonic())
+        meter = self.meter
+        prompt_rate, gen_rate = meter.rates(time.monotonic())
         max_len = self.config.max_model_len
         slot_free = min((min(s.params.max_tokens - len(s.output_token_ids), max_len - s.num_tokens)
                          for s in self.scheduler.running), default=0)
@@ -476,8 +434,8 @@ class EngineCore:
             prefix_hit_rate=self.blocks.stats().hit_rate,
             prompt_tokens_per_s=prompt_rate,
             generation_tokens_per_s=gen_rate,
-            decode_step_s=self.decode_step_s,
-            prefill_token_s=self.prefill_token_s,
+            decode_step_s=meter.decode_step_s,
+            prefill_token_s=meter.prefill_token_s,
             ready=ready,
             draining=self.draining,
             slot_free_tokens=max(0, slot_free),

@@ -81,9 +81,9 @@ class _EngineCollector(Collector):
             (gauge, ("strata_prompt_tokens_per_second",), "Prefilled tokens/s, recent window.",
              r.prompt_tokens_per_s),
             (counter, ("strata_prompt_tokens", "vllm:prompt_tokens"), "Prefilled prompt tokens.",
-             core.total_prompt_tokens),
+             core.meter.total_prompt_tokens),
             (counter, ("strata_generation_tokens", "vllm:generation_tokens"), "Generated tokens.",
-             core.total_generation_tokens),
+             core.meter.total_generated_tokens),
             # Tokens, as vLLM counts them; production-stack reads the older gpu_ names.
             (counter, ("strata_prefix_cache_queries", "vllm:prefix_cache_queries",
                        "vllm:gpu_prefix_cache_queries"),

@@ -2,7 +2,8 @@
 
 Step ``i`` of a run starting at ``t0`` takes ``a + b i`` seconds (the cost model's
 ``decode_piece``), so the time of ``j`` steps and the steps done by a given time are
-closed-form, and so is the engine's step-time EWMA after them (``ewma_after``).
+closed-form, and so is the engine's step-time EWMA after them
+(``strata.load_meter.ewma_after``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import math
 from bisect import bisect_left
 
 from strata.engine.sequence import Sequence
-
-EWMA_ALPHA = 0.2  # EngineCore._account
 
 
 class DecodeRun:
@@ -84,22 +83,3 @@ class DecodeRun:
                 break
             j = i
         return j if j < k else k
-
-
-def ewma_after(d0: float, a: float, b: float, j: int, alpha: float = EWMA_ALPHA) -> float:
-    """EngineCore's step-time EWMA after j more values a, a + b, ..., a + b (j - 1).
-
-    Closed form of j updates ``d = (1 - alpha) d + alpha v`` (the first value is taken as
-    is when ``d0`` is 0, as the engine does).
-    """
-    if j <= 0:
-        return d0
-    if d0 == 0:
-        d0, a, j = a, a + b, j - 1
-        if j == 0:
-            return d0
-    r = 1.0 - alpha
-    rj = r ** j
-    s0 = (1.0 - rj) / (1.0 - r)
-    s1 = r * (1.0 - j * r ** (j - 1) + (j - 1) * rj) / (1.0 - r) ** 2
-    return rj * d0 + alpha * ((a + b * (j - 1)) * s0 - b * s1)

@@ -18,15 +18,13 @@ change (a finish, an arrival cutting the run short at the end of the step in pro
 load report) is handled by the real scheduler again. ``fast_forward=False`` turns this
 off; tests check that both give identical results.
 
-The load report mirrors ``EngineCore.load_report``: the same 10 s rate window and the same
-EWMAs of decode step time and per-token prefill time (``alpha`` 0.2).
+The load report is ``EngineCore.load_report``'s, measured by the same ``LoadMeter``
+(``strata.load_meter``): a skipped run is recorded there in closed form.
 """
 
 from __future__ import annotations
 
 import enum
-import math
-from collections import deque
 from collections.abc import Callable
 
 from strata.engine.kv_cache import BlockManager
@@ -34,14 +32,13 @@ from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
 from strata.load import LoadReport
-from strata.sim.decode_run import EWMA_ALPHA, DecodeRun, ewma_after
+from strata.load_meter import LoadMeter
+from strata.sim.decode_run import DecodeRun
 from strata.sim.events import EventLoop
 from strata.sim.frozen import positional_constructor
 from strata.sim.perf_model import PipelineCost, ReplicaModel, StepFeatures
 from strata.sim.types import EngineSettings, ReplicaListener, SimRequest
 
-_RATE_WINDOW_S = 10.0  # EngineCore._RateWindow
-_PREFILL_MIN_TOKENS = 32  # steps with fewer prompt tokens do not update prefill_token_s
 _ZEROS = [0] * 4096  # sampled token ids: their values never matter to the scheduler
 _new_load_report = positional_constructor(  # a report per gateway poll
     LoadReport, "model running waiting waiting_prompt_tokens free_kv_blocks total_kv_blocks "
@@ -106,17 +103,11 @@ class SimReplica:
         self._waiting_sum = 0
         self._running_prefill: int | None = None
         # measurements (EngineCore's, plus the simulator's own accounting)
-        self._rates: deque[tuple[float, int, int]] = deque()
-        self._rate_prompt = 0
-        self._rate_gen = 0
-        self.decode_step_s = 0.0
-        self.prefill_token_s = 0.0
+        self.meter = LoadMeter(created_at)
         self.busy_s = 0.0  # wall seconds with a step in progress (completed steps)
         self.busy_gpu_s = 0.0
         self.steps = 0  # iterations, real or skipped
         self.real_steps = 0  # scheduler.step() calls
-        self.prompt_tokens_done = 0
-        self.generated_tokens = 0
         self._is_pipeline = isinstance(spec.cost, PipelineCost)
         self._gpus = max(spec.gpus, 1)
 
@@ -287,36 +278,10 @@ class SimReplica:
             self._stop(now)
 
     def _account(self, batch: Batch, now: float) -> None:
-        """EngineCore._account: rate window and EWMAs of step times."""
-        prompt = batch.num_prefill_tokens
-        gen = self._step_f.sampled
-        self.prompt_tokens_done += prompt
-        self.generated_tokens += gen
-        self._rate_add(now, prompt, gen)
-        dt = self._step_dt
-        if not batch.prefills:
-            d = self.decode_step_s
-            self.decode_step_s = dt if d == 0 else (1 - EWMA_ALPHA) * d + EWMA_ALPHA * dt
-        elif prompt >= _PREFILL_MIN_TOKENS:
-            per_tok = dt / batch.num_tokens
-            p = self.prefill_token_s
-            self.prefill_token_s = per_tok if p == 0 else (1 - EWMA_ALPHA) * p + EWMA_ALPHA * per_tok
-
-    def _rate_add(self, now: float, prompt: int, gen: int) -> None:
-        ev = self._rates
-        ev.append((now, prompt, gen))
-        self._rate_prompt += prompt
-        self._rate_gen += gen
-        if ev[0][0] < now - _RATE_WINDOW_S:  # (else _rate_trim would pop nothing)
-            self._rate_trim(now)
-
-    def _rate_trim(self, now: float) -> None:
-        ev = self._rates
-        cutoff = now - _RATE_WINDOW_S
-        while ev and ev[0][0] < cutoff:
-            _, p, g = ev.popleft()
-            self._rate_prompt -= p
-            self._rate_gen -= g
+        """EngineCore._account: the step, recorded in the load meter."""
+        f = self._step_f
+        self.meter.record(now, self._step_dt, f.prefill_tokens, f.prefill_tokens + f.decodes,
+                          f.sampled)
 
     # -- skipping pure-decode runs --------------------------------------------------------
     def _start_run(self, now: float) -> bool:
@@ -386,9 +351,7 @@ class SimReplica:
             self.busy_gpu_s += self._gpus // len(cost.stages) * (dur - j * transfer)
         else:
             self.busy_gpu_s += self._gpus * dur
-        self.generated_tokens += n * j
-        self._rate_add(end, 0, n * j)
-        self.decode_step_s = ewma_after(self.decode_step_s, run.a, run.b, j)
+        self.meter.record_decode_run(end, dur, n * j, run.a, run.b, j)
         run.shift_slack(j)
         run.free0 = blocks.num_free_blocks
         run.t0 = end
@@ -425,29 +388,17 @@ class SimReplica:
         Steps of a run being skipped count as if each had been recorded when it ended;
         ``run_steps`` is how many of them are done by ``now``, when the caller knows it.
         """
-        ev = self._rates
-        if ev and ev[0][0] < now - _RATE_WINDOW_S:
-            self._rate_trim(now)
-        prompt, gen = self._rate_prompt, self._rate_gen
-        first = ev[0][0] if ev else math.inf
         run = self._run
         if run is not None:
             j = run.steps_done(now - run.t0) if run_steps is None else run_steps
             if j > 0:
-                old = now - _RATE_WINDOW_S - run.t0
+                old = now - self.meter.window_s - run.t0
                 j_old = run.steps_done(old) if old > 0 else 0
                 if j > j_old:
-                    gen += len(run.seqs) * (j - j_old)
-                    i = j_old + 1  # run.time_of(i), inlined
-                    t = run.t0 + (run.a * i + run.b * i * (i - 1) * 0.5)
-                    if t < first:
-                        first = t
-        if first == math.inf:
-            return 0.0, 0.0
-        span = now - first  # max(now - first, 1e-3)
-        if span < 1e-3:
-            span = 1e-3
-        return prompt / span, gen / span
+                    i = j_old + 1  # the end of the oldest step in the window: run.time_of(i)
+                    return self.meter.rates(now, len(run.seqs) * (j - j_old),
+                                            run.t0 + (run.a * i + run.b * i * (i - 1) * 0.5))
+        return self.meter.rates(now)
 
     def waiting_prompt_tokens(self) -> int:
         """``Scheduler.waiting_prompt_tokens()``, without summing the whole backlog each time."""
@@ -469,12 +420,13 @@ class SimReplica:
     def load_report(self, now: float) -> LoadReport:
         """GET /load as the replica would answer it now (a skipped run is not materialized)."""
         blocks = self.blocks
-        decode_step_s = self.decode_step_s
+        meter = self.meter
+        decode_step_s = meter.decode_step_s
         run = self._run
         j = 0 if run is None else run.steps_done(now - run.t0)
         if run is not None and j > 0:
             free = run.free0 - run.blocks_needed(j)
-            decode_step_s = ewma_after(decode_step_s, run.a, run.b, j)
+            decode_step_s = meter.decode_step_after(run.a, run.b, j)
         else:
             free = len(blocks.free_uncached) + len(blocks.free_cached)  # num_free_blocks
         prompt_rate, gen_rate = self.rates(now, j)
@@ -503,7 +455,7 @@ class SimReplica:
             prompt_rate,
             gen_rate,
             decode_step_s,
-            self.prefill_token_s,
+            meter.prefill_token_s,
             state is ReplicaPhase.READY or state is ReplicaPhase.DRAINING,
             state is ReplicaPhase.DRAINING,
             "",

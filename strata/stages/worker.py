@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +32,7 @@ from prometheus_client.registry import Collector
 from strata.internal_auth import admin_denial
 from strata.internal_auth import headers as internal_headers
 from strata.load import LoadReport
+from strata.load_meter import LoadMeter
 from strata.stages.links import connect, serve
 from strata.stages.protocol import CONTROL, StepMessage, StepResult, control_frame, error_frame
 from strata.stages.runtime import StageRuntime
@@ -41,49 +41,6 @@ from strata.stages.transport import HELLO, STEP, Connection, Frame, split_addr
 log = logging.getLogger("strata.stages.worker")
 
 HELLO_MAX_FRAME_BYTES = 1 << 20  # frames before a head sized the cache (HELLO, CONTROL)
-
-
-class BusyWindow:
-    """Compute seconds and tokens over a sliding window: utilization and rates."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self.events: deque[tuple[float, float, int, int]] = deque()
-        self.started = time.monotonic()
-        self.decode_step_s = 0.0
-        self.prefill_token_s = 0.0
-        self.total_prefill_tokens = 0
-        self.total_decode_tokens = 0
-        self.total_busy_s = 0.0
-
-    def add(self, now: float, busy_s: float, prefill_tokens: int, decode_tokens: int) -> None:
-        """Record one step's compute time and token counts."""
-        self.events.append((now, busy_s, prefill_tokens, decode_tokens))
-        self.total_prefill_tokens += prefill_tokens
-        self.total_decode_tokens += decode_tokens
-        self.total_busy_s += busy_s
-        a = 0.2
-        if prefill_tokens == 0 and decode_tokens:
-            self.decode_step_s = busy_s if not self.decode_step_s else (1 - a) * self.decode_step_s + a * busy_s
-        elif prefill_tokens >= 32:
-            per = busy_s / (prefill_tokens + decode_tokens)
-            self.prefill_token_s = per if not self.prefill_token_s else (1 - a) * self.prefill_token_s + a * per
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.events.popleft()
-
-    def snapshot(self, now: float) -> tuple[float, float, float]:
-        """(busy ratio 0..1, prefill tokens/s, decode tokens/s) over the window."""
-        self._trim(now)
-        span = min(self.window_s, max(now - self.started, 1e-3))
-        busy = sum(e[1] for e in self.events)
-        return (
-            min(1.0, busy / span),
-            sum(e[2] for e in self.events) / span,
-            sum(e[3] for e in self.events) / span,
-        )
 
 
 class StageWorker:
@@ -108,7 +65,7 @@ class StageWorker:
         self.inbox: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max_inbox)
         self.refused_steps = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{runtime.name}")
-        self.busy = BusyWindow()
+        self.meter = LoadMeter(time.monotonic())
         self.kv_free: int | None = None
         self.draining = False
         self.ready = False
@@ -262,7 +219,7 @@ class StageWorker:
                 continue
             busy = time.perf_counter() - t0
             n_pre = sum(length for _, length, _ in msg.spans)
-            self.busy.add(time.monotonic(), busy, n_pre, msg.num_decodes)
+            self.meter.record(time.monotonic(), busy, n_pre, n_pre + msg.num_decodes, msg.num_decodes)
             self.steps += 1
             if isinstance(out, StepResult):
                 await self._to_head(out.to_frame(frame.step_id))
@@ -285,7 +242,8 @@ class StageWorker:
     # -- load -------------------------------------------------------------------
     def load_report(self) -> LoadReport:
         """This replica's load, in the one report every replica publishes (stage='a:b')."""
-        _, prefill_rate, decode_rate = self.busy.snapshot(time.monotonic())
+        meter = self.meter
+        prefill_rate, decode_rate = meter.rates(time.monotonic())
         total = self.rt.num_blocks
         free = total if self.kv_free is None else min(self.kv_free, total)
         return LoadReport(
@@ -301,8 +259,8 @@ class StageWorker:
             prefix_hit_rate=0.0,
             prompt_tokens_per_s=prefill_rate,
             generation_tokens_per_s=decode_rate,
-            decode_step_s=self.busy.decode_step_s,
-            prefill_token_s=self.busy.prefill_token_s,
+            decode_step_s=meter.decode_step_s,
+            prefill_token_s=meter.prefill_token_s,
             ready=self.ready,
             draining=self.draining,
             stage=self.rt.name,
@@ -310,10 +268,10 @@ class StageWorker:
 
     def load_body(self) -> dict[str, Any]:
         """GET /load: the report plus the stage signals the autoscaler scales on."""
-        busy, _, _ = self.busy.snapshot(time.monotonic())
+        busy = self.meter.busy_ratio(time.monotonic())
         body = self.load_report().to_dict()
         body.update(busy_ratio=busy, queued_frames=self.inbox.qsize(), steps=self.steps,
-                    busy_s_total=self.busy.total_busy_s)
+                    busy_s_total=self.meter.total_busy_s)
         return body
 
     async def drain(self) -> None:
@@ -341,7 +299,7 @@ class _StageCollector(Collector):
             g.add_metric(m, float(body[key]))
             yield g
         c = CounterMetricFamily("strata_stage_tokens", "Tokens run through this stage's layers.", labels=labels)
-        c.add_metric(m, self.w.busy.total_prefill_tokens + self.w.busy.total_decode_tokens)
+        c.add_metric(m, self.w.meter.total_prompt_tokens + self.w.meter.total_generated_tokens)
         yield c
 
 

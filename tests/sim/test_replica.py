@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from strata.load_meter import ewma_after
 from strata.sim.cluster import SimCluster
-from strata.sim.decode_run import ewma_after
 from strata.sim.perf_model import ReplicaModel, StepFeatures
 from strata.sim.types import EngineSettings, SimRequest
 from tests.sim.conftest import make_setup, random_requests
