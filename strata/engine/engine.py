@@ -220,6 +220,10 @@ class AsyncEngine:
     # Seconds without work after which the loop returns freed heap pages to the OS (once
     # per idle spell: a trim walks the whole heap, so it is kept off the busy path).
     idle_trim_s = 1.0
+    # Errors of a request itself when adding it (passed to its consumer as they are).
+    _request_errors: tuple[type[Exception], ...] = (RequestError,)
+    _loop_name = "engine loop"
+    _log = log
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
@@ -233,6 +237,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
         self.release_memory = release_free_memory  # replaceable, for tests
+        self._trimmed = True  # freed heap pages handed back since the loop last stepped
 
     def start(self) -> None:
         """Run the engine loop in a background thread (tests, embedded use)."""
@@ -258,40 +263,62 @@ class AsyncEngine:
         self._run()
 
     def _run(self) -> None:
-        core = self.core
-        trimmed = True
+        """Take the new requests and aborts, apply them, `_advance`; until stopped or dead."""
         try:
             while not self._stopped:
                 with self._lock:
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
                     self._wake.clear()
-                for sid in aborts:
-                    core.abort(sid)
-                for sid, ids, params, now, keys in adds:
-                    if sid in self._queues:
-                        try:
-                            core.add(sid, ids, params, now, keys)
-                        except RequestError as e:
-                            self._deliver([(sid, e)])
-                        except Exception as e:  # noqa: BLE001 - fails this request alone
-                            log.exception("adding sequence %d failed; the loop goes on", sid)
-                            self._deliver([(sid, SequenceFailed(f"could not add the sequence: {e!r}"))])
-                if not core.has_work:
-                    woke = self._wake.wait(timeout=self.idle_trim_s)
-                    if not woke and not trimmed and not self._stopped:
-                        self.release_memory()
-                        trimmed = True
-                    continue
-                trimmed = False
-                outputs = core.step()
-                failures = core.take_failures()
-                if outputs or failures:
-                    self._deliver([(o.seq_id, o) for o in outputs] + failures)
+                errors = self._apply_requests(adds, aborts)
+                self._advance(bool(adds or aborts), errors)
         except BaseException as e:  # noqa: BLE001 - surfaced to every waiter and /health
-            log.exception("engine loop died")
+            self._log.exception("%s died", self._loop_name)
             self.dead = e
             self._deliver([(sid, e) for sid in list(self._queues)])
+
+    def _apply_requests(self, adds: list[tuple[int, list[int], SamplingParams, float, RouteKeys]],
+                        aborts: list[int]) -> list[tuple[int, BaseException]]:
+        """Abort, then add, in the engine thread; returns the sequences that could not be added.
+
+        An error in `_request_errors` is the request's own (its consumer gets it as is); any
+        other fails that request alone, and the loop goes on.
+        """
+        core = self.core
+        errors: list[tuple[int, BaseException]] = []
+        for sid in aborts:
+            core.abort(sid)
+        for sid, ids, params, now, keys in adds:
+            if sid in self._queues:
+                try:
+                    core.add(sid, ids, params, now, keys)
+                except self._request_errors as e:
+                    errors.append((sid, e))
+                except Exception as e:  # noqa: BLE001 - fails this request alone
+                    self._log.exception("adding sequence %d failed; the loop goes on", sid)
+                    errors.append((sid, SequenceFailed(f"could not add the sequence: {e!r}")))
+        return errors
+
+    def _advance(self, received: bool, errors: list[tuple[int, BaseException]]) -> None:
+        """One turn of the loop once new requests are applied (``received``: there were
+        some; ``errors``: the ones that failed): deliver, then step, or wait for work.
+
+        The hook a pipelined engine overrides (`strata.stages.head_engine.HeadEngine`).
+        """
+        if errors:
+            self._deliver(list(errors))
+        core = self.core
+        if not core.has_work:
+            woke = self._wake.wait(timeout=self.idle_trim_s)
+            if not woke and not self._trimmed and not self._stopped:
+                self.release_memory()
+                self._trimmed = True
+            return
+        self._trimmed = False
+        outputs = core.step()
+        failures = core.take_failures()
+        if outputs or failures:
+            self._deliver([(o.seq_id, o) for o in outputs] + failures)
 
     def _deliver(self, items: list[tuple[int, SeqOutput | BaseException]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}

@@ -6,11 +6,17 @@ the running sequences (decodes and unfinished prefill chunks), then admits
 waiting ones, all under one token budget. When KV blocks run out the newest
 running sequence is preempted and later recomputed (its prefix is often still
 cached).
+
+A pipelined engine (the stage head) keeps several batches in flight at once: it builds
+each with `step_pipelined`, which leaves out the sequences of batches not yet landed
+(`in_flight`, cleared by `landed`), as vLLM v1's scheduler skips requests still in its
+batch queue. A plain engine uses `step` and never has a sequence in flight.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from strata.engine.kv_cache import BlockManager
@@ -82,6 +88,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._by_id: dict[int, Sequence] = {}
+        # Sequences inside a batch whose step has not come back (pipelined engines only):
+        # their next token is unknown, so no batch may schedule them until they land.
+        self.in_flight: set[int] = set()
 
     # -- queue changes --------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -114,6 +123,10 @@ class Scheduler:
         self.blocks.free_sequence(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def get(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence with this id, if any."""
+        return self._by_id.get(seq_id)
+
     @property
     def num_unfinished(self) -> int:
         """Sequences waiting or running."""
@@ -134,8 +147,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
-    def step(self) -> Batch:
-        """Choose the next batch; mutates block tables and queue membership."""
+    def step(self, max_num_seqs: int | None = None) -> Batch:
+        """Choose the next batch; mutates block tables and queue membership.
+
+        ``max_num_seqs`` lowers the running limit for this step (default: the config's).
+        """
+        limit = self.config.max_num_seqs if max_num_seqs is None else max_num_seqs
         batch = Batch()
         budget = self.config.max_num_batched_tokens
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
@@ -167,7 +184,7 @@ class Scheduler:
             budget -= n
             i += 1
         # 2. Admit waiting sequences while budget, slots and blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             matched = not seq.block_table
             if matched:
@@ -194,6 +211,41 @@ class Scheduler:
             (batch.decodes if n == 1 and not seq.is_prefill else batch.prefills).append(entry)
             budget -= n
         return batch
+
+    def step_pipelined(self, eligible: Callable[[Sequence], bool], max_batch_seqs: int) -> Batch:
+        """One more batch while others are in flight: only sequences not in flight for which
+        ``eligible`` holds take part, at most ``max_batch_seqs`` of them (running ones
+        first), and admissions keep every running sequence within ``max_num_seqs``.
+
+        The batch's sequences are in flight until `landed`. The others stay where they
+        were, ahead of this batch's in the running list and behind them in the queue.
+        """
+        in_flight = self.in_flight
+
+        def takes_part(s: Sequence) -> bool:
+            return s.seq_id not in in_flight and eligible(s)
+
+        running, waiting = self.running, self.waiting
+        shown = [s for s in running if takes_part(s)]
+        held_running = [s for s in running if not takes_part(s)] + shown[max_batch_seqs:]
+        held_waiting = [s for s in waiting if not takes_part(s)]
+        shown_waiting = deque(s for s in waiting if takes_part(s))
+        slots = min(self.config.max_num_seqs - len(held_running), max_batch_seqs)
+        if slots < 1:  # no room to admit anyone: hold the waiting ones too
+            held_waiting = [*shown_waiting, *held_waiting]
+            shown_waiting = deque()
+        self.running, self.waiting = shown[:max_batch_seqs], shown_waiting
+        try:
+            batch = self.step(max(1, slots))
+        finally:
+            self.running = held_running + self.running
+            self.waiting = deque([*self.waiting, *held_waiting])
+        in_flight.update(e.seq.seq_id for e in batch.entries)
+        return batch
+
+    def landed(self, batch: Batch) -> None:
+        """A pipelined batch came back (or failed): its sequences may be scheduled again."""
+        self.in_flight.difference_update(e.seq.seq_id for e in batch.entries)
 
     def on_step_done(self, batch: Batch) -> None:
         """Advance computed-token counts and publish new full blocks to the prefix cache."""

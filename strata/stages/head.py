@@ -4,9 +4,10 @@
 head's own layers (embedding and the first layer range) and produce a STEP frame for
 the next stage; `complete` takes the tail's sampled tokens and does exactly what
 `EngineCore.step` does after sampling (append, detokenize, stop checks, prefix-cache
-commits). Several micro-batches can be in flight: a sequence whose step is still in the
-pipeline is hidden from the scheduler (its next token is unknown), so the next
-micro-batch is built from the others, as vLLM's pipeline-parallel virtual engines do.
+commits). Several micro-batches can be in flight: the scheduler knows which sequences are
+still in the pipeline (`Scheduler.step_pipelined` / `landed`; their next token is unknown),
+so the next micro-batch is built from the others, as vLLM's pipeline-parallel virtual
+engines do.
 
 The head's block manager is the one block namespace of the pipeline: every replica of
 every downstream stage sizes its KV tensors like the head's, so the head's block tables
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from strata.engine.core import EngineCore, SeqOutput
 from strata.engine.kv_cache import BlockManager
+from strata.engine.prefix_registry import RouteKeys
 from strata.engine.runner import ModelRunner
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
@@ -131,7 +133,6 @@ class HeadCore(EngineCore):
         self.max_inflight = max_inflight
         self.step_timeout_s = step_timeout_s
         self.inflight: dict[int, InFlight] = {}
-        self.busy: set[int] = set()  # sequences inside an in-flight micro-batch
         self.deferred_aborts: set[int] = set()
         self.announced: set[int] = set()  # sequences whose tail has their sampling state
         self.drops: dict[str, list[int]] = {}  # replica -> finished sequences to forget
@@ -144,8 +145,12 @@ class HeadCore(EngineCore):
         )
 
     # -- requests ---------------------------------------------------------------
-    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float) -> None:
-        """Queue a sequence and pin it to one replica of every downstream stage."""
+    def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, now: float,
+            route_keys: RouteKeys = ()) -> None:
+        """Queue a sequence and pin it to one replica of every downstream stage.
+
+        ``route_keys`` are ignored: the head publishes no prefix registry (yet).
+        """
         super().add(seq_id, prompt_ids, params, now)
         try:
             with self.lock:
@@ -157,7 +162,7 @@ class HeadCore(EngineCore):
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence; one inside an in-flight micro-batch is dropped when it returns."""
-        if seq_id in self.busy:
+        if seq_id in self.scheduler.in_flight:
             self.states.pop(seq_id, None)
             self.deferred_aborts.add(seq_id)
             return True
@@ -203,8 +208,9 @@ class HeadCore(EngineCore):
         for inf in self.inflight.values():
             per_path[inf.path] = per_path.get(inf.path, 0) + 1
         paths: dict[Path, None] = {}
+        in_flight = self.scheduler.in_flight
         for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting):
-            if seq.seq_id in self.busy:
+            if seq.seq_id in in_flight:
                 continue
             path = self.replicas.path_of(seq.seq_id)
             if path is not None and per_path.get(path, 0) < self.max_inflight:
@@ -212,36 +218,17 @@ class HeadCore(EngineCore):
         return sorted(paths, key=lambda p: per_path.get(p, 0))
 
     def schedule(self, path: Path) -> Batch:
-        """Run the scheduler over the sequences of `path` that are not in flight."""
+        """The next micro-batch of `path`'s sequences that are not in flight."""
         sched = self.scheduler
+        path_of = self.replicas.path_of
 
-        def visible(s: Sequence) -> bool:
-            return s.seq_id not in self.busy and self.replicas.path_of(s.seq_id) == path
+        def on_path(s: Sequence) -> bool:
+            return path_of(s.seq_id) == path
 
-        on_path = sum(
-            1 for s in itertools.chain(sched.running, sched.waiting)
-            if self.replicas.path_of(s.seq_id) == path
-        )
         # Share the path's sequences among max_inflight micro-batches so that several
         # are in the pipeline at once (one per stage keeps every stage busy).
-        cap = max(1, -(-on_path // self.max_inflight))
-        hidden_run = [s for s in sched.running if not visible(s)]
-        hidden_wait = [s for s in sched.waiting if not visible(s)]
-        shown = [s for s in sched.running if visible(s)]
-        hidden_run += shown[cap:]
-        sched.running = shown[:cap]
-        sched.waiting = deque(s for s in sched.waiting if visible(s))
-        slots = min(self.config.max_num_seqs - len(hidden_run), cap)
-        if slots < 1:  # no room to admit anyone now: hide the waiting ones too
-            hidden_wait = [*sched.waiting, *hidden_wait]
-            sched.waiting = deque()
-        sched.config = dataclasses.replace(self.config, max_num_seqs=max(1, slots))
-        try:
-            batch = sched.step()
-        finally:
-            sched.running = hidden_run + sched.running
-            sched.waiting = deque([*sched.waiting, *hidden_wait])
-            sched.config = self.config
+        n = sum(1 for s in itertools.chain(sched.running, sched.waiting) if on_path(s))
+        batch = sched.step_pipelined(on_path, max(1, -(-n // self.max_inflight)))
         for seq in batch.preempted:
             st = self.states.get(seq.seq_id)
             if st is not None:
@@ -272,7 +259,6 @@ class HeadCore(EngineCore):
         step_id = next(self._step_ids)
         frame = msg.to_frame(step_id)
         self.inflight[step_id] = InFlight(batch, path, plp_ranges, t0, frame.nbytes)
-        self.busy.update(e.seq.seq_id for e in batch.entries)
         return step_id, path[0], frame
 
     # -- results ----------------------------------------------------------------
@@ -280,7 +266,7 @@ class HeadCore(EngineCore):
         inf = self.inflight.pop(step_id, None)
         if inf is None:
             return None
-        self.busy.difference_update(e.seq.seq_id for e in inf.batch.entries)
+        self.scheduler.landed(inf.batch)
         with self.lock:
             for addr in inf.path:
                 rep = self.replicas.replicas.get(addr)
@@ -305,7 +291,7 @@ class HeadCore(EngineCore):
         if inf.plp_ranges and result.prompt_logits is not None:
             self._collect_prompt_logprobs(batch, inf.plp_ranges, result.prompt_logits, failed)
         self.scheduler.on_step_done(batch)
-        # after _retire: a failed sequence is not busy, so its blocks go at once
+        # after _retire: a failed sequence is not in flight, so its blocks go at once
         outputs = self._append_sampled(sample_entries, result.tokens, result.logprobs, failed)
         for out in outputs:
             if out.finished:
@@ -353,7 +339,7 @@ class HeadCore(EngineCore):
             if addr in inf.path:
                 errors += self.fail_step(step_id, reason)
         for sid in sorted(rep.pinned):
-            seq = self.scheduler._by_id.get(sid)
+            seq = self.scheduler.get(sid)
             fresh = (
                 seq is not None and seq.status is SequenceStatus.WAITING and not seq.block_table
                 and sid not in self.announced

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from strata.engine.core import RequestError, SeqOutput, SequenceFailed
+from strata.engine.core import RequestError, SeqOutput
 from strata.engine.engine import AsyncEngine
 from strata.stages.head import HeadCore, StageUnavailable
 from strata.stages.links import connect
@@ -201,6 +201,10 @@ class HeadNet:
 class HeadEngine(AsyncEngine):
     """`AsyncEngine` whose loop pipelines micro-batches through the downstream stages."""
 
+    _request_errors = (RequestError, StageUnavailable)
+    _loop_name = "head engine loop"
+    _log = log
+
     def __init__(self, core: HeadCore, token: str | None = None) -> None:
         super().__init__(core)
         self.core: HeadCore = core
@@ -254,51 +258,31 @@ class HeadEngine(AsyncEngine):
         self._wake.set()
 
     # -- the loop ---------------------------------------------------------------
-    def _run(self) -> None:
+    def _advance(self, received: bool, errors: list[tuple[int, BaseException]]) -> None:
+        """One turn: apply the network's events, fail expired steps, launch micro-batches,
+        deliver; wait only when nothing happened (AsyncEngine's hook)."""
         core = self.core
-        try:
-            while not self._stopped:
-                with self._lock:
-                    adds, self._adds = self._adds, []
-                    aborts, self._aborts = self._aborts, []
-                    self._wake.clear()
-                progressed = bool(adds or aborts)
-                errors: list[tuple[int, BaseException]] = []
-                for sid in aborts:
-                    core.abort(sid)
-                for sid, ids, params, now, _keys in adds:  # no prefix registry here
-                    if sid in self._queues:
-                        try:
-                            core.add(sid, ids, params, now)
-                        except (RequestError, StageUnavailable) as e:
-                            errors.append((sid, e))
-                        except Exception as e:  # noqa: BLE001 - fails this request alone
-                            log.exception("adding sequence %d failed; the loop goes on", sid)
-                            errors.append((sid, SequenceFailed(f"could not add the sequence: {e!r}")))
-                outputs: list[SeqOutput] = []
-                while True:
-                    try:
-                        ev = self.events.get_nowait()
-                    except queue.Empty:
-                        break
-                    progressed = True
-                    outputs += self._apply(ev, errors)
-                errors += core.take_failures()
-                for step_id in core.expired_steps(time.perf_counter()):
-                    errors += core.fail_step(
-                        step_id, f"a pipeline step got no answer within {core.step_timeout_s:.0f} s"
-                    )
-                progressed |= self._launch()
-                for addr, ids in core.take_drops().items():
-                    self.net.send(addr, control_frame(drop=ids))
-                if outputs or errors:
-                    self._deliver([(o.seq_id, o) for o in outputs] + list(errors))
-                if not progressed:
-                    self._wake.wait(timeout=0.25 if core.inflight else 1.0)
-        except BaseException as e:  # noqa: BLE001 - surfaced to every waiter and /health
-            log.exception("head engine loop died")
-            self.dead = e
-            self._deliver([(sid, e) for sid in list(self._queues)])
+        progressed = received
+        outputs: list[SeqOutput] = []
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                break
+            progressed = True
+            outputs += self._apply(ev, errors)
+        errors += core.take_failures()
+        for step_id in core.expired_steps(time.perf_counter()):
+            errors += core.fail_step(
+                step_id, f"a pipeline step got no answer within {core.step_timeout_s:.0f} s"
+            )
+        progressed |= self._launch()
+        for addr, ids in core.take_drops().items():
+            self.net.send(addr, control_frame(drop=ids))
+        if outputs or errors:
+            self._deliver([(o.seq_id, o) for o in outputs] + list(errors))
+        if not progressed:
+            self._wake.wait(timeout=0.25 if core.inflight else 1.0)
 
     def _apply(self, ev: NetEvent, errors: list[tuple[int, BaseException]]) -> list[SeqOutput]:
         core = self.core

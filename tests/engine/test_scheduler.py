@@ -205,3 +205,73 @@ def test_step_matches_the_straightforward_loop_under_preemption(caching: bool,
         assert [q.num_computed_tokens for q in seqs[0]] == \
             [q.num_computed_tokens for q in seqs[1]]
     assert preempted > 0  # the pool is small enough to exercise the preemption loop
+
+
+# -- pipelined engines: batches in flight ------------------------------------------------
+
+
+def land(s: Scheduler, batch: Batch) -> None:
+    """The batch came back: advance it, sample, finish what reached max_tokens."""
+    sampled = [e.seq for e in batch.entries if e.samples]
+    s.landed(batch)
+    s.on_step_done(batch)
+    for seq in sampled:
+        seq.output_token_ids.append(7)
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            s.finish(seq, "length")
+
+
+def test_sequences_in_flight_are_left_out_until_their_batch_lands() -> None:
+    s = make(max_num_batched_tokens=64)
+    seqs = [add(s, i, 5) for i in range(4)]
+    first = s.step_pipelined(lambda q: True, max_batch_seqs=2)
+    assert [e.seq for e in first.entries] == seqs[:2]
+    assert s.in_flight == {0, 1}
+    second = s.step_pipelined(lambda q: True, max_batch_seqs=2)
+    assert [e.seq for e in second.entries] == seqs[2:]
+    assert not s.step_pipelined(lambda q: True, max_batch_seqs=2)  # all four in flight
+    land(s, first)
+    assert s.in_flight == {2, 3}
+    third = s.step_pipelined(lambda q: True, max_batch_seqs=2)
+    assert [(e.seq, e.num_tokens) for e in third.decodes] == [(seqs[0], 1), (seqs[1], 1)]
+    assert s.get(3) is seqs[3] and s.get(99) is None
+
+
+def test_a_pipelined_step_schedules_only_eligible_sequences_and_keeps_the_others() -> None:
+    s = make(max_num_batched_tokens=64, max_num_seqs=3)
+    seqs = [add(s, i, 5) for i in range(5)]
+    even = s.step_pipelined(lambda q: q.seq_id % 2 == 0, max_batch_seqs=8)
+    # three slots in all: the even ones take them; the odd ones wait where they were
+    assert [e.seq.seq_id for e in even.entries] == [0, 2, 4]
+    assert [q.seq_id for q in s.waiting] == [1, 3]
+    assert s.running == [seqs[0], seqs[2], seqs[4]]
+    # no slot left for the odd ones while the even ones run
+    assert not s.step_pipelined(lambda q: q.seq_id % 2 == 1, max_batch_seqs=8)
+    assert [q.seq_id for q in s.waiting] == [1, 3]
+
+
+def test_a_pipelined_step_never_preempts_a_sequence_in_flight() -> None:
+    s = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    a, b = add(s, 1, 8), add(s, 2, 8)  # two blocks each: the cache is full
+    first = s.step_pipelined(lambda q: q is a, max_batch_seqs=1)
+    second = s.step_pipelined(lambda q: q is b, max_batch_seqs=1)
+    assert [e.seq for e in first.entries] == [a] and [e.seq for e in second.entries] == [b]
+    land(s, first)
+    # a needs a third block for its decode: the only victim would be b, in flight
+    third = s.step_pipelined(lambda q: True, max_batch_seqs=2)
+    assert b.status is SequenceStatus.RUNNING and b.block_table
+    assert third.preempted == [a] and not third.entries
+
+
+def test_a_pipelined_step_with_nothing_in_flight_is_a_plain_step() -> None:
+    plain, piped = make(num_blocks=24), make(num_blocks=24)
+    for s in (plain, piped):
+        for i in range(10):
+            add(s, i, 3 + (7 * i) % 11, max_tokens=2 + i % 5)
+    for _ in range(100):
+        a = plain.step()
+        b = piped.step_pipelined(lambda q: True, max_batch_seqs=64)
+        assert _shape(a) == _shape(b)
+        land(plain, a)
+        land(piped, b)
+    assert not piped.in_flight and not piped.num_unfinished

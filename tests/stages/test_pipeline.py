@@ -166,7 +166,7 @@ def test_greedy_equals_single_engine(parts: Parts, reference: list[list[int]],
     assert got == reference
     assert pipe.max_seen_inflight == inflight  # several micro-batches were really in flight
     core = pipe.core
-    assert core.blocks.num_free_blocks == NUM_BLOCKS and not core.inflight and not core.busy
+    assert core.blocks.num_free_blocks == NUM_BLOCKS and not core.inflight and not core.scheduler.in_flight
     assert all(not rt.known and not rt.seqs for rt in pipe.stages.values())
 
 
@@ -223,7 +223,7 @@ def test_abort_while_in_flight_is_applied_when_the_step_returns(parts: Parts) ->
     ids = parts.tokenizer.encode("Hello there, how are you today?")
     pipe.core.add(7, ids, GREEDY, 0.0)
     pipe.launch()
-    assert 7 in pipe.core.busy
+    assert 7 in pipe.core.scheduler.in_flight
     assert pipe.core.abort(7)
     assert pipe.core.blocks.num_free_blocks < NUM_BLOCKS  # still in the pipeline: kept
     pipe.run_one()
