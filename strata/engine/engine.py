@@ -176,6 +176,8 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device, kv_dtype=kv_dtype)
+    # The kernels of every row bucket now, not over the first minutes of traffic.
+    runner.warm_up(max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
     name = cfg.served_model_name or default_model_name(path)
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     log.info(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from strata.engine.kernels import load_paged_attention
-from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan
+from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan, padded_rows
 from strata.engine.scheduler import Batch, ScheduledSeq
 
 
@@ -70,6 +70,40 @@ class ModelRunner:
             )
             for _ in range(model.num_layers)
         ]
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int) -> int:
+        """Build the GEMM and attention kernels of every row bucket up to ``max_rows`` now.
+
+        In bf16/fp16 on the CPU, oneDNN and torch's flash attention compile a kernel the
+        first time they see a shape and keep it; the model pads rows to `padded_rows`, so
+        the set is small and known. Building it at start-up spares the first requests of
+        each size the compile and puts the kernels' memory in the process's baseline,
+        instead of letting it arrive over the first minutes of traffic. One call per
+        distinct weight shape and bucket (the layers share shapes); returns the calls made.
+        """
+        weights = {}
+        for mod in self.model.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2:
+                weights.setdefault((tuple(w.shape), w.dtype, w.stride()), w)
+        if not any(w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+                   for w in weights.values()):
+            return 0  # fp32 GEMMs cache nothing per shape; int8 ones are fbgemm's
+        buckets = sorted({padded_rows(n) for n in range(1, max(1, max_rows) + 1)})
+        calls = 0
+        for w in weights.values():
+            for m in buckets:
+                torch.nn.functional.linear(torch.zeros(m, w.shape[1], dtype=w.dtype, device=w.device), w)
+                calls += 1
+        if self.model.layers:
+            attn, c = self.model.layers[0].self_attn, self.model.config
+            for m in buckets:
+                q = torch.zeros(m, c.num_attention_heads, c.head_size, dtype=self.dtype, device=self.device)
+                kv = torch.zeros(m, c.num_key_value_heads, c.head_size, dtype=self.dtype, device=self.device)
+                attn._causal(q, kv, kv)
+                calls += 1
+        return calls
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         bs = self.block_size

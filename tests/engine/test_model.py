@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
@@ -125,27 +126,31 @@ def test_transposed_weight_storage_keeps_the_function() -> None:
     assert torch.allclose(before, after, atol=1e-5)
 
 
+class _Shapes(TorchDispatchMode):
+    """Records the row counts (and weight shapes) of the GEMMs and attention torch runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: set[int] = set()
+        self.gemms: set[tuple[int, tuple[int, ...]]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        # Under inference mode the mode sees linear/SDPA whole; otherwise their parts.
+        if name in ("linear", "mm", "addmm", "scaled_dot_product_attention",
+                    "_scaled_dot_product_flash_attention_for_cpu"):
+            x = args[1] if name == "addmm" else args[0]
+            self.rows.add(x.shape[-2])
+            if name == "linear":
+                self.gemms.add((x.shape[0], tuple(args[1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_bf16_shapes_are_bucketed_and_keep_the_function() -> None:
     """oneDNN compiles and caches a kernel per GEMM/attention shape in bf16 (native memory
     that grows with every new prompt length): the runner must reach torch with a few
     padded row counts only, and the padding must not change what the model computes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from strata.engine.model import padded_rows
-
-    class Shapes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: set[int] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            name = func.overloadpacket.__name__
-            # Under inference mode the mode sees linear/SDPA whole; otherwise their parts.
-            if name in ("linear", "mm", "addmm", "scaled_dot_product_attention",
-                        "_scaled_dot_product_flash_attention_for_cpu"):
-                x = args[1] if name == "addmm" else args[0]
-                self.rows.add(x.shape[-2])
-            return func(*args, **(kwargs or {}))
 
     _, model = tiny_pair()
     model = model.to(torch.bfloat16)
@@ -155,7 +160,7 @@ def test_bf16_shapes_are_bucketed_and_keep_the_function() -> None:
     lengths = list(range(17, 200, 7))
     for i, n in enumerate(lengths):
         sched.add(Sequence(i, torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_tokens=1)))
-    mode = Shapes()
+    mode = _Shapes()
     worst = 0.0
     while sched.num_unfinished:
         batch = sched.step()
@@ -178,3 +183,35 @@ def test_bf16_shapes_are_bucketed_and_keep_the_function() -> None:
     # length and chunk split would be its own shape without the padding.
     large = {r for r in mode.rows if r > 16}
     assert len(large) <= 8, sorted(large)
+
+
+def test_warm_up_builds_every_gemm_shape_serving_uses() -> None:
+    """The start-up warm-up must cover every (rows, weight) GEMM a bf16 runner then runs."""
+    _, model = tiny_pair()
+    model = model.to(torch.bfloat16)
+    runner = ModelRunner(model, num_blocks=512, block_size=4, dtype=torch.bfloat16)
+    warm = _Shapes()
+    with warm:
+        assert runner.warm_up(96) > 0
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=96), BlockManager(512, 4))
+    g = torch.Generator().manual_seed(3)
+    for i, n in enumerate(range(3, 160, 11)):
+        sched.add(Sequence(i, torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_tokens=3)))
+    served = _Shapes()
+    while sched.num_unfinished:
+        batch = sched.step()
+        inputs = runner.prepare(batch)
+        with served:
+            logits = runner.logits(runner.forward(inputs), inputs.sample_rows)
+        sampled = [e for e in batch.entries if e.samples]
+        sched.on_step_done(batch)
+        for row, e in zip(logits, sampled, strict=True):
+            e.seq.output_token_ids.append(int(row.argmax()))
+            if len(e.seq.output_token_ids) >= e.seq.params.max_tokens:
+                sched.finish(e.seq, "length")
+    used = {g for g in served.gemms if g[0] > 0}
+    assert used, "no GEMM was seen: the probe is broken"
+    assert used <= warm.gemms, sorted(used - warm.gemms)
+    # fp32 GEMMs go to BLAS, which builds nothing per shape: no warm-up.
+    _, fp32 = tiny_pair()
+    assert ModelRunner(fp32, num_blocks=8, block_size=4, dtype=torch.float32).warm_up(96) == 0
