@@ -187,7 +187,8 @@ def ensure_hf_dir(dtype: str = "bfloat16") -> Path:
     """The bundled GGUF as a Hugging Face directory (vLLM, transformers), made once."""
     import torch
 
-    from strata.engine.weights import bundled_model_path, export_hf_dir
+    from strata.engine.hf_export import export_hf_dir
+    from strata.engine.weights import bundled_model_path
 
     out = PEERS / f"hf-{dtype}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():

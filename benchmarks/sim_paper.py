@@ -28,7 +28,7 @@ from rich.table import Table
 from strata.bench.traces import load_trace, scale_rate, window
 from strata.config import parse_cluster_config
 from strata.sim.experiments import DayOptions, PaperOptions, run_paper
-from strata.sim.perf_model import build_replica_model
+from strata.sim.replica_cost import build_replica_model
 from strata.sim.report import summarize
 from strata.sim.scenario import SimOptions, build_setup, simulate
 from strata.sim.types import SimRequest

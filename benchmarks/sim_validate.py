@@ -42,7 +42,7 @@ from strata.sim.cpu_profile import (
     start_engine,
     stop_engine,
 )
-from strata.sim.perf_model import build_replica_model
+from strata.sim.replica_cost import build_replica_model
 from strata.sim.report import summarize
 from strata.sim.scenario import build_setup, simulate
 

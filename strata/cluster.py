@@ -39,7 +39,13 @@ from strata.autoscale.loop import Autoscaler
 from strata.autoscale.observe import Observer, PrometheusSource, ScrapeSource, SignalSource
 from strata.autoscale.registry import build_policy
 from strata.autoscale.types import AutoscalingPolicy, TierState
-from strata.cluster_status import render_status, status_payload
+from strata.cluster_status import (
+    ClusterFacts,
+    ReplicaFacts,
+    TierFacts,
+    render_status,
+    status_payload,
+)
 from strata.config import ClusterConfig, ClusterConfigError, load_cluster_config
 from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
@@ -314,7 +320,32 @@ class Cluster:
             await self.gateway.replicas.wait_changed(0.5)  # the feed and a health check
 
     def _status(self) -> dict[str, Any]:
-        return status_payload(self)
+        return status_payload(self.status_facts())
+
+    def status_facts(self) -> ClusterFacts:
+        """What ``strata status`` shows, gathered from the platform, gateway and autoscaler."""
+        cfg = self.config
+        gw = self.gateway.replicas.replicas
+        observed = self.stage_observer.latest if self.stage_observer is not None else {}
+        tiers = []
+        for plan in self.plans:
+            name = plan.name
+            policy = self.autoscaler.policies.get(name)
+            busy = {s.replica_id: s for s in observed[name].replicas} if name in observed else {}
+            replicas = []
+            for r in self.platform.replicas(name):
+                g = gw.get(r.url) if r.url is not None else None
+                replicas.append(ReplicaFacts(r, g.in_flight if g is not None else None,
+                                             g.load if g is not None else None,
+                                             busy.get(r.replica_id)))
+            tiers.append(TierFacts(
+                name, plan.kind, plan.layers, plan.min_replicas, plan.max_replicas,
+                policy.name if policy else "fixed", self.platform.desired(name),
+                len(self.platform.endpoints(name)), self.autoscaler.last_error(name), replicas))
+        return ClusterFacts(
+            self.url, time.time() - self.started_at, cfg.routing.policy, self.autoscaler.source,
+            cfg.autoscaler.period_s, cfg.slos.model_dump(), tiers,
+            [d.to_dict() for d in self.autoscaler.recent()], self.stage_view)
 
     # -- stage pipelines --------------------------------------------------------------------
 
@@ -524,7 +555,7 @@ async def _serve(cluster: Cluster) -> None:
         if presses > 1:
             cluster.gateway.stop_draining()  # a second Ctrl-C: no more waiting
             if isinstance(cluster.platform, LocalPlatform):
-                cluster.platform._kill_all_now()
+                cluster.platform.kill_all_now()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,52 +1,88 @@
 """What ``GET /admin/status`` says about a running cluster, and how ``strata status`` shows it.
 
-The payload is plain JSON (tiers, replicas with their load, recent scaling decisions) so
-other tools can read it too; ``render_status`` turns it into three rich tables.
+The cluster gathers a ``ClusterFacts`` (plain data: platform records, the gateway's load
+per replica, the autoscaler's policy names and decisions); this module only shapes it, so
+it needs nothing of the gateway's or autoscaler's insides. The payload is plain JSON
+(tiers, replicas with their load, recent scaling decisions) so other tools can read it
+too; ``render_status`` turns it into three rich tables.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from strata.cluster import Cluster
+from strata.load import LoadReport
+from strata.platform.base import Replica
 
 _DECISIONS_SHOWN = 10
 _KEY_METRICS = ("kv_usage", "waiting", "arrival_rate_rps", "forecast_rps", "ttft_p90_s",
                 "demand_tokens_per_s", "capacity_tokens_per_s", "concurrency")
 
 
-def status_payload(cluster: Cluster) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReplicaFacts:
+    """One replica: the platform's record, the gateway's view and a stage's busy sample."""
+
+    record: Replica
+    in_flight: int | None = None  # requests the gateway has sent it and not seen end
+    load: LoadReport | None = None  # its last /load report, as the gateway read it
+    busy: Any = None  # stage tiers: the stage observer's sample of this replica
+
+
+@dataclass(frozen=True)
+class TierFacts:
+    """One tier: its plan's bounds, the autoscaler's policy and the platform's counts."""
+
+    name: str
+    kind: str  # engine | stage-head | stage
+    layers: str | None
+    min_replicas: int
+    max_replicas: int
+    policy: str  # the autoscaling policy's name, or "fixed"
+    desired: int
+    ready: int
+    last_error: str | None
+    replicas: Sequence[ReplicaFacts]
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What the status shows of a running cluster, gathered by the cluster itself."""
+
+    url: str
+    uptime_s: float
+    routing: str
+    source: str  # where the autoscaler reads its signals
+    period_s: float
+    slos: dict[str, Any]
+    tiers: Sequence[TierFacts]
+    decisions: list[dict[str, Any]]
+    stage_view: dict[str, Any] | None = None  # the head's last GET /stages
+
+
+def status_payload(facts: ClusterFacts) -> dict[str, Any]:
     """The cluster's state now, JSON-ready."""
     now = time.monotonic()
-    cfg = cluster.config
-    gw = cluster.gateway.replicas.replicas
-    stage_reps, kv_blocks = _stage_replicas(cluster.stage_view)
-    observed = cluster.stage_observer.latest if cluster.stage_observer is not None else {}
+    stage_reps, kv_blocks = _stage_replicas(facts.stage_view)
     tiers = []
-    for plan in cluster.plans:
-        name = plan.name
-        policy = cluster.autoscaler.policies.get(name)
-        busy = {s.replica_id: s for s in observed[name].replicas} if name in observed else {}
+    for t in facts.tiers:
         replicas = []
-        for r in cluster.platform.replicas(name):
-            g = gw.get(r.url) if r.url is not None else None
-            load = g.load if g is not None else None
-            if plan.kind == "stage":
+        for f in t.replicas:
+            r = f.record
+            if t.kind == "stage":
                 replicas.append(_stage_row(r, now, stage_reps.get(r.url or ""), kv_blocks,
-                                           busy.get(r.replica_id)))
+                                           f.busy))
                 continue
+            load = f.load
             replicas.append({
-                "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
-                "restarts": r.restarts, "crash_streak": r.crash_streak,
-                "age_s": now - r.started_at, "startup_s": r.startup_s,
-                "ready_for_s": None if r.ready_at is None else now - r.ready_at,
-                "last_exit": r.last_exit,
-                "in_flight": g.in_flight if g is not None else None,
+                **_platform_row(r, now),
+                "in_flight": f.in_flight,
                 "running": load.running if load else None,
                 "waiting": load.waiting if load else None,
                 "kv_usage": load.kv_usage if load else None,
@@ -54,18 +90,24 @@ def status_payload(cluster: Cluster) -> dict[str, Any]:
                 if load else None,
             })
         tiers.append({
-            "name": name, "kind": plan.kind, "layers": plan.layers,
-            "policy": policy.name if policy else "fixed",
-            "min": plan.min_replicas, "max": plan.max_replicas,
-            "desired": cluster.platform.desired(name),
-            "ready": len(cluster.platform.endpoints(name)),
-            "last_error": cluster.autoscaler.last_error(name), "replicas": replicas})
+            "name": t.name, "kind": t.kind, "layers": t.layers, "policy": t.policy,
+            "min": t.min_replicas, "max": t.max_replicas, "desired": t.desired,
+            "ready": t.ready, "last_error": t.last_error, "replicas": replicas})
     return {
-        "url": cluster.url, "uptime_s": time.time() - cluster.started_at,
-        "routing": cfg.routing.policy, "source": cluster.autoscaler.source,
-        "period_s": cfg.autoscaler.period_s, "slos": cfg.slos.model_dump(),
-        "tiers": tiers,
-        "decisions": [d.to_dict() for d in cluster.autoscaler.recent()],
+        "url": facts.url, "uptime_s": facts.uptime_s, "routing": facts.routing,
+        "source": facts.source, "period_s": facts.period_s, "slos": facts.slos,
+        "tiers": tiers, "decisions": facts.decisions,
+    }
+
+
+def _platform_row(r: Replica, now: float) -> dict[str, Any]:
+    """What the platform knows of a replica: identity, phase, restarts, age."""
+    return {
+        "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
+        "restarts": r.restarts, "crash_streak": r.crash_streak,
+        "age_s": now - r.started_at, "startup_s": r.startup_s,
+        "ready_for_s": None if r.ready_at is None else now - r.ready_at,
+        "last_exit": r.last_exit,
     }
 
 
@@ -77,18 +119,14 @@ def _stage_replicas(view: dict[str, Any] | None) -> tuple[dict[str, dict[str, An
     return reps, int(view.get("head", {}).get("kv_blocks", 0))
 
 
-def _stage_row(r: Any, now: float, head: dict[str, Any] | None, kv_blocks: int,
+def _stage_row(r: Replica, now: float, head: dict[str, Any] | None, kv_blocks: int,
                sample: Any) -> dict[str, Any]:
     """A stage replica's row: the platform's facts plus the head's (pins, KV) and busy ratio."""
     from strata.stages.scaling import STAGE_BUSY, STAGE_QUEUE
 
     extra = sample.extra if sample is not None else {}
     return {
-        "id": r.replica_id, "phase": r.phase, "url": r.url, "pid": r.pid,
-        "restarts": r.restarts, "crash_streak": r.crash_streak,
-        "age_s": now - r.started_at, "startup_s": r.startup_s,
-        "ready_for_s": None if r.ready_at is None else now - r.ready_at,
-        "last_exit": r.last_exit,
+        **_platform_row(r, now),
         "in_flight": head["inflight"] if head else None,  # micro-batches through it
         "running": head["pinned"] if head else None,  # sequences whose KV lives here
         "waiting": extra.get(STAGE_QUEUE),

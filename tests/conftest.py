@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from strata.engine.hf_export import export_hf_dir
 from strata.engine.tokenizer import load_tokenizer
-from strata.engine.weights import bundled_model_path, export_hf_dir
+from strata.engine.weights import bundled_model_path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ Engines, the stage head, stage replicas and the gateway serve Prometheus text on
 ``GET /metrics`` of their HTTP port, the strata controller on its ``metrics`` port, and
 none of them gates it with the internal token (only admin calls such as ``/drain`` want
 it), so the ServiceMonitor needs no bearer token or header. What stands between Prometheus and an engine is the NetworkPolicy, which
-lets the monitoring namespace in (``strata.deploy.render.monitoring_peer``). Each target
+lets the monitoring namespace in (``strata.deploy.objects.monitoring_peer``). Each target
 carries the Service's ``strata/tier`` label as ``strata_tier``.
 """
 

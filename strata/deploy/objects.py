@@ -171,3 +171,27 @@ def pdb(name: str, namespace: str, pod_labels: dict[str, str]) -> dict[str, Any]
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": meta(name, namespace, pod_labels),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels}}}
+
+
+def network_policy(name: str, namespace: str, component: str, selector: dict[str, str],
+                   rules: list[tuple[list[dict[str, Any]], list[int]]]) -> dict[str, Any]:
+    """Ingress to the pods of ``selector``: each rule lets its peers reach its ports."""
+    ingress = [{"from": peers, "ports": [{"port": p, "protocol": "TCP"} for p in ports]}
+               for peers, ports in rules]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": meta(name, namespace, labels(component)),
+            "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
+                     "ingress": ingress}}
+
+
+def component_peer(component: str) -> dict[str, Any]:
+    """The pods of one strata component in this namespace."""
+    return {"podSelector": {"matchLabels": labels(component)}}
+
+
+def monitoring_peer(opts: RenderOptions) -> list[dict[str, Any]]:
+    """Prometheus' namespace, when a ServiceMonitor is rendered (it scrapes each pod)."""
+    if not opts.monitoring:
+        return []
+    return [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": opts.monitoring_namespace}}}]

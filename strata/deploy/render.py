@@ -58,11 +58,14 @@ from strata.deploy.objects import (
     SERVICE_ACCOUNT,
     RenderError,
     RenderOptions,
+    component_peer,
     container_security,
     grace_s,
     http_probes,
     labels,
     meta,
+    monitoring_peer,
+    network_policy,
     pdb,
     replica_deployment,
     service,
@@ -263,30 +266,6 @@ def _controller_objects(config: ClusterConfig, namespace: str,
                      "serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
                      "volumes": [volume]}}},
     }]
-
-
-def network_policy(name: str, namespace: str, component: str, selector: dict[str, str],
-                   rules: list[tuple[list[dict[str, Any]], list[int]]]) -> dict[str, Any]:
-    """Ingress to the pods of ``selector``: each rule lets its peers reach its ports."""
-    ingress = [{"from": peers, "ports": [{"port": p, "protocol": "TCP"} for p in ports]}
-               for peers, ports in rules]
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": meta(name, namespace, labels(component)),
-            "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
-                     "ingress": ingress}}
-
-
-def component_peer(component: str) -> dict[str, Any]:
-    """The pods of one strata component in this namespace."""
-    return {"podSelector": {"matchLabels": labels(component)}}
-
-
-def monitoring_peer(opts: RenderOptions) -> list[dict[str, Any]]:
-    """Prometheus' namespace, when a ServiceMonitor is rendered (it scrapes each pod)."""
-    if not opts.monitoring:
-        return []
-    return [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": opts.monitoring_namespace}}}]
 
 
 def _gateway_policy(config: ClusterConfig, namespace: str) -> dict[str, Any]:

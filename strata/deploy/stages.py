@@ -33,10 +33,13 @@ from strata.deploy.objects import (
     STAGE_DATA_PORT,
     RenderError,
     RenderOptions,
+    component_peer,
     container_security,
     grace_s,
     http_probes,
     labels,
+    monitoring_peer,
+    network_policy,
     pdb,
     pod_ip_env,
     replica_deployment,
@@ -172,7 +175,6 @@ def stage_policies(config: ClusterConfig, plans: list[StageTier], opts: RenderOp
     With the strata controller, it reads each stage replica's ``/load`` and drains the
     ones it removes over HTTP, never the frames.
     """
-    from strata.deploy.render import component_peer, monitoring_peer, network_policy
 
     tier = config.tier_name
     ns = opts.namespace

@@ -23,7 +23,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as BackendTokenizer
 
 from strata.engine import gguf_loader
-from strata.engine.weights import default_cache_dir
+from strata.engine.cache_dir import default_cache_dir
 
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Phi-3, Gemma, Llama 2, GPT-2).
 # A marker counts as a stop token only if the model's chat template actually emits it.

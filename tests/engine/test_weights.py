@@ -14,11 +14,12 @@ import torch
 from gguf.quants import dequantize
 
 from strata.engine import gguf_loader, weights
+from strata.engine.cache_dir import default_cache_dir
+from strata.engine.hf_export import export_hf_dir
 from strata.engine.model_config import LlamaConfig
 from strata.engine.weights import (
     ChecksumError,
     bundled_model_path,
-    export_hf_dir,
     load_config,
     load_state_dict,
     resolve_model,
@@ -66,9 +67,9 @@ def test_bundled_model_is_cached_and_verified(bundled_gguf: Path) -> None:
 
 def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "models"))
-    assert weights.default_cache_dir() == tmp_path / "models"
+    assert default_cache_dir() == tmp_path / "models"
     monkeypatch.delenv("STRATA_CACHE_DIR")
-    assert weights.default_cache_dir() == Path.home() / ".cache" / "strata" / "models"
+    assert default_cache_dir() == Path.home() / ".cache" / "strata" / "models"
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from strata.sim.cluster import SimSetup
-from strata.sim.perf_model import ReplicaModel, build_replica_model
+from strata.sim.perf_model import ReplicaModel
+from strata.sim.replica_cost import build_replica_model
 from strata.sim.types import EngineSettings, SimRequest
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from strata.sim.cpu_profile import CpuProfile, fit, prefill_chunks
-from strata.sim.perf_model import FEATURES, LinearCost, StepFeatures, build_replica_model
+from strata.sim.perf_model import FEATURES, LinearCost, StepFeatures
+from strata.sim.replica_cost import build_replica_model
 
 
 def test_fit_recovers_a_linear_cost_model() -> None:

@@ -13,8 +13,8 @@ from strata.sim.perf_model import (
     PipelineCost,
     RooflineCost,
     StepFeatures,
-    build_replica_model,
 )
+from strata.sim.replica_cost import build_replica_model
 
 
 def decode_features(b: int, ctx: int) -> StepFeatures:
