@@ -30,7 +30,7 @@ from strata.load import LoadReport
 from strata.sim.events import EventLoop
 from strata.sim.gateway import SimGateway
 from strata.sim.perf_model import ReplicaModel
-from strata.sim.replica import ReplicaPhase, SimReplica
+from strata.sim.replica import SimReplicaPhase, SimReplica
 from strata.sim.types import EngineSettings, SimRequest
 
 GPU_UTIL_METRIC = "custom_gpu_utilization"
@@ -75,7 +75,7 @@ class _Unit:
         self.created_at = created_at
         self.ready_at: float | None = None
         self.stopped_at: float | None = None
-        self.state = ReplicaPhase.STARTING
+        self.state = SimReplicaPhase.STARTING
         self.util_samples: deque[tuple[float, float]] = deque()
 
     @property
@@ -156,10 +156,10 @@ class SimCluster:
         return unit
 
     def _unit_ready(self, unit: _Unit, record: bool = True) -> None:
-        if unit.state is not ReplicaPhase.STARTING:
+        if unit.state is not SimReplicaPhase.STARTING:
             return
         now = self.loop.now
-        unit.state = ReplicaPhase.READY
+        unit.state = SimReplicaPhase.READY
         unit.ready_at = now
         if record:
             self.stats.startups.append(now - unit.created_at)
@@ -169,7 +169,7 @@ class SimCluster:
         self.gateway.flush_held(now)
 
     def _drain_unit(self, unit: _Unit, now: float) -> None:
-        unit.state = ReplicaPhase.DRAINING
+        unit.state = SimReplicaPhase.DRAINING
         self.gateway.remove({m.replica_id for m in unit.members})
         for m in unit.members:
             m.drain(now)
@@ -177,13 +177,13 @@ class SimCluster:
     def on_stopped(self, replica: SimReplica, now: float) -> None:
         """A member stopped; the unit stops with its last member."""
         for unit in self.units:
-            if unit.unit_id == replica.unit and unit.state is not ReplicaPhase.STOPPED:
-                if all(m.state is ReplicaPhase.STOPPED for m in unit.members):
+            if unit.unit_id == replica.unit and unit.state is not SimReplicaPhase.STOPPED:
+                if all(m.state is SimReplicaPhase.STOPPED for m in unit.members):
                     self._stop_unit(unit, now)
                 return
 
     def _stop_unit(self, unit: _Unit, now: float) -> None:
-        unit.state = ReplicaPhase.STOPPED
+        unit.state = SimReplicaPhase.STOPPED
         unit.stopped_at = now
         self.stats.units_stopped += 1
         self.stats.provisioned_gpu_s += (now - unit.created_at) * self._unit_gpus()
@@ -196,7 +196,7 @@ class SimCluster:
     def live_units(self) -> list[_Unit]:
         """Units starting or ready (what ``current_replicas`` counts)."""
         return [u for u in self.units
-                if u.state in (ReplicaPhase.STARTING, ReplicaPhase.READY)]
+                if u.state in (SimReplicaPhase.STARTING, SimReplicaPhase.READY)]
 
     def scale_to(self, desired: int, now: float) -> None:
         """Create or drain units so that ``desired`` are starting or ready."""
@@ -206,8 +206,8 @@ class SimCluster:
             for _ in range(desired - len(live)):
                 self._new_unit(now, warm=False)
         elif desired < len(live):
-            starting = [u for u in live if u.state is ReplicaPhase.STARTING]
-            ready = [u for u in live if u.state is ReplicaPhase.READY]
+            starting = [u for u in live if u.state is SimReplicaPhase.STARTING]
+            ready = [u for u in live if u.state is SimReplicaPhase.READY]
             order = sorted(starting, key=lambda u: -u.created_at) + sorted(
                 ready, key=lambda u: (u.in_flight, -(u.ready_at or 0.0)))
             for unit in order[: len(live) - desired]:
@@ -303,14 +303,14 @@ class SimCluster:
                 dq.popleft()
         samples = []
         for unit in self.units:
-            report = self._unit_report(unit, now) if unit.state is not ReplicaPhase.STARTING \
+            report = self._unit_report(unit, now) if unit.state is not SimReplicaPhase.STARTING \
                 else None
             util = self._gpu_util(unit, now) if report is not None else 0.0
             samples.append(ReplicaSample(
                 replica_id=unit.unit_id, started_at=unit.created_at,
-                ready=unit.state in (ReplicaPhase.READY, ReplicaPhase.DRAINING),
+                ready=unit.state in (SimReplicaPhase.READY, SimReplicaPhase.DRAINING),
                 ready_changed_at=unit.ready_at,
-                terminating=unit.state is ReplicaPhase.DRAINING, report=report,
+                terminating=unit.state is SimReplicaPhase.DRAINING, report=report,
                 in_flight=unit.in_flight,
                 extra={GPU_UTIL_METRIC: util} if report is not None else {}))
         arrivals = self._arrivals
@@ -364,9 +364,9 @@ class SimCluster:
         self.series.append({
             "t_s": now,
             "desired": float(self.desired),
-            "ready": float(sum(1 for u in live if u.state is ReplicaPhase.READY)),
-            "starting": float(sum(1 for u in live if u.state is ReplicaPhase.STARTING)),
-            "draining": float(sum(1 for u in live if u.state is ReplicaPhase.DRAINING)),
+            "ready": float(sum(1 for u in live if u.state is SimReplicaPhase.READY)),
+            "starting": float(sum(1 for u in live if u.state is SimReplicaPhase.STARTING)),
+            "draining": float(sum(1 for u in live if u.state is SimReplicaPhase.DRAINING)),
             "gpus": float(len(live) * self._unit_gpus()),
             "arrival_rps": arrived / w,
             "gpu_util": util,

@@ -47,7 +47,7 @@ _new_load_report = positional_constructor(  # a report per gateway poll
     "slot_free_tokens")
 
 
-class ReplicaPhase(enum.Enum):
+class SimReplicaPhase(enum.Enum):
     """Life of a replica: provisioned, serving, on its way out, gone."""
 
     STARTING = "starting"
@@ -84,7 +84,7 @@ class SimReplica:
         self.scheduler = Scheduler(
             SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens,
                             engine.max_model_len), self.blocks)
-        self.state = ReplicaPhase.STARTING
+        self.state = SimReplicaPhase.STARTING
         self.created_at = created_at
         self.ready_at: float | None = None
         self.stopped_at: float | None = None
@@ -115,12 +115,12 @@ class SimReplica:
     @property
     def ready(self) -> bool:
         """Serving or draining (it answers /load as ready)."""
-        return self.state in (ReplicaPhase.READY, ReplicaPhase.DRAINING)
+        return self.state in (SimReplicaPhase.READY, SimReplicaPhase.DRAINING)
 
     @property
     def routable(self) -> bool:
         """Takes new requests."""
-        return self.state is ReplicaPhase.READY
+        return self.state is SimReplicaPhase.READY
 
     @property
     def num_unfinished(self) -> int:
@@ -129,21 +129,21 @@ class SimReplica:
 
     def mark_ready(self, now: float) -> None:
         """Start-up is over: the replica serves from now on."""
-        if self.state is ReplicaPhase.STARTING:
-            self.state = ReplicaPhase.READY
+        if self.state is SimReplicaPhase.STARTING:
+            self.state = SimReplicaPhase.READY
             self.ready_at = now
 
     def drain(self, now: float) -> None:
         """Take no new requests; stop once the current ones are done (or now if starting)."""
-        if self.state is ReplicaPhase.STARTING or (
-                self.state is ReplicaPhase.READY and not self.requests):
+        if self.state is SimReplicaPhase.STARTING or (
+                self.state is SimReplicaPhase.READY and not self.requests):
             self._stop(now)
-        elif self.state is ReplicaPhase.READY:
-            self.state = ReplicaPhase.DRAINING
+        elif self.state is SimReplicaPhase.READY:
+            self.state = SimReplicaPhase.DRAINING
 
     def _stop(self, now: float) -> None:
         self.materialize(now)
-        self.state = ReplicaPhase.STOPPED
+        self.state = SimReplicaPhase.STOPPED
         self.stopped_at = now
         self._version += 1
         self.listener.on_stopped(self, now)
@@ -230,7 +230,7 @@ class SimReplica:
         for seq in batch.preempted:
             self.requests[seq.seq_id].preemptions += 1
         self._account(batch, now)
-        if self.state is ReplicaPhase.STOPPED:
+        if self.state is SimReplicaPhase.STOPPED:
             return
         running = sched.running
         # A pure-decode step that left a waiting request unadmitted will leave it so
@@ -274,7 +274,7 @@ class SimReplica:
         del self.requests[seq.seq_id]
         req.status = "ok"
         self.listener.on_finish(self, req, now)
-        if self.state is ReplicaPhase.DRAINING and not self.requests:
+        if self.state is SimReplicaPhase.DRAINING and not self.requests:
             self._stop(now)
 
     def _account(self, batch: Batch, now: float) -> None:
@@ -371,7 +371,7 @@ class SimReplica:
             for s in run.seqs:
                 if len(s.output_token_ids) >= s.params.max_tokens:
                     self._finish(s, self.requests[s.seq_id], now)
-        if self.state is ReplicaPhase.STOPPED:
+        if self.state is SimReplicaPhase.STOPPED:
             return
         self._continue(now)
 
@@ -456,8 +456,8 @@ class SimReplica:
             gen_rate,
             decode_step_s,
             meter.prefill_token_s,
-            state is ReplicaPhase.READY or state is ReplicaPhase.DRAINING,
-            state is ReplicaPhase.DRAINING,
+            state is SimReplicaPhase.READY or state is SimReplicaPhase.DRAINING,
+            state is SimReplicaPhase.DRAINING,
             "",
             max(0, slot_free - j),
         )
