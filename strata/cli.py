@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import os
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,12 +79,51 @@ def _internal_token(path: Path | None) -> str | None:
         raise typer.BadParameter(str(e), param_hint="--internal-token-file") from e
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+def _cli_type(annotation: Any) -> Any:
+    """The type a CLI option of this field parses (choices and sizes stay text: the model
+    validates them, with its own messages)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal or str in args:
+        return str
+    if type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return typing.Optional[inner]  # noqa: UP045 - typer reads Optional, not X | None
+    return annotation
+
+
+def _with_engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one CLI option per ``EngineOptions`` field (its name, type, default and description)
+    to a command, which gets them as ``options=EngineOptions(...)``: the flags are declared
+    once, in the model the cluster file also uses."""
+    from pydantic import ValidationError
+
+    from strata.engine.options import EngineOptions, option_errors
+
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    fields = EngineOptions.model_fields
+    generated = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                          annotation=Annotated[_cli_type(field.annotation),
+                                               typer.Option(help=field.description)])
+        for name, field in fields.items()
+    ]
+    at = next((i for i, p in enumerate(own) if p.name == "options"), None)
+    if at is None:
+        raise TypeError(f"{command.__name__} must take an `options` parameter")
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    params[at:at + 1] = generated
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        try:
+            options = EngineOptions(**{name: kwargs.pop(name) for name in fields})
+        except ValidationError as e:
+            raise typer.BadParameter(option_errors(e)) from None
+        return command(options=options, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 ModelOpt = Annotated[
@@ -90,22 +133,13 @@ ModelOpt = Annotated[
 
 
 @app.command()
+@_with_engine_options
 def engine(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="Model name the API reports.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (measured: bf16 where faster, else fp32), float32, bfloat16, float16, int8 (CPU: W8A8, and decode of 1-3 sequences on a GGUF's own Q4_1/Q8_0 blocks).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Torch threads; default: measured (1 or all usable cores).")] = None,
-    kv_cache: Annotated[str, typer.Option(help="KV cache size in bytes (e.g. 1GiB).")] = "1GiB",
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto (float16 under int8 weights, else the model dtype), float32, float16, bfloat16.")] = "auto",
-    num_kv_blocks: Annotated[int | None, typer.Option(help="KV blocks (overrides --kv-cache).")] = None,
-    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
-    max_num_seqs: Annotated[int, typer.Option(help="Max sequences per batch.")] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step (prefill chunk).")] = 512,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
-    no_prefix_caching: Annotated[bool, typer.Option(help="Disable automatic prefix caching.")] = False,
+    options: Any = None,  # one flag per EngineOptions field (strata.engine.options)
     internal_token_file: Annotated[Path | None, typer.Option(help="File holding the cluster's internal token, which admin endpoints (/drain) require; default: $STRATA_INTERNAL_TOKEN, else loopback clients only.")] = None,
     max_body_bytes: Annotated[str, typer.Option(help="Largest request body (413 beyond, counted while reading).")] = "8MiB",
     max_seqs_per_request: Annotated[int, typer.Option(help="Most sequences one request may create (prompts x n; 400 beyond).")] = 256,
@@ -115,29 +149,16 @@ def engine(
     """Serve one model replica over the OpenAI API (plus /health, /metrics, /load)."""
     import uvicorn
 
-    from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
+    from strata.engine.engine import AsyncEngine, build_engine_core
+    from strata.engine.options import EngineConfig, parse_bytes
     from strata.engine.server import Drainer, build_app
     from strata.protocol import RequestLimits
 
     _setup_logging(log_level)
-    cfg = EngineConfig(
-        model=model,
-        served_model_name=served_model_name,
-        dtype=dtype,
-        device=device,
-        threads=threads,
-        block_size=block_size,
-        kv_cache_bytes=_parse_bytes(kv_cache),
-        kv_cache_dtype=kv_cache_dtype,
-        num_kv_blocks=num_kv_blocks,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        enable_prefix_caching=not no_prefix_caching,
-        cache_dir=_cache_dir(),
-    )
+    cfg = EngineConfig(**options.model_dump(), model=model,
+                       served_model_name=served_model_name, cache_dir=_cache_dir())
     try:
-        limits = RequestLimits(max_body_bytes=_parse_bytes(max_body_bytes),
+        limits = RequestLimits(max_body_bytes=parse_bytes(max_body_bytes),
                                max_seqs_per_request=max_seqs_per_request)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

@@ -6,7 +6,8 @@ replica. Unknown keys fail, and every error names the field's path in the file a
 fix it, e.g. ``tiers.engine.autoscaling.max_replicas: Field required; fix: add
 max_replicas: <number>``.
 
-A tier's ``autoscaling`` block is the autoscaler's own config model
+The ``engine`` section is ``strata.engine.options.EngineOptions``, the same model the
+``strata engine`` flags are generated from. A tier's ``autoscaling`` block is the autoscaler's own config model
 (``strata.autoscale.registry.AutoscalingConfig``, a union keyed on ``policy``), so the
 simulator and the cluster read the very same schema. The cluster-wide ``slos`` fill the
 ``ttft_slo_s``/``tpot_slo_s`` of the ``llm`` and ``predictive`` policies where the tier's
@@ -34,13 +35,12 @@ from pydantic import (
 
 from strata.autoscale.llm import LlmConfig
 from strata.autoscale.registry import AutoscalingConfig, policy_names
+from strata.engine.options import EngineOptions
 from strata.routing.registry import DEFAULT_POLICY, make_policy
 from strata.routing.registry import policy_names as routing_policy_names
 from strata.stages.plan import StageSpec
 
 _TIER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ClusterConfigError(ValueError):
@@ -53,48 +53,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_bytes(value: int | str) -> int:
-    """``"512MiB"``, ``"1G"``, ``"65536"`` or an int -> bytes (binary units)."""
-    if isinstance(value, int):
-        return value
-    m = _BYTES.match(str(value))
-    if m is None:
-        raise ValueError(f"{value!r} is not a size; write e.g. 256MiB, 1GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 class ModelConfig(_Strict):
     """Which weights every engine replica serves."""
 
     path: str | None = None  # a .gguf file or Hugging Face directory; None: the bundled model
     served_model_name: str | None = None  # the name clients send; default: the file's
-
-
-class EngineOptions(_Strict):
-    """Options of each engine replica (``strata engine`` flags)."""
-
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(default=None, ge=1)  # None: cores divided among max replicas
-    kv_cache: int | str = "1GiB"
-    num_kv_blocks: int | None = Field(default=None, ge=1)
-    block_size: int = Field(default=16, ge=1)
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_num_batched_tokens: int = Field(default=512, ge=1)
-    max_model_len: int | None = Field(default=None, ge=16)
-    prefix_caching: bool = True
-
-    @field_validator("kv_cache")
-    @classmethod
-    def _size(cls, v: int | str) -> int | str:
-        if parse_bytes(v) < 1 << 20:
-            raise ValueError(f"kv_cache {v!r} is below 1MiB; write e.g. 256MiB or 1GiB")
-        return v
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        """The KV cache size in bytes."""
-        return parse_bytes(self.kv_cache)
 
 
 def _stages_kind(value: Any) -> str:
@@ -380,6 +343,9 @@ class ClusterConfig(_Strict):
             if tier.kind == "stages" and self.engine_for(name).dtype == "int8":
                 raise ValueError(f"tiers.{name}: stage pipelines run float32, bfloat16 or "
                                  "float16 (int8 weights are engine-only); set engine.dtype")
+            if tier.kind == "stages" and self.engine_for(name).kv_cache_dtype != "auto":
+                raise ValueError(f"tiers.{name}: stage pipelines keep their KV cache in the "
+                                 "model's dtype; remove engine.kv_cache_dtype")
         return self
 
     @property

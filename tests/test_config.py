@@ -13,9 +13,9 @@ from strata.config import (
     ClusterConfig,
     ClusterConfigError,
     load_cluster_config,
-    parse_bytes,
     parse_cluster_config,
 )
+from strata.engine.options import parse_bytes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "cluster.example.yaml"
 

@@ -19,7 +19,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFail
 from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
+from strata.engine.options import EngineConfig
 from strata.engine.prefix_registry import RouteKeys
 from strata.engine.quant import CALIBRATION_TEXT, FileBlocks, int8_supported, quantize_model
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
@@ -37,26 +37,6 @@ from strata.engine.tokenizer import load_tokenizer
 from strata.engine.weights import load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("strata.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to build one engine replica."""
-
-    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
-    served_model_name: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads; None: measured (1 or all cores)
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30
-    kv_cache_dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    cache_dir: Path | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -173,7 +153,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     native = device.type == "cpu" and load_paged_attention()
     kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)
     per_block = kv_bytes_per_block(model, cfg.block_size, kv_dtype)
-    num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
+    num_blocks = cfg.kv_blocks(per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device, kv_dtype=kv_dtype)
     # The kernels of every row bucket now, not over the first minutes of traffic.
@@ -186,7 +166,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
         cfg.block_size,
         num_blocks * per_block / 2**20, kv_dtype,
     )
-    return EngineCore(runner, tokenizer, sched, name, cfg.enable_prefix_caching)
+    return EngineCore(runner, tokenizer, sched, name, cfg.prefix_caching)
 
 
 @functools.cache

@@ -107,9 +107,7 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
     def argv(host: str, port: int) -> list[str]:
         cmd = [sys.executable, "-m", "strata.cli", "engine", "--host", host, "--port", str(port),
                "--threads", str(threads), "--dtype", opts.dtype, "--device", opts.device,
-               "--kv-cache", str(opts.kv_cache_bytes), "--block-size", str(opts.block_size),
-               "--max-num-seqs", str(opts.max_num_seqs),
-               "--max-num-batched-tokens", str(opts.max_num_batched_tokens),
+               *opts.kv_and_batch_args(),
                # The platform's SIGKILL comes stop_timeout_s after this drain (see local).
                "--drain-timeout-s", str(config.platform.drain_timeout_s),
                "--log-level", "warning"]
@@ -117,12 +115,8 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
             cmd += ["--model", model.path]
         if model.served_model_name is not None:
             cmd += ["--served-model-name", model.served_model_name]
-        if opts.num_kv_blocks is not None:
-            cmd += ["--num-kv-blocks", str(opts.num_kv_blocks)]
-        if opts.max_model_len is not None:
-            cmd += ["--max-model-len", str(opts.max_model_len)]
-        if not opts.prefix_caching:
-            cmd += ["--no-prefix-caching"]
+        if opts.kv_cache_dtype != "auto":
+            cmd += ["--kv-cache-dtype", opts.kv_cache_dtype]
         return cmd
 
     return ProcessSpec(argv=argv, threads=threads)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from strata.engine.options import EngineOptions
 from strata.sim.perf_model import FEATURES, StepFeatures, feature_row
 
 
@@ -172,12 +173,12 @@ def free_port() -> int:
 
 def engine_command(port: int, opts: ProfileOptions) -> list[str]:
     """The ``strata engine`` command line for these options."""
+    engine = EngineOptions(block_size=opts.block_size, max_num_seqs=opts.max_num_seqs,
+                           max_num_batched_tokens=opts.max_num_batched_tokens,
+                           kv_cache=opts.kv_cache_bytes)
     cmd = [sys.executable, "-m", "strata.cli", "engine", "--port", str(port),
            "--threads", str(opts.threads), "--dtype", opts.dtype,
-           "--block-size", str(opts.block_size),
-           "--max-num-seqs", str(opts.max_num_seqs),
-           "--max-num-batched-tokens", str(opts.max_num_batched_tokens),
-           "--kv-cache", str(opts.kv_cache_bytes), "--log-level", "warning"]
+           *engine.kv_and_batch_args(), "--log-level", "warning"]
     if opts.model:
         cmd += ["--model", opts.model]
     return cmd

@@ -18,14 +18,6 @@ import typer
 log = logging.getLogger("strata.stages")
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
 def stage_command(
     layers: Annotated[str, typer.Option(help="Layer range a:b this stage holds; 0:b is the head.")],
     model: Annotated[str | None, typer.Option(help="Model: a .gguf file or HF directory; default: bundled SmolLM2-135M-Instruct.")] = None,
@@ -95,7 +87,9 @@ def _run_head(
     token: str | None,
 ) -> None:
     import uvicorn
+    from pydantic import ValidationError
 
+    from strata.engine.options import option_errors
     from strata.engine.weights import load_config, resolve_model
     from strata.stages.head_server import HeadConfig, build_head, build_head_app, connect_initial
     from strata.stages.plan import parse_stages
@@ -107,15 +101,19 @@ def _run_head(
     else:
         n = load_config(resolve_model(model, cache_dir=cache_dir)).num_hidden_layers
         split = (layers, (layers[1], n))
-    cfg = HeadConfig(
-        stages=split, model=model, served_model_name=served_model_name, dtype=dtype,
-        device=device, threads=threads, block_size=block_size,
-        kv_cache_bytes=_parse_bytes(kv_cache or "1GiB"), num_kv_blocks=num_kv_blocks,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
-        max_inflight=max_inflight, step_timeout_s=step_timeout, replicas=replicas,
-        cache_dir=cache_dir, internal_token=token,
-    )
+    sized = {"kv_cache": kv_cache} if kv_cache is not None else {}  # None: the default
+    try:
+        cfg = HeadConfig(
+            stages=split, model=model, served_model_name=served_model_name, dtype=dtype,
+            device=device, threads=threads, block_size=block_size, **sized,
+            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            prefix_caching=prefix_caching, max_inflight=max_inflight,
+            step_timeout_s=step_timeout, replicas=replicas, cache_dir=cache_dir,
+            internal_token=token,
+        )
+    except ValidationError as e:
+        raise typer.BadParameter(option_errors(e)) from None
     engine = build_head(cfg)
     engine.start()
     connect_initial(engine, replicas)
@@ -135,6 +133,7 @@ def _run_stage(
     import uvicorn
 
     from strata.engine.engine import default_model_name, pick_device, pick_dtype
+    from strata.engine.options import parse_bytes
     from strata.engine.weights import resolve_model
     from strata.stages.runtime import build_runtime
     from strata.stages.worker import StageWorker, build_worker_app
@@ -144,7 +143,7 @@ def _run_stage(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     path = resolve_model(model, cache_dir=cache_dir)
-    cap = _parse_bytes(kv_cache) if kv_cache else 1 << 62
+    cap = parse_bytes(kv_cache) if kv_cache else 1 << 62
     rt = build_runtime(path, layers, dt, dev, cap)
     log.info("stage %s of %s: %s on %s, %d threads", rt.name, path.name, dt, dev,
              torch.get_num_threads())

@@ -14,14 +14,14 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from pydantic import Field, model_validator
 
 from strata.engine.engine import default_model_name, pick_device, pick_dtype
+from strata.engine.options import EngineConfig
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.scheduler import SchedulerConfig
 from strata.engine.tokenizer import load_tokenizer
@@ -36,29 +36,24 @@ from strata.stages.runtime import load_stage_model
 log = logging.getLogger("strata.stages.head")
 
 
-@dataclass(frozen=True)
-class HeadConfig:
-    """How to build the head stage of a pipeline."""
+class HeadConfig(EngineConfig):
+    """How to build the head stage of a pipeline: the engine's options plus the split.
+
+    ``kv_cache`` sizes the head's own layers and so sets the pipeline's block count.
+    """
 
     stages: tuple[tuple[int, int], ...]  # the whole split, the head's range first
-    model: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    threads: int | None = None
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30  # for the head's own layers; sets the pipeline's block count
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
     max_inflight: int | None = None  # micro-batches in flight per path; None: one per stage
     step_timeout_s: float = 60.0
     replicas: tuple[str, ...] = ()  # downstream replica URLs to connect at start
-    cache_dir: Path | None = None
-    internal_token: str | None = field(default=None, repr=False)  # never in logs or reprs
-    extra: dict[str, Any] = field(default_factory=dict)
+    internal_token: str | None = Field(default=None, repr=False)  # never in logs or reprs
+
+    @model_validator(mode="after")
+    def _head_kv(self) -> HeadConfig:
+        if self.kv_cache_dtype != "auto":
+            raise ValueError("kv_cache_dtype: a pipeline keeps its KV cache in the model's "
+                             "dtype; leave it auto")
+        return self
 
 
 def build_head(cfg: HeadConfig) -> HeadEngine:
@@ -75,14 +70,14 @@ def build_head(cfg: HeadConfig) -> HeadEngine:
     model = load_stage_model(path, config, start, end, True, dtype, device)
     tokenizer = load_tokenizer(path, cache_dir=cfg.cache_dir)
     per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
-    num_blocks = cfg.num_kv_blocks or max(1, cfg.kv_cache_bytes // per_block)
+    num_blocks = cfg.kv_blocks(per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings,
                   config.max_position_embeddings)
     runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device)
     name = cfg.served_model_name or default_model_name(path)
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     inflight = cfg.max_inflight or len(stages)
-    core = HeadCore(runner, tokenizer, sched, name, cfg.enable_prefix_caching,
+    core = HeadCore(runner, tokenizer, sched, name, cfg.prefix_caching,
                     stages[1:], inflight, cfg.step_timeout_s)
     log.info("head stage %d:%d of %s: %s on %s, %d threads, %d KV blocks of %d tokens, "
              "%d micro-batches in flight per path", start, end, name, dtype, device,

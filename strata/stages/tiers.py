@@ -162,15 +162,7 @@ def cluster_stage_specs(
     dtype = opts.dtype
     if dtype == "auto":
         dtype = "bfloat16" if opts.device == "cuda" else "float32"
-    head = ["--kv-cache", str(opts.kv_cache_bytes), "--block-size", str(opts.block_size),
-            "--max-num-seqs", str(opts.max_num_seqs),
-            "--max-num-batched-tokens", str(opts.max_num_batched_tokens)]
-    if opts.num_kv_blocks is not None:
-        head += ["--num-kv-blocks", str(opts.num_kv_blocks)]
-    if opts.max_model_len is not None:
-        head += ["--max-model-len", str(opts.max_model_len)]
-    if not opts.prefix_caching:
-        head += ["--no-prefix-caching"]
+    head = opts.kv_and_batch_args()
     if config.model.served_model_name is not None:
         head += ["--served-model-name", config.model.served_model_name]
     specs = stage_process_specs(stages, head_url=None, model=config.model.path, threads=threads,

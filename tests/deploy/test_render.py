@@ -192,8 +192,8 @@ def test_engine_command_is_the_local_platforms_and_parses() -> None:
     ctx = _parse(c["command"])
     p = ctx.params
     assert (p["host"], p["port"], p["threads"]) == ("0.0.0.0", 8000, 3)
-    assert (p["max_model_len"], p["no_prefix_caching"], p["drain_timeout_s"]) == (
-        1024, True, 120.0)
+    assert (p["max_model_len"], p["prefix_caching"], p["drain_timeout_s"]) == (
+        1024, False, 120.0)
     assert int(p["kv_cache"]) == 1 << 30
     assert c["resources"]["requests"]["cpu"] == "3"
     # Threads unset: the engine measures the pod's cores itself.

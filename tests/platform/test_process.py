@@ -60,13 +60,14 @@ def test_engine_command_carries_the_cluster_files_options() -> None:
     assert spec.threads == 2  # 8 cores / at most 4 replicas
     argv = spec.argv("127.0.0.1", 4321)
     assert argv[:4] == [sys.executable, "-m", "strata.cli", "engine"]
-    flags = dict(zip(argv[4::2], argv[5::2], strict=False))
+    assert "--no-prefix-caching" in argv and "--kv-cache-dtype" not in argv  # auto: unsaid
+    valued = [a for a in argv[4:] if a != "--no-prefix-caching"]
+    flags = dict(zip(valued[::2], valued[1::2], strict=True))
     assert flags["--port"] == "4321" and flags["--host"] == "127.0.0.1"
     assert flags["--threads"] == "2" and flags["--dtype"] == "float32"
     assert flags["--kv-cache"] == str(64 << 20) and flags["--max-num-seqs"] == "8"
     assert flags["--model"] == "/m/x.gguf" and flags["--served-model-name"] == "x"
     assert flags["--max-model-len"] == "1024"
-    assert argv[-1] == "--no-prefix-caching"
     env = spec.environment({"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == "2" and env["PATH"] == "/bin"
 
