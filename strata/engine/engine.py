@@ -239,8 +239,8 @@ class AsyncEngine:
         `strata engine` runs it in the process's main thread, the thread that built the
         model, and serves HTTP from another: libgomp keeps one worker pool per thread that
         opens parallel regions, and with more pool threads than cores it stops spinning
-        between regions and sleeps instead (a futex wake per op; measured +10 ms per decode
-        step on 2 cores when the loop ran in a second thread).
+        between regions and sleeps instead (a futex wake per op, which made every decode step
+        markedly slower when the loop ran in a second thread; docs/results.md).
         """
         self._run()
 

@@ -39,7 +39,8 @@ _LAYER_TENSORS = {
 
 
 # Metadata arrays longer than this (token list, merges, scores) are left out of the index:
-# as Python objects they cost ~150 MiB, and only the one-off tokenizer conversion needs them.
+# as Python objects (a vocabulary's worth of them) they cost far more memory than the rest
+# of the index, and only the one-off tokenizer conversion needs them.
 _MAX_ARRAY_FIELD = 1024
 
 

@@ -52,7 +52,8 @@ def load_paged_attention() -> bool:
 
 
 def raw_op(op: object) -> object:
-    """An op's C++ entry point, skipping torch's Python dispatch checks (~5 µs per call).
+    """An op's C++ entry point, skipping torch's Python dispatch checks (a fixed cost per
+    call, which adds up over the many small ops of each layer).
 
     Takes an op packet (``torch.ops.strata.silu_and_mul``) or overload (``.default``).
     Our hot-path ops carry no tensor subclasses or fake script objects, so those checks

@@ -82,13 +82,13 @@ def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 def padded_rows(n: int) -> int:
     """The row count a GEMM of ``n`` rows runs at: ``n`` up to 16, then one of a few buckets.
 
-    Above 16 rows, ``n`` is rounded up to a multiple of an eighth of the next power of two
-    (at least 16): at most ~12% more rows, and only ~4 distinct counts per octave. The
+    Above 16 rows, ``n`` is rounded up to a multiple of a sixteenth of the next power of
+    two (at least 16): at most 12.5% more rows, and at most 8 counts per octave. The
     AMX tiles that run bf16 GEMMs hold 16 rows, so multiples of 16 cost little there.
     """
     if n <= 16:
         return n
-    step = max(16, (1 << (n - 1).bit_length()) // 8)
+    step = max(16, (1 << (n - 1).bit_length()) // 16)
     return -(-n // step) * step
 
 
@@ -419,9 +419,9 @@ class LlamaModel(nn.Module):
         """Hold each float projection's weight as the transposed view of an [in, out] tensor.
 
         Same values and shape, so every caller of F.linear is unchanged; what changes is
-        the GEMM MKL runs. Measured here (fp32, 2 threads, SmolLM2 shapes): x @ W with W
-        stored [in, out] takes 0.37-0.6x the time of x @ W^T with W stored [out, in] at 8 to
-        32 rows — the decode batches of a busy server — and the same at 64+ rows (prefill).
+        the GEMM MKL runs: x @ W with W stored [in, out] is faster than x @ W^T with W
+        stored [out, in] at 8 to 32 rows — the decode batches of a busy server — and no
+        slower at 64+ rows (prefill). The measurement is in docs/results.md.
         """
         for mod in self.modules():
             if isinstance(mod, nn.Linear) and mod.weight.is_contiguous() and mod.weight.dim() == 2:

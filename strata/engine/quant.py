@@ -265,9 +265,9 @@ class FileBlocks:
 
 
 # Up to this many tokens per call, projections with the file's blocks attached run the
-# block kernels. Measured decode steps (int8, 2 threads): batch 1 8.5 ms (fbgemm: 14.4),
-# batch 2 10.4 (16.0), batch 3 12.8-17.4 (17.4-19.6), batch 4 20.3 (20.6): from 4 rows on
-# the kernels' per-row work catches up with fbgemm's GEMM.
+# block kernels: they read fewer bytes than fbgemm's int8 GEMM, which wins at batch 1-3,
+# and from 4 rows on their per-row work catches up with the GEMM (decode step times per
+# batch size: docs/results.md).
 SMALL_MAX_TOKENS = 3
 
 

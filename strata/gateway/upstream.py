@@ -1,8 +1,7 @@
 """A minimal pooled HTTP/1.1 client for the proxy's hot path, on asyncio + httptools.
 
-Why not aiohttp or httpx: on the machines strata targets the general-purpose clients cost
-0.2-0.6 ms per streamed request more than this one, and the gateway's budget is 1 ms in
-all. This client does only what proxying needs: POST a body already in bytes, expose the
+Why not aiohttp or httpx: the general-purpose clients add a per-request cost that is a
+large share of the gateway's whole latency budget (docs/results.md has the comparison). This client does only what proxying needs: POST a body already in bytes, expose the
 status, headers and body chunks as they arrive (chunked decoding by httptools, the parser
 uvicorn uses), keep connections alive per replica, and close a connection to cancel its
 request. Whatever bytes have arrived are handed over together, never held back.

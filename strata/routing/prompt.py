@@ -17,7 +17,8 @@ not tokenize. It approximates:
   ids) and hashed as a chain, so ``hashes[i]`` names the whole prefix through chunk ``i``.
   Two prompts sharing their first k chunks share their first k hashes exactly. Chunks do
   not align with a replica's KV blocks; they only have to say "this much is the same".
-  At most ``max_chunks`` are hashed, which bounds the cost (about 35 us for 64 chunks on a slow shared core).
+  At most ``max_chunks`` are hashed, which bounds the hashing cost per request whatever
+  the prompt's length.
 
 The chain is CRC-32 (``zlib.crc32`` continued over each chunk): deterministic across
 processes, so several gateways agree on prefix affinity, and the fastest hash in the

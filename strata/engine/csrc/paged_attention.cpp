@@ -56,8 +56,8 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
         // This head's rows are D values every slot_stride: a strided walk through blocks
         // scattered over the cache, which the hardware prefetcher does not follow. Ask
         // for this block's values and the next block's keys now, so the misses overlap
-        // with the arithmetic instead of stalling it (at batch 64 and ~220 tokens of
-        // context: 1.44 -> ~1.0 ms per layer on 2 cores).
+        // with the arithmetic instead of stalling it (worth most at high batch, where the
+        // cache reads bound the step; measured in docs/results.md).
         for (int64_t i = 0; i < n; ++i) prefetch_row(vb + i * slot_stride, D * sizeof(CT));
         if (p0 + block_size < len) {
           const int64_t nn = std::min(block_size, len - p0 - block_size);
