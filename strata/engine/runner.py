@@ -34,6 +34,21 @@ def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -
     return 2 * model.num_layers * block_size * c.num_key_value_heads * c.head_size * elem
 
 
+# The largest row bucket built at start-up: a step's tokens rarely exceed it on a CPU, and
+# the warm-up's attention grows with its square.
+WARM_UP_MAX_ROWS = 4096
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every row count `padded_rows` gives for 1..max_rows, in order (without trying each)."""
+    out: list[int] = []
+    m = 0
+    while m < max_rows:
+        m = padded_rows(m + 1)
+        out.append(m)
+    return out
+
+
 class ModelRunner:
     """Runs a (part of a) model over paged-KV batches."""
 
@@ -81,6 +96,7 @@ class ModelRunner:
         each size the compile and puts the kernels' memory in the process's baseline,
         instead of letting it arrive over the first minutes of traffic. One call per
         distinct weight shape and bucket (the layers share shapes); returns the calls made.
+        Buckets above `WARM_UP_MAX_ROWS` (rare on a CPU) are built when first used.
         """
         weights = {}
         for mod in self.model.modules():
@@ -90,7 +106,7 @@ class ModelRunner:
         if not any(w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
                    for w in weights.values()):
             return 0  # fp32 GEMMs cache nothing per shape; int8 ones are fbgemm's
-        buckets = sorted({padded_rows(n) for n in range(1, max(1, max_rows) + 1)})
+        buckets = row_buckets(min(max_rows, WARM_UP_MAX_ROWS))
         calls = 0
         for w in weights.values():
             for m in buckets:

@@ -107,6 +107,7 @@ class StageRuntime:
         if r is None or r.num_blocks != num_blocks or r.block_size != block_size:
             self.runner = None  # free the old cache before allocating the new one
             self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
+            self.runner.warm_up(max(max_num_tokens, max_num_seqs))  # as an engine does
             log.info("stage %s: KV cache of %d blocks x %d tokens (%.0f MiB)",
                      self.name, num_blocks, block_size, need / 2**20)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)

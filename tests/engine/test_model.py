@@ -215,3 +215,14 @@ def test_warm_up_builds_every_gemm_shape_serving_uses() -> None:
     # fp32 GEMMs go to BLAS, which builds nothing per shape: no warm-up.
     _, fp32 = tiny_pair()
     assert ModelRunner(fp32, num_blocks=8, block_size=4, dtype=torch.float32).warm_up(96) == 0
+
+
+def test_row_buckets_are_padded_rows_few_and_close() -> None:
+    from strata.engine.model import padded_rows
+    from strata.engine.runner import row_buckets
+
+    for top in (1, 16, 17, 100, 512, 3000):
+        assert row_buckets(top) == sorted({padded_rows(n) for n in range(1, top + 1)})
+    assert len(row_buckets(4096)) <= 16 + 8 * 8
+    for n in range(17, 5000):
+        assert n <= padded_rows(n) <= max(n * 1.125, n + 15)
