@@ -6,8 +6,8 @@ Wiring: the platform (local processes) runs the tier's replicas; an endpoint fee
 Prometheus file_sd file when configured); the gateway's activator hook asks the autoscaler
 for a replica when a request arrives at a tier with none; the autoscaler loop observes,
 decides and calls ``platform.scale``. A thin ASGI front over the gateway adds what the
-cluster needs from it: an arrivals counter, the autoscaler's series on ``/metrics`` and
-``GET /admin/status``. Ctrl-C (SIGINT) or SIGTERM stops the autoscaler, drains the gateway
+cluster needs from it: the autoscaler's series on ``/metrics`` (after the gateway's own,
+which count arrivals) and ``GET /admin/status``. Ctrl-C (SIGINT) or SIGTERM stops the autoscaler, drains the gateway
 (``platform.drain_timeout_s``: new requests 503 + Retry-After, in-flight ones finish or
 are ended), then stops every replica; a second Ctrl-C ends the drain and kills the
 replicas at once.
@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -65,8 +65,6 @@ log = logging.getLogger("strata.cluster")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-_GENERATION = ("/v1/completions", "/v1/chat/completions")
 
 
 # The bundled model (strata.engine.weights.BUNDLED_MEMBER) as the engine names it.
@@ -173,17 +171,14 @@ class _TierObservers:
 
 
 class ClusterFront:
-    """ASGI app in front of the gateway: counts arrivals, adds /admin/status and series."""
+    """ASGI app in front of the gateway: adds /admin/status and the cluster's series."""
 
     def __init__(self, gateway: Gateway, tier: str, registry: CollectorRegistry,
                  status: Callable[[], dict[str, Any]]) -> None:
-        """``registry`` holds the cluster's own series (arrivals, autoscaler)."""
+        """``registry`` holds the cluster's own series (autoscaler, platform)."""
         self.gateway = gateway
         self.registry = registry
         self.status = status
-        self.arrivals = Counter("strata_cluster_requests_received",
-                                "Generation requests received by the gateway.", ["tier"],
-                                registry=registry).labels(tier=tier)
 
     def metrics_text(self) -> str:
         """The gateway's series followed by the cluster's."""
@@ -197,9 +192,7 @@ class ClusterFront:
         """Route /metrics and /admin/status here, everything else to the gateway."""
         if scope["type"] == "http":
             path = scope["path"]
-            if path in _GENERATION and scope["method"] == "POST":
-                self.arrivals.inc()
-            elif path == "/metrics":
+            if path == "/metrics":
                 await _respond(send, 200, self.metrics_text().encode(),
                                self.gateway.metrics.content_type.encode())
                 return

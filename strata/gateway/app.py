@@ -101,6 +101,7 @@ class Gateway:
         self.config = config
         self.policy = make_policy(config.policy, **config.policy_params)
         self.metrics = GatewayMetrics(config.policy)
+        self._arrivals = self.metrics.arrivals.labels(tier=config.tier)
         self.replicas = ReplicaSet(config.tier, config.replica_set, self.metrics, on_demand,
                                    config.estimator.chunk_tokens, config.served_models,
                                    chunk_bytes=config.estimator.chunk_bytes)
@@ -179,6 +180,8 @@ class Gateway:
         if scope["type"] == "http":
             chat = _GENERATION_PATHS.get(scope["path"])
             if chat is not None:
+                if scope["method"] == "POST":
+                    self._arrivals.inc()
                 await self._generation(scope, receive, send, chat)
                 return
         await self.starlette(scope, receive, send)

@@ -24,6 +24,11 @@ class GatewayMetrics:
         """Register every series in a fresh registry; ``policy`` labels routing series."""
         self.policy = policy
         r = self.registry = CollectorRegistry()
+        # Arrivals, before any check: the autoscaler's demand signal (arrival rate, the
+        # capacity it learns) reads it, under `strata serve` and from a standalone gateway.
+        self.arrivals = Counter("strata_cluster_requests_received",
+                                "Generation requests received by the gateway.", ["tier"],
+                                registry=r)
         self.routed = Counter("strata_gateway_requests_routed", "Requests sent to a replica.",
                               ["replica", "policy"], registry=r)
         self.decision = Histogram(

@@ -42,6 +42,18 @@ async def test_streams_through_as_tokens_are_produced() -> None:
         assert metric(text, "strata_gateway_e2e_seconds_count", model="strata-fake") == 1
 
 
+async def test_the_gateway_counts_arrivals_for_the_autoscaler() -> None:
+    """Every generation POST counts, refused ones too: the demand the autoscaler reads
+    (arrival rate, learned capacity), served by a standalone gateway as by `strata serve`."""
+    async with serve(fake()) as be, gateway([be]) as (gw, client):
+        assert (await client.post("/v1/completions", json=completion())).status_code == 200
+        bad = await client.post("/v1/chat/completions", json={"model": "strata-fake"})
+        assert bad.status_code == 400
+        await client.get("/v1/models")
+        text = (await client.get("/metrics")).text
+        assert metric(text, "strata_cluster_requests_received_total", tier="engine") == 2
+
+
 async def test_non_streaming_and_chat_bodies_pass_unchanged() -> None:
     async with serve(fake()) as be, gateway([be]) as (gw, client):
         direct = await client.post(be + "/v1/chat/completions", json={
