@@ -12,16 +12,13 @@ machine every expression is also parsed by Prometheus itself.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 import kubernetes_validate
-import pytest
 import torch
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,6 +31,7 @@ from strata.config import ClusterConfig, parse_cluster_config
 from strata.deploy.dashboard import dashboard, dashboard_configmap
 from strata.stages.runtime import build_runtime
 from strata.stages.worker import StageWorker, build_worker_app
+from tests.binaries import required_binary
 from tests.engine.test_metrics import serve_engine
 from tests.gateway.servers import gateway, serve
 
@@ -158,12 +156,7 @@ def test_stage_panels_only_for_a_pipeline_and_slos_as_thresholds() -> None:
 
 
 def test_promtool_parses_every_expression(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        reason = "promtool is not installed (run scripts/install_prometheus.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI=true requires this test to run")
-        pytest.skip(reason)
+    promtool = required_binary("promtool")
     exprs = _exprs(dashboard(_config(EXAMPLES[1])))
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"strata:dashboard:{i}",

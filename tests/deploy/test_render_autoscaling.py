@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.deploy.render import RenderError, render
+from tests.binaries import required_binary
 from tests.deploy.crd_schemas import validate_crd
 from tests.deploy.test_render import _example, _one, validate_core
 
@@ -312,16 +313,9 @@ def _every_expression() -> list[str]:
 
 
 def test_promtool_parses_every_query(tmp_path: Path) -> None:
-    import os
-    import shutil
     import subprocess
 
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        reason = "promtool is not installed (run scripts/install_prometheus.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI=true requires this test to run")
-        pytest.skip(reason)
+    promtool = required_binary("promtool")
     exprs = _every_expression()
     assert len(exprs) > 20
     rules = {"groups": [{"name": "strata-autoscaling", "rules": [

@@ -9,8 +9,6 @@ binary the test is skipped, except under ``CI=true`` where it fails.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -22,6 +20,7 @@ import httpx
 import pytest
 
 from strata.platform.process import free_port
+from tests.binaries import required_binary
 from tests.integration.cluster_helpers import complete, start_cluster, stop_cluster, tier, wait_for
 
 pytestmark = pytest.mark.slow
@@ -30,12 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A Prometheus server on loopback scraping the targets in the yielded file."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        reason = "the prometheus binary is not installed (run scripts/install_prometheus.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI=true requires this test to run")
-        pytest.skip(reason)
+    binary = required_binary("prometheus")
     targets = tmp_path / "targets.json"
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""
