@@ -144,6 +144,7 @@ def config_from_gguf(path: Path) -> LlamaConfig:
         head_dim=int(head_dim) if head_dim is not None else None,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
+        sliding_window=int(window) if (window := index.get(f"{arch}.attention.sliding_window")) else None,
         name=Path(path).stem,
         extra={"source_format": "gguf", "gguf_file_type": index.get("general.file_type")},
     )

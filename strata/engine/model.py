@@ -138,8 +138,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Grouped-query attention over a paged KV cache."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, window: int | None = None) -> None:
         super().__init__()
+        # Sliding window: a query at position i sees keys j with i - window < j <= i.
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_size
@@ -189,7 +191,7 @@ class Attention(nn.Module):
         context), without bound: q, k and v are padded at the end to `padded_rows`, as
         the projections are. Real queries never see the padded keys (they lie after every
         real position, so the causal mask hides them); the padded queries' rows are
-        dropped.
+        dropped. With a sliding window, query i sees keys j with i - window < j <= i.
         """
         lq, lk = q.shape[0], k.shape[0]
         pq, pk = lq, lk
@@ -204,12 +206,16 @@ class Attention(nn.Module):
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
         kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, Lk, D]
         vh = v.transpose(0, 1).unsqueeze(0)
-        if context_len == 0:
+        if context_len == 0 and self.window is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         else:
             # Bottom-right aligned causal mask: query i sits at position context_len + i.
-            rows = torch.arange(pq, device=q.device).unsqueeze(1) + context_len
-            mask = torch.arange(pk, device=q.device).unsqueeze(0) <= rows
+            # Padded queries repeat the last real one's row, so none is left without keys.
+            rows = torch.arange(pq, device=q.device).clamp(max=lq - 1).unsqueeze(1) + context_len
+            cols = torch.arange(pk, device=q.device).unsqueeze(0)
+            mask = cols <= rows
+            if self.window is not None:
+                mask &= cols > rows - self.window
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
         return o.squeeze(0).transpose(0, 1)[:lq]
 
@@ -253,9 +259,12 @@ class Attention(nn.Module):
         kg = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
         vg = v_cache[meta.decode_slots].transpose(1, 2)
         qh = q.unsqueeze(2)  # [D, H, 1, Dh]
-        o = F.scaled_dot_product_attention(
-            qh, kg, vg, attn_mask=meta.decode_mask, enable_gqa=True
-        )
+        mask = meta.decode_mask
+        if self.window is not None:  # the mask is each sequence's first len positions
+            lens = mask.sum(-1, keepdim=True)
+            pos = torch.arange(mask.shape[-1], device=mask.device)
+            mask = mask & (pos >= lens - self.window)
+        o = F.scaled_dot_product_attention(qh, kg, vg, attn_mask=mask, enable_gqa=True)
         return o.squeeze(2)
 
 
@@ -276,12 +285,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, window: int | None = None) -> None:
         super().__init__()
         self.eps = config.rms_norm_eps
         self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, window)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, meta, kv_cache):  # type: ignore[no-untyped-def]
@@ -315,7 +324,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (
             nn.Embedding(config.vocab_size, config.hidden_size) if has_embed else None
         )
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_start, layer_end))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config.layer_window(i)) for i in range(layer_start, layer_end)
+        )
         self.norm = nn.Parameter(torch.ones(config.hidden_size)) if has_head else None
         self.lm_head = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_head else None
@@ -458,6 +469,7 @@ class LlamaModel(nn.Module):
         tables, lens, bsz = meta.decode_block_tables, meta.decode_lens, meta.block_size
         slots, cos_sin = meta.slot_mapping, meta.cos_sin
         res = torch.zeros_like(x)
+        windows = [layer.self_attn.window or 0 for layer in self.layers]  # 0: the whole context
         for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn) in enumerate(self._native_plan()):
             kc, vc = kv_caches[i]
             h = add_norm(x, res, w_in, eps)  # x += res: x is the residual stream
@@ -465,9 +477,9 @@ class LlamaModel(nn.Module):
             rope_cache(qkv, positions, cos_sin, kc, vc, slots, nh, nkv)
             q = qkv[:, :qs].view(t, nh, hd)
             if decode_only:
-                attn = paged(q, kc, vc, tables, lens, bsz, scale)
+                attn = paged(q, kc, vc, tables, lens, bsz, scale, windows[i])
             else:
-                attn = self._mixed_attention(q, qkv, t, d, kc, vc, meta, scale)
+                attn = self._mixed_attention(self.layers[i].self_attn, q, qkv, t, d, kc, vc, meta, scale)
             a = o_fn(attn.view(t, qs))
             h = add_norm(a, x, w_post, eps)  # a += x
             x = down_fn(silu_mul(gu_fn(h)))
@@ -478,6 +490,7 @@ class LlamaModel(nn.Module):
 
     def _mixed_attention(
         self,
+        attn: Attention,
         q: torch.Tensor,
         qkv: torch.Tensor,
         t: int,
@@ -487,13 +500,13 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        """Decodes through the paged kernel, prefill chunks through causal SDPA."""
-        attn = self.layers[0].self_attn
+        """Decodes through the paged kernel, prefill chunks through causal SDPA (one layer)."""
         nkv, hd, qs, kvs = attn.num_kv_heads, attn.head_dim, attn.q_size, attn.kv_size
         out = torch.empty((t, attn.num_heads, hd), dtype=q.dtype, device=q.device)
         if d:
             out[:d] = torch.ops.strata.paged_decode_attention(
-                q[:d], kc, vc, meta.decode_block_tables, meta.decode_lens, meta.block_size, scale
+                q[:d], kc, vc, meta.decode_block_tables, meta.decode_lens, meta.block_size, scale,
+                attn.window or 0,
             )
         k = qkv[:, qs : qs + kvs].view(t, nkv, hd)
         v = qkv[:, qs + kvs :].view(t, nkv, hd)

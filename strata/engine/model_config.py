@@ -25,6 +25,12 @@ class LlamaConfig:
     head_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Sliding-window attention: a query at position i attends to keys j with
+    # i - sliding_window < j <= i (transformers' mask). None = full attention.
+    sliding_window: int | None = None
+    # Per layer "sliding_attention" or "full_attention" (HF `layer_types`); None = every
+    # layer slides when sliding_window is set (Mistral).
+    layer_types: tuple[str, ...] | None = None
     name: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -32,6 +38,14 @@ class LlamaConfig:
     def head_size(self) -> int:
         """Per-head dimension (explicit head_dim wins over hidden/heads)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (absolute index); None = global."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -60,7 +74,8 @@ class LlamaConfig:
                 kwargs.setdefault("rope_theta", rp["rope_theta"])
             if rp.get("rope_type", "default") != "default":
                 kwargs.setdefault("rope_scaling", rp)
-        return cls(**kwargs, name=name)
+        window, layer_types = _hf_sliding_window(d)
+        return cls(**kwargs, sliding_window=window, layer_types=layer_types, name=name)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers' LlamaForCausalLM accepts."""
@@ -87,4 +102,28 @@ class LlamaConfig:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
             d["eos_token_id"] = self.eos_token_id
+        if self.sliding_window is not None:
+            # Mistral is Llama with a window on every layer; per-layer windows have no
+            # Llama-shaped equivalent to export.
+            if self.layer_types is not None and set(self.layer_types) != {"sliding_attention"}:
+                raise ValueError("per-layer sliding windows cannot be exported as a Llama/Mistral config")
+            d.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                     sliding_window=self.sliding_window)
         return d
+
+
+def _hf_sliding_window(d: dict[str, Any]) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) as transformers reads them from a config.json.
+
+    Qwen2 turns the window off unless ``use_sliding_window`` and, without explicit
+    ``layer_types``, slides only layers from ``max_window_layers`` on.
+    """
+    window = d.get("sliding_window")
+    qwen = str(d.get("model_type", "")).startswith("qwen")  # whose window is off by default
+    if not d.get("use_sliding_window", not qwen) or not window:
+        return None, None
+    types = d.get("layer_types")
+    if types is None and "max_window_layers" in d:
+        n, first = int(d["num_hidden_layers"]), int(d["max_window_layers"])
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return int(window), None if types is None else tuple(types)

@@ -2,6 +2,9 @@
 // keys/values read through the block table, never gathered into a padded copy.
 // Grouped-query heads that share a KV head are computed together so K and V are
 // read once per KV head. Parallel over (sequence, kv head) on torch's thread pool.
+// With a sliding window W > 0 each query attends only to its sequence's last W positions
+// (keys j with len - W <= j < len, transformers' i - W < j <= i); blocks before the
+// window are never read, so the scheduler may have given them back.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -24,7 +27,8 @@ static inline void prefetch_row(const void* p, int64_t bytes) {
 template <int NV, int G, typename CT>
 static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t* tables,
                        const int32_t* lens, float* out, int64_t num_seqs, int64_t num_kv_heads,
-                       int64_t block_size, int64_t max_blocks, float scale, int64_t q_row) {
+                       int64_t block_size, int64_t max_blocks, float scale, int64_t q_row,
+                       int64_t window) {
   constexpr int64_t D = NV * 16;
   const int64_t slot_stride = num_kv_heads * D;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -32,6 +36,8 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
     for (int64_t work = begin; work < end; ++work) {
       const int64_t s = work / num_kv_heads, kvh = work % num_kv_heads;
       const int64_t len = lens[s];
+      const int64_t first = window > 0 && len > window ? len - window : 0;  // first attended position
+      const int64_t p_begin = first / block_size * block_size;
       const int32_t* table = tables + s * max_blocks;
       __m512 qv[G][NV], acc[G][NV];
       float mx[G], sum[G];
@@ -45,11 +51,13 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
         sum[g] = 0.f;
       }
       if (len > 0) {  // the first block's keys (the loop below asks for each next one)
-        const CT* k0 = kc + static_cast<int64_t>(table[0]) * block_size * slot_stride + kvh * D;
-        for (int64_t i = 0; i < std::min(block_size, len); ++i) prefetch_row(k0 + i * slot_stride, D * sizeof(CT));
+        const CT* k0 = kc + static_cast<int64_t>(table[p_begin / block_size]) * block_size * slot_stride + kvh * D;
+        for (int64_t i = first - p_begin; i < std::min(block_size, len - p_begin); ++i)
+          prefetch_row(k0 + i * slot_stride, D * sizeof(CT));
       }
-      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+      for (int64_t p0 = p_begin; p0 < len; p0 += block_size) {
         const int64_t n = std::min(block_size, len - p0);
+        const int64_t i0 = first > p0 ? first - p0 : 0;  // positions before it lie outside the window
         const int64_t base = static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * D;
         const CT* kb = kc + base;
         const CT* vb = vc + base;
@@ -58,7 +66,7 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
         // for this block's values and the next block's keys now, so the misses overlap
         // with the arithmetic instead of stalling it (worth most at high batch, where the
         // cache reads bound the step; measured in docs/results.md).
-        for (int64_t i = 0; i < n; ++i) prefetch_row(vb + i * slot_stride, D * sizeof(CT));
+        for (int64_t i = i0; i < n; ++i) prefetch_row(vb + i * slot_stride, D * sizeof(CT));
         if (p0 + block_size < len) {
           const int64_t nn = std::min(block_size, len - p0 - block_size);
           const CT* kn = kc + static_cast<int64_t>(table[p0 / block_size + 1]) * block_size * slot_stride + kvh * D;
@@ -66,7 +74,7 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
         }
         float bmax[G];
         for (int g = 0; g < G; ++g) bmax[g] = -INFINITY;
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = i0; i < n; ++i) {
           const CT* kp = kb + i * slot_stride;
           __m512 kv[NV];
           for (int v = 0; v < NV; ++v) kv[v] = strata_vec::load16(kp + 16 * v);
@@ -85,7 +93,7 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
           mx[g] = nmx;
           const __m512 vm = _mm512_set1_ps(nmx);
           __m512 vs = _mm512_setzero_ps();
-          for (int64_t i = 0; i < n; i += 16) {
+          for (int64_t i = i0; i < n; i += 16) {
             const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                             : static_cast<__mmask16>((1u << (n - i)) - 1);
             const __m512 e = _mm512_maskz_mov_ps(m, strata_vec::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), vm)));
@@ -96,7 +104,7 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
           const __m512 vc_ = _mm512_set1_ps(corr);
           for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], vc_);
         }
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = i0; i < n; ++i) {
           const CT* vp = vb + i * slot_stride;
           __m512 vv[NV];
           for (int v = 0; v < NV; ++v) vv[v] = strata_vec::load16(vp + 16 * v);
@@ -118,9 +126,10 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
 template <int NV, typename CT>
 static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const CT* vc,
                              const int32_t* tables, const int32_t* lens, float* out, int64_t S,
-                             int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row) {
+                             int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row,
+                             int64_t window) {
   switch (group) {
-#define STRATA_G(g) case g: decode_f32<NV, g, CT>(q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row); return true;
+#define STRATA_G(g) case g: decode_f32<NV, g, CT>(q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window); return true;
     STRATA_G(1) STRATA_G(2) STRATA_G(3) STRATA_G(4) STRATA_G(5) STRATA_G(6) STRATA_G(7) STRATA_G(8)
 #undef STRATA_G
     default: return false;
@@ -133,10 +142,11 @@ static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const 
 template <typename CT>
 static bool decode_f32_fast(int64_t D, int64_t group, const float* q, const CT* kc, const CT* vc,
                             const int32_t* tables, const int32_t* lens, float* out, int64_t S,
-                            int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row) {
+                            int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row,
+                            int64_t window) {
 #if defined(__AVX512F__)
-  if (D == 64) return decode_f32_group<4>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row);
-  if (D == 128) return decode_f32_group<8>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row);
+  if (D == 64) return decode_f32_group<4>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
+  if (D == 128) return decode_f32_group<8>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
 #endif
   return false;
 }
@@ -145,7 +155,7 @@ template <typename T, typename CT>
 static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t* tables,
                           const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, float scale, int64_t q_row) {
+                          int64_t max_blocks, float scale, int64_t q_row, int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_stride = num_kv_heads * head_dim;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -153,16 +163,18 @@ static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t*
     for (int64_t work = begin; work < end; ++work) {
       const int64_t s = work / num_kv_heads, kvh = work % num_kv_heads;
       const int64_t len = lens[s];
+      const int64_t first = window > 0 && len > window ? len - window : 0;  // first attended position
+      const int64_t p_begin = first / block_size * block_size;
       const int32_t* table = tables + s * max_blocks;
       scores.assign(group * len, 0.f);
       for (int64_t g = 0; g < group; ++g) {
         const T* qp = q + s * q_row + (kvh * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(qp[d]) * scale;
       }
-      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+      for (int64_t p0 = p_begin; p0 < len; p0 += block_size) {
         const int64_t n = std::min(block_size, len - p0);
         const CT* kb = kc + static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * head_dim;
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = first > p0 ? first - p0 : 0; i < n; ++i) {
           const CT* kp = kb + i * slot_stride;
           for (int64_t g = 0; g < group; ++g) {
             const float* qg = qf.data() + g * head_dim;
@@ -176,17 +188,17 @@ static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t*
       for (int64_t g = 0; g < group; ++g) {
         float* sc = scores.data() + g * len;
         float mx = -INFINITY;
-        for (int64_t p = 0; p < len; ++p) mx = sc[p] > mx ? sc[p] : mx;
+        for (int64_t p = first; p < len; ++p) mx = sc[p] > mx ? sc[p] : mx;
         float sum = 0.f;
-        for (int64_t p = 0; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+        for (int64_t p = first; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
         const float inv = 1.f / sum;
-        for (int64_t p = 0; p < len; ++p) sc[p] *= inv;
+        for (int64_t p = first; p < len; ++p) sc[p] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+      for (int64_t p0 = p_begin; p0 < len; p0 += block_size) {
         const int64_t n = std::min(block_size, len - p0);
         const CT* vb = vc + static_cast<int64_t>(table[p0 / block_size]) * block_size * slot_stride + kvh * head_dim;
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = first > p0 ? first - p0 : 0; i < n; ++i) {
           const CT* vp = vb + i * slot_stride;
           for (int64_t g = 0; g < group; ++g) {
             const float w = scores[g * len + p0 + i];
@@ -205,10 +217,11 @@ static void decode_kernel(const T* q, const CT* kc, const CT* vc, const int32_t*
 }
 
 // q: [S, H, D]; k_cache/v_cache: [slots, KVH, D]; block_tables: [S, max_blocks] int32;
-// context_lens: [S] int32 (tokens to attend, including the current one). Returns [S, H, D].
+// context_lens: [S] int32 (tokens in context, including the current one); window: attend
+// to the last `window` of them only, 0 = all. Returns [S, H, D].
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                      at::Tensor block_tables, at::Tensor context_lens,
-                                     int64_t block_size, double scale) {
+                                     int64_t block_size, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q must be [S,H,D] and caches [slots,KVH,D]");
   const bool half_cache = k_cache.scalar_type() == at::kHalf && q.scalar_type() == at::kFloat;
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || half_cache,
@@ -223,6 +236,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(H % KVH == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0 = no sliding window)");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
@@ -233,24 +247,24 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
     const at::Half* kp = k_cache.data_ptr<at::Half>();
     const at::Half* vp = v_cache.data_ptr<at::Half>();
     float* op = out.data_ptr<float>();
-    if (!decode_f32_fast(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr))
-      decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr);
+    if (!decode_f32_fast(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr, window))
+      decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr, window);
     return out;
   }
   if (q.scalar_type() == at::kFloat &&
       decode_f32_fast(D, H / KVH, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                      tp, lp, out.data_ptr<float>(), S, KVH, block_size, mb, sc, qr))
+                      tp, lp, out.data_ptr<float>(), S, KVH, block_size, mb, sc, qr, window))
     return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                                      tp, lp, out.data_ptr<scalar_t>(), S, H, KVH, D, block_size, mb, sc, qr);
+                                      tp, lp, out.data_ptr<scalar_t>(), S, H, KVH, D, block_size, mb, sc, qr, window);
   });
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(strata, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, int block_size, float scale) -> Tensor");
+        "Tensor context_lens, int block_size, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(strata, CPU, m) {

@@ -1,0 +1,151 @@
+"""Sliding-window attention (Mistral): plain forward, native kernel and the paged path
+against transformers, which masks keys j of query i to i - window < j <= i."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import MistralConfig, MistralForCausalLM
+
+from strata.engine.kernels import load_paged_attention
+from strata.engine.kv_cache import BlockManager
+from strata.engine.model import LlamaModel
+from strata.engine.model_config import LlamaConfig
+from strata.engine.runner import ModelRunner
+from strata.engine.sampling import SamplingParams
+from strata.engine.scheduler import Scheduler, SchedulerConfig
+from strata.engine.sequence import Sequence
+
+VOCAB = 256
+WINDOW = 16
+
+
+def mistral_pair(window: int | None = WINDOW, seed: int = 0) -> tuple[MistralForCausalLM, LlamaModel]:
+    """A tiny random Mistral (head_dim 64, so fp32 decode takes the AVX-512 kernel) and ours."""
+    torch.manual_seed(seed)
+    hf = MistralConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=window, tie_word_embeddings=False,
+    )
+    ref = MistralForCausalLM(hf).eval()
+    cfg = LlamaConfig.from_hf_dict(hf.to_dict())
+    assert cfg.sliding_window == window
+    ours = LlamaModel(cfg).eval()
+    ours.load_weights(ref.state_dict())
+    return ref, ours
+
+
+def test_config_windows_per_layer() -> None:
+    base = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 4,
+            "num_attention_heads": 2}
+    mistral = LlamaConfig.from_hf_dict({**base, "model_type": "mistral", "sliding_window": 32})
+    assert [mistral.layer_window(i) for i in range(4)] == [32] * 4
+    assert LlamaConfig.from_hf_dict({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+    # Qwen2: off unless use_sliding_window; then only the layers from max_window_layers on.
+    qwen = {**base, "model_type": "qwen2", "sliding_window": 32, "max_window_layers": 2}
+    assert LlamaConfig.from_hf_dict(qwen).sliding_window is None
+    on = LlamaConfig.from_hf_dict({**qwen, "use_sliding_window": True})
+    assert [on.layer_window(i) for i in range(4)] == [None, None, 32, 32]
+    # Explicit layer_types (Gemma 3's alternation) win.
+    types = ["sliding_attention", "full_attention"] * 2
+    alt = LlamaConfig.from_hf_dict({**base, "model_type": "mistral", "sliding_window": 8, "layer_types": types})
+    assert [alt.layer_window(i) for i in range(4)] == [8, None, 8, None]
+    assert mistral.to_hf_dict()["sliding_window"] == 32
+
+
+@pytest.mark.parametrize("length", [12, 70])
+def test_logits_match_transformers(length: int) -> None:
+    ref, ours = mistral_pair()
+    ids = torch.randint(0, VOCAB, (1, length))
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        got = ours.compute_logits(ours(ids[0], torch.arange(length)))
+        _, full = mistral_pair(window=None)
+        unwindowed = full.compute_logits(full(ids[0], torch.arange(length)))
+    assert (expected - got).abs().max().item() < 1e-4
+    # Past the window the mask must matter (or this test could not fail); within it, not.
+    moved = (expected - unwindowed).abs().max().item()
+    assert moved > 1e-2 if length > WINDOW else moved < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 32], ids=["avx-head", "generic-head"])
+@pytest.mark.parametrize("window", [1, 5, 16, 200])
+def test_paged_kernel_honours_the_window(window: int, head_dim: int, dtype: torch.dtype) -> None:
+    assert load_paged_attention(), "the native kernel must build on CI machines"
+    g = torch.Generator().manual_seed(window)
+    bs, heads, kv_heads, lens = 4, 8, 2, [1, 3, 17, 40, 61]
+    max_blocks = -(-max(lens) // bs)
+    num_blocks = len(lens) * max_blocks
+    tables = torch.randperm(num_blocks, generator=g).view(len(lens), max_blocks).int()
+    kc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
+    got = torch.ops.strata.paged_decode_attention(
+        q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32), bs, head_dim**-0.5, window
+    )
+    for s, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = tables[s].long()[pos // bs] * bs + pos % bs
+        keep = pos > n - 1 - window  # the query sits at position n - 1
+        k, v = kc[slots][keep].float(), vc[slots][keep].float()
+        want = F.scaled_dot_product_attention(
+            q[s].float().unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), enable_gqa=True
+        ).squeeze(1)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert (got[s].float() - want).abs().max().item() < tol, (s, n)
+
+
+def _greedy_paged(model: LlamaModel, prompts: list[list[int]], max_tokens: int, *, native: bool,
+                  dtype: torch.dtype) -> list[tuple[list[int], torch.Tensor]]:
+    """Greedy tokens and their logits [max_tokens, vocab] through the real scheduler and
+    runner: small chunks, so prefill continues over cached context, then decode past the
+    window."""
+    runner = ModelRunner(model, num_blocks=128, block_size=4, dtype=dtype, native_attention=native)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=13), BlockManager(128, 4))
+    seqs = [Sequence(i, p, SamplingParams(max_tokens=max_tokens)) for i, p in enumerate(prompts)]
+    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for s in seqs:
+        sched.add(s)
+    while sched.num_unfinished:
+        batch = sched.step()
+        inputs = runner.prepare(batch)
+        logits = runner.logits(runner.forward(inputs), inputs.sample_rows)
+        sampled = [e for e in batch.entries if e.samples]
+        sched.on_step_done(batch)
+        for row, e in zip(logits, sampled, strict=True):
+            rows[e.seq.seq_id].append(row)
+            e.seq.output_token_ids.append(int(row.argmax()))
+            if len(e.seq.output_token_ids) >= max_tokens:
+                sched.finish(e.seq, "length")
+    assert sched.blocks.num_free_blocks == 128
+    return [(s.output_token_ids, torch.stack(r)) for s, r in zip(seqs, rows, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("native", [True, False], ids=["native-attention", "torch-attention"])
+def test_paged_greedy_tokens_match_transformers(native: bool, dtype: torch.dtype) -> None:
+    """fp32: transformers' greedy tokens exactly. bf16: each step's logits within bf16
+    rounding of transformers' fp32 logits on the same tokens (ignoring the window moves
+    them by more than their own size)."""
+    if native:
+        assert load_paged_attention(), "the native kernel must build on CI machines"
+    ref, ours = mistral_pair()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (41, 57, 80)]
+    max_tokens = 10
+    got = _greedy_paged(ours.to(dtype), prompts, max_tokens, native=native, dtype=dtype)
+    for prompt, (tokens, logits) in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            want = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        rel = ((logits - want).abs().max() / want.abs().max()).item()
+        if dtype == torch.float32:
+            assert rel < 1e-5
+            with torch.no_grad():
+                greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                                      min_new_tokens=max_tokens, pad_token_id=0)
+            assert tokens == greedy[0, len(prompt):].tolist()
+        else:
+            assert rel < 0.05
