@@ -149,3 +149,28 @@ def test_paged_greedy_tokens_match_transformers(native: bool, dtype: torch.dtype
             assert tokens == greedy[0, len(prompt):].tolist()
         else:
             assert rel < 0.05
+
+
+def test_layer_range_parts_keep_each_layers_window() -> None:
+    """Stages hold layer ranges: a part must take its layers' windows by absolute index
+    (with alternating sliding/global layers, a relative index would swap them)."""
+    torch.manual_seed(0)
+    hf = MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=6,
+    )
+    sd = MistralForCausalLM(hf).eval().state_dict()
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    cfg = LlamaConfig.from_hf_dict({**hf.to_dict(), "layer_types": types})
+    assert [cfg.layer_window(i) for i in range(3)] == [6, None, 6]
+    whole = LlamaModel(cfg).eval()
+    head = LlamaModel(cfg, 0, 1, has_head=False).eval()
+    tail = LlamaModel(cfg, 1, 3, has_embed=False).eval()
+    for part in (whole, head, tail):
+        part.load_weights(sd)
+    ids, pos = torch.randint(0, VOCAB, (30,)), torch.arange(30)
+    with torch.no_grad():
+        got = tail.compute_logits(tail(head(ids, pos), pos))
+        want = whole.compute_logits(whole(ids, pos))
+    assert [a.self_attn.window for a in tail.layers] == [None, 6]
+    assert torch.allclose(got, want, atol=1e-5)
