@@ -21,8 +21,9 @@ from gguf.quants import dequantize
 
 from strata.engine.model_config import LlamaConfig
 
-# Architectures whose GGUF tensors are laid out exactly like llama's (no biases, SwiGLU MLP).
-SUPPORTED_ARCHITECTURES = ("llama",)
+# Architectures whose GGUF tensors the one forward pass runs: llama's layout, plus q/k/v
+# biases (qwen2) or per-head q/k norms (qwen3), found by the tensors the file holds.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # Per-layer tensors: Hugging Face suffix -> llama.cpp name inside "blk.{i}.".
 _LAYER_TENSORS = {
@@ -36,6 +37,16 @@ _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+# Per-layer tensors only some models have, by the LlamaConfig flag that calls for them.
+_OPTIONAL_LAYER_TENSORS = {
+    "self_attn.q_proj.bias": ("qkv_bias", "attn_q.bias"),
+    "self_attn.k_proj.bias": ("qkv_bias", "attn_k.bias"),
+    "self_attn.v_proj.bias": ("qkv_bias", "attn_v.bias"),
+    "self_attn.o_proj.bias": ("o_bias", "attn_output.bias"),
+    "self_attn.q_norm.weight": ("qk_norm", "attn_q_norm.weight"),
+    "self_attn.k_norm.weight": ("qk_norm", "attn_k_norm.weight"),
+}
+_GGUF_SUFFIX = {**_LAYER_TENSORS, **{k: v[1] for k, v in _OPTIONAL_LAYER_TENSORS.items()}}
 
 
 # Metadata arrays longer than this (token list, merges, scores) are left out of the index:
@@ -95,7 +106,7 @@ def _architecture(index: GGUFIndex, path: Path) -> str:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF general.architecture={arch!r} is not supported; strata runs "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} models. Use a Llama-family model."
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models."
         )
     return arch
 
@@ -146,6 +157,10 @@ def config_from_gguf(path: Path) -> LlamaConfig:
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
         sliding_window=int(window) if (window := index.get(f"{arch}.attention.sliding_window")) else None,
         name=Path(path).stem,
+        model_type=arch,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         extra={"source_format": "gguf", "gguf_file_type": index.get("general.file_type")},
     )
 
@@ -223,14 +238,23 @@ def gguf_name(hf_name: str) -> str:
     if hf_name == "lm_head.weight":
         return "output.weight"
     parts = hf_name.split(".", 3)  # model, layers, i, suffix
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_TENSORS:
-        return f"blk.{parts[2]}.{_LAYER_TENSORS[parts[3]]}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_SUFFIX:
+        return f"blk.{parts[2]}.{_GGUF_SUFFIX[parts[3]]}"
     raise KeyError(f"no GGUF tensor corresponds to {hf_name!r}")
 
 
-def layer_tensor_names(layer: int) -> list[str]:
-    """Hugging Face names of one decoder layer's parameters."""
-    return [f"model.layers.{layer}.{suffix}" for suffix in _LAYER_TENSORS]
+def layer_tensor_names(layer: int, config: LlamaConfig | None = None) -> list[str]:
+    """Hugging Face names of one decoder layer's parameters (biases and q/k norms as
+    the config calls for them)."""
+    suffixes = list(_LAYER_TENSORS)
+    if config is not None:
+        suffixes += [s for s, (flag, _) in _OPTIONAL_LAYER_TENSORS.items() if getattr(config, flag)]
+    return [f"model.layers.{layer}.{suffix}" for suffix in suffixes]
+
+
+def _rope_permuted(config: LlamaConfig) -> bool:
+    """Whether the converter permuted q/k rows: it does for llama, not for qwen2/qwen3."""
+    return config.model_type in ("llama", "mistral")
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -249,6 +273,7 @@ def gguf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Dequantize just the named tensors (HF names); untouched ones are never read from disk."""
     tensors = open_gguf(path).tensors
+    permuted = _rope_permuted(config)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         src = gguf_name(name)
@@ -256,9 +281,9 @@ def gguf_state_dict(
         if t is None:
             raise ValueError(f"{path}: GGUF file lacks tensor {src} (for {name}).")
         w = dequantize(t.data, t.tensor_type)
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rope_rows(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rope_rows(w, config.num_key_value_heads)
         # Copy out of the read-only memmap before handing the tensor to torch.
         out[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
@@ -281,7 +306,7 @@ def q4_1_blocks(path: Path, config: LlamaConfig, name: str) -> tuple[np.ndarray,
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     qs = blocks[..., 4:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+    if _rope_permuted(config) and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config.num_attention_heads if name.endswith("q_proj.weight") else config.num_key_value_heads
         codes, d, m = (unpermute_rope_rows(a, heads) for a in (codes, d, m))
     return np.ascontiguousarray(codes), np.ascontiguousarray(d), np.ascontiguousarray(m)

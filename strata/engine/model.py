@@ -97,7 +97,7 @@ def _pads(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
-def _padded_linear(weight: torch.Tensor):  # type: ignore[no-untyped-def]
+def _padded_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
     """F.linear on 2-D activations, padded to `padded_rows` where the GEMM is oneDNN's.
 
     On the CPU, torch runs bf16/fp16 GEMMs through oneDNN, which JIT-compiles a kernel
@@ -109,14 +109,14 @@ def _padded_linear(weight: torch.Tensor):  # type: ignore[no-untyped-def]
     fp32 GEMMs go to MKL/BLAS, which caches nothing per shape; they run unpadded.
     """
     if not _pads(weight):
-        return lambda x: F.linear(x, weight)
+        return lambda x: F.linear(x, weight, bias)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         m = padded_rows(n)
         if m == n:
-            return F.linear(x, weight)
-        return F.linear(F.pad(x, (0, 0, 0, m - n)), weight)[:n]
+            return F.linear(x, weight, bias)
+        return F.linear(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n]
 
     return fn
 
@@ -124,7 +124,7 @@ def _padded_linear(weight: torch.Tensor):  # type: ignore[no-untyped-def]
 def _as_fn(linear: nn.Module):  # type: ignore[no-untyped-def]
     """A projection as a plain callable on 2-D activations (fp Linear or Int8Linear)."""
     if isinstance(linear, nn.Linear):
-        return _padded_linear(linear.weight)
+        return _padded_linear(linear.weight, linear.bias)
     fast = getattr(linear, "forward_2d", None)
     return fast if fast is not None else linear
 
@@ -148,8 +148,14 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.eps = config.rms_norm_eps
+        # Qwen3: an RMSNorm over head_dim on every q and k head, before RoPE.
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
 
     def forward(
         self,
@@ -165,6 +171,9 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm, self.eps)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm, self.eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if meta is None:
@@ -358,6 +367,15 @@ class LlamaModel(nn.Module):
                 )
                 attn.qkv_proj.weight.copy_(qkv)
                 attn.o_proj.weight.copy_(get(p + "self_attn.o_proj.weight"))
+                if attn.qkv_proj.bias is not None:
+                    attn.qkv_proj.bias.copy_(torch.cat(
+                        [get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
+                    ))
+                if attn.o_proj.bias is not None:
+                    attn.o_proj.bias.copy_(get(p + "self_attn.o_proj.bias"))
+                if attn.q_norm is not None:
+                    attn.q_norm.copy_(get(p + "self_attn.q_norm.weight"))
+                    attn.k_norm.copy_(get(p + "self_attn.k_norm.weight"))
                 gate_up = torch.cat(
                     [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0
                 )
@@ -405,7 +423,7 @@ class LlamaModel(nn.Module):
         return x
 
     def _native_plan(self) -> list[tuple]:
-        """Per layer: norm weights and the four projections as plain callables.
+        """Per layer: norm weights, the four projections as plain callables, q/k norms or None.
 
         Built once (after any quantization swapped the Linear modules) so the native
         forward calls torch ops directly instead of walking nn.Module calls.
@@ -420,6 +438,8 @@ class LlamaModel(nn.Module):
                     _as_fn(layer.self_attn.o_proj),
                     _as_fn(layer.mlp.gate_up_proj),
                     _as_fn(layer.mlp.down_proj),
+                    layer.self_attn.q_norm,
+                    layer.self_attn.k_norm,
                 )
                 for layer in self.layers
             ]
@@ -470,10 +490,15 @@ class LlamaModel(nn.Module):
         slots, cos_sin = meta.slot_mapping, meta.cos_sin
         res = torch.zeros_like(x)
         windows = [layer.self_attn.window or 0 for layer in self.layers]  # 0: the whole context
-        for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn) in enumerate(self._native_plan()):
+        plan = self._native_plan()
+        for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn, q_norm, k_norm) in enumerate(plan):
             kc, vc = kv_caches[i]
             h = add_norm(x, res, w_in, eps)  # x += res: x is the residual stream
             qkv = qkv_fn(h)
+            if q_norm is not None:  # per-head q/k RMSNorm, in place before rope
+                for part, n, w in ((qkv[:, :qs], nh, q_norm), (qkv[:, qs : qs + nkv * hd], nkv, k_norm)):
+                    heads = part.view(t, n, hd)
+                    heads.copy_(F.rms_norm(heads, (hd,), w, eps))
             rope_cache(qkv, positions, cos_sin, kc, vc, slots, nh, nkv)
             q = qkv[:, :qs].view(t, nh, hd)
             if decode_only:

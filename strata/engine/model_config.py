@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Hugging Face model_type values whose weights the one forward pass runs, by the features
+# their configs switch on (q/k/v bias, per-head q/k RMSNorm); see `LlamaConfig.from_hf_dict`.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+}
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -33,6 +41,10 @@ class LlamaConfig:
     layer_types: tuple[str, ...] | None = None
     name: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict)
+    model_type: str = "llama"
+    qkv_bias: bool = False  # q/k/v projections add a bias (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # the output projection adds a bias (attention_bias in Llama, Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim on each q and k head before RoPE (Qwen3)
 
     @property
     def head_size(self) -> int:
@@ -58,7 +70,19 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str = "llama") -> LlamaConfig:
-        """Build from a parsed Hugging Face config.json."""
+        """Build from a parsed Hugging Face config.json; unsupported features are refused."""
+        model_type = d.get("model_type") or "llama"
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type={model_type!r} is not supported; strata runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} models."
+            )
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported: strata's MLP has no biases.")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported; strata's MLP is SwiGLU (silu).")
+        attention_bias = bool(d.get("attention_bias", False))
         known = {
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -75,13 +99,19 @@ class LlamaConfig:
             if rp.get("rope_type", "default") != "default":
                 kwargs.setdefault("rope_scaling", rp)
         window, layer_types = _hf_sliding_window(d)
-        return cls(**kwargs, sliding_window=window, layer_types=layer_types, name=name)
+        return cls(
+            **kwargs, sliding_window=window, layer_types=layer_types, name=name,
+            model_type=model_type,
+            # Qwen2's q/k/v always carry a bias (its config has no switch) and its o_proj none.
+            qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+            qk_norm=model_type == "qwen3",
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json transformers' LlamaForCausalLM accepts."""
+        """The config.json transformers' class for this model_type accepts."""
         d: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -95,7 +125,7 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "head_dim": self.head_size,
             "hidden_act": "silu",
-            "attention_bias": False,
+            "attention_bias": self.o_bias,
             "mlp_bias": False,
         }
         if self.bos_token_id is not None:

@@ -94,7 +94,9 @@ def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[torch.Te
 
 
 class _PackedLinear(nn.Module):
-    """A bias-free Linear whose weight fbgemm has prepacked; subclasses pack and call.
+    """A Linear whose weight fbgemm has prepacked; subclasses pack and call.
+
+    A bias (Qwen2's q/k/v) stays float32 and is added after either GEMM path.
 
     With the model file's own blocks attached (`attach_q4`, `attach_q8`), calls of at most
     `small_max_tokens` rows run the native q4_linear / q8_linear op on them instead:
@@ -109,6 +111,8 @@ class _PackedLinear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        bias = linear.bias
+        self.bias = None if bias is None else bias.detach().float().clone()
 
     def _attach(self, op: object, args: tuple, max_tokens: int, rows: int, cols: int) -> None:
         if (rows, cols) != (self.out_features, self.in_features):
@@ -141,8 +145,10 @@ class _PackedLinear(nn.Module):
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] float32 -> [T, out]: the engine's hot path, without reshapes."""
         if x.shape[0] <= self.small_max_tokens:
-            return self._small(x, *self._small_args)
-        return self.packed_forward(x)
+            y = self._small(x, *self._small_args)
+        else:
+            y = self.packed_forward(x)
+        return y if self.bias is None else y.add_(self.bias)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] float32 -> [T, out] through the fbgemm-packed weight."""

@@ -195,12 +195,10 @@ def load_config(path: Path) -> LlamaConfig:
     if not cfg_file.is_file():
         raise ValueError(f"{path}: not a .gguf file and has no config.json.")
     d = json.loads(cfg_file.read_text())
-    if d.get("model_type") not in ("llama", "mistral"):
-        raise ValueError(
-            f"{cfg_file}: model_type={d.get('model_type')!r} is not supported; strata runs "
-            "Llama-family models (model_type 'llama')."
-        )
-    return LlamaConfig.from_hf_dict(d, name=path.name)
+    try:
+        return LlamaConfig.from_hf_dict(d, name=path.name)
+    except ValueError as e:  # an unsupported model_type or feature: name the file
+        raise ValueError(f"{cfg_file}: {e}") from None
 
 
 def state_dict_names(
@@ -211,7 +209,7 @@ def state_dict_names(
     for i in layers if layers is not None else range(config.num_hidden_layers):
         if not 0 <= i < config.num_hidden_layers:
             raise ValueError(f"layer {i} is outside the model's {config.num_hidden_layers} layers.")
-        names += gguf_loader.layer_tensor_names(i)
+        names += gguf_loader.layer_tensor_names(i, config)
     if include_head:
         names += ["model.norm.weight", "lm_head.weight"]
     return names

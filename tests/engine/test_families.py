@@ -1,0 +1,368 @@
+"""Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) against transformers.
+
+Tiny random models written by transformers, run by strata's one layer-range model: the
+plain forward, the engine's paged path (scheduler + runner, native and torch attention)
+in float32, bfloat16 and int8, layer-range parts, HF directories and GGUF files through
+strata's loaders, the families' chat templates, and the refusal of other architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from strata.engine import gguf_loader
+from strata.engine.kernels import load_paged_attention
+from strata.engine.kv_cache import BlockManager
+from strata.engine.model import LlamaModel
+from strata.engine.model_config import LlamaConfig
+from strata.engine.quant import int8_supported, quantize_model
+from strata.engine.runner import ModelRunner
+from strata.engine.sampling import SamplingParams
+from strata.engine.scheduler import Scheduler, SchedulerConfig
+from strata.engine.sequence import Sequence
+from strata.engine.weights import load_config, load_state_dict
+
+VOCAB = 256
+FAMILIES = ("qwen2", "qwen3")
+
+
+def hf_model(family: str, tied: bool = True, vocab: int = VOCAB, seed: int = 0):  # noqa: ANN201
+    """A tiny random transformers model of the family, biases and norms away from 0 and 1."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tied, rope_theta=50000.0, rms_norm_eps=1e-6,
+    )
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:  # head_dim 32 is not hidden / heads (16), as in the real Qwen3 models
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32))
+    # transformers initialises biases to 0 and norms to 1: a loader that dropped them
+    # would go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_pair(family: str, tied: bool = True, seed: int = 0):  # noqa: ANN201
+    ref = hf_model(family, tied, seed=seed)
+    cfg = LlamaConfig.from_hf_dict(ref.config.to_dict())
+    ours = LlamaModel(cfg).eval()
+    ours.load_weights(ref.state_dict())
+    return ref, ours
+
+
+def test_configs_switch_on_the_features() -> None:
+    q2 = LlamaConfig.from_hf_dict(hf_model("qwen2").config.to_dict())
+    q3 = LlamaConfig.from_hf_dict(hf_model("qwen3").config.to_dict())
+    assert (q2.model_type, q2.qkv_bias, q2.o_bias, q2.qk_norm) == ("qwen2", True, False, False)
+    assert (q3.model_type, q3.qkv_bias, q3.o_bias, q3.qk_norm) == ("qwen3", False, False, True)
+    assert q3.head_size == 32
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family: str, tied: bool) -> None:
+    ref, ours = tiny_pair(family, tied)
+    ids = torch.randint(0, VOCAB, (1, 97))
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        got = ours.compute_logits(ours(ids[0], torch.arange(97)))
+    assert (expected - got).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_range_parts_compose_to_the_whole(family: str) -> None:
+    ref, whole = tiny_pair(family)
+    sd = ref.state_dict()
+    parts = [
+        LlamaModel(whole.config, 0, 1, has_embed=True, has_head=False),
+        LlamaModel(whole.config, 1, 2, has_embed=False, has_head=False),
+        LlamaModel(whole.config, 2, 3, has_embed=False, has_head=True),
+    ]
+    for part in parts:
+        part.load_weights(sd)
+    ids = torch.randint(0, VOCAB, (40,))
+    pos = torch.arange(40)
+    with torch.no_grad():
+        h = ids
+        for part in parts:
+            h = part(h, pos)
+        assert torch.allclose(parts[-1].compute_logits(h), whole.compute_logits(whole(ids, pos)), atol=1e-5)
+
+
+def _engine_rows(model: LlamaModel, dtype: torch.dtype, native: bool, max_tokens: int = 6):
+    """Greedy generation through the real scheduler and runner (chunked prefill, mixed
+    batches, a shared prefix): per sequence, its token ids and the logits of every step."""
+    if native:
+        assert load_paged_attention(), "the native kernel must build on CI machines"
+    runner = ModelRunner(model, num_blocks=64, block_size=4, dtype=dtype, native_attention=native)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=13), BlockManager(64, 4))
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for i, n in enumerate([9, 30, 4, 17]):
+        s = Sequence(i, torch.randint(0, VOCAB, (n,), generator=g).tolist(), SamplingParams(max_tokens=max_tokens))
+        sched.add(s)
+        seqs.append(s)
+    seqs.append(Sequence(9, seqs[1].prompt_token_ids[:24] + [1, 2, 3], SamplingParams(max_tokens=max_tokens)))
+    rows: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in seqs}
+    step = 0
+    while sched.num_unfinished:
+        step += 1
+        if step == 8:
+            sched.add(seqs[-1])
+        batch = sched.step()
+        inputs = runner.prepare(batch)
+        logits = runner.logits(runner.forward(inputs), inputs.sample_rows)
+        sampled = [e for e in batch.entries if e.samples]
+        sched.on_step_done(batch)
+        for row, e in zip(logits, sampled, strict=True):
+            s = e.seq
+            rows[s.seq_id].append(row.float())
+            s.output_token_ids.append(int(row.argmax()))
+            if len(s.output_token_ids) >= s.params.max_tokens:
+                sched.finish(s, "length")
+    assert sched.blocks.num_free_blocks == 64
+    return [(s.prompt_token_ids, s.output_token_ids, rows[s.seq_id]) for s in seqs]
+
+
+def _reference_rows(ref, prompt: list[int], out: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """transformers' fp32 logits at every position the engine sampled, on its tokens."""
+    ids = torch.tensor([prompt + out])
+    with torch.no_grad():
+        return ref(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(out)].float()
+
+
+NATIVE = pytest.param(True, id="native-attention")
+TORCH = pytest.param(False, id="torch-attention")
+
+
+@pytest.mark.parametrize("native", [NATIVE, TORCH])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_float32_gives_transformers_greedy_tokens(family: str, native: bool) -> None:
+    ref, ours = tiny_pair(family)
+    for prompt, out, rows in _engine_rows(ours, torch.float32, native):
+        with torch.no_grad():
+            greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=len(out), do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert out == greedy
+        assert (torch.stack(rows) - _reference_rows(ref, prompt, out)).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("native", [NATIVE, TORCH])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_half_precision_stays_close_to_transformers(
+    family: str, native: bool, dtype: torch.dtype
+) -> None:
+    """bf16/fp16 round: logits stay within a few percent of transformers' fp32 ones, and
+    wherever fp32's top token leads by more than that, the engine picks it too."""
+    ref, ours = tiny_pair(family)
+    ours = ours.to(dtype)
+    for prompt, out, rows in _engine_rows(ours, dtype, native):
+        expected = _reference_rows(ref, prompt, out)
+        got = torch.stack(rows)
+        scale = expected.abs().max().item()
+        tol = 0.03 * scale
+        assert (got - expected).abs().max().item() < tol
+        top2 = expected.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+        assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+@pytest.mark.skipif(not int8_supported(), reason="no x86 int8 backend in this torch")
+@pytest.mark.parametrize("native", [NATIVE, TORCH])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_int8_stays_close_to_transformers(family: str, native: bool) -> None:
+    """int8 (SmoothQuant-folded W8A8, biases added in float) keeps the distribution: small
+    KL to transformers' fp32 and the same top token at almost every step."""
+    ref, ours = tiny_pair(family)
+    calibration = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    quantize_model(ours, calibration)
+    kls, agree, n = [], 0, 0
+    for prompt, out, rows in _engine_rows(ours, torch.float32, native):
+        expected = _reference_rows(ref, prompt, out)
+        got = torch.stack(rows)
+        kls.append(F.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                            reduction="none").sum(-1))
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        n += len(out)
+    # Dropping the q/k/v bias under int8 gives a KL of ~0.02 and 20% agreement here.
+    assert torch.cat(kls).mean().item() < 1e-3
+    assert agree / n >= 0.95
+
+
+def _save_family_dir(family: str, out: Path, tied: bool) -> Qwen2ForCausalLM | Qwen3ForCausalLM:
+    ref = hf_model(family, tied)
+    ref.save_pretrained(out)  # safetensors
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_directory_loads_through_strata(family: str, tmp_path: Path) -> None:
+    ref = _save_family_dir(family, tmp_path, tied=False)
+    assert any(tmp_path.glob("*.safetensors"))
+    config = load_config(tmp_path)
+    whole = LlamaModel(config).eval()
+    whole.load_weights(load_state_dict(tmp_path, config))
+    # A stage holding only the last layer and the head reads just its own tensors.
+    stage_sd = load_state_dict(tmp_path, config, layers=range(2, 3), include_embed=False)
+    assert {k.split(".")[2] for k in stage_sd if k.startswith("model.layers")} == {"2"}
+    first = LlamaModel(config, 0, 2, has_embed=True, has_head=False).eval()
+    first.load_weights(load_state_dict(tmp_path, config, layers=range(0, 2), include_head=False))
+    last = LlamaModel(config, 2, 3, has_embed=False, has_head=True).eval()
+    last.load_weights(stage_sd)
+    ids = torch.randint(0, VOCAB, (33,))
+    pos = torch.arange(33)
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+        assert (whole.compute_logits(whole(ids, pos)) - expected).abs().max().item() < 1e-3
+        assert (last.compute_logits(last(first(ids, pos), pos)) - expected).abs().max().item() < 1e-3
+
+
+def _write_gguf(path: Path, arch: str, state: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
+    """A GGUF as llama.cpp's converter writes qwen2/qwen3: q/k rows not permuted."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_size)
+    w.add_value_length(cfg.head_size)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        arr = tensor.float().numpy()
+        w.add_tensor(gguf_loader.gguf_name(name), arr.astype(np.float16) if arr.ndim == 2 else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_file_loads_through_strata(family: str, tmp_path: Path) -> None:
+    import gguf
+
+    ref = hf_model(family, tied=True)
+    want = LlamaConfig.from_hf_dict(ref.config.to_dict())
+    state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    # The names strata maps to are the ones the gguf package declares for the architecture.
+    arch = gguf.MODEL_ARCH.QWEN2 if family == "qwen2" else gguf.MODEL_ARCH.QWEN3
+    declared = {gguf.TENSOR_NAMES[t].format(bid=0) for t in gguf.MODEL_TENSORS[arch]}
+    for name in state:
+        if name.startswith("model.layers.0."):
+            assert gguf_loader.gguf_name(name).rsplit(".", 1)[0] in declared, name
+    path = tmp_path / f"tiny-{family}.gguf"
+    _write_gguf(path, family, state, want)
+    cfg = load_config(path)
+    assert (cfg.model_type, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == (
+        want.model_type, want.qkv_bias, want.o_bias, want.qk_norm)
+    assert (cfg.head_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (want.head_size, 2, True)
+    loaded = load_state_dict(path, cfg)
+    for name, tensor in state.items():
+        expected = tensor.half().float() if tensor.ndim == 2 else tensor
+        assert torch.equal(loaded[name], expected), name
+    ours = LlamaModel(cfg).eval()
+    ours.load_weights(loaded)
+    ids = torch.randint(0, VOCAB, (20,))
+    with torch.no_grad():
+        got = ours.compute_logits(ours(ids, torch.arange(20)))
+        assert (got - ref(ids[None]).logits[0]).abs().max().item() < 0.05  # f16 matrices
+
+
+# --- chat templates ----------------------------------------------------------------------
+
+# ChatML in the shape of the Qwen2.5 and Qwen3 templates (a default system turn; Qwen3's
+# empty think block when thinking is off), written for this test: no real Qwen tokenizer
+# can be fetched here, so the bundled SmolLM2 vocabulary carries them.
+QWEN25_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN3_STYLE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [QWEN25_STYLE, QWEN3_STYLE], ids=["qwen2.5", "qwen3"])
+def test_chat_templates_render_as_transformers(template: str, bundled_gguf: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from strata.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(bundled_gguf)
+    tok.chat_template = template
+    ref = hf_model("qwen2", vocab=tok.vocab_size)
+    ref.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+    ]
+    for messages in conversations:
+        for gen in (True, False):
+            for extra in ({}, {"enable_thinking": False}):
+                assert ours.apply_chat_template(messages, add_generation_prompt=gen, **extra) == \
+                    theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **extra)
+    rendered = ours.apply_chat_template(conversations[0], enable_thinking=False)
+    assert rendered.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if template is QWEN3_STYLE else ""))
+
+
+# --- refusal at start-up -----------------------------------------------------------------
+
+
+def test_unsupported_hf_model_type_is_refused_naming_the_supported(tmp_path: Path) -> None:
+    ref = hf_model("qwen2")
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; strata runs llama, mistral, qwen2, qwen3"):
+        load_config(tmp_path)
+
+
+def test_unsupported_gguf_architecture_is_refused_naming_the_supported(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"'phi3' is not supported; strata runs llama, qwen2, qwen3"):
+        load_config(path)
