@@ -89,7 +89,10 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.config = scheduler_config
-        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.blocks = BlockManager(
+            runner.num_blocks, runner.block_size, enable_prefix_caching,
+            sliding_window=runner.model.config.kv_window,
+        )
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         # Routing keys the prefix cache holds, for gateways (None without prefix caching),
         # hashed in the gateways' default chunks (a gateway chunking otherwise ignores them).

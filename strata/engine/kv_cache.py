@@ -58,9 +58,20 @@ class PrefixCacheStats:
 class BlockManager:
     """Allocates fixed-size KV blocks to sequences and shares cached prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError("sliding_window must be positive (or None)")
+        # Set when every layer attends over the last sliding_window positions only: blocks
+        # wholly before the window are given back while the sequence runs.
+        self.sliding_window = sliding_window
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -234,13 +245,31 @@ class BlockManager:
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def release_before_window(self, seq: Sequence) -> None:
+        """Give back seq's leading blocks that no later query can attend to.
+
+        The next query sits at position num_computed_tokens and sees keys from
+        num_computed_tokens - sliding_window + 1 on; later queries see less. Call after
+        `commit`, so a full block given back keeps its hash: its content is still the
+        K/V of its prefix, a valid prefix-cache hit for any sequence (the block goes to
+        the evictable LRU like a finished sequence's). The ids stay in the table: the
+        attention masks their positions, and the native kernel does not read them.
+        """
+        if self.sliding_window is None:
+            return
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        dead = min(max(0, first_needed) // self.block_size, len(seq.block_table))
+        for block in seq.block_table[seq.num_released_blocks : dead]:
+            self.release(block)
+        seq.num_released_blocks = max(seq.num_released_blocks, dead)
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses become free, cached ones stay hittable."""
         refs = self.ref_counts
         push = self.free_uncached.append
         cached = self.free_cached
         hashes = self.block_hashes
-        for block in reversed(seq.block_table):  # release(), inlined: once per block
+        for block in reversed(seq.block_table[seq.num_released_blocks :]):  # release(), inlined
             n = refs[block] - 1
             refs[block] = n
             if n == 0:
@@ -252,4 +281,5 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
+        seq.num_released_blocks = 0
         seq.num_computed_tokens = 0

@@ -60,6 +60,13 @@ class LlamaConfig:
         return self.sliding_window
 
     @property
+    def kv_window(self) -> int | None:
+        """The sliding window every layer shares, else None: only then are a sequence's
+        KV blocks before the window dead for all layers (see `BlockManager`)."""
+        windows = {self.layer_window(i) for i in range(self.num_hidden_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
     def eos_token_ids(self) -> list[int]:
         """EOS ids as a list, whatever form the config gave."""
         if self.eos_token_id is None:

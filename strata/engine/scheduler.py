@@ -248,10 +248,14 @@ class Scheduler:
         self.in_flight.difference_update(e.seq.seq_id for e in batch.entries)
 
     def on_step_done(self, batch: Batch) -> None:
-        """Advance computed-token counts and publish new full blocks to the prefix cache."""
+        """Advance computed-token counts, publish new full blocks to the prefix cache and
+        give back blocks that fell out of a sliding window."""
         commit = self.blocks.commit
+        window = self.blocks.sliding_window is not None
         for group in (batch.decodes, batch.prefills):
             for entry in group:
                 seq = entry.seq
                 seq.num_computed_tokens = entry.start + entry.num_tokens
                 commit(seq)
+                if window:
+                    self.blocks.release_before_window(seq)

@@ -31,6 +31,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # SHA-256 chain, see kv_cache
+    # Leading blocks already given back because they lie before every later query's
+    # sliding window; their ids stay in the table, never read again.
+    num_released_blocks: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
 

@@ -53,6 +53,8 @@ def test_config_windows_per_layer() -> None:
     alt = LlamaConfig.from_hf_dict({**base, "model_type": "mistral", "sliding_window": 8, "layer_types": types})
     assert [alt.layer_window(i) for i in range(4)] == [8, None, 8, None]
     assert mistral.to_hf_dict()["sliding_window"] == 32
+    # Blocks before the window are dead only when no layer reads the whole context.
+    assert (mistral.kv_window, on.kv_window, alt.kv_window) == (32, None, None)
 
 
 @pytest.mark.parametrize("length", [12, 70])
@@ -99,18 +101,28 @@ def test_paged_kernel_honours_the_window(window: int, head_dim: int, dtype: torc
 
 
 def _greedy_paged(model: LlamaModel, prompts: list[list[int]], max_tokens: int, *, native: bool,
-                  dtype: torch.dtype) -> list[tuple[list[int], torch.Tensor]]:
+                  dtype: torch.dtype, window: int | None = None,
+                  late: tuple[int, list[int]] | None = None) -> tuple[list[tuple[list[int], torch.Tensor]], Scheduler, int]:
     """Greedy tokens and their logits [max_tokens, vocab] through the real scheduler and
     runner: small chunks, so prefill continues over cached context, then decode past the
-    window."""
+    window. ``window`` makes the block manager give back blocks before it; ``late`` is a
+    (step, prompt) added while the others run. Also returns the scheduler and the most
+    blocks in use at once."""
     runner = ModelRunner(model, num_blocks=128, block_size=4, dtype=dtype, native_attention=native)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=13), BlockManager(128, 4))
+    blocks = BlockManager(128, 4, sliding_window=window)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=13), blocks)
     seqs = [Sequence(i, p, SamplingParams(max_tokens=max_tokens)) for i, p in enumerate(prompts)]
-    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(len(seqs) + 1)]
     for s in seqs:
         sched.add(s)
+    step = peak = 0
     while sched.num_unfinished:
+        step += 1
+        if late is not None and step == late[0]:
+            seqs.append(Sequence(len(seqs), late[1], SamplingParams(max_tokens=max_tokens)))
+            sched.add(seqs[-1])
         batch = sched.step()
+        peak = max(peak, blocks.num_blocks - blocks.num_free_blocks)
         inputs = runner.prepare(batch)
         logits = runner.logits(runner.forward(inputs), inputs.sample_rows)
         sampled = [e for e in batch.entries if e.samples]
@@ -120,8 +132,8 @@ def _greedy_paged(model: LlamaModel, prompts: list[list[int]], max_tokens: int, 
             e.seq.output_token_ids.append(int(row.argmax()))
             if len(e.seq.output_token_ids) >= max_tokens:
                 sched.finish(e.seq, "length")
-    assert sched.blocks.num_free_blocks == 128
-    return [(s.output_token_ids, torch.stack(r)) for s, r in zip(seqs, rows, strict=True)]
+    assert blocks.num_free_blocks == 128
+    return [(s.output_token_ids, torch.stack(r)) for s, r in zip(seqs, rows, strict=False)], sched, peak
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -136,7 +148,7 @@ def test_paged_greedy_tokens_match_transformers(native: bool, dtype: torch.dtype
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (41, 57, 80)]
     max_tokens = 10
-    got = _greedy_paged(ours.to(dtype), prompts, max_tokens, native=native, dtype=dtype)
+    got, _, _ = _greedy_paged(ours.to(dtype), prompts, max_tokens, native=native, dtype=dtype)
     for prompt, (tokens, logits) in zip(prompts, got, strict=True):
         with torch.no_grad():
             want = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
@@ -174,3 +186,48 @@ def test_layer_range_parts_keep_each_layers_window() -> None:
         want = whole.compute_logits(whole(ids, pos))
     assert [a.self_attn.window for a in tail.layers] == [None, 6]
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-attention", "torch-attention"])
+def test_blocks_before_the_window_are_given_back(native: bool) -> None:
+    """With every layer sliding, a running sequence holds only its window's blocks; the
+    tokens are unchanged, and the given-back blocks stay a valid prefix-cache hit for a
+    sequence that arrives later with the same prefix."""
+    if native:
+        assert load_paged_attention(), "the native kernel must build on CI machines"
+    ref, ours = mistral_pair()
+    assert ours.config.kv_window == WINDOW
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (41, 57, 80)]
+    late = (12, prompts[0][:36] + [7] * 8)  # 9 full blocks of seq 0, by then given back
+    kept, _, peak_kept = _greedy_paged(ours, prompts, 10, native=native, dtype=torch.float32, late=late)
+    freed, sched, peak_freed = _greedy_paged(ours, prompts, 10, native=native, dtype=torch.float32,
+                                             window=WINDOW, late=late)
+    # A window of 16 over blocks of 4, plus a 13-token chunk: at most 9 live blocks a
+    # sequence, against up to 23 for the longest one when nothing is given back.
+    assert peak_freed < peak_kept - 20, (peak_freed, peak_kept)
+    for (a_tokens, a_logits), (b_tokens, b_logits) in zip(kept, freed, strict=True):
+        assert a_tokens == b_tokens
+        assert torch.allclose(a_logits, b_logits, atol=1e-5)
+    for prompt, (tokens, logits) in zip([*prompts, late[1]], freed, strict=True):
+        with torch.no_grad():
+            want = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        assert ((logits - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert sched.blocks.stats().hit_tokens == 36  # the late one found seq 0's given-back blocks
+
+
+def test_release_keeps_the_window_and_frees_once() -> None:
+    blocks = BlockManager(16, 4, sliding_window=6)
+    seq = Sequence(0, list(range(30)), SamplingParams(max_tokens=1))
+    blocks.match_prefix(seq)
+    assert blocks.allocate(seq, 30)
+    seq.num_computed_tokens = 30
+    blocks.commit(seq)
+    blocks.release_before_window(seq)
+    # The next query (position 30) sees keys 25..30: blocks 0-5 (positions 0..23) are dead.
+    assert seq.num_released_blocks == 6 and blocks.num_free_blocks == 16 - 2
+    blocks.release_before_window(seq)  # idempotent
+    assert blocks.num_free_blocks == 16 - 2
+    blocks.free_sequence(seq)
+    assert blocks.num_free_blocks == 16 and seq.num_released_blocks == 0
+    assert all(r == 0 for r in blocks.ref_counts)
