@@ -366,3 +366,56 @@ def test_unsupported_gguf_architecture_is_refused_naming_the_supported(tmp_path:
     w.close()
     with pytest.raises(ValueError, match=r"'phi3' is not supported; strata runs llama, qwen2, qwen3"):
         load_config(path)
+
+
+# --- the whole engine, from a directory --------------------------------------------------
+
+
+def _family_dir(family: str, out: Path, bundled_gguf: Path):  # noqa: ANN202
+    """An HF directory of a tiny random model with the bundled tokenizer (real vocab)."""
+    from strata.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(bundled_gguf)
+    tok.chat_template = QWEN3_STYLE
+    ref = hf_model(family, tied=family == "qwen2", vocab=tok.vocab_size)
+    ref.save_pretrained(out)
+    tok.save_pretrained(out)
+    return ref, tok
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_from_directory_gives_transformers_greedy_tokens(
+    family: str, dtype: str, bundled_gguf: Path, tmp_path: Path
+) -> None:
+    """`strata engine --model DIR` as it starts: load, (quantize,) size the cache, warm up,
+    then greedy-decode a chat prompt; float32 gives transformers' tokens exactly, int8 the
+    same first tokens (the tiny random model's logits are flat, so a late tie may flip)."""
+    from strata.engine.engine import EngineConfig, build_engine_core
+
+    if dtype == "int8" and not int8_supported():
+        pytest.skip("no x86 int8 backend in this torch")
+    ref, tok = _family_dir(family, tmp_path, bundled_gguf)
+    core = build_engine_core(EngineConfig(model=str(tmp_path), dtype=dtype, device="cpu", threads=1,
+                                          num_kv_blocks=32, max_num_batched_tokens=16))
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three rivers."}]))
+    core.add(0, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), now=0.0)
+    out: list[int] = []
+    while core.has_work:
+        for o in core.step():
+            out += o.token_ids
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert len(out) == 8
+    assert out == greedy if dtype == "float32" else out[:3] == greedy[:3]
+
+
+def test_engine_start_up_refuses_an_unsupported_model(bundled_gguf: Path, tmp_path: Path) -> None:
+    from strata.engine.engine import EngineConfig, build_engine_core
+
+    _family_dir("qwen2", tmp_path, bundled_gguf)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"supported; strata runs llama, mistral, qwen2, qwen3"):
+        build_engine_core(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu", threads=1))
