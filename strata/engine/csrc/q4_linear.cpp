@@ -21,6 +21,12 @@
 //
 // q8_linear does the same for Q8_0 blocks (w = d * q, int8 q; the bundled model's
 // embedding, which is also its LM head).
+//
+// GGUF K-quants arrive here converted exactly at load time (strata.engine.gguf_blocks):
+// Q4_K as Q4_1-style blocks whose d and m are float32 (d * sub-block scale needs more
+// mantissa than float16 has); Q5_K as q8 codes 0..31 with float32 d and a minimum m per
+// 32; Q6_K as q8 codes -32..31 with a float32 d per 16 inputs. So both ops take float16
+// or float32 scales, and q8_linear takes scales per 16 or 32 inputs and an optional m.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -104,37 +110,61 @@ void quantize_acts(const float* x, const float* col_scale, int64_t M, int64_t K,
   }
 }
 
+// A scale as float: the file's float16 or a K-quant's exact float32.
+inline float sc(at::Half v) { return static_cast<float>(v); }
+inline float sc(float v) { return v; }
+
 // The per-row constant part, sum over blocks of m8 * sx - 8 * d * dx * sum(qx), written
 // with the stored m (m8 = m + 8d) as sum of m * sx + d * e8.
-inline float block_terms(const at::Half* d, const at::Half* m, const float* sx, const float* e8, int64_t nb) {
+// ce scales the centring term: 1 for 4-bit codes centred at 8, 2 for 5-bit ones at 16.
+template <typename S>
+inline float block_terms(const S* d, const S* m, const float* sx, const float* e8, int64_t nb, float ce = 1.f) {
   float s = 0.f;
-  for (int64_t b = 0; b < nb; ++b) s += static_cast<float>(m[b]) * sx[b] + static_cast<float>(d[b]) * e8[b];
+  for (int64_t b = 0; b < nb; ++b) s += sc(m[b]) * sx[b] + ce * sc(d[b]) * e8[b];
   return s;
 }
 
 #if defined(STRATA_Q4_VNNI)
-inline __m512 load_half16(const at::Half* p, __mmask16 k) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+inline __m512 load16(const at::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+
+// Scales of the G-input groups of one 64-input chunk (p points at the chunk's first),
+// spread over the 16 int32 lanes of a vpdpbusd result (lane l covers inputs 4l..4l+3).
+template <int G>
+inline __m512 chunk_scales(const at::Half* p) {
+  int64_t raw = 0;
+  std::memcpy(&raw, p, 64 / G * 2);
+  const __m512 v = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(raw)));
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 G == 32 ? 3 : 2), v);
+}
+template <int G>
+inline __m512 chunk_scales(const float* p) {
+  float four[4] = {0.f, 0.f, 0.f, 0.f};
+  std::memcpy(four, p, 64 / G * sizeof(float));
+  const __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(four));
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 G == 32 ? 3 : 2), v);
 }
 
-inline float block_terms_avx(const at::Half* d, const at::Half* m, const float* sx, const float* e8, int64_t nb) {
-  __m512 acc = _mm512_setzero_ps();
+template <typename S>
+inline float block_terms_avx(const S* d, const S* m, const float* sx, const float* e8, int64_t nb, float ce = 1.f) {
+  __m512 acc = _mm512_setzero_ps(), cen = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b += 16) {
     const __mmask16 k = nb - b >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (nb - b)) - 1);
-    acc = _mm512_fmadd_ps(load_half16(m + b, k), _mm512_maskz_loadu_ps(k, sx + b), acc);
-    acc = _mm512_fmadd_ps(load_half16(d + b, k), _mm512_maskz_loadu_ps(k, e8 + b), acc);
+    acc = _mm512_fmadd_ps(load16(m + b, k), _mm512_maskz_loadu_ps(k, sx + b), acc);
+    cen = _mm512_fmadd_ps(load16(d + b, k), _mm512_maskz_loadu_ps(k, e8 + b), cen);
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(_mm512_fmadd_ps(cen, _mm512_set1_ps(ce), acc));
 }
 
 // R rows from r times NT tokens from t0: R*NT independent accumulators.
-template <int NT, int R>
-inline void tile_vnni(const uint8_t* qs, const at::Half* d, const at::Half* m, const QuantizedActs& a,
+template <int NT, int R, typename S>
+inline void tile_vnni(const uint8_t* qs, const S* d, const S* m, const QuantizedActs& a,
                       int64_t t0, int64_t K, int64_t N, int64_t r, float* y) {
   const int64_t nb = K / kBlock, nc = K / kChunk;
   const __m512i shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // high half: >> 4
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[R][NT];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
@@ -145,9 +175,7 @@ inline void tile_vnni(const uint8_t* qs, const at::Half* d, const at::Half* m, c
       const uint8_t* wr = qs + (r + i) * (K / 2) + c * 32;
       const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr)));
       w[i] = _mm512_and_si512(_mm512_srlv_epi64(raw, shifts), nib);
-      int32_t dpair;
-      std::memcpy(&dpair, d + (r + i) * nb + 2 * c, 4);
-      wd[i] = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dpair))));
+      wd[i] = chunk_scales<kBlock>(d + (r + i) * nb + 2 * c);
     }
     for (int t = 0; t < NT; ++t) {
       const __m512i xv = _mm512_loadu_si512(a.q.data() + (t0 + t) * K + c * kChunk);
@@ -174,8 +202,8 @@ inline void prefetch_range(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
 }
 
-template <int NT>
-void rows_vnni(const uint8_t* qs, const at::Half* d, const at::Half* m, const QuantizedActs& a,
+template <int NT, typename S>
+void rows_vnni(const uint8_t* qs, const S* d, const S* m, const QuantizedActs& a,
                int64_t t0, int64_t K, int64_t N, int64_t r0, int64_t r1, float* y) {
   constexpr int R = NT == 1 ? 4 : 2;
   const int64_t nb = K / kBlock;
@@ -183,29 +211,31 @@ void rows_vnni(const uint8_t* qs, const at::Half* d, const at::Half* m, const Qu
   {  // the first tiles all at once, so their misses overlap
     const int64_t n = std::min<int64_t>(kAhead * R, r1 - r0);
     prefetch_range(qs + r0 * (K / 2), n * (K / 2));
-    prefetch_range(d + r0 * nb, n * nb * 2);
-    prefetch_range(m + r0 * nb, n * nb * 2);
+    prefetch_range(d + r0 * nb, n * nb * sizeof(S));
+    prefetch_range(m + r0 * nb, n * nb * sizeof(S));
   }
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     const int64_t pf = r + kAhead * R;
     if (pf + R <= r1) {
       prefetch_range(qs + pf * (K / 2), R * (K / 2));
-      prefetch_range(d + pf * nb, R * nb * 2);
-      prefetch_range(m + pf * nb, R * nb * 2);
+      prefetch_range(d + pf * nb, R * nb * sizeof(S));
+      prefetch_range(m + pf * nb, R * nb * sizeof(S));
     }
-    tile_vnni<NT, R>(qs, d, m, a, t0, K, N, r, y);
+    tile_vnni<NT, R, S>(qs, d, m, a, t0, K, N, r, y);
   }
-  for (; r < r1; ++r) tile_vnni<NT, 1>(qs, d, m, a, t0, K, N, r, y);
+  for (; r < r1; ++r) tile_vnni<NT, 1, S>(qs, d, m, a, t0, K, N, r, y);
 }
 
 // Q8_0 rows (w = d * q, q int8, per 32 inputs): vpdpbusd wants one unsigned operand, so
 // |q| is the unsigned one and q's sign moves onto the activation (llama.cpp's trick).
-template <int NT, int R>
-inline void tile_q8_vnni(const int8_t* qs, const at::Half* d, const QuantizedActs& a, int64_t t0, int64_t K,
+// G is the number of inputs per weight scale (32, or 16 for Q6_K); m, when given, adds a
+// minimum per 32 inputs (Q5_K): w = d * q + m, computed as q4_linear does with the codes
+// (0..31) centred at 16, which halves the activation rounding error.
+template <int NT, int R, typename S, int G>
+inline void tile_q8_vnni(const int8_t* qs, const S* d, const S* m, const QuantizedActs& a, int64_t t0, int64_t K,
                          int64_t N, int64_t r, float* y) {
-  const int64_t nb = K / kBlock, nc = K / kChunk;
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t nb = K / kBlock, nc = K / kChunk, ng = K / G;
   __m512 acc[R][NT];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
@@ -217,9 +247,7 @@ inline void tile_q8_vnni(const int8_t* qs, const at::Half* d, const QuantizedAct
       const __m512i w = _mm512_loadu_si512(qs + (r + i) * K + c * kChunk);
       wabs[i] = _mm512_abs_epi8(w);
       neg[i] = _mm512_movepi8_mask(w);
-      int32_t dpair;
-      std::memcpy(&dpair, d + (r + i) * nb + 2 * c, 4);
-      wd[i] = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dpair))));
+      wd[i] = chunk_scales<G>(d + (r + i) * ng + c * (kChunk / G));
     }
     for (int t = 0; t < NT; ++t) {
       const __m512i xv = _mm512_loadu_si512(a.q.data() + (t0 + t) * K + c * kChunk);
@@ -232,34 +260,42 @@ inline void tile_q8_vnni(const int8_t* qs, const at::Half* d, const QuantizedAct
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int t = 0; t < NT; ++t) y[(t0 + t) * N + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+    for (int t = 0; t < NT; ++t)
+      y[(t0 + t) * N + r + i] =
+          _mm512_reduce_add_ps(acc[i][t]) +
+          (m ? block_terms_avx<S>(d + (r + i) * nb, m + (r + i) * nb, a.sx.data() + (t0 + t) * nb,
+                                  a.e8.data() + (t0 + t) * nb, nb, 2.f)
+             : 0.f);
 }
 
-template <int NT>
-void rows_q8_vnni(const int8_t* qs, const at::Half* d, const QuantizedActs& a, int64_t t0, int64_t K, int64_t N,
-                  int64_t r0, int64_t r1, float* y) {
+template <int NT, typename S, int G>
+void rows_q8_vnni(const int8_t* qs, const S* d, const S* m, const QuantizedActs& a, int64_t t0, int64_t K,
+                  int64_t N, int64_t r0, int64_t r1, float* y) {
   constexpr int R = NT == 1 ? 4 : 2;
-  const int64_t nb = K / kBlock;
+  const int64_t ng = K / G, nb = K / kBlock;
   constexpr int64_t kAhead = 4;
   {
     const int64_t n = std::min<int64_t>(kAhead * R, r1 - r0);
     prefetch_range(qs + r0 * K, n * K);
-    prefetch_range(d + r0 * nb, n * nb * 2);
+    prefetch_range(d + r0 * ng, n * ng * sizeof(S));
+    if (m) prefetch_range(m + r0 * nb, n * nb * sizeof(S));
   }
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     const int64_t pf = r + kAhead * R;
     if (pf + R <= r1) {
       prefetch_range(qs + pf * K, R * K);
-      prefetch_range(d + pf * nb, R * nb * 2);
+      prefetch_range(d + pf * ng, R * ng * sizeof(S));
+      if (m) prefetch_range(m + pf * nb, R * nb * sizeof(S));
     }
-    tile_q8_vnni<NT, R>(qs, d, a, t0, K, N, r, y);
+    tile_q8_vnni<NT, R, S, G>(qs, d, m, a, t0, K, N, r, y);
   }
-  for (; r < r1; ++r) tile_q8_vnni<NT, 1>(qs, d, a, t0, K, N, r, y);
+  for (; r < r1; ++r) tile_q8_vnni<NT, 1, S, G>(qs, d, m, a, t0, K, N, r, y);
 }
 #endif
 
-void rows_scalar(const uint8_t* qs, const at::Half* d, const at::Half* m, const QuantizedActs& a,
+template <typename S>
+void rows_scalar(const uint8_t* qs, const S* d, const S* m, const QuantizedActs& a,
                  int64_t M, int64_t K, int64_t N, int64_t r0, int64_t r1, float* y) {
   const int64_t nb = K / kBlock, nc = K / kChunk;
   for (int64_t r = r0; r < r1; ++r) {
@@ -275,25 +311,29 @@ void rows_scalar(const uint8_t* qs, const at::Half* d, const at::Half* m, const 
           const int32_t code = half ? (byte >> 4) : (byte & 0x0f);
           dot += code * xq[b * kBlock + j];
         }
-        s += static_cast<float>(d[r * nb + b]) * a.dxv[(t * nc + c) * 16 + half * 8] * static_cast<float>(dot);
+        s += sc(d[r * nb + b]) * a.dxv[(t * nc + c) * 16 + half * 8] * static_cast<float>(dot);
       }
       y[t * N + r] = s + block_terms(d + r * nb, m + r * nb, a.sx.data() + t * nb, a.e8.data() + t * nb, nb);
     }
   }
 }
 
-void rows_q8_scalar(const int8_t* qs, const at::Half* d, const QuantizedActs& a, int64_t M, int64_t K, int64_t N,
-                    int64_t r0, int64_t r1, float* y) {
-  const int64_t nb = K / kBlock, nc = K / kChunk;
+template <typename S>
+void rows_q8_scalar(const int8_t* qs, const S* d, const S* m, int64_t G, const QuantizedActs& a, int64_t M, int64_t K,
+                    int64_t N, int64_t r0, int64_t r1, float* y) {
+  const int64_t nb = K / kBlock, nc = K / kChunk, ng = K / G;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t t = 0; t < M; ++t) {
       float s = 0.f;
-      for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t g = 0; g < ng; ++g) {
         int32_t dot = 0;
-        for (int j = 0; j < kBlock; ++j) dot += qs[r * K + b * kBlock + j] * a.q[t * K + b * kBlock + j];
-        s += static_cast<float>(d[r * nb + b]) * a.dxv[(t * nc + b / 2) * 16 + (b % 2) * 8] * static_cast<float>(dot);
+        for (int j = 0; j < G; ++j) dot += qs[r * K + g * G + j] * a.q[t * K + g * G + j];
+        const int64_t b = g * G / kBlock;
+        s += sc(d[r * ng + g]) * a.dxv[(t * nc + b / 2) * 16 + (b % 2) * 8] * static_cast<float>(dot);
       }
-      y[t * N + r] = s;
+      y[t * N + r] = s + (m ? block_terms<S>(d + r * nb, m + r * nb, a.sx.data() + t * nb, a.e8.data() + t * nb, nb,
+                                             2.f)
+                            : 0.f);
     }
 }
 
@@ -323,67 +363,97 @@ QuantizedActs& quantized_input(const at::Tensor& x, const std::optional<at::Tens
   return buffers;
 }
 
+template <typename S>
+void q4_rows(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+             const QuantizedActs& a, bool fast, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  const S* dp = d.data_ptr<S>();
+  const S* mp = m.data_ptr<S>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+#if defined(STRATA_Q4_VNNI)
+    if (fast) {
+      int64_t t = 0;
+      for (; t + 4 <= M; t += 4) rows_vnni<4, S>(qp, dp, mp, a, t, K, N, r0, r1, yp);
+      switch (M - t) {
+        case 3: rows_vnni<3, S>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
+        case 2: rows_vnni<2, S>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
+        case 1: rows_vnni<1, S>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
+        default: break;
+      }
+      return;
+    }
+#endif
+    rows_scalar<S>(qp, dp, mp, a, M, K, N, r0, r1, yp);
+  });
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
                      const std::optional<at::Tensor>& col_scale, bool vectorized) {
   const QuantizedActs& a = quantized_input(x, col_scale, "q4_linear");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == K / 2, "qs: uint8 [N, K/2]");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
-              "d: float16 [N, K/32]");
-  TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.sizes() == d.sizes(), "m: float16 [N, K/32]");
+  TORCH_CHECK((d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat) && d.is_contiguous() &&
+                  d.dim() == 2 && d.size(0) == N && d.size(1) == K / kBlock,
+              "d: float16 or float32 [N, K/32]");
+  TORCH_CHECK(m.scalar_type() == d.scalar_type() && m.is_contiguous() && m.sizes() == d.sizes(),
+              "m: [N, K/32], the dtype of d");
   at::Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const at::Half* dp = d.data_ptr<at::Half>();
-  const at::Half* mp = m.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
   const bool fast = vectorized && vnni_available();
-  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-#if defined(STRATA_Q4_VNNI)
-    if (fast) {
-      int64_t t = 0;
-      for (; t + 4 <= M; t += 4) rows_vnni<4>(qp, dp, mp, a, t, K, N, r0, r1, yp);
-      switch (M - t) {
-        case 3: rows_vnni<3>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
-        case 2: rows_vnni<2>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
-        case 1: rows_vnni<1>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
-        default: break;
-      }
-      return;
-    }
-#endif
-    rows_scalar(qp, dp, mp, a, M, K, N, r0, r1, yp);
-  });
+  if (d.scalar_type() == at::kHalf) q4_rows<at::Half>(x, qs, d, m, a, fast, y);
+  else q4_rows<float>(x, qs, d, m, a, fast, y);
   return y;
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
-                     const std::optional<at::Tensor>& col_scale, bool vectorized) {
-  const QuantizedActs& a = quantized_input(x, col_scale, "q8_linear");
+template <typename S, int G>
+void q8_rows(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const S* mp, const QuantizedActs& a,
+             bool fast, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) == K, "qs: int8 [N, K]");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N && d.size(1) == K / kBlock,
-              "d: float16 [N, K/32]");
-  at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* qp = qs.data_ptr<int8_t>();
-  const at::Half* dp = d.data_ptr<at::Half>();
+  const S* dp = d.data_ptr<S>();
   float* yp = y.data_ptr<float>();
-  const bool fast = vectorized && vnni_available();
   at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
 #if defined(STRATA_Q4_VNNI)
     if (fast) {
       int64_t t = 0;
-      for (; t + 4 <= M; t += 4) rows_q8_vnni<4>(qp, dp, a, t, K, N, r0, r1, yp);
+      for (; t + 4 <= M; t += 4) rows_q8_vnni<4, S, G>(qp, dp, mp, a, t, K, N, r0, r1, yp);
       switch (M - t) {
-        case 3: rows_q8_vnni<3>(qp, dp, a, t, K, N, r0, r1, yp); break;
-        case 2: rows_q8_vnni<2>(qp, dp, a, t, K, N, r0, r1, yp); break;
-        case 1: rows_q8_vnni<1>(qp, dp, a, t, K, N, r0, r1, yp); break;
+        case 3: rows_q8_vnni<3, S, G>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
+        case 2: rows_q8_vnni<2, S, G>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
+        case 1: rows_q8_vnni<1, S, G>(qp, dp, mp, a, t, K, N, r0, r1, yp); break;
         default: break;
       }
       return;
     }
 #endif
-    rows_q8_scalar(qp, dp, a, M, K, N, r0, r1, yp);
+    rows_q8_scalar<S>(qp, dp, mp, G, a, M, K, N, r0, r1, yp);
   });
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                     const std::optional<at::Tensor>& col_scale, bool vectorized, const std::optional<at::Tensor>& m) {
+  const QuantizedActs& a = quantized_input(x, col_scale, "q8_linear");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && qs.size(1) == K, "qs: int8 [N, K]");
+  TORCH_CHECK((d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat) && d.is_contiguous() &&
+                  d.dim() == 2 && d.size(0) == N && (d.size(1) == K / kBlock || d.size(1) == K / 16),
+              "d: float16 or float32 [N, K/32] or [N, K/16]");
+  const int64_t G = K / d.size(1);
+  if (m.has_value())
+    TORCH_CHECK(G == kBlock && m->scalar_type() == d.scalar_type() && m->is_contiguous() && m->sizes() == d.sizes(),
+                "m: [N, K/32], the dtype of d (minima need scales per 32)");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool fast = vectorized && vnni_available();
+  if (d.scalar_type() == at::kHalf) {
+    const at::Half* mp = m.has_value() ? m->data_ptr<at::Half>() : nullptr;
+    if (G == 16) q8_rows<at::Half, 16>(x, qs, d, mp, a, fast, y);
+    else q8_rows<at::Half, 32>(x, qs, d, mp, a, fast, y);
+  } else {
+    const float* mp = m.has_value() ? m->data_ptr<float>() : nullptr;
+    if (G == 16) q8_rows<float, 16>(x, qs, d, mp, a, fast, y);
+    else q8_rows<float, 32>(x, qs, d, mp, a, fast, y);
+  }
   return y;
 }
 
@@ -391,7 +461,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(strata, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? col_scale, bool vectorized=True) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? col_scale, bool vectorized=True) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor? col_scale, bool vectorized=True, Tensor? m=None) -> Tensor");
   m.def("q4_vnni_available() -> bool", &vnni_available);
 }
 
