@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
+from strata.engine.gguf_loader import weight_blocks
 from strata.engine.model import LlamaModel
 from strata.engine.quant import (
     CALIBRATION_TEXT,
@@ -77,7 +77,7 @@ def main() -> None:
     if blocks_available():
         decode = copy.deepcopy(model)
         # Every call through the block kernels, as a single decoding sequence's steps run.
-        blocks = FileBlocks(functools.partial(q4_1_blocks, path, config), functools.partial(q8_0_blocks, path))
+        blocks = FileBlocks(functools.partial(weight_blocks, path, config))
         quantize_model(decode, tok.encode(CALIBRATION_TEXT), blocks=blocks, small_max_tokens=1 << 30)
         variants.append(("strata int8, batch-1 decode (file's Q4_1/Q8_0 blocks)", decode))
     rows = []

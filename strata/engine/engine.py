@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFailed
-from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
+from strata.engine.gguf_loader import weight_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import LlamaModel
 from strata.engine.options import EngineConfig
@@ -147,8 +147,8 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
             raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
         blocks = None
         if config.extra.get("source_format") == "gguf":
-            # Decode at batch 1 computes from the file's own 4/8-bit blocks.
-            blocks = FileBlocks(functools.partial(q4_1_blocks, path, config), functools.partial(q8_0_blocks, path))
+            # Decode at batch 1 computes from the file's own quantized blocks.
+            blocks = FileBlocks(functools.partial(weight_blocks, path, config))
         quantize_model(model, tokenizer.encode(CALIBRATION_TEXT), blocks=blocks)
     native = device.type == "cpu" and load_paged_attention()
     kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)

@@ -19,6 +19,7 @@ import torch
 from gguf import GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
+from strata.engine.gguf_blocks import BlockWeights, check_tensor_types, tensor_blocks
 from strata.engine.model_config import LlamaConfig
 
 # Architectures whose GGUF tensors the one forward pass runs: llama's layout, plus q/k/v
@@ -116,6 +117,7 @@ def config_from_gguf(path: Path) -> LlamaConfig:
     index = open_gguf(path)
     arch = _architecture(index, path)
     tensors = index.tensors
+    check_tensor_types(tensors, str(path))
 
     def req(key: str) -> Any:
         value = index.get(f"{arch}.{key}")
@@ -290,38 +292,15 @@ def gguf_state_dict(
     return out
 
 
-def q4_1_blocks(path: Path, config: LlamaConfig, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """A Q4_1 tensor's 4-bit codes [rows, K] (uint8), scales d and minima m [rows, K/32].
-
-    Rows in Hugging Face order (q/k un-permuted like the dequantized weights), so that
-    ``d * codes + m`` per 32-element block equals what `gguf_state_dict` returns. None when
-    the tensor is stored in another format.
-    """
+def weight_blocks(path: Path, config: LlamaConfig, name: str) -> BlockWeights | None:
+    """A weight's quantized blocks in the block kernels' layout, rows in Hugging Face order
+    (so they stand for exactly what `gguf_state_dict` returns), or None for another format."""
     t = open_gguf(path).tensors.get(gguf_name(name))
-    if t is None or t.tensor_type.name != "Q4_1":
-        return None
-    rows = int(t.shape[-1])
-    blocks = np.asarray(t.data).reshape(rows, -1, 20)  # per block: d f16, m f16, 16 bytes
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    if _rope_permuted(config) and name.endswith(("q_proj.weight", "k_proj.weight")):
+    blocks = None if t is None else tensor_blocks(t)
+    if blocks is not None and _rope_permuted(config) and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config.num_attention_heads if name.endswith("q_proj.weight") else config.num_key_value_heads
-        codes, d, m = (unpermute_rope_rows(a, heads) for a in (codes, d, m))
-    return np.ascontiguousarray(codes), np.ascontiguousarray(d), np.ascontiguousarray(m)
-
-
-def q8_0_blocks(path: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """A Q8_0 tensor's int8 values [rows, K] and scales d [rows, K/32] (float16), or None."""
-    t = open_gguf(path).tensors.get(gguf_name(name))
-    if t is None or t.tensor_type.name != "Q8_0":
-        return None
-    rows = int(t.shape[-1])
-    blocks = np.asarray(t.data).reshape(rows, -1, 34)  # per block: d f16, 32 int8
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
-    return np.ascontiguousarray(qs), np.ascontiguousarray(d)
+        blocks = blocks.rows(unpermute_rope_rows(np.arange(blocks.codes.shape[0]), heads))
+    return blocks
 
 
 def tokenizer_metadata(path: Path) -> dict[str, Any]:

@@ -19,9 +19,9 @@ channel sets the scale for all. So, measured on the bundled model (benchmarks/in
 
 The model files are already 4-bit quantized (Q4_1), so 8-bit weights lose little.
 
-Calls of one row (batch-1 decode) can instead run on the model file's own Q4_1 / Q8_0
-blocks (`FileBlocks`, native q4_linear / q8_linear): the file's weights exactly, per-32
-int8 activations with the smoothing scales multiplied back in.
+Calls of one row (batch-1 decode) can instead run on the model file's own blocks (Q4_1,
+Q8_0, Q4_K, Q5_K, Q6_K; `FileBlocks`, native q4_linear / q8_linear): the file's weights
+exactly, per-32 int8 activations with the smoothing scales multiplied back in.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from strata.engine.gguf_blocks import BlockWeights
 from strata.engine.kernels import raw_op
 
 # Calibration text for the activation ranges: prose, dialogue, code and numbers, so the
@@ -80,17 +81,36 @@ def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[torch.Te
     """Q4_1 blocks (w = d * code + m) into the native q4_linear op's layout: (qs, d, m).
 
     qs: per row and per 64 inputs, 32 bytes, byte i holding input i (low nibble) and input
-    32+i (high nibble); d and m float16 as in the file. K must be a multiple of 64.
+    32+i (high nibble); d and m float32 when given float32 (Q4_K's exact scales), else
+    float16 as a Q4_1 file stores them. K must be a multiple of 64.
     """
     n, k = codes.shape
     if k % 64:
         raise ValueError(f"q4 weights need K a multiple of 64, got {k}")
     c = codes.astype(np.uint8).reshape(n, k // 64, 2, 32)
     qs = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, k // 2)
+    scale = np.float32 if d.dtype == np.float32 else np.float16
     # clone(): torch's allocator aligns to 64 bytes, numpy's to 16.
     return (torch.from_numpy(np.ascontiguousarray(qs)).clone(),
-            torch.from_numpy(np.ascontiguousarray(d, dtype=np.float16)).clone(),
-            torch.from_numpy(np.ascontiguousarray(m, dtype=np.float16)).clone())
+            torch.from_numpy(np.ascontiguousarray(d, dtype=scale)).clone(),
+            torch.from_numpy(np.ascontiguousarray(m, dtype=scale)).clone())
+
+
+def _block_call(parts: list[BlockWeights], col_scale: torch.Tensor | None) -> tuple[object, tuple]:
+    """One native op and its arguments for blocks of one kind stacked by rows."""
+    codes = np.concatenate([p.codes for p in parts], axis=0)
+    d = np.concatenate([p.d for p in parts], axis=0)
+    if parts[0].kind == "q4":
+        m = np.concatenate([p.m for p in parts], axis=0)  # type: ignore[misc]
+        return raw_op(torch.ops.strata.q4_linear), (*pack_q4_1(codes, d, m), col_scale, True)
+    m8 = None if parts[0].m is None else torch.from_numpy(np.concatenate([p.m for p in parts], axis=0)).clone()
+    return raw_op(torch.ops.strata.q8_linear), (torch.from_numpy(codes).clone(), torch.from_numpy(d).clone(),
+                                               col_scale, True, m8)
+
+
+def _concat_calls(x: torch.Tensor, *calls: tuple[object, tuple]) -> torch.Tensor:
+    """A fused projection whose parts are stored in different block formats."""
+    return torch.cat([op(x, *args) for op, args in calls], dim=1)  # type: ignore[operator]
 
 
 class _PackedLinear(nn.Module):
@@ -98,11 +118,11 @@ class _PackedLinear(nn.Module):
 
     A bias (Qwen2's q/k/v) stays float32 and is added after either GEMM path.
 
-    With the model file's own blocks attached (`attach_q4`, `attach_q8`), calls of at most
+    With the model file's own blocks attached (`attach_blocks`), calls of at most
     `small_max_tokens` rows run the native q4_linear / q8_linear op on them instead:
     decode at small batch reads every weight once per step, so it goes at the speed of
-    the bytes read, and those kernels read 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight with
-    per-32 activation scales.
+    the bytes read, and those kernels read 4.5 (Q4_1), 6 (Q4_K), 8.5 (Q8_0), 10 (Q5_K,
+    Q6_K) bits per weight with per-32 activation scales.
     """
 
     small_max_tokens = 0
@@ -114,28 +134,32 @@ class _PackedLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else bias.detach().float().clone()
 
-    def _attach(self, op: object, args: tuple, max_tokens: int, rows: int, cols: int) -> None:
-        if (rows, cols) != (self.out_features, self.in_features):
-            raise ValueError(f"blocks of {rows}x{cols} weights do not fit a "
-                             f"{self.in_features}->{self.out_features} projection")
-        self._small = raw_op(op)
-        self._small_args = args
-        self.small_max_tokens = max_tokens
-
-    def attach_q4(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
-                  col_scale: torch.Tensor | None, max_tokens: int) -> None:
-        """Use these Q4_1 blocks (`pack_q4_1`) for inputs of up to `max_tokens` rows.
+    def attach_blocks(self, parts: list[BlockWeights], col_scale: torch.Tensor | None, max_tokens: int) -> None:
+        """Use these blocks (the fused projection's parts, stacked by rows) for inputs of up
+        to `max_tokens` rows.
 
         `col_scale` multiplies the input first: the SmoothQuant scale folded out of the
         input norm, so the blocks see the activations they were quantized against.
         """
-        self._attach(torch.ops.strata.q4_linear, (qs, d, m, col_scale, True), max_tokens,
-                     qs.shape[0], qs.shape[1] * 2)
-
-    def attach_q8(self, qs: torch.Tensor, d: torch.Tensor, col_scale: torch.Tensor | None,
-                  max_tokens: int) -> None:
-        """Use these Q8_0 blocks (int8 [N, K], float16 scales [N, K/32]) for small inputs."""
-        self._attach(torch.ops.strata.q8_linear, (qs, d, col_scale, True), max_tokens, qs.shape[0], qs.shape[1])
+        rows, cols = sum(p.codes.shape[0] for p in parts), parts[0].codes.shape[1]
+        if (rows, cols) != (self.out_features, self.in_features):
+            raise ValueError(f"blocks of {rows}x{cols} weights do not fit a "
+                             f"{self.in_features}->{self.out_features} projection")
+        # Consecutive parts of one layout share a call; a Q4_K_M file's v (Q6_K) does not
+        # share q and k's (Q4_K).
+        runs: list[list[BlockWeights]] = []
+        for p in parts:
+            key = (p.kind, p.group, p.d.dtype, p.m is None)
+            if runs and (runs[-1][0].kind, runs[-1][0].group, runs[-1][0].d.dtype, runs[-1][0].m is None) == key:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        calls = [_block_call(run, col_scale) for run in runs]
+        if len(calls) == 1:
+            self._small, self._small_args = calls[0]
+        else:
+            self._small, self._small_args = _concat_calls, tuple(calls)
+        self.small_max_tokens = max_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -262,12 +286,11 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int],
 class FileBlocks:
     """The model file's own quantized blocks, by Hugging Face tensor name.
 
-    `q4_1(name)` gives a Q4_1 tensor's (codes [N, K] uint8, d, m [N, K/32]), `q8_0(name)`
-    a Q8_0 tensor's (int8 values [N, K], d [N, K/32]); each None for another format.
+    `weights(name)` gives a tensor's blocks in the kernels' layout (rows in Hugging Face
+    order), or None for a format the block kernels do not read.
     """
 
-    q4_1: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray] | None]
-    q8_0: Callable[[str], tuple[np.ndarray, np.ndarray] | None]
+    weights: Callable[[str], BlockWeights | None]
 
 
 # Up to this many tokens per call, projections with the file's blocks attached run the
@@ -277,13 +300,12 @@ class FileBlocks:
 SMALL_MAX_TOKENS = 3
 
 
-def _q4_for(blocks: FileBlocks, names: list[str]) -> tuple[torch.Tensor, ...] | None:
-    """The named tensors' Q4_1 blocks stacked by rows (a fused projection), packed."""
-    parts = [blocks.q4_1(n) for n in names]
-    if any(p is None for p in parts) or parts[0][0].shape[1] % 64:  # type: ignore[index]
-        return None
-    codes, d, m = (np.concatenate([p[i] for p in parts], axis=0) for i in range(3))  # type: ignore[index]
-    return pack_q4_1(codes, d, m)
+def _attach_file_blocks(linear: _PackedLinear, blocks: FileBlocks, names: list[str],
+                        scale: torch.Tensor | None, max_tokens: int) -> None:
+    """Give `linear` the named tensors' blocks when all have them and K suits the kernels."""
+    parts = [blocks.weights(n) for n in names]
+    if linear.in_features % 64 == 0 and all(p is not None for p in parts):
+        linear.attach_blocks(parts, scale, max_tokens)  # type: ignore[arg-type]
 
 
 def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
@@ -292,8 +314,8 @@ def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
 
     q/k/v, gate/up, the output projection and the LM head become Int8Linear; the down
     projection becomes Fp16Linear (see the module docstring for why). With `blocks` (the
-    file's own Q4_1 / Q8_0 tensors), every projection stored in one of those formats also
-    gets them for calls of up to `small_max_tokens` rows.
+    file's own quantized tensors), every projection stored in a block format also
+    gets them for calls of up to `small_max_tokens` rows (Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).
     """
     scales: dict[tuple[str, int], torch.Tensor] = {}
     if calibration_ids and getattr(model, "embed_tokens", None) is not None:
@@ -317,18 +339,13 @@ def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
              scales.get(("gate_up", i))),
             (mlp.down_proj, [p + "mlp.down_proj.weight"], None),
         ):
-            packed = _q4_for(blocks, names)  # type: ignore[arg-type]
-            if packed is not None:
-                linear.attach_q4(*packed, scale, small_max_tokens)
+            _attach_file_blocks(linear, blocks, names, scale, small_max_tokens)  # type: ignore[arg-type]
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = Int8Linear(model.lm_head)
         count += 1
-        if use_blocks and model.lm_head.in_features % 64 == 0:
-            tied = model.config.tie_word_embeddings
-            head = blocks.q8_0("model.embed_tokens.weight" if tied else "lm_head.weight")  # type: ignore[union-attr]
-            if head is not None and head[0].shape == (model.lm_head.out_features, model.lm_head.in_features):
-                model.lm_head.attach_q8(torch.from_numpy(head[0]).clone(), torch.from_numpy(head[1]).clone(),
-                                        scales.get(("head", 0)), small_max_tokens)
+        if use_blocks:
+            head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+            _attach_file_blocks(model.lm_head, blocks, [head], scales.get(("head", 0)), small_max_tokens)  # type: ignore[arg-type]
     invalidate = getattr(model, "invalidate_plan", None)
     if invalidate is not None:
         invalidate()

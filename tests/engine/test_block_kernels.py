@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from strata.engine.gguf_loader import gguf_state_dict, q4_1_blocks, q8_0_blocks
+from strata.engine.gguf_loader import gguf_state_dict, weight_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.quant import pack_q4_1
 from strata.engine.weights import load_config
@@ -141,15 +141,14 @@ def test_block_kernels_refuse_bad_shapes() -> None:
 def test_file_blocks_are_the_dequantized_weights(bundled_gguf: Path) -> None:
     config = load_config(bundled_gguf)
     names = ["model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight",
-             "model.layers.2.mlp.down_proj.weight"]
-    ref = gguf_state_dict(bundled_gguf, config, names + ["model.embed_tokens.weight"], torch.float32)
+             "model.layers.2.mlp.down_proj.weight", "model.embed_tokens.weight"]
+    ref = gguf_state_dict(bundled_gguf, config, names, torch.float32)
     for name in names:  # q and k rows come back un-permuted, like the dequantized weights
-        blocks = q4_1_blocks(bundled_gguf, config, name)
+        blocks = weight_blocks(bundled_gguf, config, name)
         assert blocks is not None
-        assert torch.equal(_dequant_q4(*blocks), ref[name])
-    qs, d = q8_0_blocks(bundled_gguf, "model.embed_tokens.weight")  # type: ignore[misc]
-    w = qs.reshape(qs.shape[0], -1, 32).astype(np.float32) * d[..., None].astype(np.float32)
-    assert torch.equal(torch.from_numpy(w.reshape(qs.shape)), ref["model.embed_tokens.weight"])
-    # Another format: None, not a wrong decode.
-    assert q8_0_blocks(bundled_gguf, names[0]) is None
-    assert q4_1_blocks(bundled_gguf, config, "model.embed_tokens.weight") is None
+        assert (blocks.kind, blocks.d.dtype) == (("q8" if "embed" in name else "q4"), np.float16)
+        assert torch.equal(torch.from_numpy(blocks.dequantize()), ref[name])
+    q = weight_blocks(bundled_gguf, config, names[0])
+    assert q is not None and torch.equal(_dequant_q4(q.codes, q.d, q.m), ref[names[0]])  # w = d*code + m
+    # A format without blocks (the norms are F32): None, not a wrong decode.
+    assert weight_blocks(bundled_gguf, config, "model.norm.weight") is None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from strata.engine.gguf_loader import q4_1_blocks, q8_0_blocks
+from strata.engine.gguf_loader import weight_blocks
 from strata.engine.model import LlamaModel
 from strata.engine.quant import (
     CALIBRATION_TEXT,
@@ -88,7 +88,7 @@ def test_int8_model_stays_close_to_fp32(fp32_model) -> None:  # type: ignore[no-
 
 def _file_blocks(model: LlamaModel) -> FileBlocks:
     path = model.gguf_path  # type: ignore[attr-defined]
-    return FileBlocks(functools.partial(q4_1_blocks, path, model.config), functools.partial(q8_0_blocks, path))
+    return FileBlocks(functools.partial(weight_blocks, path, model.config))
 
 
 @pytest.mark.skipif(not blocks_available(), reason="no AVX-512 VNNI block kernels on this CPU")
