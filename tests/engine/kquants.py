@@ -1,4 +1,5 @@
-"""Test-only K-quant writer: float rows -> Q4_K / Q5_K / Q6_K blocks in ggml's byte layout.
+"""Test-only GGUF writer: K-quant blocks (Q4_K / Q5_K / Q6_K) in ggml's byte layout, and
+small random Llama files with their matrices in any of those or gguf-py's own formats.
 
 The installed gguf package dequantizes K-quants but cannot quantize them, so tests make
 their own blocks here. A plain min/max quantizer (not llama.cpp's error-minimising
@@ -8,7 +9,11 @@ dequantization, never against this module.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import gguf
 import numpy as np
+from gguf.quants import quant_shape_to_byte_shape, quantize
 
 QK_K = 256
 
@@ -84,3 +89,69 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 
 QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 512
+TINY = (HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB)
+
+# A file per recipe: the type of every matrix, or llama.cpp's Q4_K_M mix (v and down in
+# Q6_K, the rest Q4_K, embedding Q6_K), which fuses differently typed q/k and v.
+RECIPES = {
+    "Q4_K": {}, "Q5_K": {}, "Q6_K": {}, "Q8_0": {}, "Q4_1": {},
+    "Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q6_K", "": "Q4_K"},
+}
+
+
+def _quantize(w: np.ndarray, kind: str) -> np.ndarray:
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in QUANTIZERS:
+        return QUANTIZERS[kind](w)
+    if kind == "Q2_K":  # no quantizer here; zero blocks of the right size
+        return np.zeros(quant_shape_to_byte_shape(w.shape, qtype), np.uint8)
+    return quantize(w, qtype)
+
+
+def write_gguf(path: Path, recipe: str, seed: int = 0, extra: tuple[str, str] | None = None,
+               shape: tuple[int, int, int, int, int, int] = TINY) -> Path:
+    """A Llama GGUF with random weights, matrices stored per `recipe` (a RECIPES key or a
+    type name); `extra` = (tensor short name, type) overrides one kind of tensor.
+    `shape`: hidden, feed-forward, layers, heads, kv heads, vocabulary."""
+    hidden, ffn, layers, heads, kv_heads, vocab = shape
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden // heads * kv_heads, hidden),
+              "attn_v": (hidden // heads * kv_heads, hidden), "attn_output": (hidden, hidden),
+              "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    mix = RECIPES.get(recipe, {})
+    tensors: dict[str, np.ndarray | tuple[np.ndarray, str]] = {}
+    tensors["token_embd.weight"] = (rng.standard_normal((vocab, hidden)).astype(np.float32) * 0.5, "token_embd")
+    tensors["output_norm.weight"] = np.ones(hidden, np.float32)
+    for i in range(layers):
+        tensors[f"blk.{i}.attn_norm.weight"] = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+        tensors[f"blk.{i}.ffn_norm.weight"] = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+        for short, dims in shapes.items():
+            tensors[f"blk.{i}.{short}.weight"] = (rng.standard_normal(dims).astype(np.float32) * 0.06, short)
+    for name, value in tensors.items():
+        if isinstance(value, np.ndarray):
+            w.add_tensor(name, value)
+            continue
+        arr, short = value
+        kind = mix.get(short, mix.get("", recipe))
+        if extra is not None and short == extra[0]:
+            kind = extra[1]
+        w.add_tensor(name, _quantize(arr, kind), raw_dtype=gguf.GGMLQuantizationType[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

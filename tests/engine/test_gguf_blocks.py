@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
+from gguf.quants import dequantize
 from torch import nn
 
 from strata.engine.gguf_blocks import BLOCK_TYPES, SUPPORTED_TENSOR_TYPES, BlockWeights
@@ -31,67 +31,7 @@ from strata.engine.quant import (
 )
 from strata.engine.weights import load_config, load_state_dict
 
-from .kquants import QUANTIZERS
-
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 512
-
-# A file per recipe: the type of every matrix, or llama.cpp's Q4_K_M mix (v and down in
-# Q6_K, the rest Q4_K, embedding Q6_K), which fuses differently typed q/k and v.
-RECIPES = {
-    "Q4_K": {}, "Q5_K": {}, "Q6_K": {}, "Q8_0": {}, "Q4_1": {},
-    "Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q6_K", "": "Q4_K"},
-}
-
-
-def _quantize(w: np.ndarray, kind: str) -> np.ndarray:
-    qtype = gguf.GGMLQuantizationType[kind]
-    if kind in QUANTIZERS:
-        return QUANTIZERS[kind](w)
-    if kind == "Q2_K":  # no quantizer here; zero blocks of the right size
-        return np.zeros(quant_shape_to_byte_shape(w.shape, qtype), np.uint8)
-    return quantize(w, qtype)
-
-
-def write_gguf(path: Path, recipe: str, seed: int = 0, extra: tuple[str, str] | None = None) -> Path:
-    """A 2-layer Llama GGUF with random weights, matrices stored per `recipe`."""
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // HEADS * KV_HEADS, HIDDEN),
-              "attn_v": (HIDDEN // HEADS * KV_HEADS, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
-              "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
-    mix = RECIPES.get(recipe, {})
-    tensors: dict[str, np.ndarray | tuple[np.ndarray, str]] = {}
-    tensors["token_embd.weight"] = (rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32) * 0.5, "token_embd")
-    tensors["output_norm.weight"] = np.ones(HIDDEN, np.float32)
-    for i in range(LAYERS):
-        tensors[f"blk.{i}.attn_norm.weight"] = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-        tensors[f"blk.{i}.ffn_norm.weight"] = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-        for short, shape in shapes.items():
-            tensors[f"blk.{i}.{short}.weight"] = (rng.standard_normal(shape).astype(np.float32) * 0.06, short)
-    for name, value in tensors.items():
-        if isinstance(value, np.ndarray):
-            w.add_tensor(name, value)
-            continue
-        arr, short = value
-        kind = mix.get(short, mix.get("", recipe))
-        if extra is not None and short == extra[0]:
-            kind = extra[1]
-        w.add_tensor(name, _quantize(arr, kind), raw_dtype=gguf.GGMLQuantizationType[kind])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+from .kquants import LAYERS, RECIPES, VOCAB, write_gguf
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))
