@@ -231,3 +231,37 @@ def test_release_keeps_the_window_and_frees_once() -> None:
     blocks.free_sequence(seq)
     assert blocks.num_free_blocks == 16 and seq.num_released_blocks == 0
     assert all(r == 0 for r in blocks.ref_counts)
+
+
+def test_engine_serves_a_mistral_dir_as_transformers_does(tmp_path, bundled_gguf) -> None:  # type: ignore[no-untyped-def]
+    """The user's path: a Mistral directory written by transformers, loaded and served by
+    the engine (which gives back blocks before the window), greedy as transformers."""
+    from strata.engine.engine import EngineConfig, build_engine_core
+    from strata.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(bundled_gguf)
+    torch.manual_seed(5)
+    hf = MistralConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=8,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_ids[0],
+    )
+    ref = MistralForCausalLM(hf).eval()
+    ref.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    core = build_engine_core(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu", threads=1,
+                                          num_kv_blocks=64, block_size=4, max_num_batched_tokens=16))
+    assert core.blocks.sliding_window == 8
+    prompt = torch.randint(0, tokenizer.vocab_size, (45,), generator=torch.Generator().manual_seed(6)).tolist()
+    core.add(0, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), now=0.0)
+    tokens: list[int] = []
+    most_blocks = 0
+    while core.has_work:
+        for out in core.step():
+            tokens += out.token_ids
+        most_blocks = max(most_blocks, core.blocks.num_blocks - core.blocks.num_free_blocks)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                            min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    assert tokens == want
+    assert most_blocks <= 8  # a window of 8 and a 16-token chunk, not the 57 tokens' 15 blocks
