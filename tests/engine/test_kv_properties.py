@@ -35,9 +35,11 @@ def check_pool(bm: BlockManager, tables: list[list[int]]) -> None:
 class BlockManagerMachine(RuleBasedStateMachine):
     """Admit (with prefix matching), grow, compute, commit, unmatch and free sequences."""
 
+    window: int | None = None  # set: give back blocks before a sliding window after each step
+
     def __init__(self) -> None:
         super().__init__()
-        self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+        self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, sliding_window=self.window)
         self.live: list[Sequence] = []
         self.next_id = 0
 
@@ -62,6 +64,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             seq.output_token_ids.append(data.draw(st.integers(0, 3)))
         seq.num_computed_tokens = n
         self.bm.commit(seq)
+        self.bm.release_before_window(seq)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -81,9 +84,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def pool_is_consistent(self) -> None:
-        check_pool(self.bm, [s.block_table for s in self.live])
+        # Blocks given back stay in a table (masked there) but are no longer held by it.
+        check_pool(self.bm, [s.block_table[s.num_released_blocks :] for s in self.live])
         for s in self.live:  # a table never holds more blocks than its tokens need
             assert len(s.block_table) * BLOCK_SIZE < s.num_tokens + 1 + BLOCK_SIZE
+            # Nothing the next query may still attend to was given back.
+            first_needed = s.num_computed_tokens - (self.window or s.num_computed_tokens + 1) + 1
+            assert s.num_released_blocks * BLOCK_SIZE <= max(0, first_needed)
 
     def teardown(self) -> None:
         for seq in self.live:
@@ -94,3 +101,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 BlockManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
                                                  deadline=None)
 TestBlockManager = BlockManagerMachine.TestCase
+
+
+class SlidingWindowMachine(BlockManagerMachine):
+    """The same calls with blocks before a 5-token window given back as sequences run."""
+
+    window = 5
+
+
+SlidingWindowMachine.TestCase.settings = BlockManagerMachine.TestCase.settings
+TestBlockManagerSlidingWindow = SlidingWindowMachine.TestCase
