@@ -56,9 +56,9 @@ class PathBlockManager(BlockManager):
 
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-        path_of: Callable[[int], Path | None],
+        path_of: Callable[[int], Path | None], sliding_window: int | None = None,
     ) -> None:
-        super().__init__(num_blocks, block_size, enable_prefix_caching)
+        super().__init__(num_blocks, block_size, enable_prefix_caching, sliding_window)
         self.path_of = path_of
         self.owner: list[Path | None] = [None] * num_blocks
 
@@ -125,8 +125,12 @@ class HeadCore(EngineCore):
         self.stage_name = f"{runner.model.layer_start}:{runner.model.layer_end}"
         self.lock = threading.Lock()  # guards `replicas` against the HTTP and network threads
         self.replicas = ReplicaSets(downstream, runner.num_blocks)
+        # The head's block ids address every stage's cache, so blocks it gives back
+        # before a sliding window (all layers', from the whole model's config) are
+        # free on every stage at once.
         self.blocks = PathBlockManager(
-            runner.num_blocks, runner.block_size, enable_prefix_caching, self.replicas.path_of
+            runner.num_blocks, runner.block_size, enable_prefix_caching, self.replicas.path_of,
+            sliding_window=runner.model.config.kv_window,
         )
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.prefixes = None  # its steps do not follow the prefix cache for gateways (yet)
