@@ -140,9 +140,8 @@ inline __m512 chunk_scales(const at::Half* p) {
 }
 template <int G>
 inline __m512 chunk_scales(const float* p) {
-  float four[4] = {0.f, 0.f, 0.f, 0.f};
-  std::memcpy(four, p, 64 / G * sizeof(float));
-  const __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(four));
+  const __m512 v = _mm512_castps128_ps512(
+      G == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))) : _mm_loadu_ps(p));
   return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                  G == 32 ? 3 : 2), v);
 }
