@@ -140,12 +140,17 @@ class LlamaConfig:
         if self.eos_token_id is not None:
             d["eos_token_id"] = self.eos_token_id
         if self.sliding_window is not None:
-            # Mistral is Llama with a window on every layer; per-layer windows have no
-            # Llama-shaped equivalent to export.
-            if self.layer_types is not None and set(self.layer_types) != {"sliding_attention"}:
-                raise ValueError("per-layer sliding windows cannot be exported as a Llama/Mistral config")
-            d.update(architectures=["MistralForCausalLM"], model_type="mistral",
-                     sliding_window=self.sliding_window)
+            d["sliding_window"] = self.sliding_window
+            if self.model_type.startswith("qwen"):  # their window is off unless switched on
+                d["use_sliding_window"] = True
+                if self.layer_types is not None:
+                    d["layer_types"] = list(self.layer_types)
+            elif self.kv_window is None:
+                raise ValueError(
+                    f"per-layer sliding windows cannot be exported as a {self.model_type} config"
+                )
+            elif self.model_type == "llama":  # Mistral is Llama with a window on every layer
+                d.update(architectures=[_ARCHITECTURES["mistral"]], model_type="mistral")
         return d
 
 

@@ -52,7 +52,14 @@ def test_config_windows_per_layer() -> None:
     types = ["sliding_attention", "full_attention"] * 2
     alt = LlamaConfig.from_hf_dict({**base, "model_type": "mistral", "sliding_window": 8, "layer_types": types})
     assert [alt.layer_window(i) for i in range(4)] == [8, None, 8, None]
-    assert mistral.to_hf_dict()["sliding_window"] == 32
+    # Exported configs read back with the same windows (Qwen2's with its switch on).
+    for cfg in (mistral, on):
+        back = LlamaConfig.from_hf_dict(cfg.to_hf_dict())
+        assert [back.layer_window(i) for i in range(4)] == [cfg.layer_window(i) for i in range(4)]
+    llama = LlamaConfig(**{**base, "num_key_value_heads": 2}, sliding_window=8)
+    assert llama.to_hf_dict()["model_type"] == "mistral"
+    with pytest.raises(ValueError, match="per-layer"):
+        alt.to_hf_dict()
     # Blocks before the window are dead only when no layer reads the whole context.
     assert (mistral.kv_window, on.kv_window, alt.kv_window) == (32, None, None)
 
