@@ -83,6 +83,10 @@ class ScaleFinish:
     ``hold_reason``: what an in-range tick without a proposal does. None: keep the current
     count and skip the behaviour step (the HPA's FailedComputeMetricsReplicas; the proposal
     says why); a string: propose the current count to the behaviour step, with this reason.
+    ``hold_up``: set by a wrapper that may veto a scale-up (a pipeline's stage that is not
+    its bottleneck): called with the tier's state when the finished count is above the
+    current one, it returns why the count stays (or None). The veto comes before anything
+    is recorded, so a held scale-up never counts against the rate limits.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class ScaleFinish:
         self.normalizer = normalizer
         self.disabled_at_zero = disabled_at_zero
         self.hold_reason = hold_reason
+        self.hold_up: Callable[[TierState], str | None] | None = None
         self.zero_gate = ScaleToZeroGate(
             grace_s=config.scale_to_zero_grace_s, retention_s=config.scale_to_zero_retention_s
         )
@@ -149,6 +154,11 @@ class ScaleFinish:
             else:
                 desired = out_of_range
 
+        if self.hold_up is not None and desired > current:
+            held = self.hold_up(state)
+            if held:
+                desired = current
+                reasons.append(held)
         if self.min_replicas == 0:
             desired, why = self.zero_gate.apply(
                 state, desired, self.min_replicas, self.max_replicas, now

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -134,25 +133,30 @@ class BottleneckFirst:
 
     def __init__(self, inner: AutoscalingPolicy, tier: str, group: Sequence[str],
                  observer: StageObserver) -> None:
+        finish = getattr(inner, "finish", None)
+        if finish is None:
+            raise TypeError(f"policy {inner.name!r} has no ScaleFinish to hold scale-ups in")
         self.inner = inner
         self.tier = tier
         self.group = tuple(group)
         self.observer = observer
         self.name = inner.name
         self.recommended_tick_s = inner.recommended_tick_s
+        # The veto runs inside the inner policy's finish, before it records a change.
+        finish.hold_up = self._hold
 
-    def decide(self, state: TierState, now: float) -> ScaleDecision:
-        """The inner policy's decision, held when it grows a stage that is not the bottleneck."""
-        d = self.inner.decide(state, now)
-        if d.desired <= d.current:
-            return d
+    def _hold(self, state: TierState) -> str | None:
+        """Why this stage may not grow now: another stage of the pipeline is busier."""
         states = {t: self.observer.latest[t] for t in self.group if t in self.observer.latest}
         states[self.tier] = state
         top = bottleneck(states)
         if top is None or top == self.tier:
-            return d
-        return replace(d, desired=d.current,
-                       reason=f"{d.reason}; held: stage tier {top} is the bottleneck")
+            return None
+        return f"held: stage tier {top} is the bottleneck"
+
+    def decide(self, state: TierState, now: float) -> ScaleDecision:
+        """The inner policy's decision, held when it grows a stage that is not the bottleneck."""
+        return self.inner.decide(state, now)
 
 
 class PipelineObservers:

@@ -70,6 +70,9 @@ def test_only_the_bottleneck_stage_may_grow_in_a_tick() -> None:
     held = gated["stage-10-20"].decide(states["stage-10-20"], now=100.0)
     assert (up.current, up.desired) == (1, 2)
     assert (held.current, held.desired) == (1, 1) and "stage-20-30 is the bottleneck" in held.reason
+    # Held inside the policy's finish, before it records anything: the decision's own
+    # evidence says 1, not the vetoed 2.
+    assert held.metrics["desired"] == 1.0 and held.metrics["proposal"] == 2.0
     # Scale-downs are never held: an idle stage shrinks while another is the bottleneck.
     idle = tier("stage-10-20", [0.05, 0.0])
     seen.latest = {**states, "stage-10-20": idle}
