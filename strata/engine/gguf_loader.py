@@ -46,6 +46,9 @@ _OPTIONAL_LAYER_TENSORS = {
     "self_attn.o_proj.bias": ("o_bias", "attn_output.bias"),
     "self_attn.q_norm.weight": ("qk_norm", "attn_q_norm.weight"),
     "self_attn.k_norm.weight": ("qk_norm", "attn_k_norm.weight"),
+    # Gemma 3's norms around the MLP (HF directories only: no gemma3 GGUF is read yet).
+    "pre_feedforward_layernorm.weight": ("sandwich_norms", "pre_ffw_norm.weight"),
+    "post_feedforward_layernorm.weight": ("sandwich_norms", "post_ffw_norm.weight"),
 }
 _GGUF_SUFFIX = {**_LAYER_TENSORS, **{k: v[1] for k, v in _OPTIONAL_LAYER_TENSORS.items()}}
 

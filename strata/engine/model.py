@@ -51,11 +51,15 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
-def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with the config's rope scaling applied (HF semantics)."""
+def _rope_inv_freq(config: LlamaConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies, with the config's rope scaling applied (HF semantics).
+
+    ``local``: those of the sliding layers' own base (`rope_local_theta`), unscaled.
+    """
     dim = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = {} if local else config.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in ("default", None):
         return inv_freq.float()
@@ -147,7 +151,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attn_scale
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
@@ -216,7 +220,9 @@ class Attention(nn.Module):
         kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, Lk, D]
         vh = v.transpose(0, 1).unsqueeze(0)
         if context_len == 0 and self.window is None:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, enable_gqa=True, scale=self.scale
+            )
         else:
             # Bottom-right aligned causal mask: query i sits at position context_len + i.
             # Padded queries repeat the last real one's row, so none is left without keys.
@@ -225,7 +231,9 @@ class Attention(nn.Module):
             mask = cols <= rows
             if self.window is not None:
                 mask &= cols > rows - self.window
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, enable_gqa=True, scale=self.scale
+            )
         return o.squeeze(0).transpose(0, 1)[:lq]
 
     def prefill_chunks(
@@ -273,40 +281,66 @@ class Attention(nn.Module):
             lens = mask.sum(-1, keepdim=True)
             pos = torch.arange(mask.shape[-1], device=mask.device)
             mask = mask & (pos >= lens - self.window)
-        o = F.scaled_dot_product_attention(qh, kg, vg, attn_mask=mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qh, kg, vg, attn_mask=mask, enable_gqa=True, scale=self.scale
+        )
         return o.squeeze(2)
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU on a fused [gate | up] row: gelu_pytorch_tanh(gate) * up (Gemma)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward with the gate and up projections fused into one matmul."""
+    """SwiGLU (or GeGLU-tanh) feed-forward with gate and up fused into one matmul."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
+        self.gelu = config.mlp_act == "gelu_tanh"
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.gelu:
+            return self.down_proj(gelu_tanh_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    With sandwich norms (Gemma 3) each block's output is normed too, and the MLP input
+    has its own norm: x + norm(attn(norm(x))), then + norm(mlp(norm(x))), with
+    post_attention_layernorm on the attention output and pre/post_feedforward_layernorm
+    around the MLP.
+    """
 
     def __init__(self, config: LlamaConfig, window: int | None = None) -> None:
         super().__init__()
         self.eps = config.rms_norm_eps
         self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        sandwich = config.sandwich_norms
+        self.pre_feedforward_layernorm = nn.Parameter(torch.ones(config.hidden_size)) if sandwich else None
+        self.post_feedforward_layernorm = nn.Parameter(torch.ones(config.hidden_size)) if sandwich else None
         self.self_attn = Attention(config, window)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, meta, kv_cache):  # type: ignore[no-untyped-def]
-        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
-        x = x + self.self_attn(h, cos, sin, meta, kv_cache)
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
-        return x + self.mlp(h)
+        n = (x.shape[-1],)
+        h = F.rms_norm(x, n, self.input_layernorm, self.eps)
+        a = self.self_attn(h, cos, sin, meta, kv_cache)
+        if self.pre_feedforward_layernorm is None:
+            x = x + a
+            return x + self.mlp(F.rms_norm(x, n, self.post_attention_layernorm, self.eps))
+        x = x + F.rms_norm(a, n, self.post_attention_layernorm, self.eps)
+        m = self.mlp(F.rms_norm(x, n, self.pre_feedforward_layernorm, self.eps))
+        return x + F.rms_norm(m, n, self.post_feedforward_layernorm, self.eps)
 
 
 class LlamaModel(nn.Module):
@@ -341,6 +375,13 @@ class LlamaModel(nn.Module):
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_head else None
         )
         self.register_buffer("inv_freq", _rope_inv_freq(config), persistent=False)
+        # Which layers rotate with the sliding layers' own base (Gemma 3), and its table.
+        self.rope_local = [config.layer_rope_local(i) for i in range(layer_start, layer_end)]
+        self.register_buffer(
+            "inv_freq_local",
+            _rope_inv_freq(config, local=True) if any(self.rope_local) else None,
+            persistent=False,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -355,6 +396,11 @@ class LlamaModel(nn.Module):
             if name not in state_dict:
                 raise KeyError(f"weight {name!r} missing from the model files")
             return state_dict[name].to(dtype)
+
+        def norm(name: str) -> torch.Tensor:  # Gemma stores w and scales by (1 + w)
+            if self.config.norm_offset_one:
+                return (state_dict[name].float() + 1.0).to(dtype) if name in state_dict else get(name)
+            return get(name)
 
         with torch.no_grad():
             if self.embed_tokens is not None:
@@ -374,26 +420,32 @@ class LlamaModel(nn.Module):
                 if attn.o_proj.bias is not None:
                     attn.o_proj.bias.copy_(get(p + "self_attn.o_proj.bias"))
                 if attn.q_norm is not None:
-                    attn.q_norm.copy_(get(p + "self_attn.q_norm.weight"))
-                    attn.k_norm.copy_(get(p + "self_attn.k_norm.weight"))
+                    attn.q_norm.copy_(norm(p + "self_attn.q_norm.weight"))
+                    attn.k_norm.copy_(norm(p + "self_attn.k_norm.weight"))
                 gate_up = torch.cat(
                     [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0
                 )
                 layer.mlp.gate_up_proj.weight.copy_(gate_up)
                 layer.mlp.down_proj.weight.copy_(get(p + "mlp.down_proj.weight"))
-                layer.input_layernorm.copy_(get(p + "input_layernorm.weight"))
-                layer.post_attention_layernorm.copy_(get(p + "post_attention_layernorm.weight"))
+                layer.input_layernorm.copy_(norm(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.copy_(norm(p + "post_attention_layernorm.weight"))
+                if layer.pre_feedforward_layernorm is not None:
+                    layer.pre_feedforward_layernorm.copy_(norm(p + "pre_feedforward_layernorm.weight"))
+                    layer.post_feedforward_layernorm.copy_(norm(p + "post_feedforward_layernorm.weight"))
             if self.has_head:
                 assert self.norm is not None and self.lm_head is not None
-                self.norm.copy_(get("model.norm.weight"))
+                self.norm.copy_(norm("model.norm.weight"))
                 head = state_dict.get("lm_head.weight")
                 if head is None:  # tied embeddings
                     head = state_dict["model.embed_tokens.weight"]
                 self.lm_head.weight.copy_(head.to(dtype))
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype, local: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [T, 1, head_dim] for the given absolute positions."""
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        inv_freq = self.inv_freq_local if local else self.inv_freq
+        freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -410,13 +462,18 @@ class LlamaModel(nn.Module):
         """
         if self.embed_tokens is not None:
             x = self.embed_tokens(inputs)
+            if self.config.embed_scale is not None:  # in the model dtype, as transformers
+                x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         else:
             x = inputs
         if meta is not None and meta.cos_sin is not None:
             assert kv_caches is not None
             return self._forward_native(x, positions, meta, kv_caches)
-        cos, sin = self.rope(positions, x.dtype)
+        ropes = {False: self.rope(positions, x.dtype)}
+        if self.inv_freq_local is not None:
+            ropes[True] = self.rope(positions, x.dtype, local=True)
         for i, layer in enumerate(self.layers):
+            cos, sin = ropes[self.rope_local[i]]
             x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         if self.norm is not None:
             x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
@@ -440,6 +497,8 @@ class LlamaModel(nn.Module):
                     _as_fn(layer.mlp.down_proj),
                     layer.self_attn.q_norm,
                     layer.self_attn.k_norm,
+                    layer.pre_feedforward_layernorm,
+                    layer.post_feedforward_layernorm,
                 )
                 for layer in self.layers
             ]
@@ -482,16 +541,20 @@ class LlamaModel(nn.Module):
         c = self.config
         eps, nh, nkv, hd = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_size
         qs = nh * hd
-        scale = hd**-0.5
+        scale = c.attn_scale
+        gelu = c.mlp_act == "gelu_tanh"
         t = x.shape[0]
         d = meta.num_decodes
         decode_only = not meta.prefills
         tables, lens, bsz = meta.decode_block_tables, meta.decode_lens, meta.block_size
         slots, cos_sin = meta.slot_mapping, meta.cos_sin
+        tables_by_kind = {False: cos_sin}
+        if self.inv_freq_local is not None:
+            tables_by_kind[True] = self._local_rope_table(cos_sin.device)
         res = torch.zeros_like(x)
         windows = [layer.self_attn.window or 0 for layer in self.layers]  # 0: the whole context
         plan = self._native_plan()
-        for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn, q_norm, k_norm) in enumerate(plan):
+        for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn, q_norm, k_norm, w_pre_ff, w_post_ff) in enumerate(plan):
             kc, vc = kv_caches[i]
             h = add_norm(x, res, w_in, eps)  # x += res: x is the residual stream
             qkv = qkv_fn(h)
@@ -499,15 +562,22 @@ class LlamaModel(nn.Module):
                 for part, n, w in ((qkv[:, :qs], nh, q_norm), (qkv[:, qs : qs + nkv * hd], nkv, k_norm)):
                     heads = part.view(t, n, hd)
                     heads.copy_(F.rms_norm(heads, (hd,), w, eps))
-            rope_cache(qkv, positions, cos_sin, kc, vc, slots, nh, nkv)
+            rope_cache(qkv, positions, tables_by_kind[self.rope_local[i]], kc, vc, slots, nh, nkv)
             q = qkv[:, :qs].view(t, nh, hd)
             if decode_only:
                 attn = paged(q, kc, vc, tables, lens, bsz, scale, windows[i])
             else:
                 attn = self._mixed_attention(self.layers[i].self_attn, q, qkv, t, d, kc, vc, meta, scale)
             a = o_fn(attn.view(t, qs))
-            h = add_norm(a, x, w_post, eps)  # a += x
-            x = down_fn(silu_mul(gu_fn(h)))
+            if w_pre_ff is None:
+                h = add_norm(a, x, w_post, eps)  # a += x
+            else:  # sandwich norms: the attention output is normed before its residual add
+                a = F.rms_norm(a, (a.shape[-1],), w_post, eps)
+                h = add_norm(a, x, w_pre_ff, eps)  # a += x
+            gu = gu_fn(h)
+            x = down_fn(gelu_tanh_and_mul(gu) if gelu else silu_mul(gu))
+            if w_post_ff is not None:
+                x = F.rms_norm(x, (x.shape[-1],), w_post_ff, eps)
             res = a
         if self.norm is not None:
             return add_norm(x, res, self.norm, c.rms_norm_eps)
@@ -538,11 +608,23 @@ class LlamaModel(nn.Module):
         attn.prefill_chunks(out, q, k, v, kc, vc, meta.prefills)
         return out
 
-    def rope_table(self) -> torch.Tensor:
-        """[max_positions, head_dim] float32: cos of each frequency, then sin (native ops)."""
+    def rope_table(self, local: bool = False) -> torch.Tensor:
+        """[max_positions, head_dim] float32: cos of each frequency, then sin (native ops).
+
+        ``local``: the table of the sliding layers' own base (Gemma 3).
+        """
+        inv_freq = self.inv_freq_local if local else self.inv_freq
         pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float64)
-        freqs = pos.unsqueeze(1) * self.inv_freq.double().cpu().unsqueeze(0)
+        freqs = pos.unsqueeze(1) * inv_freq.double().cpu().unsqueeze(0)
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float().contiguous()
+
+    def _local_rope_table(self, device: torch.device) -> torch.Tensor:
+        """The local-base table, built once per device (the runner holds only the global one)."""
+        cached = self.__dict__.get("_local_table")
+        if cached is None or cached.device != device:
+            cached = self.rope_table(local=True).to(device)
+            self.__dict__["_local_table"] = cached
+        return cached
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (fp32) of normalised hidden states."""
@@ -552,5 +634,10 @@ class LlamaModel(nn.Module):
         pads = isinstance(head, nn.Linear) and _pads(head.weight) and hidden.dim() == 2
         m = padded_rows(n) if pads else n
         if m != n:  # through the module still, so its hooks (calibration) see the call
-            return head(F.pad(hidden, (0, 0, 0, m - n)))[:n].float()
-        return head(hidden).float()
+            logits = head(F.pad(hidden, (0, 0, 0, m - n)))[:n].float()
+        else:
+            logits = head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -7,10 +7,11 @@ from typing import Any
 
 # Hugging Face model_type values whose weights the one forward pass runs, by the features
 # their configs switch on (q/k/v bias, per-head q/k RMSNorm); see `LlamaConfig.from_hf_dict`.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -45,6 +46,16 @@ class LlamaConfig:
     qkv_bias: bool = False  # q/k/v projections add a bias (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # the output projection adds a bias (attention_bias in Llama, Qwen3)
     qk_norm: bool = False  # RMSNorm over head_dim on each q and k head before RoPE (Qwen3)
+    # Gemma 3: norm weights are stored as w and scale by (1 + w); the loader adds the 1.
+    norm_offset_one: bool = False
+    # Gemma 3: the attention and MLP outputs are normed before their residual adds, and
+    # the MLP input has its own norm (pre/post_feedforward_layernorm).
+    sandwich_norms: bool = False
+    mlp_act: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu_pytorch_tanh)
+    embed_scale: float | None = None  # embeddings times this, in the model dtype (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power, not head_dim's
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma's local base)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     @property
     def head_size(self) -> int:
@@ -58,6 +69,15 @@ class LlamaConfig:
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def layer_rope_local(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` rotates with the local base (`rope_local_theta`)."""
+        return self.rope_local_theta is not None and self.layer_window(layer) is not None
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q·k: head_dim**-0.5, or query_pre_attn_scalar**-0.5 (Gemma)."""
+        return (self.query_pre_attn_scalar or self.head_size) ** -0.5
 
     @property
     def kv_window(self) -> int | None:
@@ -86,18 +106,13 @@ class LlamaConfig:
             )
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=true is not supported: strata's MLP has no biases.")
+        if model_type == "gemma3_text":
+            return _gemma3_config(d, name)
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported; strata's MLP is SwiGLU (silu).")
         attention_bias = bool(d.get("attention_bias", False))
-        known = {
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-            "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim",
-            "bos_token_id", "eos_token_id",
-        }
-        kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
-        kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kwargs = _known_fields(d)
         # transformers >= 5 moves rope_theta into rope_parameters.
         rp = d.get("rope_parameters")
         if isinstance(rp, dict):
@@ -116,6 +131,8 @@ class LlamaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers' class for this model_type accepts."""
+        if self.model_type == "gemma3_text":
+            raise ValueError("a gemma3_text config cannot be exported (its HF files are its own)")
         d: dict[str, Any] = {
             "architectures": [_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
@@ -152,6 +169,68 @@ class LlamaConfig:
             elif self.model_type == "llama":  # Mistral is Llama with a window on every layer
                 d.update(architectures=[_ARCHITECTURES["mistral"]], model_type="mistral")
         return d
+
+
+_KNOWN_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim",
+    "bos_token_id", "eos_token_id",
+)
+
+
+def _known_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The config.json fields `LlamaConfig` takes as they are."""
+    kwargs = {k: d[k] for k in _KNOWN_FIELDS if k in d and d[k] is not None}
+    kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+    return kwargs
+
+
+def _gemma3_config(d: dict[str, Any], name: str) -> LlamaConfig:
+    """Gemma 3 text (transformers' Gemma3TextConfig): GeGLU-tanh MLP, (1 + w) norms before
+    and after attention and MLP, q/k norms, scaled embeddings, and sliding layers that
+    rotate with their own base (``rope_local_base_freq``, or transformers 5's
+    ``rope_parameters["sliding_attention"]``)."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"hidden_activation={act!r} is not supported for gemma3_text; "
+                         "strata runs gelu_pytorch_tanh.")
+    if d.get("attn_logit_softcapping") is not None:
+        raise ValueError("attn_logit_softcapping is not supported: strata's attention "
+                         "does not soft-cap its scores.")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=true is not supported: strata is causal.")
+    kwargs = _known_fields(d)
+    kwargs.setdefault("rms_norm_eps", 1e-6)
+    kwargs.setdefault("tie_word_embeddings", True)
+    local_theta = d.get("rope_local_base_freq", 10000.0)
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict) and "full_attention" in rp:  # transformers >= 5, per layer type
+        full, local = rp["full_attention"] or {}, rp.get("sliding_attention") or {}
+        if "rope_theta" in full:
+            kwargs["rope_theta"] = full["rope_theta"]
+        if full.get("rope_type", "default") != "default":
+            kwargs["rope_scaling"] = full
+        if local.get("rope_type", "default") != "default":
+            raise ValueError("rope scaling on gemma3's sliding layers is not supported.")
+        local_theta = local.get("rope_theta", local_theta)
+    window, layer_types = _hf_sliding_window(d)
+    if window is not None and layer_types is None:  # transformers' default pattern
+        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        layer_types = tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(int(d["num_hidden_layers"]))
+        )
+    softcap = d.get("final_logit_softcapping")
+    return LlamaConfig(
+        **kwargs, sliding_window=window, layer_types=layer_types, name=name,
+        model_type="gemma3_text", qkv_bias=bool(d.get("attention_bias")),
+        o_bias=bool(d.get("attention_bias")), qk_norm=True, norm_offset_one=True,
+        sandwich_norms=True, mlp_act="gelu_tanh", embed_scale=float(d["hidden_size"]) ** 0.5,
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),
+        rope_local_theta=float(local_theta),
+        final_logit_softcapping=None if softcap is None else float(softcap),
+    )
 
 
 def _hf_sliding_window(d: dict[str, Any]) -> tuple[int | None, tuple[str, ...] | None]:

@@ -263,7 +263,10 @@ def smooth_quant_(model: nn.Module, calibration_ids: list[int],
     for i, layer in enumerate(model.layers):
         for key, linear, norm in (
             ("qkv", layer.self_attn.qkv_proj, layer.input_layernorm),
-            ("gate_up", layer.mlp.gate_up_proj, layer.post_attention_layernorm),
+            # The norm right before the MLP: Gemma's sandwich norms put their own there.
+            ("gate_up", layer.mlp.gate_up_proj,
+             layer.post_attention_layernorm if layer.pre_feedforward_layernorm is None
+             else layer.pre_feedforward_layernorm),
         ):
             w = linear.weight
             s = stats[(key, i)].clamp(min=1e-5).pow(alpha) / w.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)

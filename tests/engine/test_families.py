@@ -86,14 +86,12 @@ def test_logits_match_transformers(family: str, tied: bool) -> None:
     assert (expected - got).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layer_range_parts_compose_to_the_whole(family: str) -> None:
-    ref, whole = tiny_pair(family)
-    sd = ref.state_dict()
+def assert_parts_compose(whole: LlamaModel, sd: dict[str, torch.Tensor], bounds: list[int]) -> None:
+    """Parts over layers [bounds[k], bounds[k + 1]) (the embedding in the first, the head
+    in the last), run one after another, give the whole model's logits."""
     parts = [
-        LlamaModel(whole.config, 0, 1, has_embed=True, has_head=False),
-        LlamaModel(whole.config, 1, 2, has_embed=False, has_head=False),
-        LlamaModel(whole.config, 2, 3, has_embed=False, has_head=True),
+        LlamaModel(whole.config, a, b, has_embed=a == 0, has_head=b == bounds[-1])
+        for a, b in zip(bounds, bounds[1:], strict=False)
     ]
     for part in parts:
         part.load_weights(sd)
@@ -104,6 +102,12 @@ def test_layer_range_parts_compose_to_the_whole(family: str) -> None:
         for part in parts:
             h = part(h, pos)
         assert torch.allclose(parts[-1].compute_logits(h), whole.compute_logits(whole(ids, pos)), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_range_parts_compose_to_the_whole(family: str) -> None:
+    ref, whole = tiny_pair(family)
+    assert_parts_compose(whole, ref.state_dict(), [0, 1, 2, 3])
 
 
 def _engine_rows(model: LlamaModel, dtype: torch.dtype, native: bool, max_tokens: int = 6):
@@ -156,7 +160,12 @@ TORCH = pytest.param(False, id="torch-attention")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_float32_gives_transformers_greedy_tokens(family: str, native: bool) -> None:
     ref, ours = tiny_pair(family)
-    for prompt, out, rows in _engine_rows(ours, torch.float32, native):
+    assert_engine_greedy_as_transformers(ref, ours, native)
+
+
+def assert_engine_greedy_as_transformers(ref, ours: LlamaModel, native: bool, max_tokens: int = 6) -> None:  # noqa: ANN001
+    """fp32 engine rows: transformers' greedy tokens, and its logits within 1e-3."""
+    for prompt, out, rows in _engine_rows(ours, torch.float32, native, max_tokens):
         with torch.no_grad():
             greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=len(out), do_sample=False,
                                   pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
@@ -176,13 +185,16 @@ def test_engine_half_precision_stays_close_to_transformers(
     ours = ours.to(dtype)
     for prompt, out, rows in _engine_rows(ours, dtype, native):
         expected = _reference_rows(ref, prompt, out)
-        got = torch.stack(rows)
-        scale = expected.abs().max().item()
-        tol = 0.03 * scale
-        assert (got - expected).abs().max().item() < tol
-        top2 = expected.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
-        assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+        assert_close_with_clear_top(torch.stack(rows), expected, 0.03 * expected.abs().max().item())
+
+
+def assert_close_with_clear_top(got: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Logits within ``tol``, and the same top token wherever the expected one leads by
+    more than twice that."""
+    assert (got - expected).abs().max().item() < tol
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
 @pytest.mark.skipif(not int8_supported(), reason="no x86 int8 backend in this torch")
@@ -192,6 +204,15 @@ def test_engine_int8_stays_close_to_transformers(family: str, native: bool) -> N
     """int8 (SmoothQuant-folded W8A8, biases added in float) keeps the distribution: small
     KL to transformers' fp32 and the same top token at almost every step."""
     ref, ours = tiny_pair(family)
+    kl, agreement = int8_kl_and_agreement(ref, ours, native)
+    # Qwen2: both bounds fail when the bias is left off the int8 projections.
+    assert kl < 1e-3
+    assert agreement >= 0.95
+
+
+def int8_kl_and_agreement(ref, ours: LlamaModel, native: bool) -> tuple[float, float]:  # noqa: ANN001
+    """Quantize `ours` (SmoothQuant-calibrated) and run the engine rows: the mean KL to
+    transformers' fp32 distribution and the share of steps with the same top token."""
     calibration = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(5)).tolist()
     quantize_model(ours, calibration)
     kls, agree, n = [], 0, 0
@@ -202,9 +223,7 @@ def test_engine_int8_stays_close_to_transformers(family: str, native: bool) -> N
                             reduction="none").sum(-1))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         n += len(out)
-    # Qwen2: both bounds fail when the bias is left off the int8 projections.
-    assert torch.cat(kls).mean().item() < 1e-3
-    assert agree / n >= 0.95
+    return torch.cat(kls).mean().item(), agree / n
 
 
 def _save_family_dir(family: str, out: Path, tied: bool) -> Qwen2ForCausalLM | Qwen3ForCausalLM:
@@ -404,24 +423,32 @@ def test_engine_from_directory_gives_transformers_greedy_tokens(
     """`strata engine --model DIR` as it starts: load, (quantize,) size the cache, warm up,
     then greedy-decode a chat prompt; float32 gives transformers' tokens exactly, int8 the
     same first tokens (the tiny random model's logits are flat, so a late tie may flip)."""
-    from strata.engine.engine import EngineConfig, build_engine_core
 
     if dtype == "int8" and not int8_supported():
         pytest.skip("no x86 int8 backend in this torch")
     ref, tok = _family_dir(family, tmp_path, bundled_gguf)
-    core = build_engine_core(EngineConfig(model=str(tmp_path), dtype=dtype, device="cpu", threads=1,
-                                          num_kv_blocks=32, max_num_batched_tokens=16))
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three rivers."}]))
-    core.add(0, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), now=0.0)
+    out, greedy = serve_greedy(tmp_path, dtype, prompt, ref)
+    assert len(out) == 8
+    assert out == greedy if dtype == "float32" else out[:3] == greedy[:3]
+
+
+def serve_greedy(path: Path, dtype: str, prompt: list[int], ref, n: int = 8) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """``n`` greedy tokens from an engine started on ``path`` as `strata engine` starts
+    (load, quantize, size the cache, warm up), and transformers' ``n`` from ``ref``."""
+    from strata.engine.engine import EngineConfig, build_engine_core
+
+    core = build_engine_core(EngineConfig(model=str(path), dtype=dtype, device="cpu", threads=1,
+                                          num_kv_blocks=32, max_num_batched_tokens=16))
+    core.add(0, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), now=0.0)
     out: list[int] = []
     while core.has_work:
         for o in core.step():
             out += o.token_ids
     with torch.no_grad():
-        greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+        greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                               pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
-    assert len(out) == 8
-    assert out == greedy if dtype == "float32" else out[:3] == greedy[:3]
+    return out, greedy
 
 
 def test_engine_start_up_refuses_an_unsupported_model(bundled_gguf: Path, tmp_path: Path) -> None:
