@@ -57,3 +57,37 @@ def test_pipeline_greedy_equals_single_engine(mistral_parts: Parts) -> None:
     # P + 4 on: its blocks of 16 wholly before that were given back while it ran.
     assert sum(given_back) == sum((len(p) + 4) // 16 for p in prompts) == 12
     assert blocks.num_free_blocks == NUM_BLOCKS
+
+
+@pytest.fixture(scope="module")
+def gemma_parts(tmp_path_factory: pytest.TempPathFactory, bundled_gguf: Path) -> Parts:
+    from tests.engine.test_gemma3 import hf_gemma
+
+    out = tmp_path_factory.mktemp("tiny-gemma3")
+    tokenizer = load_tokenizer(bundled_gguf)
+    hf_gemma(vocab=tokenizer.vocab_size).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Parts(out)
+
+
+def test_gemma3_pipeline_greedy_equals_single_engine(gemma_parts: Parts) -> None:
+    """Gemma 3's sliding layers (their own RoPE base, their window) and global layers split
+    over a head and a stage: the head holds two sliding layers, the stage the rest."""
+    from tests.engine.test_gemma3 import WINDOW as GEMMA_WINDOW
+    from tests.engine.test_gemma3 import hf_gemma
+
+    g = torch.Generator().manual_seed(9)
+    vocab = gemma_parts.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (20, 60)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = engine_generate(gemma_parts, prompts, params)
+    ref = hf_gemma(vocab=vocab)  # the same seeded weights the fixture saved
+    with torch.no_grad():
+        for prompt, got in zip(prompts, want, strict=True):
+            greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+            assert got == greedy
+    pipe = Pipeline(gemma_parts, [(0, 2), (2, 5)], {}, inflight=2)
+    assert pipe.core.blocks.sliding_window is None  # global layers keep every block
+    assert [layer.self_attn.window for layer in gemma_parts.part(2, 5).layers] == [None, GEMMA_WINDOW, None]
+    assert pipe.generate(prompts, params) == want
