@@ -122,15 +122,19 @@ def measure(model_dir: Path, args: Sequence[str], opts: argparse.Namespace,
     return dtype, out
 
 
-def table(samples: dict[str, dict[int, list[float]]], dtypes: dict[str, str],
+def table(samples: dict[str, dict[int, list[float]]], dtypes: dict[str, list[str]],
           concurrency: Sequence[int]) -> str:
-    """Markdown: median tok/s (min-max over rounds) and ratio to Llama, per level."""
+    """Markdown per level: median tok/s (min-max over rounds), and the ratios to Llama of
+    the medians and of the bests (the best round is the least disturbed by other jobs)."""
     head = "| family | dtype | " + " | ".join(
-        f"c={c} tok/s (min-max) | vs llama" for c in concurrency) + " |"
+        f"c={c} tok/s median (min-max) | vs llama: median, best" for c in concurrency) + " |"
     rule = "|---|---|" + "---:|---:|" * len(concurrency)
     rows = [head, rule]
     for fam, per_c in samples.items():
-        cells = [fam, dtypes.get(fam, "?")]
+        # --dtype auto decides by a start-up matmul timing, so a busy machine can flip it
+        seen = dtypes.get(fam, [])
+        cells = [fam, " / ".join(f"{d} x{seen.count(d)}" if len(set(seen)) > 1 else d
+                                 for d in dict.fromkeys(seen)) or "?"]
         for c in concurrency:
             vals = per_c.get(c, [])
             if not vals:
@@ -138,7 +142,8 @@ def table(samples: dict[str, dict[int, list[float]]], dtypes: dict[str, str],
                 continue
             med = statistics.median(vals)
             base = samples.get("llama", {}).get(c)
-            ratio = f"{med / statistics.median(base):.2f}" if base else "-"
+            ratio = (f"{med / statistics.median(base):.2f}, {max(vals) / max(base):.2f}"
+                     if base else "-")
             cells += [f"{med:.1f} ({min(vals):.1f}-{max(vals):.1f})", ratio]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -179,14 +184,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts, _ = eb.make_prompts(needed, opts.input_tokens, opts.seed)
     args = [] if opts.dtype == "auto" else ["--dtype", opts.dtype]
     samples: dict[str, dict[int, list[float]]] = {f: {} for f in opts.families}
-    dtypes: dict[str, str] = {}
+    dtypes: dict[str, list[str]] = {f: [] for f in opts.families}
     for rnd in range(opts.rounds):
         for fam in opts.families:
             t0 = time.monotonic()
-            dtypes[fam], got = measure(dirs[fam], args, opts, texts)
+            dtype, got = measure(dirs[fam], args, opts, texts)
+            dtypes[fam].append(dtype)
             for c, v in got.items():
                 samples[fam].setdefault(c, []).append(v)
-            print(f"round {rnd + 1} {fam} ({dtypes[fam]}): " + ", ".join(
+            print(f"round {rnd + 1} {fam} ({dtype}): " + ", ".join(
                 f"c={c} {v:.1f} tok/s" for c, v in got.items())
                 + f" ({time.monotonic() - t0:.0f} s)", flush=True)
     md = table(samples, dtypes, opts.concurrency)
