@@ -128,7 +128,7 @@ def _with_engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="Model: a .gguf file or Hugging Face directory; default: bundled SmolLM2-135M-Instruct."),
+    typer.Option(help="Model: a .gguf file, a Hugging Face directory, or gemma3-270m (fetched); default: bundled SmolLM2-135M-Instruct."),
 ]
 
 

