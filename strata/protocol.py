@@ -274,6 +274,8 @@ class CompletionRequest(_SamplingFields):
     )
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
+    # As vLLM: a text prompt gets the tokenizer's special tokens (BOS for Gemma, Llama 3).
+    add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _checks(self) -> CompletionRequest:
@@ -331,6 +333,8 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # The template writes the special tokens; as vLLM, none are added on top by default.
+    add_special_tokens: bool = False
     chat_template_kwargs: (
         Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None
     ) = None
@@ -394,6 +398,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages
 
 
 class DetokenizeRequest(BaseModel):

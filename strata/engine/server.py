@@ -285,7 +285,10 @@ def build_app(
                 raise validation_error(e) from None
             ids, _, _ = serving.prepare_chat(req)
         elif isinstance(data.get("prompt"), str):
-            ids = core.tokenizer.encode(data["prompt"], add_special_tokens=False)
+            special = data.get("add_special_tokens", True)  # vLLM's default for a prompt
+            if not isinstance(special, bool):
+                raise OpenAIError("add_special_tokens must be a boolean", param="add_special_tokens")
+            ids = core.tokenizer.encode(data["prompt"], add_special_tokens=special)
         else:
             raise OpenAIError("tokenize needs a string `prompt` or `messages`", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": core.config.max_model_len}

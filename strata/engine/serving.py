@@ -122,10 +122,14 @@ class Serving:
                 f"The model `{name}` does not exist.", 404, "NotFoundError", "model"
             )
 
-    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a text or token-id prompt, checked against the vocabulary."""
+    def tokenize_prompt(self, prompt: str | list[int], add_special_tokens: bool = False) -> list[int]:
+        """Token ids of a text or token-id prompt, checked against the vocabulary.
+
+        ``add_special_tokens``: a text gets the tokenizer's special tokens (its BOS, where
+        it has one), as vLLM does for completions; token ids are taken as they are.
+        """
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             ids = list(prompt)
             vocab = self.tokenizer.vocab_size
@@ -237,16 +241,17 @@ class Serving:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- completions --------------------------------------------------------------
-    def _prompt_with_keys(self, prompt: str | list[int]) -> tuple[list[int], RouteKeys]:
+    def _prompt_with_keys(self, prompt: str | list[int],
+                          special: bool) -> tuple[list[int], RouteKeys]:
         """A completion prompt's ids and routing keys (none without a prefix registry)."""
         est = self.route_estimator
         if est is None:
-            return self.tokenize_prompt(prompt), ()
+            return self.tokenize_prompt(prompt, special), ()
         if isinstance(prompt, str):
             data = prompt.encode()
             if len(data) < est.chunk_bytes:
-                return self.tokenize_prompt(prompt), ()
-            ids, ends = self.tokenizer.encode_with_ends(prompt)
+                return self.tokenize_prompt(prompt, special), ()
+            ids, ends = self.tokenizer.encode_with_ends(prompt, special)
             return ids, text_route_keys(est, data, [(0, len(data), 0)], ends)
         ids = self.tokenize_prompt(prompt)
         return ids, id_route_keys(est, ids)
@@ -257,7 +262,7 @@ class Serving:
         """Tokenize prompts and build one job per (prompt, n)."""
         self.check_model(req.model)
         self.check_fan_out(len(req.prompts()), req.n)
-        prepared = [self._prompt_with_keys(p) for p in req.prompts()]
+        prepared = [self._prompt_with_keys(p, req.add_special_tokens) for p in req.prompts()]
         prompts = [ids for ids, _ in prepared]
         want_prompt_lp = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
@@ -451,13 +456,13 @@ class Serving:
         """The rendered prompt's ids and the routing keys of the messages it was made of."""
         est = self.route_estimator
         if est is None:
-            return self.tokenize_prompt(prompt), ()
+            return self.tokenize_prompt(prompt, req.add_special_tokens), ()
         # The raw role and content, as a gateway reads them from the request body.
         routing, contents = chat_routing_text(
             [{"role": m.role, "content": m.content} for m in req.messages])
         if len(routing) < est.chunk_bytes:
-            return self.tokenize_prompt(prompt), ()
-        ids, ends = self.tokenizer.encode_with_ends(prompt)
+            return self.tokenize_prompt(prompt, req.add_special_tokens), ()
+        ids, ends = self.tokenizer.encode_with_ends(prompt, req.add_special_tokens)
         return ids, text_route_keys(est, routing, locate(contents, prompt), ends)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:

@@ -71,9 +71,9 @@ class Tokenizer:
         """Token ids of text; chat prompts already carry their special tokens, hence the default."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+    def encode_with_ends(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
         """``encode(text)`` and each token's end character offset in ``text``, in one pass."""
-        enc = self.backend.encode(text, add_special_tokens=False)
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, [end for _, end in enc.offsets]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -108,6 +108,14 @@ def test_engine_greedy_equals_transformers_on_the_same_weights(gemma_gguf: Path)
                               pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
     assert out == greedy
     assert "France" in tokenizer.decode(out)
+    # The completions API gets there from the text: it adds the tokenizer's <bos>, as vLLM.
+    from strata.engine.engine import AsyncEngine
+    from strata.engine.serving import Serving
+    from strata.protocol import CompletionRequest
+
+    serving = Serving(AsyncEngine(core), tokenizer, "gemma-3-270m")
+    (ids,), _ = serving.prepare_completion(CompletionRequest(model="gemma-3-270m", prompt=PROMPT_TEXT))
+    assert ids == prompt
 
 
 @pytest.mark.slow

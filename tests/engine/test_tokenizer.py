@@ -226,3 +226,29 @@ def test_detokenizer_on_cjk_emoji_accents_token_by_token(tok: Tokenizer) -> None
         seen += detok.add(token)
         assert tok.decode(ids[: i + 1]).startswith(seen)
     assert seen + detok.flush() == text
+
+
+def test_completions_add_the_tokenizers_bos_as_vllm_does(tok: Tokenizer) -> None:
+    """A tokenizer that adds BOS (Gemma's, Llama 3's) gets it on a completion's text prompt
+    by default and on /tokenize's, never on top of a chat template's own."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.processors import TemplateProcessing
+
+    from strata.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+
+    bos = "<|im_start|>"
+    bos_id = tok.token_to_id(bos)
+    assert bos_id is not None
+    backend = Backend.from_str(tok.backend.to_str())
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    with_bos = Tokenizer(backend, name="bos-test", bos_token_id=bos_id)
+    text = "The capital of France is"
+    plain = tok.encode(text)
+    assert with_bos.encode(text, add_special_tokens=True) == [bos_id, *plain]
+    assert with_bos.encode(text) == plain
+    ids, ends = with_bos.encode_with_ends(text, add_special_tokens=True)
+    assert ids == [bos_id, *plain] and ends[0] == 0  # BOS ends before any text
+    assert CompletionRequest(model="m", prompt=text).add_special_tokens is True
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]
+                                 ).add_special_tokens is False
+    assert TokenizeRequest(prompt=text).add_special_tokens is None
