@@ -9,7 +9,9 @@ with the bundled model's tokenizer, so only the architecture differs:
 - ``mistral``: Llama plus a sliding window (``--window``, default 32 tokens, shorter
   than every prompt, so the windowed attention path is what runs);
 - ``qwen2``: q/k/v projection biases;
-- ``qwen3``: RMSNorm on q and k per head.
+- ``qwen3``: RMSNorm on q and k per head;
+- ``gemma3``: Gemma 3 text: (1 + w) sandwich norms, q/k norms, GeLU-tanh MLP, scaled
+  embeddings, five sliding layers (``--window``) to one global, two RoPE bases.
 
 Then serves each with ``strata engine --model DIR`` (one server at a time) and drives it
 with the engine benchmark's closed loop (benchmarks/engine.py): prompts of exactly
@@ -44,7 +46,7 @@ import roofline as rl  # noqa: E402
 import peers  # noqa: E402
 from strata.bench.metrics import summarize  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def family_config(family: str, window: int) -> object:
@@ -74,6 +76,9 @@ def family_config(family: str, window: int) -> object:
         return tf.Qwen2Config(**common, use_sliding_window=False)
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=head_dim, use_sliding_window=False)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=window,
+                                   query_pre_attn_scalar=head_dim)
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
@@ -84,7 +89,7 @@ def build_dir(family: str, window: int, cache_dir: Path) -> Path:
     from strata.engine.tokenizer import load_tokenizer
     from strata.engine.weights import bundled_model_path
 
-    name = f"{family}-w{window}" if family == "mistral" else family
+    name = f"{family}-w{window}" if family in ("mistral", "gemma3") else family
     out = cache_dir / name
     if (out / "model.safetensors").exists():
         return out
