@@ -222,9 +222,8 @@ async def test_queried_series_are_served_by_a_real_engine_and_gateway(
     labelled gauge not used yet is declared). The stage busy ratio is a stage replica's,
     not checked here.
     """
-    from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
-    from strata.engine.server import build_app
-    from tests.gateway.servers import completion, gateway, serve
+    from tests.engine.test_metrics import serve_engine
+    from tests.gateway.servers import completion, gateway
 
     data = _example()
     data["tiers"]["engine"]["autoscaling"] = {
@@ -245,30 +244,23 @@ async def test_queried_series_are_served_by_a_real_engine_and_gateway(
     wanted |= _series_in(render(kpa, autoscaler="keda"))
     assert "strata_kv_cache_usage_ratio" in wanted and "strata_requests_total" in wanted
 
-    core = build_engine_core(EngineConfig(
-        model=str(tiny_hf_dir), dtype="float32", device="cpu", threads=1, num_kv_blocks=64,
-        block_size=16, max_model_len=256, max_num_seqs=4))
-    engine = AsyncEngine(core)
-    engine.start()
-    try:
-        async with serve(build_app(engine, internal_token="s3cret"), lifespan="off") as url, \
-                gateway([url]) as (_, client), httpx.AsyncClient(timeout=30) as http:
-            resp = await client.post("/v1/completions",
-                                     json=completion(model=core.model_name, max_tokens=8, stream=True,
-                                                     ignore_eos=True))
-            assert resp.status_code == 200, resp.text
-            served: set[str] = set()
-            for base in (url, str(client.base_url)):
-                page = await http.get(base.rstrip("/") + "/metrics")
-                assert page.status_code == 200  # no token sent
-                for family in text_string_to_metric_families(page.text):
-                    served |= {s.name for s in family.samples}
-                    if family.type == "gauge":
-                        # a labelled gauge has no sample before its first use (the
-                        # gateway's queue depth until a request waits): declared is enough
-                        served.add(family.name)
-    finally:
-        engine.stop()
+    async with serve_engine(tiny_hf_dir, max_num_seqs=4, max_model_len=256,
+                            internal_token="s3cret") as (url, model_name), \
+            gateway([url]) as (_, client), httpx.AsyncClient(timeout=30) as http:
+        resp = await client.post("/v1/completions",
+                                 json=completion(model=model_name, max_tokens=8, stream=True,
+                                                 ignore_eos=True))
+        assert resp.status_code == 200, resp.text
+        served: set[str] = set()
+        for base in (url, str(client.base_url)):
+            page = await http.get(base.rstrip("/") + "/metrics")
+            assert page.status_code == 200  # no token sent
+            for family in text_string_to_metric_families(page.text):
+                served |= {s.name for s in family.samples}
+                if family.type == "gauge":
+                    # a labelled gauge has no sample before its first use (the
+                    # gateway's queue depth until a request waits): declared is enough
+                    served.add(family.name)
     assert wanted - served == set()
 
 

@@ -48,15 +48,16 @@ HISTOGRAMS = {
 
 
 @asynccontextmanager
-async def serve_engine(model: Path, max_num_seqs: int = 8) -> AsyncIterator[tuple[str, str]]:
+async def serve_engine(model: Path, max_num_seqs: int = 8, max_model_len: int = 512,
+                       internal_token: str | None = None) -> AsyncIterator[tuple[str, str]]:
     """A real engine serving its HTTP app on loopback; yields (base URL, model name)."""
     core = build_engine_core(EngineConfig(
         model=str(model), dtype="float32", device="cpu", threads=1, num_kv_blocks=NUM_BLOCKS,
-        block_size=BLOCK, max_model_len=512, max_num_seqs=max_num_seqs))
+        block_size=BLOCK, max_model_len=max_model_len, max_num_seqs=max_num_seqs))
     engine = AsyncEngine(core)
     engine.start()
     try:
-        async with serve(build_app(engine), lifespan="off") as url:
+        async with serve(build_app(engine, internal_token=internal_token), lifespan="off") as url:
             yield url, core.model_name
     finally:
         engine.stop()

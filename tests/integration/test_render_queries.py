@@ -25,9 +25,8 @@ import pytest
 import yaml
 
 from strata.deploy.render import render
-from strata.engine.engine import AsyncEngine, EngineConfig, build_engine_core
-from strata.engine.server import build_app
-from tests.gateway.servers import completion, gateway, serve
+from tests.engine.test_metrics import serve_engine
+from tests.gateway.servers import completion, gateway
 from tests.integration.test_prometheus import prometheus  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -95,50 +94,44 @@ async def test_rendered_queries_select_the_tier_in_prometheus(
         prometheus: tuple[str, Path], tiny_hf_dir: Path) -> None:  # noqa: F811
     prom_url, targets = prometheus
     keda, adapter = _queries()
-    core = build_engine_core(EngineConfig(
-        model=str(tiny_hf_dir), dtype="float32", device="cpu", threads=1, num_kv_blocks=64,
-        block_size=16, max_model_len=256, max_num_seqs=4))
-    engine = AsyncEngine(core)
-    engine.start()
-    try:
-        async with serve(build_app(engine), lifespan="off") as engine_url, \
-                gateway([engine_url]) as (_, client), \
-                httpx.AsyncClient(timeout=10) as http:
-            labels = {"namespace": "strata"}
-            targets.write_text(json.dumps([
-                {"targets": [engine_url.removeprefix("http://")],
-                 "labels": {**labels, "service": "strata-engine", "pod": ENGINE_POD}},
-                {"targets": [str(client.base_url).removeprefix("http://").rstrip("/")],
-                 "labels": {**labels, "service": "strata-gateway", "pod": GATEWAY_POD}}]))
-            deadline = time.monotonic() + 60
-            while len(await _query(http, prom_url, "up == 1")) < 2:
-                assert time.monotonic() < deadline, "Prometheus never scraped both targets"
-                await asyncio.sleep(0.5)
-            # Requests over a few scrapes, so the rates and latency quantiles have data.
-            for _ in range(6):
-                resp = await client.post("/v1/completions", json=completion(
-                    model=core.model_name, max_tokens=8, stream=True, ignore_eos=True))
-                assert resp.status_code == 200
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(2.5)
-            for promql in keda:
-                value = _value(await _query(http, prom_url, promql))
-                assert math.isfinite(value) and value >= 0, (promql, value)
-            for scope, promql in adapter:
-                result = await _query(http, prom_url, promql)
-                if scope == "pods":  # one value per pod, as the adapter hands the HPA
-                    assert [r["metric"].get("pod") for r in result] == [ENGINE_POD], promql
-                value = _value(result)
-                assert math.isfinite(value) and value >= 0, (promql, value)
-            # `or vector(0)` hides a selector that matches nothing: each must match.
-            selectors = {m.group(0) for q in keda + [q for _, q in adapter]
-                         for m in re.finditer(r"strata_[a-z0-9_]+\{[^}]*\}", q)}
-            assert len(selectors) > 10
-            for sel in sorted(selectors):
-                if sel.startswith("strata_gateway_queue_depth"):
-                    continue  # no series before a request waits; none waited here
-                assert await _query(http, prom_url, sel), f"{sel} selects nothing"
-            rps = next(q for q in keda if "strata_requests_total" in q)
-            assert _value(await _query(http, prom_url, rps)) > 0  # requests did finish
-    finally:
-        engine.stop()
+    async with serve_engine(tiny_hf_dir, max_num_seqs=4, max_model_len=256) as (
+            engine_url, model_name), \
+            gateway([engine_url]) as (_, client), \
+            httpx.AsyncClient(timeout=10) as http:
+        labels = {"namespace": "strata"}
+        targets.write_text(json.dumps([
+            {"targets": [engine_url.removeprefix("http://")],
+             "labels": {**labels, "service": "strata-engine", "pod": ENGINE_POD}},
+            {"targets": [str(client.base_url).removeprefix("http://").rstrip("/")],
+             "labels": {**labels, "service": "strata-gateway", "pod": GATEWAY_POD}}]))
+        deadline = time.monotonic() + 60
+        while len(await _query(http, prom_url, "up == 1")) < 2:
+            assert time.monotonic() < deadline, "Prometheus never scraped both targets"
+            await asyncio.sleep(0.5)
+        # Requests over a few scrapes, so the rates and latency quantiles have data.
+        for _ in range(6):
+            resp = await client.post("/v1/completions", json=completion(
+                model=model_name, max_tokens=8, stream=True, ignore_eos=True))
+            assert resp.status_code == 200
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.5)
+        for promql in keda:
+            value = _value(await _query(http, prom_url, promql))
+            assert math.isfinite(value) and value >= 0, (promql, value)
+        for scope, promql in adapter:
+            result = await _query(http, prom_url, promql)
+            if scope == "pods":  # one value per pod, as the adapter hands the HPA
+                assert [r["metric"].get("pod") for r in result] == [ENGINE_POD], promql
+            value = _value(result)
+            assert math.isfinite(value) and value >= 0, (promql, value)
+        # `or vector(0)` hides a selector that matches nothing: each must match.
+        selectors = {m.group(0) for q in keda + [q for _, q in adapter]
+                     for m in re.finditer(r"strata_[a-z0-9_]+\{[^}]*\}", q)}
+        assert len(selectors) > 10
+        for sel in sorted(selectors):
+            if sel.startswith("strata_gateway_queue_depth"):
+                continue  # no series before a request waits; none waited here
+            assert await _query(http, prom_url, sel), f"{sel} selects nothing"
+        rps = next(q for q in keda if "strata_requests_total" in q)
+        assert _value(await _query(http, prom_url, rps)) > 0  # requests did finish
+
