@@ -83,6 +83,8 @@ def _cli_type(annotation: Any) -> Any:
     """The type a CLI option of this field parses (choices and sizes stay text: the model
     validates them, with its own messages)."""
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return annotation  # a repeatable flag
     if typing.get_origin(annotation) is typing.Literal or str in args:
         return str
     if type(None) in args:

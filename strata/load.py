@@ -36,6 +36,9 @@ class LoadReport:
     # frees within that many decode steps (0: unknown). Every gateway reads the same bound
     # on how long a full replica keeps a new request waiting.
     slot_free_tokens: int = 0
+    # LoRA adapters the replica holds now (requests name them as their model); gateways
+    # re-read /v1/models when this set changes, so dynamically loaded ones are routed to.
+    lora_adapters: tuple[str, ...] = ()
 
     @property
     def kv_usage(self) -> float:

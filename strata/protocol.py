@@ -492,4 +492,5 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now_s)
     owned_by: str = "strata"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists it
     max_model_len: int | None = None

@@ -165,21 +165,40 @@ class EngineCore:
         if params.prompt_logprobs is not None:
             st.prompt_logprobs = [None]
         # Everything that can fail is built: register last, so a failed add leaves nothing.
+        if params.lora_id:
+            self._acquire_lora(params.lora_id)
         self.states[seq_id] = st
         try:
             self.scheduler.add(seq)
         except BaseException:
             del self.states[seq_id]
+            self._release_lora(params)
             raise
         if self.prefixes is not None:
             self.prefixes.admit(seq_id, route_keys)
 
     def abort(self, seq_id: int) -> bool:
         """Drop a sequence and free its KV blocks; False if it was unknown or done."""
-        self.states.pop(seq_id, None)
+        st = self.states.pop(seq_id, None)
+        if st is not None:
+            self._release_lora(st.seq.params)
         if self.prefixes is not None:
             self.prefixes.release(seq_id)
         return self.scheduler.abort(seq_id) is not None
+
+    def _acquire_lora(self, lora_id: int) -> None:
+        """Count a sequence on its LoRA adapter (which cannot be unloaded under it)."""
+        loras = self.runner.loras
+        if loras is None:
+            raise RequestError("this engine serves no LoRA adapters (start it with --enable-lora)", "model")
+        try:
+            loras.acquire(lora_id)
+        except ValueError as e:
+            raise RequestError(str(e), "model") from e
+
+    def _release_lora(self, params: SamplingParams) -> None:
+        if params.lora_id and self.runner.loras is not None:
+            self.runner.loras.release(params.lora_id)
 
     def take_failures(self) -> list[tuple[int, BaseException]]:
         """Sequences failed since the last call, with the error for their consumer."""
@@ -392,6 +411,7 @@ class EngineCore:
         if finish is not None:
             self.scheduler.finish(seq, finish)
             del self.states[seq.seq_id]
+            self._release_lora(seq.params)
             if self.prefixes is not None:
                 self.prefixes.release(seq.seq_id)
         return out
@@ -442,4 +462,5 @@ class EngineCore:
             ready=ready,
             draining=self.draining,
             slot_free_tokens=max(0, slot_free),
+            lora_adapters=tuple(self.runner.loras.names()) if self.runner.loras is not None else (),
         )

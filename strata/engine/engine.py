@@ -26,6 +26,7 @@ import torch
 from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFailed
 from strata.engine.gguf_loader import weight_blocks
 from strata.engine.kernels import load_paged_attention
+from strata.engine.lora import attach_loras
 from strata.engine.model import LlamaModel
 from strata.engine.options import EngineConfig
 from strata.engine.prefix_registry import RouteKeys
@@ -156,6 +157,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     num_blocks = cfg.kv_blocks(per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, device, kv_dtype=kv_dtype)
+    attach_loras(runner, cfg)  # LoRA slots and --lora-modules, with --enable-lora
     # The kernels of every row bucket now, not over the first minutes of traffic.
     runner.warm_up(max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
     name = cfg.served_model_name or default_model_name(path)

@@ -42,6 +42,19 @@ def block_hash(parent: bytes | None, tokens: IntSequence[int]) -> bytes:
     return hashlib.sha256(parent + data if parent is not None else data).digest()
 
 
+def chain_root(seq: Sequence) -> bytes | None:
+    """The parent of a sequence's first block: None, or a digest of its LoRA adapter's id.
+
+    KV computed under an adapter differs from the base model's for the same tokens, so a
+    sequence with an adapter hashes its chain from a root of its own (vLLM keys blocks on
+    the LoRA too). The id is unique per load, so a reloaded adapter never meets old KV.
+    """
+    lora_id = seq.params.lora_id
+    if not lora_id:
+        return None
+    return hashlib.sha256(b"strata-lora-root\0" + lora_id.to_bytes(8, "little")).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class PrefixCacheStats:
     """Lifetime prompt-token counts seen by the prefix cache."""
@@ -160,7 +173,7 @@ class BlockManager:
         self.queried_tokens += n_prompt
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
-        parent: bytes | None = None
+        parent = chain_root(seq)
         hits: list[int] = []
         hashes: list[bytes] = []
         for start in range(0, n_prompt - self.block_size + 1, self.block_size):
@@ -232,7 +245,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else chain_root(seq)
         for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.tokens(i * self.block_size, (i + 1) * self.block_size))
             h = block_hash(parent, tokens)

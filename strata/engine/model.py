@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ class AttentionMetadata:
     # Set when the native fused ops run: the rotary table [max_pos, D].
     cos_sin: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # The step's LoRA adapter groups (strata.engine.lora.LoraBatch); None: base model only.
+    lora: Any = None
 
 
 def _rope_inv_freq(config: LlamaConfig, local: bool = False) -> torch.Tensor:
@@ -554,10 +557,13 @@ class LlamaModel(nn.Module):
         res = torch.zeros_like(x)
         windows = [layer.self_attn.window or 0 for layer in self.layers]  # 0: the whole context
         plan = self._native_plan()
+        lora = meta.lora
         for i, (w_in, w_post, qkv_fn, o_fn, gu_fn, down_fn, q_norm, k_norm, w_pre_ff, w_post_ff) in enumerate(plan):
             kc, vc = kv_caches[i]
             h = add_norm(x, res, w_in, eps)  # x += res: x is the residual stream
             qkv = qkv_fn(h)
+            if lora is not None:
+                lora.add(i, "qkv", h, qkv)
             if q_norm is not None:  # per-head q/k RMSNorm, in place before rope
                 for part, n, w in ((qkv[:, :qs], nh, q_norm), (qkv[:, qs : qs + nkv * hd], nkv, k_norm)):
                     heads = part.view(t, n, hd)
@@ -569,13 +575,20 @@ class LlamaModel(nn.Module):
             else:
                 attn = self._mixed_attention(self.layers[i].self_attn, q, qkv, t, d, kc, vc, meta, scale)
             a = o_fn(attn.view(t, qs))
+            if lora is not None:
+                lora.add(i, "o", attn.view(t, qs), a)
             if w_pre_ff is None:
                 h = add_norm(a, x, w_post, eps)  # a += x
             else:  # sandwich norms: the attention output is normed before its residual add
                 a = F.rms_norm(a, (a.shape[-1],), w_post, eps)
                 h = add_norm(a, x, w_pre_ff, eps)  # a += x
             gu = gu_fn(h)
-            x = down_fn(gelu_tanh_and_mul(gu) if gelu else silu_mul(gu))
+            if lora is not None:
+                lora.add(i, "gate_up", h, gu)
+            act = gelu_tanh_and_mul(gu) if gelu else silu_mul(gu)
+            x = down_fn(act)
+            if lora is not None:
+                lora.add(i, "down", act, x)
             if w_post_ff is not None:
                 x = F.rms_norm(x, (x.shape[-1],), w_post_ff, eps)
             res = a

@@ -55,6 +55,14 @@ class EngineOptions(BaseModel):
                                         description="Token budget per step (prefill chunk).")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length cap.")
     prefix_caching: bool = Field(default=True, description="Automatic prefix caching.")
+    enable_lora: bool = Field(default=False, description="Serve LoRA adapters over the base model "
+                              "(requests name one as their model).")
+    lora_modules: list[str] = Field(
+        default=[], description="LoRA adapters to load at start: name=path of a PEFT directory "
+        "(repeat the flag, or several space-separated); needs --enable-lora.")
+    max_loras: int = Field(default=1, ge=1, description="LoRA adapters resident at once (slots), "
+                           "so the most in one batch.")
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest LoRA rank an adapter may have.")
 
     @field_validator("kv_cache")
     @classmethod
@@ -83,6 +91,16 @@ class EngineOptions(BaseModel):
             args += ["--max-model-len", str(self.max_model_len)]
         if not self.prefix_caching:
             args += ["--no-prefix-caching"]
+        return args
+
+    def lora_args(self) -> list[str]:
+        """The LoRA flags of ``strata engine`` (none unless ``enable_lora``)."""
+        if not self.enable_lora:
+            return []
+        args = ["--enable-lora", "--max-loras", str(self.max_loras),
+                "--max-lora-rank", str(self.max_lora_rank)]
+        for spec in self.lora_modules:
+            args += ["--lora-modules", spec]
         return args
 
 

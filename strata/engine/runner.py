@@ -8,12 +8,16 @@ expects. It is shared by whole engines and by layer-range stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from strata.engine.kernels import load_paged_attention
 from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan, padded_rows
 from strata.engine.scheduler import Batch, ScheduledSeq
+
+if TYPE_CHECKING:
+    from strata.engine.lora import LoraManager
 
 
 @dataclass
@@ -76,6 +80,7 @@ class ModelRunner:
         self.cos_sin = model.rope_table().to(self.device) if native_attention else None
         if self.device.type == "cpu" and dtype == torch.float32:
             model.store_weights_transposed_()
+        self.loras: LoraManager | None = None  # resident LoRA adapters (strata.engine.lora)
         c = model.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_size)
         self.kv_caches = [
@@ -201,6 +206,8 @@ class ModelRunner:
         """Run the model part; token ids feed the embedding, else `hidden_in` is used."""
         x = inputs.input_ids if self.model.has_embed else hidden_in
         assert x is not None, "a stage without embedding needs hidden states in"
+        if self.loras is not None:
+            inputs.meta.lora = self.loras.for_step(inputs.entries, inputs.meta, len(inputs.positions))
         return self.model(x, inputs.positions, inputs.meta, self.kv_caches)
 
     @torch.inference_mode()

@@ -28,6 +28,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0
+    lora_id: int = 0  # the LoRA adapter (strata.engine.lora) the sequence runs under; 0: none
     logprobs: int | None = None  # top-N logprobs per generated token (0 = sampled only)
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     logit_bias: dict[int, float] = field(default_factory=dict)

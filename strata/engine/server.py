@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from strata.engine.core import RequestError, SequenceFailed
 from strata.engine.engine import AsyncEngine
+from strata.engine.lora_routes import add_lora_routes, lora_cards
 from strata.engine.metrics import EngineMetrics
 from strata.engine.serving import Serving
 from strata.internal_auth import admin_denial
@@ -273,7 +274,10 @@ def build_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = ModelCard(id=model, root=model, max_model_len=core.config.max_model_len)
-        return {"object": "list", "data": [card.model_dump()]}
+        return {"object": "list", "data": [card.model_dump(), *lora_cards(core, model)]}
+
+    if getattr(core.runner, "loras", None) is not None:
+        add_lora_routes(app, core, lambda r: _json(r, limits), internal_token)
 
     @app.post("/tokenize", openapi_extra=openapi_request_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:

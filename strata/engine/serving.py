@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -115,12 +115,26 @@ class Serving:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # -- shared -----------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        """404 for a model this replica does not serve (None means the default)."""
-        if name is not None and name != self.model_name:
+    def check_model(self, name: str | None) -> int:
+        """The LoRA id of ``name`` (0: the base model; None means the default); 404 for a
+        model this replica does not serve."""
+        if name is None or name == self.model_name:
+            return 0
+        loras = getattr(self.engine.core.runner, "loras", None)  # a stage head has none
+        lora_id = loras.resolve(name) if loras is not None else None
+        if lora_id is None:
             raise OpenAIError(
                 f"The model `{name}` does not exist.", 404, "NotFoundError", "model"
             )
+        return lora_id
+
+    @staticmethod
+    def _under_lora(jobs: list[Job], lora_id: int) -> list[Job]:
+        """The jobs run under a LoRA adapter: its id in their sampling parameters, and no
+        routing keys (their KV is the adapter's, not the base model's that gateways track)."""
+        if not lora_id:
+            return jobs
+        return [(i, ids, replace(p, lora_id=lora_id), ()) for i, ids, p, _ in jobs]
 
     def tokenize_prompt(self, prompt: str | list[int], add_special_tokens: bool = False) -> list[int]:
         """Token ids of a text or token-id prompt, checked against the vocabulary.
@@ -260,7 +274,7 @@ class Serving:
         self, req: CompletionRequest
     ) -> tuple[list[list[int]], list[Job]]:
         """Tokenize prompts and build one job per (prompt, n)."""
-        self.check_model(req.model)
+        lora_id = self.check_model(req.model)
         self.check_fan_out(len(req.prompts()), req.n)
         prepared = [self._prompt_with_keys(p, req.add_special_tokens) for p in req.prompts()]
         prompts = [ids for ids, _ in prepared]
@@ -274,7 +288,7 @@ class Serving:
                 params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j)
                 self.check_engine(len(ids), params)
                 jobs.append((pi * req.n + j, ids, params, keys))
-        return prompts, jobs
+        return prompts, self._under_lora(jobs, lora_id)
 
     def check_engine(self, n_prompt: int, params: SamplingParams) -> None:
         """Engine-side limits (context length, KV capacity) as 400s."""
@@ -422,7 +436,7 @@ class Serving:
         self, req: ChatCompletionRequest
     ) -> tuple[list[int], list[Job], str]:
         """Render the chat template, tokenize, and build n jobs."""
-        self.check_model(req.model)
+        lora_id = self.check_model(req.model)
         self.check_fan_out(1, req.n)
         add_generation_prompt, continue_final_message, kwargs = req.template_kwargs()
         try:
@@ -448,7 +462,7 @@ class Serving:
         last = ""
         if req.echo and messages and messages[-1]["role"] == "assistant":
             last = messages[-1]["content"]
-        return ids, jobs, last
+        return ids, self._under_lora(jobs, lora_id), last
 
     def _chat_prompt_with_keys(
         self, req: ChatCompletionRequest, prompt: str

@@ -313,6 +313,8 @@ class ReplicaSet:
                     r.last_contact = time.monotonic()
                     r.load = LoadReport.from_dict(json.loads(body))
                     r.load_source = "load"
+                    if set(r.load.lora_adapters) != _adapters(r):
+                        await self._read_models(r)  # an adapter was loaded or unloaded
                     r.accept_report(sent_at, self.chunk_tokens)
                     if r.prefix_source != "none":
                         await self._read_prefix(r)
@@ -378,3 +380,8 @@ class ReplicaSet:
             r.prefix.forget_reports()  # the next reading asks for the whole set
             return
         r.prefix_source = "engine"
+
+
+def _adapters(r: Replica) -> set[str]:
+    """The LoRA adapters among the replica's /v1/models cards (those with a ``parent``)."""
+    return {str(c["id"]) for c in r.model_cards if c.get("parent")}

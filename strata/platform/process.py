@@ -107,7 +107,7 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
     def argv(host: str, port: int) -> list[str]:
         cmd = [sys.executable, "-m", "strata.cli", "engine", "--host", host, "--port", str(port),
                "--threads", str(threads), "--dtype", opts.dtype, "--device", opts.device,
-               *opts.kv_and_batch_args(),
+               *opts.kv_and_batch_args(), *opts.lora_args(),
                # The platform's SIGKILL comes stop_timeout_s after this drain (see local).
                "--drain-timeout-s", str(config.platform.drain_timeout_s),
                "--log-level", "warning"]

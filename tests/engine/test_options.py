@@ -22,7 +22,8 @@ from strata.stages.head_server import HeadConfig
 from strata.stages.tiers import cluster_stage_specs
 
 # Options the pipeline head does not take: its KV cache is in the model's dtype.
-NOT_ON_THE_HEAD = {"kv_cache_dtype"}
+# LoRA adapters run in a whole engine only (strata.engine.lora).
+NOT_ON_THE_HEAD = {"kv_cache_dtype", "enable_lora", "lora_modules", "max_loras", "max_lora_rank"}
 
 
 def _command(name: str) -> click.Command:
