@@ -76,7 +76,8 @@ def test_the_platforms_flags_read_back_as_the_cluster_files_options() -> None:
     engine = {"dtype": "float32", "kv_cache": "64MiB", "kv_cache_dtype": "float16",
               "num_kv_blocks": 40, "block_size": 32, "max_num_seqs": 8,
               "max_num_batched_tokens": 128, "max_model_len": 1024, "prefix_caching": False,
-              "threads": 3}
+              "threads": 3, "enable_lora": True, "lora_modules": ["a=/x", "b=/y"], "max_loras": 3,
+              "max_lora_rank": 8}
     cfg = parse_cluster_config({"engine": engine})
     argv = engine_spec(cfg, "engine").argv("127.0.0.1", 8001)
     back = _options_from(_parsed("engine", argv[4:]), set(EngineOptions.model_fields))
