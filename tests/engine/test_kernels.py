@@ -12,6 +12,7 @@ from strata.engine.kernels import load_paged_attention
 DTYPES = [
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
     (torch.float32, torch.float16),
 ]
 
@@ -97,3 +98,36 @@ def test_argmax_rows_edge_values() -> None:
     assert torch.equal(torch.ops.strata.argmax_rows(x), x.argmax(dim=-1))
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.strata.argmax_rows(x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 64, 300])
+@pytest.mark.parametrize("hidden", [576, 100])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, rows: int, hidden: int) -> None:
+    """x += residual in x's dtype, then the RMSNorm of the stored sum, as torch computes it."""
+    assert load_paged_attention()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    res = torch.randn(rows, hidden, generator=g).to(dtype)
+    w = torch.randn(hidden, generator=g).to(dtype)
+    want_x = (x.float() + res.float()).to(dtype)
+    want = F.rms_norm(want_x.float(), (hidden,), w.float(), 1e-5)
+    got = torch.ops.strata.add_rms_norm_(x, res, w, 1e-5)
+    assert torch.equal(x, want_x)  # the residual stream is rounded exactly as torch rounds it
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (got.float() - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 64, 300])
+@pytest.mark.parametrize("inter", [1536, 40])
+def test_silu_and_mul_matches_torch(dtype: torch.dtype, rows: int, inter: int) -> None:
+    assert load_paged_attention()
+    g = torch.Generator().manual_seed(3)
+    gu = (4 * torch.randn(rows, 2 * inter, generator=g)).to(dtype)
+    want = F.silu(gu[:, :inter].float()) * gu[:, inter:].float()
+    got = torch.ops.strata.silu_and_mul(gu)
+    assert got.dtype == dtype and got.shape == (rows, inter)
+    # one rounding to the output dtype (fp32: the vector exp's few ulps)
+    tol = 1e-5 if dtype == torch.float32 else (2**-8 if dtype == torch.bfloat16 else 2**-10)
+    assert ((got.float() - want).abs() / want.abs().clamp(min=1.0)).max().item() <= tol

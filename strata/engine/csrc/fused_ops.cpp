@@ -3,16 +3,21 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
 #include "vec.h"
 
+// Below this many elements an element-wise op runs on one thread: splitting a few
+// microseconds of work costs a fork and join, and far more when a neighbour holds a core.
+static constexpr int64_t kSerialElems = 1 << 16;
+
 template <typename T, typename C>
 static void rope_cache_kernel(T* base, const int64_t* pp, const int64_t* sp, const float* cs, C* kc, C* vc,
                               int64_t T_, int64_t D, int64_t num_heads, int64_t num_kv_heads) {
   const int64_t half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
-  at::parallel_for(0, T_, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T_, std::max<int64_t>(16, kSerialElems / ((num_heads + 2 * num_kv_heads) * D)), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       T* row = base + t * width;
       const float* c = cs + pp[t] * D;
@@ -81,20 +86,44 @@ at::Tensor add_rms_norm_(at::Tensor x, const at::Tensor& residual, const at::Ten
     const scalar_t* rp = residual.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    // A decode batch's rows are microseconds of work: split them over threads only when
+    // there are enough that the fork and join cost less than the rows.
+    at::parallel_for(0, T, std::max<int64_t>(1, kSerialElems / H), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         scalar_t* xr = xp + t * H;
         const scalar_t* rr = rp + t * H;
+        scalar_t* orow = op + t * H;
         float ss = 0.f;
-        for (int64_t i = 0; i < H; ++i) {
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        if constexpr (!std::is_same_v<scalar_t, double>) {  // double: the scalar loop (exact)
+          __m512 vss = _mm512_setzero_ps();
+          for (; i + 16 <= H; i += 16) {
+            strata_vec::store16(xr + i, _mm512_add_ps(strata_vec::load16(xr + i), strata_vec::load16(rr + i)));
+            const __m512 v = strata_vec::load16(xr + i);  // the stored (rounded) sum, as below
+            vss = _mm512_fmadd_ps(v, v, vss);
+          }
+          ss = _mm512_reduce_add_ps(vss);
+        }
+#endif
+        for (; i < H; ++i) {
           const float v = static_cast<float>(xr[i]) + static_cast<float>(rr[i]);
           xr[i] = static_cast<scalar_t>(v);
           const float vr = static_cast<float>(xr[i]);
           ss += vr * vr;
         }
         const float inv = 1.f / std::sqrt(ss / H + static_cast<float>(eps));
-        for (int64_t i = 0; i < H; ++i)
-          op[t * H + i] = static_cast<scalar_t>(static_cast<float>(xr[i]) * inv * static_cast<float>(wp[i]));
+        i = 0;
+#if defined(__AVX512F__)
+        if constexpr (!std::is_same_v<scalar_t, double>) {  // double: the scalar loop (exact)
+          const __m512 vinv = _mm512_set1_ps(inv);
+          for (; i + 16 <= H; i += 16)
+            strata_vec::store16(orow + i, _mm512_mul_ps(_mm512_mul_ps(strata_vec::load16(xr + i), vinv),
+                                                        strata_vec::load16(wp + i)));
+        }
+#endif
+        for (; i < H; ++i)
+          orow[i] = static_cast<scalar_t>(static_cast<float>(xr[i]) * inv * static_cast<float>(wp[i]));
       }
     });
   });
@@ -111,19 +140,19 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* g = gu.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, T, std::max<int64_t>(1, kSerialElems / (4 * I)), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const scalar_t* gr = g + t * 2 * I;
         const scalar_t* ur = gr + I;
         scalar_t* orow = o + t * I;
         int64_t i = 0;
 #if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (!std::is_same_v<scalar_t, double>) {  // double: the scalar loop (exact)
           const __m512 one = _mm512_set1_ps(1.f);
           for (; i + 16 <= I; i += 16) {
-            const __m512 a = _mm512_loadu_ps(gr + i);
+            const __m512 a = strata_vec::load16(gr + i);
             const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, strata_vec::exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-            _mm512_storeu_ps(orow + i, _mm512_mul_ps(_mm512_mul_ps(a, sig), _mm512_loadu_ps(ur + i)));
+            strata_vec::store16(orow + i, _mm512_mul_ps(_mm512_mul_ps(a, sig), strata_vec::load16(ur + i)));
           }
         }
 #endif

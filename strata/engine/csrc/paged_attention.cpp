@@ -10,12 +10,14 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
 
 #if defined(__AVX512F__)
-// fp32 queries over fp32 or fp16 caches, head_dim 64 or 128, query group 1-8 (compile-time, so q and the output
+// Queries and outputs in fp32, bf16 or fp16 (math in fp32) over a cache of the query's type, or
+// fp16 under fp32 queries; head_dim 64 or 128, query group 1-8 (compile-time, so q and the output
 // accumulators live in registers). One pass per block of the table: scores of the
 // block's keys, an online softmax update (rescale once per block), then the weighted
 // sum of the block's values while they are still in L1.
@@ -24,9 +26,9 @@ static inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
-template <int NV, int G, typename CT>
-static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t* tables,
-                       const int32_t* lens, float* out, int64_t num_seqs, int64_t num_kv_heads,
+template <int NV, int G, typename QT, typename CT>
+static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* tables,
+                        const int32_t* lens, QT* out, int64_t num_seqs, int64_t num_kv_heads,
                        int64_t block_size, int64_t max_blocks, float scale, int64_t q_row,
                        int64_t window) {
   constexpr int64_t D = NV * 16;
@@ -42,9 +44,9 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
       __m512 qv[G][NV], acc[G][NV];
       float mx[G], sum[G];
       for (int g = 0; g < G; ++g) {
-        const float* qp = q + s * q_row + (kvh * G + g) * D;
+        const QT* qp = q + s * q_row + (kvh * G + g) * D;
         for (int v = 0; v < NV; ++v) {
-          qv[g][v] = _mm512_mul_ps(_mm512_loadu_ps(qp + 16 * v), _mm512_set1_ps(scale));
+          qv[g][v] = _mm512_mul_ps(strata_vec::load16(qp + 16 * v), _mm512_set1_ps(scale));
           acc[g][v] = _mm512_setzero_ps();
         }
         mx[g] = -INFINITY;
@@ -115,21 +117,21 @@ static void decode_f32(const float* q, const CT* kc, const CT* vc, const int32_t
         }
       }
       for (int g = 0; g < G; ++g) {
-        float* op = out + (s * num_kv_heads * G + kvh * G + g) * D;
+        QT* op = out + (s * num_kv_heads * G + kvh * G + g) * D;
         const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
-        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(op + 16 * v, _mm512_mul_ps(acc[g][v], inv));
+        for (int v = 0; v < NV; ++v) strata_vec::store16(op + 16 * v, _mm512_mul_ps(acc[g][v], inv));
       }
     }
   });
 }
 
-template <int NV, typename CT>
-static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const CT* vc,
-                             const int32_t* tables, const int32_t* lens, float* out, int64_t S,
-                             int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row,
-                             int64_t window) {
+template <int NV, typename QT, typename CT>
+static bool decode_fast_group(int64_t group, const QT* q, const CT* kc, const CT* vc,
+                              const int32_t* tables, const int32_t* lens, QT* out, int64_t S,
+                              int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row,
+                              int64_t window) {
   switch (group) {
-#define STRATA_G(g) case g: decode_f32<NV, g, CT>(q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window); return true;
+#define STRATA_G(g) case g: decode_fast<NV, g, QT, CT>(q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window); return true;
     STRATA_G(1) STRATA_G(2) STRATA_G(3) STRATA_G(4) STRATA_G(5) STRATA_G(6) STRATA_G(7) STRATA_G(8)
 #undef STRATA_G
     default: return false;
@@ -137,16 +139,18 @@ static bool decode_f32_group(int64_t group, const float* q, const CT* kc, const 
 }
 #endif
 
-// The register-resident AVX-512 kernel for fp32 queries when head_dim and the group fit
-// it; false when it does not apply (or the CPU build has no AVX-512).
-template <typename CT>
-static bool decode_f32_fast(int64_t D, int64_t group, const float* q, const CT* kc, const CT* vc,
-                            const int32_t* tables, const int32_t* lens, float* out, int64_t S,
+// The register-resident AVX-512 kernel when head_dim and the group fit it; false when it
+// does not apply (or the CPU build has no AVX-512), and the portable kernel runs instead.
+template <typename QT, typename CT>
+static bool decode_fast_any(int64_t D, int64_t group, const QT* q, const CT* kc, const CT* vc,
+                            const int32_t* tables, const int32_t* lens, QT* out, int64_t S,
                             int64_t KVH, int64_t bs, int64_t mb, float scale, int64_t q_row,
                             int64_t window) {
 #if defined(__AVX512F__)
-  if (D == 64) return decode_f32_group<4>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
-  if (D == 128) return decode_f32_group<8>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
+  if constexpr (!std::is_same_v<QT, double>) {  // no double lanes: the portable kernel
+    if (D == 64) return decode_fast_group<4>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
+    if (D == 128) return decode_fast_group<8>(group, q, kc, vc, tables, lens, out, S, KVH, bs, mb, scale, q_row, window);
+  }
 #endif
   return false;
 }
@@ -247,17 +251,16 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
     const at::Half* kp = k_cache.data_ptr<at::Half>();
     const at::Half* vp = v_cache.data_ptr<at::Half>();
     float* op = out.data_ptr<float>();
-    if (!decode_f32_fast(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr, window))
+    if (!decode_fast_any(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr, window))
       decode_kernel<float, at::Half>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr, window);
     return out;
   }
-  if (q.scalar_type() == at::kFloat &&
-      decode_f32_fast(D, H / KVH, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                      tp, lp, out.data_ptr<float>(), S, KVH, block_size, mb, sc, qr, window))
-    return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                                      tp, lp, out.data_ptr<scalar_t>(), S, H, KVH, D, block_size, mb, sc, qr, window);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (!decode_fast_any(D, H / KVH, qp, kp, vp, tp, lp, op, S, KVH, block_size, mb, sc, qr, window)) decode_kernel<scalar_t, scalar_t>(qp, kp, vp, tp, lp, op, S, H, KVH, D, block_size, mb, sc, qr, window);
   });
   return out;
 }
