@@ -342,7 +342,7 @@ class Serving:
             "id": new_id("cmpl"),
             "object": "text_completion",
             "created": now_s(),
-            "model": self.model_name,
+            "model": req.model or self.model_name,
             "choices": result,
             "usage": {
                 "prompt_tokens": n_prompt,
@@ -370,7 +370,7 @@ class Serving:
                 ptext = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
                 offsets[idx] = len(ptext)
                 if req.logprobs is None:
-                    yield sse(self._chunk(rid, created, idx, ptext, None, None, None))
+                    yield sse(self._chunk(rid, created, idx, ptext, None, None, None, req.model))
         async for idx, out in self._fan_in(jobs):
             n_out += len(out.token_ids)
             cached[idx // req.n] = out.num_cached_tokens
@@ -387,7 +387,7 @@ class Serving:
                 logprobs = self._lp_completion(lps, offsets.get(idx, 0))
                 offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in logprobs["tokens"])
             chunk = self._chunk(
-                rid, created, idx, text, logprobs, out.finish_reason, out.stop_reason
+                rid, created, idx, text, logprobs, out.finish_reason, out.stop_reason, req.model
             )
             if continuous:
                 chunk["usage"] = self._usage(n_prompt, n_out, cached)
@@ -398,7 +398,7 @@ class Serving:
                     "id": rid,
                     "object": "text_completion",
                     "created": created,
-                    "model": self.model_name,
+                    "model": req.model or self.model_name,
                     "choices": [],
                     "usage": self._usage(n_prompt, n_out, cached),
                 }
@@ -414,12 +414,12 @@ class Serving:
             "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
         }
 
-    def _chunk(self, rid, created, idx, text, logprobs, finish, stop_reason) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _chunk(self, rid, created, idx, text, logprobs, finish, stop_reason, model=None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
-            "model": self.model_name,
+            "model": model or self.model_name,  # the adapter's name under LoRA
             "choices": [
                 {
                     "index": idx,
@@ -497,7 +497,7 @@ class Serving:
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": now_s(),
-            "model": self.model_name,
+            "model": req.model or self.model_name,
             "choices": [
                 {
                     "index": c.index,
@@ -527,7 +527,7 @@ class Serving:
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": self.model_name,
+                "model": req.model or self.model_name,
                 "choices": [choice],
             }
 
@@ -557,7 +557,7 @@ class Serving:
                     "id": rid,
                     "object": "chat.completion.chunk",
                     "created": created,
-                    "model": self.model_name,
+                    "model": req.model or self.model_name,
                     "choices": [],
                     "usage": self._usage(len(ids), n_out, {0: cached}),
                 }

@@ -57,6 +57,7 @@ async def test_models_requests_and_runtime_loading(tiny_hf_dir: Path,
         for model in (base, "one"):
             r = await c.post("/v1/completions", json=_completion(model))
             assert r.status_code == 200, r.text
+            assert r.json()["model"] == model  # vLLM answers with the adapter's name
             texts[model] = r.json()["choices"][0]["text"]
         missing = await c.post("/v1/completions", json=_completion("two"))
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
