@@ -44,7 +44,7 @@ _new_load_report = positional_constructor(  # a report per gateway poll
     LoadReport, "model running waiting waiting_prompt_tokens free_kv_blocks total_kv_blocks "
     "block_size max_num_seqs max_num_batched_tokens prefix_hit_rate prompt_tokens_per_s "
     "generation_tokens_per_s decode_step_s prefill_token_s ready draining stage "
-    "slot_free_tokens")
+    "slot_free_tokens lora_adapters")
 
 
 class SimReplicaPhase(enum.Enum):
@@ -460,4 +460,5 @@ class SimReplica:
             state is SimReplicaPhase.DRAINING,
             "",
             max(0, slot_free - j),
+            (),  # no LoRA adapters in a simulated replica
         )
