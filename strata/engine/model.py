@@ -104,8 +104,27 @@ def _pads(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
+def _onednn_packed(weight: torch.Tensor):  # type: ignore[no-untyped-def]
+    """oneDNN's linear on a weight laid out once for its kernels, or None where unavailable.
+
+    F.linear hands oneDNN the plain [out, in] weight, which it re-lays out into its
+    blocked (AMX tile) format on every call; at decode batches that copy costs about as
+    much as the GEMM. Packing once, as torch.compile does on the CPU, leaves the GEMM.
+    Same kernels, same results.
+    """
+    if not torch.backends.mkldnn.is_available() or weight.dim() != 2:
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        op = torch.ops.mkldnn._linear_pointwise.default
+        op(torch.zeros(1, weight.shape[1], dtype=weight.dtype), packed, None, "none", [], "")
+    except (RuntimeError, AttributeError):  # a torch or CPU without the bf16/fp16 kernels
+        return None
+    return lambda x, bias=None: op(x, packed, bias, "none", [], "")
+
+
 def _padded_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
-    """F.linear on 2-D activations, padded to `padded_rows` where the GEMM is oneDNN's.
+    """oneDNN's linear on 2-D activations, prepacked and padded to `padded_rows`.
 
     On the CPU, torch runs bf16/fp16 GEMMs through oneDNN, which JIT-compiles a kernel
     for each new input shape and keeps it in its primitive cache (up to 1024 entries): a
@@ -113,17 +132,27 @@ def _padded_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):  # t
     length until the cache is full, for hours. Padding the rows bounds the shapes to the
     buckets, so the cache stops growing after the first few requests. Rows are
     independent in a GEMM, so the first ``n`` rows of the padded product are the product.
-    fp32 GEMMs go to MKL/BLAS, which caches nothing per shape; they run unpadded.
+    The weight is packed once for oneDNN (`_onednn_packed`). fp32 GEMMs go to MKL/BLAS,
+    which caches nothing per shape; they run unpadded.
     """
     if not _pads(weight):
         return lambda x: F.linear(x, weight, bias)
+    packed = _onednn_packed(weight)
+    if packed is None:
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight, bias)
+    else:
+        b = None if bias is None else bias.detach()
+
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            return packed(x.contiguous(), b)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         m = padded_rows(n)
         if m == n:
-            return F.linear(x, weight, bias)
-        return F.linear(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n]
+            return gemm(x)
+        return gemm(F.pad(x, (0, 0, 0, m - n)))[:n]
 
     return fn
 
@@ -524,6 +553,7 @@ class LlamaModel(nn.Module):
     def invalidate_plan(self) -> None:
         """Forget the cached native plan (after the Linear modules were replaced)."""
         self.__dict__.pop("_plan", None)
+        self.__dict__.pop("_head_fn", None)
 
     def _forward_native(
         self,
@@ -646,7 +676,12 @@ class LlamaModel(nn.Module):
         n = hidden.shape[0]
         pads = isinstance(head, nn.Linear) and _pads(head.weight) and hidden.dim() == 2
         m = padded_rows(n) if pads else n
-        if m != n:  # through the module still, so its hooks (calibration) see the call
+        if pads and not head._forward_hooks:  # hooks (calibration) need the module call
+            fn = self.__dict__.get("_head_fn")
+            if fn is None:
+                fn = self.__dict__["_head_fn"] = _padded_linear(head.weight, head.bias)
+            logits = fn(hidden).float()
+        elif m != n:
             logits = head(F.pad(hidden, (0, 0, 0, m - n)))[:n].float()
         else:
             logits = head(hidden).float()

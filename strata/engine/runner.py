@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from strata.engine.kernels import load_paged_attention
-from strata.engine.model import AttentionMetadata, LlamaModel, PrefillSpan, padded_rows
+from strata.engine.model import (
+    AttentionMetadata,
+    LlamaModel,
+    PrefillSpan,
+    _padded_linear,
+    padded_rows,
+)
 from strata.engine.scheduler import Batch, ScheduledSeq
 
 if TYPE_CHECKING:
@@ -114,8 +120,9 @@ class ModelRunner:
         buckets = row_buckets(min(max_rows, WARM_UP_MAX_ROWS))
         calls = 0
         for w in weights.values():
+            gemm = _padded_linear(w)  # the path (and weight layout) serving calls run
             for m in buckets:
-                torch.nn.functional.linear(torch.zeros(m, w.shape[1], dtype=w.dtype, device=w.device), w)
+                gemm(torch.zeros(m, w.shape[1], dtype=w.dtype, device=w.device))
                 calls += 1
         if self.model.layers:
             attn, c = self.model.layers[0].self_attn, self.model.config

@@ -137,11 +137,11 @@ class _Shapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         name = func.overloadpacket.__name__
         # Under inference mode the mode sees linear/SDPA whole; otherwise their parts.
-        if name in ("linear", "mm", "addmm", "scaled_dot_product_attention",
+        if name in ("linear", "_linear_pointwise", "mm", "addmm", "scaled_dot_product_attention",
                     "_scaled_dot_product_flash_attention_for_cpu"):
             x = args[1] if name == "addmm" else args[0]
             self.rows.add(x.shape[-2])
-            if name == "linear":
+            if name in ("linear", "_linear_pointwise"):  # the latter: oneDNN, prepacked weight
                 self.gemms.add((x.shape[0], tuple(args[1].shape)))
         return func(*args, **(kwargs or {}))
 
