@@ -154,6 +154,7 @@ def engine(
     from strata.engine.engine import AsyncEngine, build_engine_core
     from strata.engine.options import EngineConfig, parse_bytes
     from strata.engine.server import Drainer, build_app
+    from strata.engine.tool_calls import ToolConfig
     from strata.protocol import RequestLimits
 
     _setup_logging(log_level)
@@ -171,7 +172,13 @@ def engine(
         drainer = Drainer(eng, drain_timeout_s)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--drain-timeout-s") from e
-    app = build_app(eng, limits=limits, internal_token=token, drainer=drainer)
+    try:
+        tools = ToolConfig.from_options(cfg.tool_call_parser, cfg.enable_auto_tool_choice,
+                                        cfg.chat_template)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"cannot read the chat template: {e}",
+                                 param_hint="--chat-template") from e
+    app = build_app(eng, limits=limits, internal_token=token, drainer=drainer, tools=tools)
     _serve_engine(eng, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                       timeout_graceful_shutdown=5), drainer)
 

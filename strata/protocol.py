@@ -147,7 +147,8 @@ _UNION_HINTS = {
     "stop": f"must be a string or a list of at most {MAX_STOP_STRINGS} strings, each of 1 to "
     f"{MAX_STOP_CHARS} characters",
     "content": "must be a string, null, or a list of {\"type\": \"text\", \"text\": ...} parts",
-    "tool_choice": "must be \"none\" or \"auto\"",
+    "tool_choice": "must be \"none\", \"auto\", \"required\" or "
+    "{\"type\": \"function\", \"function\": {\"name\": ...}}",
 }
 
 
@@ -234,7 +235,16 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+    # Structured output (strata.engine.guided): OpenAI's response_format, vLLM's guided_*
+    # extensions and its newer structured_outputs object; at most one of them per request.
     response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: Annotated[str, Field(max_length=65536)] | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=4096)] | None = None
+    guided_grammar: Annotated[str, Field(max_length=1 << 20)] | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: Annotated[str, Field(max_length=1024)] | None = None
+    structured_outputs: dict[str, Any] | None = None
     priority: Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)] = 0
     request_id: Annotated[str, Field(max_length=256)] | None = None
 
@@ -242,16 +252,28 @@ class _SamplingFields(BaseModel):
     def _refusals(self) -> _SamplingFields:
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of other than n is not supported; leave it unset", param="best_of")
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        if self.guided_decoding_backend not in (None, "auto", "llguidance", "guidance"):
             raise OpenAIError(
-                "response_format types other than 'text' (structured output) are not supported",
-                param="response_format",
+                "guided_decoding_backend: this server's structured output runs on llguidance; "
+                "send \"auto\" or \"llguidance\", or leave it unset",
+                param="guided_decoding_backend",
             )
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
         return self
+
+    @property
+    def structured_output_field(self) -> str | None:
+        """The first structured-output field the request sets, or None."""
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs"):
+            if getattr(self, name) is not None:
+                return name
+        return None
 
     def stop_list(self) -> list[str]:
         """Stop strings as a list."""
@@ -300,6 +322,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         """Flatten text parts; non-text parts are refused."""
@@ -321,6 +345,39 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDefinition(BaseModel):
+    """A tool's function: its name, what it does, and a JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """An entry of `tools`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    """{"name": ...} of a named tool choice."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming the function to call."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -328,8 +385,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=1024)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -341,12 +398,19 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
-        if self.tools:
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise OpenAIError("tool_choice other than \"none\" needs `tools`", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or ()]
+            if self.tool_choice.function.name not in names:
+                raise OpenAIError(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is "
+                    f"not among the tools ({', '.join(names)})", param="tool_choice")
+        if self.forced_tool_choice and self.structured_output_field is not None:
             raise OpenAIError(
-                "tools (function calling) are not supported by this server", param="tools"
-            )
-        if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+                f"{self.structured_output_field} cannot be combined with tool_choice "
+                "\"required\" or a named function: the tool call is the structured output",
+                param=self.structured_output_field)
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:
@@ -355,6 +419,11 @@ class ChatCompletionRequest(_SamplingFields):
                 param="continue_final_message",
             )
         return self
+
+    @property
+    def forced_tool_choice(self) -> bool:
+        """tool_choice "required" or a named function: the output must be tool calls."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     def template_kwargs(self) -> tuple[bool, bool, dict[str, Any]]:
         """(add_generation_prompt, continue_final_message, extra kwargs) for the renderer.

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from strata.engine.guided import GrammarBackend
 from strata.engine.kv_cache import BlockManager
 from strata.engine.prefix_registry import PrefixRegistry, RouteKeys
 from strata.engine.runner import ModelRunner
@@ -72,10 +74,13 @@ class _SeqState:
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    matcher: Any = None  # an llguidance LLMatcher for a constrained sequence
 
 
 class EngineCore:
     """One model replica's batching loop body."""
+
+    supports_guided = True  # structured output (a stage pipeline's head samples remotely)
 
     def __init__(
         self,
@@ -104,6 +109,7 @@ class EngineCore:
                                            chunk_tokens=self.route_estimator.chunk_tokens)
             self.blocks.evicted = []
         self.sampler = Sampler()
+        self.grammar = GrammarBackend(tokenizer, runner.model.config.vocab_size)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.states: dict[int, _SeqState] = {}
         self.meter = LoadMeter(time.monotonic())
@@ -133,6 +139,10 @@ class EngineCore:
                 f"{self.blocks.num_blocks}; reduce max_tokens or the prompt",
                 "max_tokens",
             )
+        if params.guided is not None and not self.supports_guided:
+            raise RequestError(
+                f"{params.guided.param}: structured output is not supported by a stage "
+                "pipeline; send it to a whole-model engine", params.guided.param)
         vocab = self.runner.model.config.vocab_size
         for t in params.stop_token_ids:
             if not 0 <= t < vocab:
@@ -162,6 +172,11 @@ class EngineCore:
             self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
         )
         st = _SeqState(seq, detok, gen)
+        if params.guided is not None:
+            try:
+                st.matcher = self.grammar.matcher(params.guided)
+            except ValueError as e:
+                raise RequestError(str(e), params.guided.param) from e
         if params.prompt_logprobs is not None:
             st.prompt_logprobs = [None]
         # Everything that can fail is built: register last, so a failed add leaves nothing.
@@ -232,15 +247,21 @@ class EngineCore:
         if not batch:
             return []
         inputs = self.runner.prepare(batch)
+        sample_entries = [e for e in batch.entries if e.samples]
+        # Grammar masks are computed in a worker while the model runs (strata.engine.guided).
+        masks = self.grammar.start_masks([self.states[e.seq.seq_id].matcher for e in sample_entries])
         hidden = self.runner.forward(inputs)
         rows = list(inputs.sample_rows)
         plp_ranges = self._prompt_logprob_rows(batch, len(batch.decodes))
         extra = [r for rng in plp_ranges.values() for r in range(*rng)]
         logits = self.runner.logits(hidden, rows + extra)
-        sample_entries = [e for e in batch.entries if e.samples]
+        mask = masks.result() if masks is not None else None
+        failed: dict[int, BaseException] = {}
         reqs = []
-        for e in sample_entries:
+        for i, e in enumerate(sample_entries):
             st = self.states[e.seq.seq_id]
+            if mask is not None and i in mask.errors:
+                failed[e.seq.seq_id] = SequenceFailed(f"structured output: {mask.errors[i]}")
             reqs.append(
                 SampleRequest(
                     e.seq.params,
@@ -248,9 +269,9 @@ class EngineCore:
                     e.seq.output_token_ids,
                     self.eos_token_ids,
                     st.generator,
+                    mask.banned[i] if mask is not None else None,
                 )
             )
-        failed: dict[int, BaseException] = {}
         tokens, lps = self._sample(logits[: len(rows)], reqs, sample_entries, failed)
         if extra:
             self._collect_prompt_logprobs(batch, plp_ranges, logits[len(rows) :], failed)
@@ -379,6 +400,8 @@ class EngineCore:
             stop_reason = token if token in p.stop_token_ids else None
         else:
             st.text += st.detok.add(token)
+            if st.matcher is not None and self._advance_grammar(st.matcher, token):
+                finish = "stop"  # the grammar is complete: nothing else may follow
         if finish is None and p.stop and n_out >= p.min_tokens:
             hit = self._find_stop(st, p)
             if hit is not None:
@@ -415,6 +438,14 @@ class EngineCore:
             if self.prefixes is not None:
                 self.prefixes.release(seq.seq_id)
         return out
+
+    @staticmethod
+    def _advance_grammar(matcher: Any, token: int) -> bool:
+        """Feed the accepted token to the sequence's grammar; True once it is complete."""
+        if not matcher.consume_token(token):
+            raise SequenceFailed(f"structured output: token {token} broke the grammar: "
+                                 f"{matcher.get_error()}")
+        return bool(matcher.is_stopped())
 
     @staticmethod
     def _find_stop(st: _SeqState, p: SamplingParams) -> str | None:

@@ -55,6 +55,16 @@ class EngineOptions(BaseModel):
                                         description="Token budget per step (prefill chunk).")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length cap.")
     prefix_caching: bool = Field(default=True, description="Automatic prefix caching.")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto", description="How tool calls are parsed from the output (tool_choice "
+        "auto): hermes (<tool_call> JSON: Qwen, SmolLM), llama3_json, or auto (from the chat "
+        "template).")
+    enable_auto_tool_choice: bool = Field(
+        default=True, description="Serve tool_choice \"auto\" (the model decides, its calls "
+        "parsed with --tool-call-parser).")
+    chat_template: str | None = Field(
+        default=None, description="A Jinja chat template file to use instead of the model's, "
+        "or a shipped one by name (hermes_tools).")
     enable_lora: bool = Field(default=False, description="Serve LoRA adapters over the base model "
                               "(requests name one as their model).")
     lora_modules: list[str] = Field(
@@ -79,6 +89,17 @@ class EngineOptions(BaseModel):
     def kv_blocks(self, bytes_per_block: int) -> int:
         """KV blocks to allocate: ``num_kv_blocks``, else as many as ``kv_cache`` holds."""
         return self.num_kv_blocks or max(1, self.kv_cache_bytes // bytes_per_block)
+
+    def tool_args(self) -> list[str]:
+        """The tool-calling flags of ``strata engine`` that differ from the defaults."""
+        args = []
+        if self.tool_call_parser != "auto":
+            args += ["--tool-call-parser", self.tool_call_parser]
+        if not self.enable_auto_tool_choice:
+            args += ["--no-enable-auto-tool-choice"]
+        if self.chat_template is not None:
+            args += ["--chat-template", self.chat_template]
+        return args
 
     def kv_and_batch_args(self) -> list[str]:
         """The KV and batching flags, as ``strata engine`` and a pipeline head take them."""

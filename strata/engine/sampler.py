@@ -45,6 +45,8 @@ class SampleRequest:
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None = None
+    # Structured output: True where the grammar bans a token (strata.engine.guided).
+    banned: torch.Tensor | None = None
 
 
 def logprobs_of(logprobs_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
@@ -69,7 +71,7 @@ class Sampler:
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         if any(
-            r.params.logit_bias or r.params.needs_penalties
+            r.params.logit_bias or r.params.needs_penalties or r.banned is not None
             or len(r.output_token_ids) < r.params.min_tokens
             for r in rows
         ):
@@ -85,6 +87,8 @@ class Sampler:
                     logits[i, banned] = float("-inf")
             if p.needs_penalties:
                 self._penalize(logits[i], r)
+            if r.banned is not None:
+                logits[i].masked_fill_(r.banned, float("-inf"))
 
         greedy_rows = [r.params.greedy for r in rows]
         if all(greedy_rows):  # the common serving case: one argmax, no masks or copies

@@ -11,6 +11,16 @@ INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
+class GuidedDecoding:
+    """A compiled output constraint (strata.engine.guided): its kind, the request field it
+    came from (named in errors) and its llguidance grammar (JSON text)."""
+
+    kind: str  # json, json_object, regex, choice, grammar
+    param: str
+    grammar: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What to generate and when to stop; mirrors vLLM's SamplingParams fields we honour."""
 
@@ -33,6 +43,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None  # structured output: masks from this grammar
 
     def __post_init__(self) -> None:
         # The API edge checks these too; checking here again keeps every other way in

@@ -23,6 +23,7 @@ from strata.engine.engine import AsyncEngine
 from strata.engine.lora_routes import add_lora_routes, lora_cards
 from strata.engine.metrics import EngineMetrics
 from strata.engine.serving import Serving
+from strata.engine.tool_calls import ToolConfig
 from strata.internal_auth import admin_denial
 from strata.protocol import (
     ChatCompletionRequest,
@@ -188,6 +189,7 @@ def build_app(
     limits: RequestLimits | None = None,
     internal_token: str | None = None,
     drainer: Drainer | None = None,
+    tools: ToolConfig | None = None,
 ) -> FastAPI:
     """The FastAPI app of one replica.
 
@@ -198,7 +200,7 @@ def build_app(
     core = engine.core
     drainer = drainer or Drainer(engine)
     limits = limits or RequestLimits()
-    serving = Serving(engine, core.tokenizer, core.model_name, limits)
+    serving = Serving(engine, core.tokenizer, core.model_name, limits, tools)
     metrics = EngineMetrics(core)
     model = core.model_name
     app = FastAPI(title="strata engine", docs_url=None, redoc_url=None)

@@ -14,15 +14,26 @@ from typing import Any
 
 from strata.engine.core import RequestError, SeqOutput
 from strata.engine.engine import AsyncEngine
+from strata.engine.guided import decoding_of
 from strata.engine.prefix_registry import RouteKeys
 from strata.engine.route_keys import id_route_keys, locate, text_route_keys
 from strata.engine.sampler import TokenLogprobs
-from strata.engine.sampling import SamplingParams
+from strata.engine.sampling import GuidedDecoding, SamplingParams
 from strata.engine.tokenizer import Tokenizer
+from strata.engine.tool_calls import (
+    ChoiceTools,
+    ToolConfig,
+    ToolMode,
+    forced_decoding,
+    parser_for,
+    template_for,
+    template_messages,
+)
 from strata.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
+    NamedToolChoice,
     OpenAIError,
     RequestLimits,
     new_id,
@@ -41,6 +52,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None,
     seed_offset: int = 0,
+    guided: GuidedDecoding | None = None,
 ) -> SamplingParams:
     """Map request fields onto SamplingParams; ValueErrors become 400s."""
     bias: dict[int, float] = {}
@@ -72,6 +84,7 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             logit_bias=bias,
             skip_special_tokens=req.skip_special_tokens,
+            guided=guided,
         )
     except ValueError as e:
         # SamplingParams' messages start with the field's name.
@@ -100,8 +113,10 @@ class Serving:
         tokenizer: Tokenizer,
         model_name: str,
         limits: RequestLimits | None = None,
+        tools: ToolConfig | None = None,
     ) -> None:
         self.engine = engine
+        self.tools = tools or ToolConfig()
         self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -171,6 +186,38 @@ class Serving:
                 param=prompt_param,
             )
         return rest
+
+    def guided_of(self, req: CompletionRequest | ChatCompletionRequest,
+                  forced: GuidedDecoding | None = None) -> GuidedDecoding | None:
+        """The request's output constraint, compiled and checked against this tokenizer (400s)."""
+        guided = forced or decoding_of(req)
+        if guided is not None:
+            self.check_grammar(guided)
+        return guided
+
+    def check_grammar(self, guided: GuidedDecoding) -> None:
+        """400 naming the field whose grammar this tokenizer cannot use."""
+        try:
+            self.engine.core.grammar.validate(guided)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=guided.param) from e
+
+    def tool_mode(self, req: ChatCompletionRequest) -> ToolMode | None:
+        """How tool calls come out of this request's output (None: they do not)."""
+        if not req.tools or req.tool_choice == "none":
+            return None
+        if isinstance(req.tool_choice, NamedToolChoice):
+            return ToolMode("named", name=req.tool_choice.function.name)
+        if req.tool_choice == "required":
+            return ToolMode("required")
+        template = template_for(self.tools, self.tokenizer.chat_template, True)
+        parser = parser_for(self.tools, template or self.tokenizer.chat_template)
+        if not self.tools.enable_auto_tool_choice or parser is None:
+            raise OpenAIError(
+                "\"auto\" tool choice needs --enable-auto-tool-choice and a --tool-call-parser "
+                "that knows this model's format; or send tool_choice \"required\", a named "
+                "function, or \"none\"", param="tool_choice")
+        return ToolMode("auto", parser=parser)
 
     def check_fan_out(self, n_prompts: int, n: int) -> None:
         """Cap the sequences one request creates (prompts x n), before any tokenizing."""
@@ -279,13 +326,14 @@ class Serving:
         prepared = [self._prompt_with_keys(p, req.add_special_tokens) for p in req.prompts()]
         prompts = [ids for ids, _ in prepared]
         want_prompt_lp = req.prompt_logprobs
+        guided = self.guided_of(req)
         if req.echo and req.logprobs is not None:
             want_prompt_lp = max(req.logprobs, want_prompt_lp or 0)
         jobs = []
         for pi, (ids, keys) in enumerate(prepared):
             max_tokens = self.default_max_tokens(req.max_tokens or 16, len(ids), "prompt")
             for j in range(req.n):
-                params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j)
+                params = sampling_params(req, max_tokens, req.logprobs, want_prompt_lp, j, guided)
                 self.check_engine(len(ids), params)
                 jobs.append((pi * req.n + j, ids, params, keys))
         return prompts, self._under_lora(jobs, lora_id)
@@ -439,12 +487,17 @@ class Serving:
         lora_id = self.check_model(req.model)
         self.check_fan_out(1, req.n)
         add_generation_prompt, continue_final_message, kwargs = req.template_kwargs()
+        self.tool_mode(req)  # 400 before any work for a tool choice this replica cannot do
+        template = template_for(self.tools, self.tokenizer.chat_template, bool(req.tools))
+        if req.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = template_messages(req)
             prompt = self.tokenizer.apply_chat_template(
                 messages,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                chat_template=template,
                 **kwargs,
             )
         except ValueError as e:
@@ -453,9 +506,10 @@ class Serving:
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = self.default_max_tokens(requested, len(ids))
         top = (req.top_logprobs or 0) if req.logprobs else None
+        guided = self.guided_of(req, forced_decoding(req, self.check_grammar))
         jobs = []
         for j in range(req.n):
-            params = sampling_params(req, max_tokens, top, None, j)
+            params = sampling_params(req, max_tokens, top, None, j, guided)
             self.check_engine(len(ids), params)
             jobs.append((j, ids, params, keys))
         # vLLM's chat echo: the last message is prepended when it is the assistant's own.
@@ -493,21 +547,26 @@ class Serving:
             if out.finished:
                 c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
         n_out = sum(len(c.token_ids) for c in choices.values())
+        mode = self.tool_mode(req)
+        result = []
+        for c in (choices[i] for i in sorted(choices)):
+            message: dict[str, Any] = {"role": "assistant", "content": echo_text + c.text}
+            finish = c.finish_reason
+            if mode is not None:
+                message, finish = ChoiceTools(mode).message(echo_text + c.text, finish)
+            result.append({
+                "index": c.index,
+                "message": message,
+                "logprobs": self._lp_chat(c.logprobs) if req.logprobs else None,
+                "finish_reason": finish,
+                "stop_reason": c.stop_reason,
+            })
         return {
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": now_s(),
             "model": req.model or self.model_name,
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": echo_text + c.text},
-                    "logprobs": self._lp_chat(c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-                for c in (choices[i] for i in sorted(choices))
-            ],
+            "choices": result,
             "usage": self._usage(len(ids), n_out, {0: cached}),
         }
 
@@ -536,18 +595,30 @@ class Serving:
             if echo_text:
                 yield sse(chunk(idx, {"content": echo_text}))
         n_out, cached = 0, 0
+        mode = self.tool_mode(req)
+        tools = {idx: ChoiceTools(mode) for idx, *_ in jobs} if mode is not None else {}
         async for idx, out in self._fan_in(jobs):
             n_out += len(out.token_ids)
             cached = out.num_cached_tokens
             extra: dict[str, Any] = {}
             if req.logprobs:
                 extra["logprobs"] = self._lp_chat(out.logprobs)
+            finish = out.finish_reason
+            if idx in tools:
+                deltas = tools[idx].feed(out.text)
+                if out.finished:
+                    last, finish = tools[idx].finish(finish)
+                    deltas += last
+            else:
+                deltas = [{"content": out.text}] if out.text else []
             if out.finished:
-                extra["finish_reason"] = out.finish_reason
+                extra["finish_reason"] = finish
                 extra["stop_reason"] = out.stop_reason
-            if not out.text and not out.finished and not req.logprobs:
+            if not deltas and not out.finished and not req.logprobs:
                 continue
-            c = chunk(idx, {"content": out.text} if out.text else {}, **extra)
+            for delta in deltas[:-1]:  # all but the last alone; the last carries the extras
+                yield sse(chunk(idx, delta))
+            c = chunk(idx, deltas[-1] if deltas else {}, **extra)
             if continuous:
                 c["usage"] = self._usage(len(ids), n_out, {0: cached})
             yield sse(c)

@@ -93,14 +93,17 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Render a conversation into the prompt text the model was trained on.
 
         continue_final_message leaves the last (assistant) message open so that generation
         extends it, as in transformers; extra kwargs (tools, documents, ...) reach the template.
+        ``chat_template`` renders with that template instead of the model's.
         """
-        if not self.chat_template:
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError(
                 f"tokenizer {self.name!r} has no chat template, so chat requests cannot be "
                 "formatted; use /v1/completions, or a model whose files carry one "
@@ -111,7 +114,7 @@ class Tokenizer:
         context = {k: v for k, v in self.special_tokens.items() if v is not None}
         context.update(kwargs)
         try:
-            text = _compile_template(self.chat_template).render(
+            text = _compile_template(template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **context
             )
         except (jinja2.TemplateError, TypeError, AttributeError, KeyError, IndexError,

@@ -108,6 +108,8 @@ class InFlight:
 class HeadCore(EngineCore):
     """Scheduler, embedding, the first layers and the output side of a stage pipeline."""
 
+    supports_guided = False  # its tail samples; grammars are not carried to it
+
     def __init__(
         self,
         runner: ModelRunner,
