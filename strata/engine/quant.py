@@ -311,6 +311,25 @@ def _attach_file_blocks(linear: _PackedLinear, blocks: FileBlocks, names: list[s
         linear.attach_blocks(parts, scale, max_tokens)  # type: ignore[arg-type]
 
 
+def _projections(model: nn.Module) -> list[tuple[nn.Module, list[str], tuple[str, int] | None]]:
+    """Each projection of the model (and its head), the file tensors it is made of, and the
+    key of its SmoothQuant scale (None: not smoothed)."""
+    out: list[tuple[nn.Module, list[str], tuple[str, int] | None]] = []
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        p = f"model.layers.{model.layer_start + i}."
+        out += [
+            (attn.qkv_proj, [p + f"self_attn.{n}_proj.weight" for n in "qkv"], ("qkv", i)),
+            (attn.o_proj, [p + "self_attn.o_proj.weight"], None),
+            (mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], ("gate_up", i)),
+            (mlp.down_proj, [p + "mlp.down_proj.weight"], None),
+        ]
+    if getattr(model, "lm_head", None) is not None:
+        head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+        out.append((model.lm_head, [head], ("head", 0)))
+    return out
+
+
 def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
                    blocks: FileBlocks | None = None, small_max_tokens: int = SMALL_MAX_TOKENS) -> int:
     """Smooth (when calibration ids are given) and swap the projections; returns how many.
@@ -325,31 +344,89 @@ def quantize_model(model: nn.Module, calibration_ids: list[int] | None = None,
         scales = smooth_quant_(model, calibration_ids)
     use_blocks = blocks is not None and small_max_tokens > 0 and blocks_available()
     count = 0
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = Int8Linear(attn.qkv_proj)
         attn.o_proj = Int8Linear(attn.o_proj)
         mlp.gate_up_proj = Int8Linear(mlp.gate_up_proj)
         mlp.down_proj = Fp16Linear(mlp.down_proj)
         count += 4
-        if not use_blocks:
-            continue
-        p = f"model.layers.{model.layer_start + i}."
-        for linear, names, scale in (
-            (attn.qkv_proj, [p + f"self_attn.{n}_proj.weight" for n in "qkv"], scales.get(("qkv", i))),
-            (attn.o_proj, [p + "self_attn.o_proj.weight"], None),
-            (mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-             scales.get(("gate_up", i))),
-            (mlp.down_proj, [p + "mlp.down_proj.weight"], None),
-        ):
-            _attach_file_blocks(linear, blocks, names, scale, small_max_tokens)  # type: ignore[arg-type]
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = Int8Linear(model.lm_head)
         count += 1
-        if use_blocks:
-            head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
-            _attach_file_blocks(model.lm_head, blocks, [head], scales.get(("head", 0)), small_max_tokens)  # type: ignore[arg-type]
+    if use_blocks:
+        for linear, names, scale_key in _projections(model):
+            _attach_file_blocks(linear, blocks, names, scales.get(scale_key) if scale_key else None,  # type: ignore[arg-type]
+                                small_max_tokens)
     invalidate = getattr(model, "invalidate_plan", None)
     if invalidate is not None:
         invalidate()
     return count
+
+
+class BlockHybridLinear(_PackedLinear):
+    """A float (bf16/fp16/fp32) Linear whose calls of few rows run the file's own blocks.
+
+    The default on a CPU with fast float GEMMs (`--dtype auto`): batched rows (decode at
+    concurrency, prefill) go through the float GEMM, where matrix units make compute
+    cheap; 1 to `small_max_tokens` rows, where a step reads every weight once and
+    bytes decide, go through the 4.5-bit blocks. The nn.Linear stays a child, so its
+    weight is where the runner's warm-up and the tests look for it.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        from strata.engine.model import _padded_linear
+
+        super().__init__(linear)
+        self.linear = linear
+        self.dtype = linear.weight.dtype
+        self._gemm = _padded_linear(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.forward_2d(x.reshape(-1, shape[-1]))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] -> [T, out] in the Linear's dtype: blocks up to `small_max_tokens` rows."""
+        if x.shape[0] > self.small_max_tokens:
+            return self._gemm(x)
+        y = self._small(x.float().contiguous(), *self._small_args)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y if self.dtype == torch.float32 else y.to(self.dtype)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gemm(x)
+
+
+def attach_hybrid_blocks(model: nn.Module, blocks: FileBlocks,
+                         small_max_tokens: int = SMALL_MAX_TOKENS) -> int:
+    """Wrap each float projection (and the head) whose file tensors are in a block format
+    as a `BlockHybridLinear`; returns how many. No-op without the VNNI block kernels."""
+    if small_max_tokens <= 0 or not blocks_available():
+        return 0
+    count = 0
+    for linear, names, _ in _projections(model):
+        if not isinstance(linear, nn.Linear):
+            continue
+        hybrid = BlockHybridLinear(linear)
+        _attach_file_blocks(hybrid, blocks, names, None, small_max_tokens)
+        if not hybrid.small_max_tokens:
+            continue
+        _replace(model, linear, hybrid)
+        count += 1
+    invalidate = getattr(model, "invalidate_plan", None)
+    if invalidate is not None:
+        invalidate()
+    return count
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` where ``old`` is among the model's submodules."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+    raise ValueError("module not found in the model")

@@ -21,9 +21,11 @@ from strata.engine.model import LlamaModel
 from strata.engine.quant import (
     CALIBRATION_TEXT,
     SMALL_MAX_TOKENS,
+    BlockHybridLinear,
     FileBlocks,
     Fp16Linear,
     Int8Linear,
+    attach_hybrid_blocks,
     blocks_available,
     int8_supported,
     quantize_model,
@@ -121,6 +123,44 @@ def test_the_decode_path_on_file_blocks_stays_closer_to_fp32(fp32_model) -> None
     q = copy.deepcopy(model)
     quantize_model(q, tok.encode(CALIBRATION_TEXT), blocks=_file_blocks(model), small_max_tokens=1 << 30)
     lp = _logprobs(q, ids)
+    kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.01, kl
+    assert top1 > 0.9, top1
+
+
+def _bf16_hybrid(model: LlamaModel, small_max_tokens: int = SMALL_MAX_TOKENS) -> LlamaModel:
+    """The bundled model as `--dtype auto` serves it on a bf16 CPU: bf16 GEMMs for batches,
+    the file's blocks for calls of few rows."""
+    h = copy.deepcopy(model).to(torch.bfloat16)
+    assert attach_hybrid_blocks(h, _file_blocks(model), small_max_tokens) == 4 * len(model.layers) + 1
+    return h
+
+
+@pytest.mark.skipif(not blocks_available(), reason="no AVX-512 VNNI block kernels on this CPU")
+def test_hybrid_calls_of_few_rows_run_on_the_file_blocks(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    model, _ = fp32_model
+    h = _bf16_hybrid(model)
+    for linear in (h.layers[2].self_attn.qkv_proj, h.layers[2].mlp.down_proj, h.lm_head):
+        assert isinstance(linear, BlockHybridLinear)
+        x = torch.randn(SMALL_MAX_TOKENS + 1, linear.in_features).to(torch.bfloat16)
+        few = linear.forward_2d(x[:SMALL_MAX_TOKENS])
+        assert few.dtype == torch.bfloat16
+        assert torch.equal(few, linear._small(x[:SMALL_MAX_TOKENS].float(), *linear._small_args).bfloat16())
+        many = linear.forward_2d(x)
+        ref = torch.nn.functional.linear(x.float(), linear.linear.weight.detach().float())
+        assert float((many.float() - ref).norm() / ref.norm()) < 0.01
+
+
+@pytest.mark.skipif(not blocks_available(), reason="no AVX-512 VNNI block kernels on this CPU")
+@pytest.mark.parametrize("small_max_tokens", [SMALL_MAX_TOKENS, 1 << 30])
+def test_the_hybrid_default_stays_close_to_fp32(fp32_model, small_max_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """Both halves of the auto default: the bf16 GEMM (prompt rows) and every call on the
+    file's blocks (as batch-1 decode runs them), against the fp32 model."""
+    model, tok = fp32_model
+    ids = torch.tensor(tok.encode(EVAL_TEXT))
+    ref = _logprobs(model, ids)
+    lp = _logprobs(_bf16_hybrid(model, small_max_tokens), ids)
     kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
     top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert kl < 0.01, kl
