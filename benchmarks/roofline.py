@@ -24,7 +24,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bytes per weight element in each dtype a server may compute in.
@@ -70,8 +70,9 @@ class Roofline:
 
     cpu: CpuInfo
     threads: int
-    matmul_tflops: dict[str, float]  # dtype -> measured dense matmul TFLOP/s
+    matmul_tflops: dict[str, float]  # dtype -> measured dense matmul TFLOP/s, its fastest path
     read_gbps: float
+    paths: dict[str, float] = field(default_factory=dict)  # "dtype path" -> TFLOP/s, every path
 
     def compute_tokens_s(self, shape: ModelShape, dtype: str) -> float:
         """Output tokens/s if every matmul ran at the measured ``dtype`` peak."""
@@ -103,6 +104,7 @@ class Roofline:
             "cpu": asdict(self.cpu), "threads": self.threads,
             "matmul_tflops": self.matmul_tflops, "read_gbps": self.read_gbps,
             "model": asdict(shape), "flops_per_token": shape.flops_per_token,
+            "paths_tflops": self.paths,
             "compute_roofline_tokens_s": {d: self.compute_tokens_s(shape, d)
                                           for d in self.matmul_tflops},
             "best_compute_dtype": best_dtype, "best_compute_roofline_tokens_s": best,
@@ -183,34 +185,98 @@ def _best_rates(jobs: dict[str, tuple[Callable[[], object], float]], rounds: int
     return best
 
 
-def measure_matmul_tflops(threads: int, m: int = 256, k: int = 1536, n: int = 1536
-                          ) -> dict[str, float]:
-    """Dense matmul TFLOP/s per dtype at a decode-like shape (``m`` tokens in flight).
+def matmul_paths(m: int, k: int, n: int) -> dict[str, tuple[Callable[[], object], float]]:
+    """Every way torch can run an [m, k] x [k, n] product here, by "dtype path".
 
-    ``int8`` is torch's dynamic-quantized linear (activations quantized per call), as
-    strata's int8 mode runs it; it is omitted when this torch has no x86 int8 backend.
+    - float32 mkl: plain matmul (MKL / oneDNN sgemm);
+    - bfloat16 matmul: plain matmul, weight re-laid out by oneDNN on every call;
+    - bfloat16 packed: oneDNN linear on a weight packed once (AMX tiles where the CPU has
+      them; what strata serves bf16 with, and torch.compile on the CPU);
+    - int8 fbgemm: dynamic W8A8 (per-tensor activations, VNNI), strata ``--dtype int8``;
+    - int8 onednn: oneDNN's quantized linear (AMX-int8 where present, else VNNI), as
+      PyTorch's x86 quantization runs it, including the per-call activation quantization.
     """
     import torch
 
-    torch.set_num_threads(threads)
     flops = 2.0 * m * k * n
     jobs: dict[str, tuple[Callable[[], object], float]] = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a = torch.randn(m, k).to(dtype)
-        b = torch.randn(k, n).to(dtype)
-        jobs[name] = (lambda a=a, b=b: a @ b, flops)
+    a32, w32 = torch.randn(m, k), torch.randn(n, k) * k**-0.5
+    wt = w32.t().contiguous()
+    jobs["float32 mkl"] = (lambda: a32 @ wt, flops)
+    a16, w16 = a32.bfloat16(), w32.bfloat16()
+    wt16 = wt.bfloat16()
+    jobs["bfloat16 matmul"] = (lambda: a16 @ wt16, flops)
+    if torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w16, None)
+            lin = torch.ops.mkldnn._linear_pointwise.default
+            lin(a16, packed, None, "none", [], "")
+            jobs["bfloat16 packed"] = (lambda: lin(a16, packed, None, "none", [], ""), flops)
+        except (RuntimeError, AttributeError):
+            pass
     engines = torch.backends.quantized.supported_engines
+    scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
     if "x86" in engines or "fbgemm" in engines:
-        w = torch.randn(n, k)
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
         with warnings.catch_warnings():  # quantized tensor creation is deprecated, not gone
             warnings.simplefilter("ignore", UserWarning)
-            qw = torch.quantize_per_channel(w, scales, torch.zeros(n, dtype=torch.long), 0,
+            qw = torch.quantize_per_channel(w32, scales.double(), torch.zeros(n, dtype=torch.long), 0,
                                             torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-        x = torch.randn(m, k)
-        jobs["int8"] = (lambda: torch.ops.quantized.linear_dynamic(x, packed, False), flops)
-    return {name: rate / 1e12 for name, rate in _best_rates(jobs).items()}
+        fb = torch.ops.quantized.linear_prepack(qw, None)
+        jobs["int8 fbgemm"] = (lambda: torch.ops.quantized.linear_dynamic(a32, fb, False), flops)
+    try:
+        q8 = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        dn = torch.ops.onednn.qlinear_prepack(q8, None)
+        zp = torch.zeros(n, dtype=torch.int32)
+        qlin = torch.ops.onednn.qlinear_pointwise.default
+
+        def onednn_int8() -> object:
+            xs = float(a32.abs().amax()) / 127 or 1.0
+            qx = torch.round(a32 * (1 / xs)).clamp(-127, 127).add_(128).to(torch.uint8)
+            return qlin(qx, xs, 128, dn, scales, zp, None, 1.0, 0, torch.float32, "none", [], "")
+
+        onednn_int8()
+        jobs["int8 onednn"] = (onednn_int8, flops)
+    except (RuntimeError, AttributeError):
+        pass
+    return jobs
+
+
+def measure_paths(threads: int, m: int = 256, k: int = 1536, n: int = 1536) -> dict[str, float]:
+    """TFLOP/s of every `matmul_paths` path at a decode-like shape (``m`` tokens in flight)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {name: rate / 1e12 for name, rate in _best_rates(matmul_paths(m, k, n)).items()}
+
+
+def fastest_per_dtype(paths: dict[str, float]) -> dict[str, float]:
+    """Each dtype's fastest path: the format's roofline."""
+    best: dict[str, float] = {}
+    for name, tflops in paths.items():
+        dtype = name.split()[0]
+        best[dtype] = max(best.get(dtype, 0.0), tflops)
+    return best
+
+
+def measure_matmul_tflops(threads: int, m: int = 256, k: int = 1536, n: int = 1536
+                          ) -> dict[str, float]:
+    """Dense matmul TFLOP/s per dtype, each through its fastest path (`matmul_paths`)."""
+    return fastest_per_dtype(measure_paths(threads, m, k, n))
+
+
+def shape_table(threads: int, shape_of: dict[str, tuple[int, int]], rows: list[int]) -> list[str]:
+    """TFLOP/s of each path on the model's own projections (in, out) at each row count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    lines = []
+    for kind, (k, n) in shape_of.items():
+        for m in rows:
+            jobs = matmul_paths(m, k, n)
+            rates = _best_rates(jobs, rounds=3, window_s=0.05)
+            lines.append(f"{kind:8s} {k:5d}->{n:<6d} rows {m:5d}: " + ", ".join(
+                f"{p} {r / 1e12:.2f}" for p, r in rates.items()))
+    return lines
 
 
 def measure_read_gbps(threads: int, mib: int = 512) -> float:
@@ -226,9 +292,9 @@ def measure_read_gbps(threads: int, mib: int = 512) -> float:
 
 def measure(threads: int) -> Roofline:
     """Measure this machine on ``threads`` threads (takes a few seconds)."""
-    return Roofline(cpu=read_cpu_info(), threads=threads,
-                    matmul_tflops=measure_matmul_tflops(threads),
-                    read_gbps=measure_read_gbps(threads))
+    paths = measure_paths(threads)
+    return Roofline(cpu=read_cpu_info(), threads=threads, matmul_tflops=fastest_per_dtype(paths),
+                    read_gbps=measure_read_gbps(threads), paths=paths)
 
 
 def describe(roof: Roofline, shape: ModelShape, strata_dtype: str | None = None) -> list[str]:
@@ -240,6 +306,8 @@ def describe(roof: Roofline, shape: ModelShape, strata_dtype: str | None = None)
         f"{flags or 'no AMX / AVX512-BF16 / VNNI'}); {roof.threads} threads measured",
         "matmul: " + ", ".join(f"{d} {t:.3f} TFLOP/s" for d, t in roof.matmul_tflops.items())
         + f"; memory read {roof.read_gbps:.1f} GB/s",
+        *([("paths (TFLOP/s): " + ", ".join(f"{p} {t:.3f}" for p, t in roof.paths.items()))]
+          if roof.paths else []),
         f"model: {shape.name}, {shape.matmul_params / 1e6:.1f} M matmul params, "
         f"{shape.flops_per_token / 1e6:.0f} MFLOP per token",
         "compute roofline (tokens/s): " + ", ".join(
@@ -258,11 +326,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write JSON here")
+    parser.add_argument("--shapes", default="", metavar="ROWS",
+                        help="also time every path on the bundled model's projections at these "
+                             "row counts, e.g. 1,16,64,512")
     args = parser.parse_args()
     shape = bundled_model_shape()
     roof = measure(args.threads)
     for line in describe(roof, shape):
         print(line)
+    if args.shapes:
+        from strata.engine.weights import bundled_model_path, load_config
+
+        c = load_config(bundled_model_path())
+        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_size
+        shapes = {"qkv": (c.hidden_size, qkv), "o": (c.num_attention_heads * c.head_size, c.hidden_size),
+                  "gate_up": (c.hidden_size, 2 * c.intermediate_size),
+                  "down": (c.intermediate_size, c.hidden_size), "lm_head": (c.hidden_size, c.vocab_size)}
+        for line in shape_table(args.threads, shapes, [int(r) for r in args.shapes.split(",")]):
+            print(line)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(roof.to_dict(shape), indent=2) + "\n")
