@@ -24,13 +24,20 @@ from pathlib import Path
 import torch
 
 from strata.engine.core import EngineCore, RequestError, SeqOutput, SequenceFailed
+from strata.engine.dtype_choice import choose_dtype
 from strata.engine.gguf_loader import weight_blocks
 from strata.engine.kernels import load_paged_attention
 from strata.engine.lora import attach_loras
 from strata.engine.model import LlamaModel
 from strata.engine.options import EngineConfig
 from strata.engine.prefix_registry import RouteKeys
-from strata.engine.quant import CALIBRATION_TEXT, FileBlocks, int8_supported, quantize_model
+from strata.engine.quant import (
+    CALIBRATION_TEXT,
+    FileBlocks,
+    attach_hybrid_blocks,
+    int8_supported,
+    quantize_model,
+)
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
@@ -134,16 +141,18 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     """Load the model and tokenizer and size the KV cache."""
     torch.set_num_threads(pick_threads(cfg.threads))
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     path = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
     config = load_config(path)
+    # LoRA runs over float weights only (strata.engine.lora).
+    choice = choose_dtype(cfg.dtype, device, config, allow_int8=not cfg.enable_lora)
+    dtype = choice.torch_dtype
     tokenizer = load_tokenizer(path, cache_dir=cfg.cache_dir)
     state = load_state_dict(path, config, dtype=torch.float32)
     model = LlamaModel(config)
     model.load_weights(state)
     del state
     model = model.to(device=device, dtype=dtype).eval()
-    if cfg.dtype == "int8":
+    if choice.name == "int8":
         if device.type != "cpu" or not int8_supported():
             raise ValueError("dtype int8 needs a CPU with torch's x86 int8 backend (fbgemm)")
         blocks = None
@@ -151,8 +160,11 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
             # Decode at batch 1 computes from the file's own quantized blocks.
             blocks = FileBlocks(functools.partial(weight_blocks, path, config))
         quantize_model(model, tokenizer.encode(CALIBRATION_TEXT), blocks=blocks)
+    elif choice.file_blocks and device.type == "cpu" and config.extra.get("source_format") == "gguf":
+        # auto: 1-3 row calls (batch-1 decode) on the file's own blocks, batches on the float GEMM.
+        attach_hybrid_blocks(model, FileBlocks(functools.partial(weight_blocks, path, config)))
     native = device.type == "cpu" and load_paged_attention()
-    kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, cfg.dtype, dtype, native)
+    kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, choice.name, dtype, native)
     per_block = kv_bytes_per_block(model, cfg.block_size, kv_dtype)
     num_blocks = cfg.kv_blocks(per_block)
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -164,7 +176,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     log.info(
         "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB, %s)",
-        name, "int8" if cfg.dtype == "int8" else dtype, device, torch.get_num_threads(), num_blocks,
+        name, choice.name, device, torch.get_num_threads(), num_blocks,
         cfg.block_size,
         num_blocks * per_block / 2**20, kv_dtype,
     )
