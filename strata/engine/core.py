@@ -22,6 +22,7 @@ from strata.engine.sampler import Sampler, SampleRequest, TokenLogprobs, logprob
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from strata.engine.sequence import Sequence
+from strata.engine.threads import ThreadGovernor
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from strata.load import LoadReport
 from strata.load_meter import LoadMeter
@@ -113,6 +114,7 @@ class EngineCore:
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.states: dict[int, _SeqState] = {}
         self.meter = LoadMeter(time.monotonic())
+        self.threads: ThreadGovernor | None = None  # compute threads (build_engine_core sets it)
         self.draining = False
         # Sequences that failed inside a step, for the loop to tell their consumers.
         self.failures: list[tuple[int, BaseException]] = []
@@ -238,6 +240,8 @@ class EngineCore:
     # -- the step ---------------------------------------------------------------
     def step(self) -> list[SeqOutput]:
         """Schedule, run the model, sample, detokenize, and check stop conditions."""
+        if self.threads is not None:
+            self.threads.tick()
         t0 = time.perf_counter()
         batch = self.scheduler.step()
         for seq in batch.preempted:

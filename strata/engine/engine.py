@@ -14,7 +14,6 @@ import ctypes.util
 import functools
 import itertools
 import logging
-import os
 import re
 import threading
 import time
@@ -41,6 +40,7 @@ from strata.engine.quant import (
 from strata.engine.runner import ModelRunner, kv_bytes_per_block
 from strata.engine.sampling import SamplingParams
 from strata.engine.scheduler import SchedulerConfig
+from strata.engine.threads import governor_for
 from strata.engine.tokenizer import load_tokenizer
 from strata.engine.weights import load_config, load_state_dict, resolve_model
 
@@ -116,31 +116,10 @@ def default_model_name(path: Path) -> str:
     return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
 
 
-def pick_threads(requested: int | None) -> int:
-    """Torch intra-op threads: as asked, else the faster of 1 and all usable cores, measured.
-
-    Measured because on a shared or oversubscribed CPU the synchronisation of a parallel
-    region can cost more than it saves on this model's small matmuls.
-    """
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
-    if cores == 1:
-        return 1
-    speed = {}
-    for n in (1, cores):
-        torch.set_num_threads(n)
-        speed[n] = _matmul_tflops(torch.float32, m=1) + _matmul_tflops(torch.float32, m=64)
-    best = max(speed, key=speed.__getitem__)
-    log.info("threads auto: %s -> %d", {k: round(v, 3) for k, v in speed.items()}, best)
-    return best
-
-
 def build_engine_core(cfg: EngineConfig) -> EngineCore:
     """Load the model and tokenizer and size the KV cache."""
-    torch.set_num_threads(pick_threads(cfg.threads))
     device = pick_device(cfg.device)
+    governor = governor_for(cfg.threads, device.type)
     path = resolve_model(cfg.model, cache_dir=cfg.cache_dir)
     config = load_config(path)
     # LoRA runs over float weights only (strata.engine.lora).
@@ -180,7 +159,9 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
         cfg.block_size,
         num_blocks * per_block / 2**20, kv_dtype,
     )
-    return EngineCore(runner, tokenizer, sched, name, cfg.prefix_caching)
+    core = EngineCore(runner, tokenizer, sched, name, cfg.prefix_caching)
+    core.threads = governor
+    return core
 
 
 @functools.cache

@@ -92,6 +92,10 @@ class _EngineCollector(Collector):
                        "vllm:gpu_prefix_cache_hits"),
              "Prompt tokens found in the prefix cache.", cache.hit_tokens),
         ]
+        if core.threads is not None:
+            readings.append((gauge, ("strata_engine_compute_threads",),
+                             "Compute threads the engine runs now (strata.engine.threads).",
+                             core.threads.threads))
         for kind, names, doc, value in readings:
             yield from _family(kind, names, doc, value, m)
         info = GaugeMetricFamily(

@@ -41,8 +41,9 @@ class EngineOptions(BaseModel):
         "Q4_1/Q8_0 blocks).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto, cpu or cuda.")
     threads: int | None = Field(
-        default=None, ge=1, description="Torch threads; default: measured (1 or all usable "
-        "cores); in a cluster file: the cores divided among the most replicas.")
+        default=None, ge=1, description="Compute threads, pinned; default: as many as cores "
+        "are free, followed while serving (at most the allowed CPUs, the cgroup CPU quota and "
+        "OMP_NUM_THREADS; in a cluster file: the cores divided among the most replicas).")
     kv_cache: int | str = Field(default="1GiB", description="KV cache size in bytes (e.g. 1GiB).")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto (float16 under int8 weights, else the model dtype), "

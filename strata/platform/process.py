@@ -105,8 +105,11 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
     model = config.model
 
     def argv(host: str, port: int) -> list[str]:
+        # A share of the cores is the engine's ceiling (OMP_NUM_THREADS, see ProcessSpec): it
+        # runs fewer threads while other processes hold cores; --threads would pin the count.
+        pinned = ["--threads", str(threads)] if opts.threads else []
         cmd = [sys.executable, "-m", "strata.cli", "engine", "--host", host, "--port", str(port),
-               "--threads", str(threads), "--dtype", opts.dtype, "--device", opts.device,
+               *pinned, "--dtype", opts.dtype, "--device", opts.device,
                *opts.kv_and_batch_args(), *opts.lora_args(),
                # The platform's SIGKILL comes stop_timeout_s after this drain (see local).
                "--drain-timeout-s", str(config.platform.drain_timeout_s),

@@ -64,7 +64,7 @@ def test_engine_command_carries_the_cluster_files_options() -> None:
     valued = [a for a in argv[4:] if a != "--no-prefix-caching"]
     flags = dict(zip(valued[::2], valued[1::2], strict=True))
     assert flags["--port"] == "4321" and flags["--host"] == "127.0.0.1"
-    assert flags["--threads"] == "2" and flags["--dtype"] == "float32"
+    assert "--threads" not in flags and flags["--dtype"] == "float32"  # a ceiling, not a pin
     assert flags["--kv-cache"] == str(64 << 20) and flags["--max-num-seqs"] == "8"
     assert flags["--model"] == "/m/x.gguf" and flags["--served-model-name"] == "x"
     assert flags["--max-model-len"] == "1024"
@@ -75,7 +75,8 @@ def test_engine_command_carries_the_cluster_files_options() -> None:
 def test_explicit_threads_win_and_default_model_is_not_passed() -> None:
     spec = engine_spec(parse_cluster_config({"engine": {"threads": 3}}), "engine", cores=64)
     assert spec.threads == 3
-    assert "--model" not in spec.argv("127.0.0.1", 1)
+    argv = spec.argv("127.0.0.1", 1)
+    assert "--model" not in argv and argv[argv.index("--threads") + 1] == "3"  # pinned
 
 
 def test_guarded_command_names_this_process_as_the_parent() -> None:
