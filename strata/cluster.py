@@ -1,11 +1,12 @@
 """``strata serve``: the gateway, the replicas and the autoscaler of one cluster file, in one
 asyncio process; ``strata status``: what that process is doing, as tables.
 
-Wiring: the platform (local processes) runs the tier's replicas; an endpoint feed copies
-``platform.endpoints(tier)`` into the gateway's replica set whenever it changes (and into a
-Prometheus file_sd file when configured); the gateway's activator hook asks the autoscaler
-for a replica when a request arrives at a tier with none; the autoscaler loop observes,
-decides and calls ``platform.scale``. A thin ASGI front over the gateway adds what the
+Wiring: the platform (local processes) runs every tier's replicas; an endpoint feed copies
+``platform.endpoints(tier)`` into that tier's replica set in the gateway whenever it
+changes (and into a Prometheus file_sd file when configured); the gateway routes each
+request by its model to the tier serving it, and its activator hook asks the autoscaler
+for a replica when a request arrives at a tier with none (that tier only); the
+autoscaler loop observes, decides and calls ``platform.scale`` for each tier on its own. A thin ASGI front over the gateway adds what the
 cluster needs from it: the autoscaler's series on ``/metrics`` (after the gateway's own,
 which count arrivals) and ``GET /admin/status``. Ctrl-C (SIGINT) or SIGTERM stops the autoscaler, drains the gateway
 (``platform.drain_timeout_s``: new requests 503 + Retry-After, in-flight ones finish or
@@ -20,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -47,16 +47,19 @@ from strata.cluster_status import (
     status_payload,
 )
 from strata.config import ClusterConfig, ClusterConfigError, load_cluster_config
+from strata.config import served_model_name as _served_model_name
 from strata.gateway.app import Gateway, GatewayConfig, create_app
 from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
 from strata.gateway.replica_set import ReplicaSetConfig
+from strata.gateway.tiers import TierRoute
 from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
 from strata.internal_auth import generate_token, load_token
 from strata.internal_auth import headers as internal_headers
 from strata.platform.base import Platform
 from strata.platform.local import LocalPlatform
+from strata.platform.process import ProcessSpec, engine_spec
 from strata.stages.scaling import BottleneckFirst, StageObserver, stage_autoscaling
 from strata.stages.tiers import StageTier, cluster_stage_specs, resolve_stages, stage_tiers
 
@@ -67,29 +70,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-# The bundled model (strata.engine.weights.BUNDLED_MEMBER) as the engine names it.
-_BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
-_BUNDLED_ALIASES = ("smollm2-135m", "bundled")
-# strata.engine.weights.GEMMA3_270M_ALIASES -> its GGUF's name as the engine reports it.
-_NAMED_MODELS = {"gemma3-270m": "gemma-3-270m"}
-
-
-def served_model_name(config: ClusterConfig) -> str:
-    """The model id the tier's engines will report, known before any of them starts.
-
-    The rule of ``strata.engine.engine.default_model_name``, applied to the configured path
-    without loading anything (that module needs torch, which the gateway does not).
-    """
-    m = config.model
-    if m.served_model_name:
-        return m.served_model_name
-    if m.path is None or m.path.lower() in _BUNDLED_ALIASES:
-        return _BUNDLED_MODEL_NAME
-    if m.path.lower() in _NAMED_MODELS:
-        return _NAMED_MODELS[m.path.lower()]
-    path = Path(m.path).expanduser()
-    stem = path.stem if path.suffix == ".gguf" else path.name
-    return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
+def served_model_name(config: ClusterConfig, tier: str | None = None) -> str:
+    """The model id ``tier``'s engines will report (default: the top-level model's)."""
+    return config.served_model(tier) if tier is not None else _served_model_name(config.model)
 
 
 def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None,
@@ -100,9 +83,9 @@ def gateway_config(config: ClusterConfig, api_keys: ApiKeys | None,
     """
     g = config.gateway
     return GatewayConfig(
-        served_models=(served_model_name(config),),
+        tiers=tuple(TierRoute(t, (config.served_model(t),)) for t in config.tiers),
         drain_timeout_s=config.platform.drain_timeout_s,
-        replicas=(), tier=config.tier_name, policy=config.routing.policy,
+        tier=config.default_tier, policy=config.routing.policy,
         policy_params=dict(config.routing.params),
         replica_set=ReplicaSetConfig(poll_interval_s=g.poll_interval_s,
                                      health_interval_s=g.health_interval_s,
@@ -248,39 +231,47 @@ class Cluster:
         self.config = config
         self.internal_token = (getattr(platform, "internal_token", None) or internal_token
                                or generate_token())
-        self.tier = config.tier_name  # the gateway's tier (a pipeline's head)
-        tier_cfg = config.tiers[self.tier]
+        # The gateway's tiers are the file's (a pipeline's head is named as its tier); the
+        # platform's add each later stage of the (at most one) pipeline.
+        self.pipeline = config.pipeline_tier
         self.stage_tiers: list[StageTier] = []
         self.stage_view: dict[str, Any] | None = None  # the head's last GET /stages
         self._http_stages = httpx.AsyncClient(timeout=5.0)
-        if tier_cfg.kind == "stages":
-            stages = resolve_stages(config, self.tier)
-            self.stage_tiers = stage_tiers(self.tier, stages)
-            if platform is None and config.platform.kind == "local":
-                specs = cluster_stage_specs(config, self.tier, stages, drained=self._stage_drained)
-                platform = LocalPlatform(specs, config.platform,
-                                         internal_token=self.internal_token)
-            self.plans = [TierPlan(t.name, "stage-head" if t.head else "stage", t.min_replicas,
-                                   t.max_replicas, t.initial_replicas, t.layers)
-                          for t in self.stage_tiers]
-        else:
-            self.plans = [TierPlan(n, "engine", t.min_replicas, t.max_replicas,
-                                   t.initial_replicas) for n, t in config.tiers.items()]
+        self.plans: list[TierPlan] = []
+        specs: dict[str, ProcessSpec] = {}
+        for name, t in config.tiers.items():
+            if t.kind == "stages":
+                stages = resolve_stages(config, name)
+                self.stage_tiers = stage_tiers(name, stages)
+                if platform is None and config.platform.kind == "local":
+                    specs.update(cluster_stage_specs(config, name, stages,
+                                                     drained=self._stage_drained))
+                self.plans += [TierPlan(s.name, "stage-head" if s.head else "stage",
+                                        s.min_replicas, s.max_replicas, s.initial_replicas,
+                                        s.layers) for s in self.stage_tiers]
+            else:
+                specs[name] = engine_spec(config, name)
+                self.plans.append(TierPlan(name, "engine", t.min_replicas, t.max_replicas,
+                                           t.initial_replicas))
+        if platform is None and config.platform.kind == "local":
+            platform = LocalPlatform(specs, config.platform, internal_token=self.internal_token)
         self.platform = platform or platform_for(config, self.internal_token)
         self.registry = CollectorRegistry()
         self.registry.register(_PlatformCollector(self.platform, [p.name for p in self.plans]))
         self.gateway = create_app(gateway_config(config, api_keys, self.internal_token),
                                   on_demand=self._on_demand)
-        self.front = ClusterFront(self.gateway, self.tier, self.registry, self._status)
+        self.front = ClusterFront(self.gateway, config.default_tier, self.registry,
+                                  self._status)
         self.http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
         source: SignalSource
+        models = {t: (config.served_model(t),) for t in config.tiers}
         if config.prometheus.url is not None:
             custom = {n: t.custom_metrics for n, t in config.tiers.items() if t.custom_metrics}
             source = PrometheusSource(config.prometheus.url, self.http,
-                                      config.autoscaler.window_s, custom)
+                                      config.autoscaler.window_s, custom, models=models)
         else:
             source = ScrapeSource(self.front.gateway_metrics, self.http,
-                                  config.autoscaler.window_s)
+                                  config.autoscaler.window_s, models=models)
         policies: dict[str, AutoscalingPolicy] = {
             name: build_policy(config.autoscaling_for(name))
             for name, tier in config.tiers.items() if tier.autoscaling is not None}
@@ -288,7 +279,8 @@ class Cluster:
         if self.stage_tiers:
             self.stage_observer = StageObserver(self.platform, self.http)
             scaled = [t for t in self.stage_tiers if t.autoscaled]
-            sc = tier_cfg.stage_scaling
+            assert self.pipeline is not None
+            sc = config.tiers[self.pipeline].stage_scaling
             for t in scaled:
                 inner = build_policy(stage_autoscaling(
                     t.max_replicas, t.min_replicas, sc.target_busy_pct,
@@ -313,8 +305,9 @@ class Cluster:
         hold = self.config.gateway.hold_timeout_s
         deadline = time.monotonic() + hold
         await self.autoscaler.activate(tier, hold)
-        while self.gateway.replicas.ready_count() == 0 and time.monotonic() < deadline:
-            await self.gateway.replicas.wait_changed(0.5)  # the feed and a health check
+        replicas = self.gateway.lanes[tier].replicas
+        while replicas.ready_count() == 0 and time.monotonic() < deadline:
+            await replicas.wait_changed(0.5)  # the feed and a health check
 
     def _status(self) -> dict[str, Any]:
         return status_payload(self.status_facts())
@@ -322,7 +315,7 @@ class Cluster:
     def status_facts(self) -> ClusterFacts:
         """What ``strata status`` shows, gathered from the platform, gateway and autoscaler."""
         cfg = self.config
-        gw = self.gateway.replicas.replicas
+        gw = {url: r for lane in self.gateway.lanes for url, r in lane.replicas.replicas.items()}
         observed = self.stage_observer.latest if self.stage_observer is not None else {}
         tiers = []
         for plan in self.plans:
@@ -348,7 +341,9 @@ class Cluster:
 
     def _head_url(self) -> str | None:
         """The pipeline head's URL while its process runs (ready or still loading)."""
-        for r in self.platform.replicas(self.tier):
+        if self.pipeline is None:
+            return None
+        for r in self.platform.replicas(self.pipeline):
             if r.url is not None and r.phase in ("starting", "ready", "unready"):
                 return r.url
         return None
@@ -420,26 +415,32 @@ class Cluster:
             await self.platform.wait_changed(1.0)
 
     async def _feed_endpoints(self) -> None:
-        """Keep the gateway's replica set (and Prometheus' targets) equal to the platform's."""
-        last: list[str] | None = None
-        last_targets: list[str] | None = None
+        """Keep each tier's replica set in the gateway (and Prometheus' targets) equal to
+        the platform's."""
+        last: dict[str, list[str]] = {}
+        last_targets: dict[str, list[str]] | None = None
         while True:
-            urls = [e.url for e in self.platform.endpoints(self.tier)]
-            if urls != last:
-                await self.gateway.set_endpoints(urls)
-                last = urls
-            targets = sorted(r.url.removeprefix("http://") for r in
-                             self.platform.replicas(self.tier) if r.url is not None
-                             and r.phase in ("ready", "unready", "draining"))
+            for tier in self.config.tiers:
+                urls = [e.url for e in self.platform.endpoints(tier)]
+                if urls != last.get(tier):
+                    await self.gateway.set_endpoints(urls, tier)
+                    last[tier] = urls
+            targets = {tier: sorted(r.url.removeprefix("http://") for r in
+                                    self.platform.replicas(tier) if r.url is not None
+                                    and r.phase in ("ready", "unready", "draining"))
+                       for tier in self.config.tiers}
             if targets != last_targets and self.config.prometheus.targets_file is not None:
                 self._write_targets(self.config.prometheus.targets_file, targets)
                 last_targets = targets
             await self.platform.wait_changed(0.5)
 
-    def _write_targets(self, path: Path, engines: list[str]) -> None:
+    def _write_targets(self, path: Path, engines: dict[str, list[str]]) -> None:
         gateway = self.url.removeprefix("http://")
-        groups = [{"targets": [gateway], "labels": {"tier": self.tier, "role": "gateway"}},
-                  {"targets": engines, "labels": {"tier": self.tier, "role": "engine"}}]
+        # The gateway's series carry their own tier (arrivals, in flight) or model (queue,
+        # TTFT) label, so its target has none that would override them.
+        groups = [{"targets": [gateway], "labels": {"role": "gateway"}}]
+        groups += [{"targets": urls, "labels": {"tier": tier, "role": "engine"}}
+                   for tier, urls in engines.items()]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(groups, indent=1))
         os.replace(tmp, path)  # Prometheus never reads a half-written file
@@ -496,22 +497,23 @@ class Cluster:
 
 def _describe(cluster: Cluster) -> str:
     cfg = cluster.config
-    tier = cfg.tiers[cluster.tier]
-    if cluster.stage_tiers:
-        logs = getattr(cluster.platform, "log_dir", None)
-        parts = [f"{t.name} (layers {t.layers}" + (", head)" if t.head else
-                 f", {t.initial_replicas} replica(s) in [{t.min_replicas}..{t.max_replicas}])")
-                 for t in cluster.stage_tiers]
-        return (f"strata cluster: gateway {cluster.url} (routing {cfg.routing.policy}); stage "
-                f"pipeline {cluster.tier}: " + "; ".join(parts)
-                + (f"; replica logs in {logs}" if logs else ""))
-    scaling = "fixed" if tier.autoscaling is None else (
-        f"{tier.autoscaling.policy} [{tier.min_replicas}..{tier.max_replicas}] every "
-        f"{cfg.autoscaler.period_s:g} s from {cluster.autoscaler.source}")
+    parts = []
+    for name, tier in cfg.tiers.items():
+        model = cfg.served_model(name)
+        if tier.kind == "stages":
+            stages = [f"{t.name} (layers {t.layers}" + (", head)" if t.head else
+                      f", {t.initial_replicas} replica(s) in [{t.min_replicas}.."
+                      f"{t.max_replicas}])") for t in cluster.stage_tiers]
+            parts.append(f"stage pipeline {name} (model {model}): " + ", ".join(stages))
+            continue
+        scaling = "fixed" if tier.autoscaling is None else (
+            f"{tier.autoscaling.policy} [{tier.min_replicas}..{tier.max_replicas}] every "
+            f"{cfg.autoscaler.period_s:g} s from {cluster.autoscaler.source}")
+        parts.append(f"tier {name} (model {model}): {tier.initial_replicas} replica(s), "
+                     f"{scaling}")
     logs = getattr(cluster.platform, "log_dir", None)
-    return (f"strata cluster: gateway {cluster.url} (routing {cfg.routing.policy}); tier "
-            f"{cluster.tier}: {tier.initial_replicas} replica(s), {scaling}"
-            + (f"; replica logs in {logs}" if logs else ""))
+    return (f"strata cluster: gateway {cluster.url} (routing {cfg.routing.policy}); "
+            + "; ".join(parts) + (f"; replica logs in {logs}" if logs else ""))
 
 
 def serve_cluster(config_path: Path | None = None, host: str | None = None,

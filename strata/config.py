@@ -12,6 +12,10 @@ The ``engine`` section is ``strata.engine.options.EngineOptions``, the same mode
 simulator and the cluster read the very same schema. The cluster-wide ``slos`` fill the
 ``ttft_slo_s``/``tpot_slo_s`` of the ``llm`` and ``predictive`` policies where the tier's
 block leaves them unset.
+
+Several tiers may serve several models: a tier's own ``model`` (else the top-level one)
+and ``engine`` (else the top-level one). The gateway routes a request to the tier whose
+served name is its ``model``, so the names must differ across tiers.
 """
 
 from __future__ import annotations
@@ -54,10 +58,14 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Which weights every engine replica serves."""
+    """Which weights a tier's engine replicas serve."""
 
     path: str | None = None  # a .gguf file or Hugging Face directory; None: the bundled model
     served_model_name: str | None = None  # the name clients send; default: the file's
+
+
+def _model_shorthand(v: Any) -> Any:
+    return {"path": v} if isinstance(v, str) else v  # ``model: path/to/file.gguf``
 
 
 def _stages_kind(value: Any) -> str:
@@ -91,6 +99,7 @@ class TierConfig(_Strict):
     """
 
     kind: Literal["engine", "stages"] = "engine"
+    model: ModelConfig | None = None  # None: the cluster-wide ``model`` section
     replicas: int = Field(default=1, ge=0)  # fixed count, or the initial one when autoscaled
     engine: EngineOptions | None = None  # None: the cluster-wide ``engine`` section
     autoscaling: AutoscalingConfig | None = None  # None: keep ``replicas`` fixed
@@ -100,6 +109,11 @@ class TierConfig(_Strict):
     num_stages: int | None = Field(default=None, ge=2)  # with ``stages: auto``
     stage_max_replicas: int = Field(default=1, ge=1)  # with ``stages: auto``: each later stage
     stage_scaling: StageScaling = Field(default_factory=StageScaling)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path(cls, v: Any) -> Any:
+        return _model_shorthand(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -323,14 +337,22 @@ class ClusterConfig(_Strict):
 
     @field_validator("model", mode="before")
     @classmethod
-    def _model_shorthand(cls, v: Any) -> Any:
-        return {"path": v} if isinstance(v, str) else v  # ``model: path/to/file.gguf``
+    def _model_path(cls, v: Any) -> Any:
+        return _model_shorthand(v)
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
-        if len(self.tiers) != 1:
-            raise ValueError(f"tiers: exactly one tier (an engine tier or a stage pipeline) is "
-                             f"supported for now; got {len(self.tiers)}: {', '.join(self.tiers)}")
+        if not self.tiers:
+            raise ValueError("tiers: give at least one tier, e.g. tiers: {engine: {}}")
+        pipelines = [n for n, t in self.tiers.items() if t.kind == "stages"]
+        if len(pipelines) > 1:
+            raise ValueError(f"tiers: one stage pipeline per cluster (its stage tiers are "
+                             f"named by layer range); got {', '.join(pipelines)}: make the "
+                             "others engine tiers")
+        clash = [n for n in self.tiers if pipelines and n.startswith("stage-")]
+        if clash:
+            raise ValueError(f"tiers.{clash[0]}: names stage-... are the pipeline's own stage "
+                             "tiers; rename this tier")
         for name, tier in self.tiers.items():
             if not _TIER_NAME.match(name):
                 raise ValueError(f"tiers: name {name!r} must be lowercase letters, digits and "
@@ -346,12 +368,38 @@ class ClusterConfig(_Strict):
             if tier.kind == "stages" and self.engine_for(name).kv_cache_dtype != "auto":
                 raise ValueError(f"tiers.{name}: stage pipelines keep their KV cache in the "
                                  "model's dtype; remove engine.kv_cache_dtype")
+        served: dict[str, str] = {}
+        for name in self.tiers:
+            model = served_model_name(self.model_for(name))
+            if model in served:
+                raise ValueError(
+                    f"tiers.{served[model]} and tiers.{name} both serve model {model!r}, but "
+                    f"the gateway routes by model name; give one of them its own name, e.g. "
+                    f"tiers.{name}.model.served_model_name: {model}-{name}")
+            served[model] = name
         return self
 
     @property
-    def tier_name(self) -> str:
-        """The (single) tier's name."""
+    def default_tier(self) -> str:
+        """The first tier: a request without a ``model`` goes there."""
         return next(iter(self.tiers))
+
+    @property
+    def pipeline_tier(self) -> str | None:
+        """The stage pipeline tier's name, if the cluster has one (at most one)."""
+        return next((n for n, t in self.tiers.items() if t.kind == "stages"), None)
+
+    def model_for(self, tier: str) -> ModelConfig:
+        """The model of ``tier``: its own section, else the cluster-wide one."""
+        return self.tiers[tier].model or self.model
+
+    def served_model(self, tier: str) -> str:
+        """The name clients send for ``tier``'s model (known before any replica starts)."""
+        return served_model_name(self.model_for(tier))
+
+    def served_models(self) -> dict[str, str]:
+        """Served model name -> tier, in the file's order."""
+        return {self.served_model(t): t for t in self.tiers}
 
     def engine_for(self, tier: str) -> EngineOptions:
         """The engine options of ``tier``: its own section, else the cluster-wide one."""
@@ -370,6 +418,30 @@ class ClusterConfig(_Strict):
         if "slo_percentile" not in cfg.model_fields_set:
             update["slo_percentile"] = self.slos.percentile
         return cfg.model_copy(update=update) if update else cfg
+
+
+# The bundled model (strata.engine.weights.BUNDLED_MEMBER) as the engine names it.
+_BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_BUNDLED_ALIASES = ("smollm2-135m", "bundled")
+# strata.engine.weights.GEMMA3_270M_ALIASES -> its GGUF's name as the engine reports it.
+_NAMED_MODELS = {"gemma3-270m": "gemma-3-270m"}
+
+
+def served_model_name(model: ModelConfig) -> str:
+    """The model id engines of ``model`` will report, known before any of them starts.
+
+    The rule of ``strata.engine.engine.default_model_name``, applied to the configured path
+    without loading anything (that module needs torch, which the gateway does not).
+    """
+    if model.served_model_name:
+        return model.served_model_name
+    if model.path is None or model.path.lower() in _BUNDLED_ALIASES:
+        return _BUNDLED_MODEL_NAME
+    if model.path.lower() in _NAMED_MODELS:
+        return _NAMED_MODELS[model.path.lower()]
+    path = Path(model.path).expanduser()
+    stem = path.stem if path.suffix == ".gguf" else path.name
+    return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
 
 
 # -- loading and errors ------------------------------------------------------------------------

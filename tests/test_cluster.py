@@ -27,5 +27,14 @@ def test_bundled_and_explicit_names() -> None:
     assert served_model_name(ClusterConfig()) == "SmolLM2-135M-Instruct"
     named = ClusterConfig.model_validate({"model": {"served_model_name": "chat"}})
     gw = gateway_config(named, None)
-    assert gw.served_models == ("chat",)
+    assert [(t.name, t.served_models) for t in gw.routes()] == [("engine", ("chat",))]
     assert gw.drain_timeout_s == named.platform.drain_timeout_s
+
+
+def test_the_gateway_gets_one_route_per_tier() -> None:
+    config = ClusterConfig.model_validate({"tiers": {
+        "chat": {}, "lazy": {"model": {"served_model_name": "b"}, "replicas": 0}}})
+    gw = gateway_config(config, None)
+    assert [(t.name, t.served_models) for t in gw.routes()] == [
+        ("chat", ("SmolLM2-135M-Instruct",)), ("lazy", ("b",))]
+    assert served_model_name(config, "lazy") == "b"

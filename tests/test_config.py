@@ -33,7 +33,7 @@ def error(text: str) -> str:
 def test_no_file_is_a_one_replica_cluster_on_port_8000() -> None:
     c = load_cluster_config(None)
     assert c == ClusterConfig() == parse("") == parse("{}")
-    assert c.tier_name == "engine"
+    assert c.default_tier == "engine" and c.served_models() == {"SmolLM2-135M-Instruct": "engine"}
     tier = c.tiers["engine"]
     assert (tier.kind, tier.autoscaling, tier.initial_replicas) == ("engine", None, 1)
     assert (tier.min_replicas, tier.max_replicas) == (1, 1)
@@ -113,8 +113,18 @@ def test_tier_engine_section_overrides_the_cluster_one() -> None:
     ("engine: {dtype: fp8}", "engine.dtype: Input should be 'auto', 'float32'"),
     ("routing: {policy: fastest}", "routing: policy 'fastest' is unknown; use one of resource_match"),
     ("routing: {policy: round_robin, params: {speed: 3}}", "bad parameters for routing policy"),
-    ("tiers: {engine: {}, stage-a: {}}", "tiers: exactly one tier (an engine tier or a stage "
-     "pipeline) is supported for now"),
+    ("tiers: {engine: {}, other: {}}", "tiers.engine and tiers.other both serve model "
+     "'SmolLM2-135M-Instruct', but the gateway routes by model name; give one of them its own "
+     "name, e.g. tiers.other.model.served_model_name: SmolLM2-135M-Instruct-other"),
+    ("tiers: {a: {model: x.gguf}, b: {model: {path: y.gguf, served_model_name: x}}}",
+     "tiers.a and tiers.b both serve model 'x'"),
+    ("tiers: {}", "tiers: give at least one tier"),
+    ("tiers: {a: {model: {pth: x}}}", "tiers.a.model.pth: Extra inputs are not permitted; fix: "
+     "did you mean 'path'?"),
+    ("tiers: {p: {stages: auto, num_stages: 2}, q: {stages: auto, num_stages: 2, "
+     "model: {served_model_name: q}}}", "tiers: one stage pipeline per cluster"),
+    ("tiers: {p: {stages: auto, num_stages: 2}, stage-0-1: {model: {served_model_name: s}}}",
+     "tiers.stage-0-1: names stage-... are the pipeline's own stage tiers"),
     ("tiers: {Engine_1: {}}", "tiers: name 'Engine_1' must be lowercase letters"),
     ("tiers: {engine: {custom_metrics: {custom_q: 'sum(up)'}}}", "set prometheus.url"),
     ("tiers: {engine: {custom_metrics: {q: 'sum(up)'}}}", "must be named custom_<something>"),
@@ -205,3 +215,21 @@ def test_file_errors(tmp_path: Path) -> None:
     ok = tmp_path / "ok.yaml"
     ok.write_text("gateway: {port: 9000}\n")
     assert load_cluster_config(ok).gateway.port == 9000
+
+
+def test_several_tiers_each_with_its_own_model_and_engine() -> None:
+    c = parse("""
+model: {served_model_name: base}
+engine: {max_num_seqs: 32}
+tiers:
+  chat: {}
+  coder: {model: models/coder.Q4_K_M.gguf, engine: {max_num_seqs: 4}}
+  tiny: {model: {path: gemma3-270m}, replicas: 0,
+         autoscaling: {policy: kpa, min_replicas: 0, max_replicas: 2}}
+""")
+    assert c.default_tier == "chat"  # the first: requests without a model go there
+    assert c.served_models() == {"base": "chat", "coder": "coder", "gemma-3-270m": "tiny"}
+    assert c.model_for("chat") == c.model and c.model_for("coder").path == "models/coder.Q4_K_M.gguf"
+    assert [c.engine_for(t).max_num_seqs for t in c.tiers] == [32, 4, 32]
+    assert c.tiers["tiny"].min_replicas == 0 and c.tiers["chat"].autoscaling is None
+    assert c.pipeline_tier is None

@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -185,9 +186,15 @@ class ScrapeSource:
     name = "metrics"
 
     def __init__(self, gateway_metrics: Callable[[], Awaitable[str]], http: httpx.AsyncClient,
-                 window_s: float, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        """``gateway_metrics`` returns the gateway's /metrics text (in-process or HTTP)."""
+                 window_s: float, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 models: Mapping[str, Collection[str]] | None = None) -> None:
+        """``gateway_metrics`` returns the gateway's /metrics text (in-process or HTTP).
+
+        ``models``: tier -> the model names it serves, so that the gateway's per-model
+        series (queue, TTFT) count toward their own tier when it fronts several.
+        """
         self.gateway_metrics = gateway_metrics
+        self.models = models or {}
         self.http = http
         self.window_s = window_s
         self.timeout_s = timeout_s
@@ -240,13 +247,19 @@ class ScrapeSource:
         for name in (PROMPT_TOKENS, GENERATION_TOKENS, FINISHED):
             self._counter(tier, name).update(now, {u: total(p, name) or 0.0
                                                    for u, p in engines.items()})
+        models = self.models.get(tier)
+        if models is not None:  # the gateway's per-model series of this tier only
+            gw = [s for s in gw if s.name not in (QUEUE_DEPTH, GATEWAY_TTFT)
+                  or s.labels.get("model") in models]
         ttft = self._hist(tier, GATEWAY_TTFT)
         ttft.update(now, {"gateway": buckets(gw, GATEWAY_TTFT)})
         tpot = self._hist(tier, ENGINE_TPOT)
         tpot.update(now, {u: buckets(p, ENGINE_TPOT) for u, p in engines.items()})
 
         finished = self._counter(tier, FINISHED).increase()
-        in_flight = total(gw, IN_FLIGHT)
+        in_flight = total(gw, IN_FLIGHT, tier=tier)
+        if in_flight is None:
+            in_flight = total(gw, IN_FLIGHT)  # a gateway whose gauge has no tier label
         return check_signals(TierSignals(
             arrival_rate_rps=arrivals.rate(),
             mean_prompt_tokens=_per_request(self._counter(tier, PROMPT_TOKENS).increase(),
@@ -272,6 +285,12 @@ class ScrapeSource:
         self._hists.pop(tier, None)
 
 
+def _model_selector(models: Collection[str]) -> str:
+    """``{model=~"a|b"}``: the names as an RE2 alternation inside a PromQL string."""
+    alternation = "|".join(re.escape(m) for m in sorted(models))
+    return '{model=~"' + alternation.replace("\\", "\\\\").replace('"', '\\"') + '"}'
+
+
 class PrometheusSource:
     """Asks a Prometheus server (``/api/v1/query``) for the tier's windowed signals."""
 
@@ -279,9 +298,15 @@ class PrometheusSource:
 
     def __init__(self, url: str, http: httpx.AsyncClient, window_s: float,
                  custom: Mapping[str, Mapping[str, str]] | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        """``custom``: tier -> {custom_name: PromQL}; ``$tier`` in a query is replaced."""
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 models: Mapping[str, Collection[str]] | None = None) -> None:
+        """``custom``: tier -> {custom_name: PromQL}; ``$tier`` in a query is replaced.
+
+        ``models``: tier -> its model names; the gateway's per-model series (queue, TTFT)
+        are then selected by model rather than by the scrape target's tier label.
+        """
         self.url = url.rstrip("/")
+        self.models = models or {}
         self.http = http
         self.window = f"{max(1, round(window_s))}s"
         self.custom = custom or {}
@@ -327,21 +352,23 @@ class PrometheusSource:
     async def signals(self, tier: str, replicas: list[Replica], now: float) -> TierSignals:
         """One round of queries, concurrently."""
         sel, w = f'{{tier="{tier}"}}', self.window
+        models = self.models.get(tier)
+        by_model = sel if models is None else _model_selector(models)
         scalars = {
             "rate": f"sum(rate({ARRIVALS}{sel}[{w}]))",
             "arrivals": f"sum({ARRIVALS}{sel})",
-            "pending": f"sum({QUEUE_DEPTH}{sel})",
+            "pending": f"sum({QUEUE_DEPTH}{by_model})",
             "in_flight": f"sum({IN_FLIGHT}{sel})",
             "prompt": f"sum(increase({PROMPT_TOKENS}{sel}[{w}]))",
             "generation": f"sum(increase({GENERATION_TOKENS}{sel}[{w}]))",
             "finished": f"sum(increase({FINISHED}{sel}[{w}]))",
         }
         custom = {name: q.replace("$tier", tier) for name, q in self.custom.get(tier, {}).items()}
-        hists = {"ttft": GATEWAY_TTFT, "tpot": ENGINE_TPOT}
+        hists = {"ttft": (GATEWAY_TTFT, by_model), "tpot": (ENGINE_TPOT, sel)}
         names = list(scalars) + list(custom)
         results = await asyncio.gather(
             *(self.scalar(q) for q in [*scalars.values(), *custom.values()]),
-            *(self.query(f"sum by (le) (increase({m}{sel}[{w}]))") for m in hists.values()))
+            *(self.query(f"sum by (le) (increase({m}{s}[{w}]))") for m, s in hists.values()))
         values = dict(zip(names, results[:len(names)], strict=True))
         obs = {}
         for key, result in zip(hists, results[len(names):], strict=True):

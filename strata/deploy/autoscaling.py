@@ -94,7 +94,15 @@ class _Queries:
         # Selectors without the namespace: prometheus-adapter adds the HPA's own
         # (<<.LabelMatchers>>), so one rule serves every namespace; KEDA's get it here.
         self.pods = f'service="{svc}"'
-        self.gateway = f'service="{GATEWAY}"'
+        self.gateway = self.gateway_tier = f'service="{GATEWAY}"'
+        # One gateway fronts every tier: with several, its series are narrowed to this
+        # tier's model (queue, TTFT) or tier label (in flight), and each tier's External
+        # metrics get their own names, so each adapter rule holds its own scope.
+        self.suffix = ""
+        if len(config.tiers) > 1 and tier in config.tiers:
+            self.gateway += f',model="{config.served_model(tier)}"'
+            self.gateway_tier += f',tier="{tier}"'
+            self.suffix = "_" + tier.replace("-", "_")
 
     def keda(self, selector: str) -> str:
         """``selector`` in this tier's namespace (KEDA runs the query as written)."""
@@ -129,6 +137,7 @@ class _Queries:
     def external(self, name: str, parts: list[tuple[str, str]],
                  target_type: Literal["AverageValue", "Value"], target: float) -> Signal:
         """An External metric: the sum of gauges (``(series, scope)``) over the tier."""
+        name += self.suffix
         metrics_query = " + ".join(f"(sum({s}{{{sc},<<.LabelMatchers>>}}) or vector(0))"
                                    for s, sc in parts)
         query = " + ".join(f"(sum({s}{{{self.keda(sc)}}}) or vector(0))" for s, sc in parts)
@@ -145,6 +154,7 @@ class _Queries:
             return (f"histogram_quantile({q:g}, sum(rate({histogram}{{{sel}}}"
                     f"[{self.window}])) by (le))")
 
+        name += self.suffix
         rule = {"seriesQuery": f'{histogram}{{namespace!=""}}',
                 "resources": _NAMESPACE_RESOURCES,
                 "name": {"matches": f"^{histogram}$", "as": name},
@@ -155,7 +165,7 @@ class _Queries:
                     target: float) -> Signal:
         """strata's tier metrics (strata.autoscale.types.TIER_METRICS) as External metrics."""
         queue = ("strata_gateway_queue_depth", self.gateway)
-        in_flight = ("strata_gateway_requests_in_flight", self.gateway)
+        in_flight = ("strata_gateway_requests_in_flight", self.gateway_tier)
         if metric == "pending_requests":
             return self.external("strata_pending_requests", [queue], target_type, target)
         if metric == "in_flight_requests":
@@ -250,7 +260,8 @@ def _engine_tier(config: ClusterConfig, tier: str, opts: RenderOptions) -> Scale
 
 
 def _stage_tier(config: ClusterConfig, plan: StageTier, opts: RenderOptions) -> ScaledTier:
-    sc = config.tiers[config.tier_name].stage_scaling
+    assert config.pipeline_tier is not None
+    sc = config.tiers[config.pipeline_tier].stage_scaling
     q = _Queries(config, plan.name, opts.namespace)
     busy = q.replica("stage_busy", "AverageValue", sc.target_busy_pct / 100)
     return ScaledTier(plan.name, config.platform.deployment_name.format(tier=plan.name),
@@ -263,15 +274,14 @@ def scaled_tiers(config: ClusterConfig, plans: list[StageTier],
     """The tiers an HPA or KEDA scales under ``opts.autoscaler`` ([] for ``strata``)."""
     if opts.autoscaler == "strata":
         return []
-    if plans:
-        return [_stage_tier(config, p, opts) for p in plans if p.autoscaled]
-    out = [s for tier in config.tiers if (s := _engine_tier(config, tier, opts)) is not None]
+    out = [s for tier, t in config.tiers.items() if t.kind == "engine"
+           and (s := _engine_tier(config, tier, opts)) is not None]
     for s in out:
         if s.min_replicas == 0 and opts.autoscaler == "hpa":
             raise RenderError(f"tiers.{s.tier}.autoscaling.min_replicas: 0 needs the alpha "
                               "HPAScaleToZero gate on a native HPA; use --autoscaler keda "
                               "(or strata), or set min_replicas: 1")
-    return out
+    return out + [_stage_tier(config, p, opts) for p in plans if p.autoscaled]
 
 
 def quantity(value: float) -> str:
@@ -322,10 +332,13 @@ def _scaled_object(config: ClusterConfig, s: ScaledTier, opts: RenderOptions) ->
                  "metadata": {"serverAddress": server, "query": sig.query,
                               "threshold": f"{sig.target:g}"}}
                 for sig in s.signals]
-    if s.min_replicas == 0 and not any(sig.name == "strata_waiting" for sig in s.signals):
-        # Something must wake a tier at zero: the requests the gateway holds for it. The
-        # large threshold keeps this trigger out of the scaling above one replica.
-        queue = f'namespace="{opts.namespace}",service="{GATEWAY}"'
+    if s.min_replicas == 0 and not any(sig.name.startswith("strata_waiting")
+                                       for sig in s.signals):
+        # Something must wake a tier at zero: the requests the gateway holds for it (for
+        # its own model when the gateway fronts several). The large threshold keeps this
+        # trigger out of the scaling above one replica.
+        q = _Queries(config, s.tier, opts.namespace)
+        queue = q.keda(q.gateway)
         triggers.append({"type": "prometheus", "name": "gateway-queue",
                          "metricType": "AverageValue",
                          "metadata": {"serverAddress": server,

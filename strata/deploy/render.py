@@ -102,16 +102,21 @@ def engine_argv(config: ClusterConfig, tier: str) -> list[str]:
 
 
 def gateway_argv(config: ClusterConfig, namespace: str) -> list[str]:
-    """``strata gateway`` fed by the tier Service's EndpointSlices, with the file's options."""
-    from strata.cluster import served_model_name
+    """``strata gateway`` fed by the tier Services' EndpointSlices, with the file's options.
 
+    Several tiers: one ``--tier-model tier=model`` each, routed by the request's model.
+    """
     g = config.gateway
-    tier = config.tier_name
     argv = ["strata", "gateway", "--host", POD_HOST, "--port", str(g.port),
             "--endpoints-from", "kubernetes", "--kube-namespace", namespace,
-            "--kube-service", config.platform.service_name, "--tier", tier,
-            "--served-model-name", served_model_name(config),
-            "--policy", config.routing.policy]
+            "--kube-service", config.platform.service_name]
+    if len(config.tiers) == 1:
+        tier = config.default_tier
+        argv += ["--tier", tier, "--served-model-name", config.served_model(tier)]
+    else:
+        for tier in config.tiers:
+            argv += ["--tier-model", f"{tier}={config.served_model(tier)}"]
+    argv += ["--policy", config.routing.policy]
     for key, value in sorted(config.routing.params.items()):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RenderError(f"routing.params.{key}: only numbers and strings can be passed "
@@ -326,12 +331,13 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
     cluster_data = kubernetes_cluster_file(data, namespace)
     config = parse_cluster_config(cluster_data, "cluster file")
     _check(config, opts)
-    pipeline = config.tiers[config.tier_name].kind == "stages"
+    pipeline = config.pipeline_tier is not None
     plans = stage_tier_plans(config) if pipeline else []
+    engines = [n for n, t in config.tiers.items() if t.kind == "engine"]
     scaled = scaled_tiers(config, plans, opts)  # RenderError if the choice cannot scale them
     # With hpa or keda the native objects scale instead: no controller is rendered at all.
     controller = opts.autoscaler == "strata"
-    tiers = [p.name for p in plans] or list(config.tiers)  # what the controller drives
+    tiers = engines + [p.name for p in plans]  # what the controller drives
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": namespace, "labels": {"app.kubernetes.io/part-of": PART_OF}}},
@@ -345,23 +351,22 @@ def render(data: dict[str, Any] | None, *, namespace: str = "strata",
                     "metadata": meta(CONFIG_MAP, namespace, labels("controller")),
                     "data": {CONFIG_FILE: yaml.safe_dump(cluster_data, sort_keys=False)}})
     managed = {s.deployment for s in scaled}  # spec.replicas left to the HPA / KEDA
+    for tier in engines:
+        name = config.platform.deployment_name.format(tier=tier)
+        objects += _engine_objects(config, tier, opts,
+                                   None if name in managed else config.tiers[tier].initial_replicas)
     if pipeline:
         objects += stage_objects(config, plans, opts, managed)
-    else:
-        for tier, t in config.tiers.items():
-            name = config.platform.deployment_name.format(tier=tier)
-            objects += _engine_objects(config, tier, opts,
-                                       None if name in managed else t.initial_replicas)
     objects += _gateway_objects(config, namespace, image)
     if controller:
         objects += _controller_objects(config, namespace, image)
     objects += autoscaling_objects(config, scaled, opts)
     objects += monitoring_objects(config, opts)
     objects.append(_gateway_policy(config, namespace))
+    if engines:
+        objects.append(_engine_policy(namespace, opts, controller))
     if pipeline:
         objects += stage_policies(config, plans, opts, controller)
-    else:
-        objects.append(_engine_policy(namespace, opts, controller))
     if controller:
         objects.append(_controller_policy(namespace, opts))
     return objects

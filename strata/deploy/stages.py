@@ -62,9 +62,16 @@ def stage_tier_plans(config: ClusterConfig) -> list[StageTier]:
         raise RenderError(str(e)) from None
 
 
+def _pipeline(config: ClusterConfig) -> str:
+    """The cluster's stage pipeline tier (the caller rendered one)."""
+    tier = config.pipeline_tier
+    assert tier is not None, "the cluster has no stage pipeline"
+    return tier
+
+
 def join_service_name(config: ClusterConfig) -> str:
     """The head Service that stage replicas join through (it lists a not-ready head too)."""
-    return config.platform.service_name.format(tier=config.tier_name) + "-join"
+    return config.platform.service_name.format(tier=_pipeline(config)) + "-join"
 
 
 def prestop_drain_wait(host_expr: str, port: int, timeout_s: float) -> dict[str, Any]:
@@ -90,7 +97,7 @@ def prestop_drain_wait(host_expr: str, port: int, timeout_s: float) -> dict[str,
 def _container(config: ClusterConfig, opts: RenderOptions, name: str, argv: list[str],
                ports: list[tuple[str, int]], env: list[dict[str, Any]],
                host_expr: str) -> dict[str, Any]:
-    threads = config.engine_for(config.tier_name).threads
+    threads = config.engine_for(_pipeline(config)).threads
     return {
         "name": name, "image": opts.image, "imagePullPolicy": "IfNotPresent",
         "command": strip_threads(argv, threads),
@@ -125,7 +132,7 @@ def stage_objects(config: ClusterConfig, plans: list[StageTier], opts: RenderOpt
     ``managed``: Deployments an HPA or KEDA scales (their ``spec.replicas`` is left out).
     """
     p = config.platform
-    tier = config.tier_name
+    tier = _pipeline(config)
     ns = opts.namespace
     t = config.tiers[tier]
     assert isinstance(t.stages, list)
@@ -175,8 +182,7 @@ def stage_policies(config: ClusterConfig, plans: list[StageTier], opts: RenderOp
     With the strata controller, it reads each stage replica's ``/load`` and drains the
     ones it removes over HTTP, never the frames.
     """
-
-    tier = config.tier_name
+    tier = _pipeline(config)
     ns = opts.namespace
     own = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "strata",
                                            PIPELINE_LABEL: tier}}}

@@ -3,8 +3,10 @@
 The two generation endpoints are served by a raw ASGI handler (no framework routing, the
 body parsed once, the upstream bytes passed through) because they carry the latency
 budget; /v1/models, /health and /metrics go through Starlette. Admission order for a
-generation request: body size -> API key -> parse -> rate limit -> per-model slot ->
-route (hold while no replica is ready) -> proxy.
+generation request: body size -> API key -> parse -> the model's tier (404 when no tier
+serves it) -> rate limit -> per-model slot -> route within the tier (hold while it has no
+ready replica, waking it from zero) -> proxy. Each tier has its own replica set, policy
+and proxy (strata.gateway.tiers).
 """
 
 from __future__ import annotations
@@ -24,18 +26,17 @@ from starlette.routing import Route
 
 from strata.gateway.admission import Admission, QueueFull, QueueTimeout
 from strata.gateway.auth import ApiKeys, KeyInfo
-from strata.gateway.demand import DemandTracker
 from strata.gateway.metrics import GatewayMetrics
 from strata.gateway.proxy import (
     ClientState,
     GatewayError,
     MidstreamFailure,
-    Proxy,
     ProxyConfig,
 )
 from strata.gateway.ratelimit import Limits, RateLimiter
 from strata.gateway.replica_record import ReplicaSetConfig
-from strata.gateway.replica_set import OnDemand, ReplicaSet
+from strata.gateway.replica_set import OnDemand
+from strata.gateway.tiers import TierLane, TierLanes, TierRoute
 from strata.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,7 +45,7 @@ from strata.protocol import (
     parse_json_body,
 )
 from strata.routing.prompt import PromptError, PromptEstimator
-from strata.routing.registry import DEFAULT_POLICY, make_policy
+from strata.routing.registry import DEFAULT_POLICY
 
 log = logging.getLogger("strata.gateway")
 
@@ -81,8 +82,21 @@ class GatewayConfig:
     # On SIGTERM: readiness goes 503, new requests get 503 + Retry-After, in-flight ones
     # get this long to finish; the rest are then ended with an error.
     drain_timeout_s: float = 120.0
+    # Several tiers, routed by model; empty: the one tier of `tier`, `served_models` and
+    # `replicas` above.
+    tiers: tuple[TierRoute, ...] = ()
+
+    def routes(self) -> tuple[TierRoute, ...]:
+        """The tiers behind the gateway (the first takes requests without a model)."""
+        return self.tiers or (TierRoute(self.tier, self.served_models, self.replicas),)
 
     def __post_init__(self) -> None:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {', '.join(names)}")
+        models = [m for t in self.tiers for m in t.served_models]
+        if len(set(models)) != len(models):
+            raise ValueError(f"each model is served by one tier, got {', '.join(models)}")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.queue_timeout_s < 0:
@@ -99,23 +113,21 @@ class Gateway:
     def __init__(self, config: GatewayConfig, on_demand: OnDemand | None = None) -> None:
         """Build every part; replicas start polling when the app's lifespan starts."""
         self.config = config
-        self.policy = make_policy(config.policy, **config.policy_params)
         self.metrics = GatewayMetrics(config.policy)
-        self._arrivals = self.metrics.arrivals.labels(tier=config.tier)
-        self.replicas = ReplicaSet(config.tier, config.replica_set, self.metrics, on_demand,
-                                   config.estimator.chunk_tokens, config.served_models,
-                                   chunk_bytes=config.estimator.chunk_bytes)
+        self.lanes = TierLanes(config.routes(), lambda route: TierLane(
+            route, policy=config.policy, policy_params=config.policy_params,
+            replica_set=config.replica_set, proxy=config.proxy, estimator=config.estimator,
+            demand_tau_s=config.demand_tau_s, metrics=self.metrics, on_demand=on_demand))
+        # The default tier's parts, under the names a one-tier gateway always had.
+        self.replicas = self.lanes.default.replicas
+        self.proxy = self.lanes.default.proxy
+        self.policy = self.lanes.default.policy
         self.draining = False
         self._aborting = False  # past the drain timeout: what is left is ended now
         self._active: set[asyncio.Task[Any]] = set()  # generation handlers in flight
         self._stop_draining = asyncio.Event()
-        threshold = int(getattr(self.policy, "threshold_tokens", 1024))
-        self.proxy = Proxy(self.replicas, self.policy, self.metrics, config.proxy,
-                           DemandTracker(threshold, config.demand_tau_s))
         self.admission = Admission(config.max_in_flight_per_model, config.max_queued_per_model)
         self.limiter = RateLimiter()
-        self.metrics.in_flight.set_function(
-            lambda: sum(r.in_flight for r in self.replicas.replicas.values()))
         self.keys = config.api_keys if config.api_keys is not None and len(config.api_keys) \
             else None
         self.starlette = Starlette(
@@ -127,15 +139,18 @@ class Gateway:
 
     @asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.replicas.set_endpoints(self.config.replicas)
+        for lane in self.lanes:
+            await lane.replicas.set_endpoints(lane.route.replicas)
         try:
             yield
         finally:
-            await self.replicas.close()
+            for lane in self.lanes:
+                await lane.replicas.close()
 
-    async def set_endpoints(self, urls: list[str]) -> None:
-        """Replace the replica set (the platform's feed calls this)."""
-        await self.replicas.set_endpoints(urls)
+    async def set_endpoints(self, urls: list[str], tier: str | None = None) -> None:
+        """Replace a tier's replicas (default: the first tier's); the platform's feed calls this."""
+        lane = self.lanes.default if tier is None else self.lanes[tier]
+        await lane.replicas.set_endpoints(urls)
 
     # -- graceful stop -------------------------------------------------------------------
 
@@ -180,8 +195,8 @@ class Gateway:
         if scope["type"] == "http":
             chat = _GENERATION_PATHS.get(scope["path"])
             if chat is not None:
-                if scope["method"] == "POST":
-                    self._arrivals.inc()
+                if scope["method"] == "POST" and len(self.lanes) == 1:
+                    self.lanes.default.arrivals.inc()  # refused ones too (else: per tier, below)
                 await self._generation(scope, receive, send, chat)
                 return
         await self.starlette(scope, receive, send)
@@ -232,6 +247,9 @@ class Gateway:
                 route = self.config.estimator.from_body(parsed, chat)
             except PromptError as err:
                 raise GatewayError(400, str(err), param=err.param) from None
+            lane = self.lanes.for_model(route.model)
+            if len(self.lanes) > 1:
+                lane.arrivals.inc()
             self._rate_limit(who, scope, route.total_tokens)
             queue = self.admission.queue(route.model)
             try:
@@ -244,7 +262,7 @@ class Gateway:
                                    headers=[(b"retry-after", b"1")]) from None
             watcher = asyncio.create_task(_watch_disconnect(receive, task, client))
             try:
-                await self.proxy.forward(send, scope["path"], body, route, queue, t0, client)
+                await lane.proxy.forward(send, scope["path"], body, route, queue, t0, client)
             except asyncio.CancelledError:
                 if client.disconnected:
                     task.uncancel()
@@ -347,17 +365,18 @@ class Gateway:
                 err = GatewayError(401, "missing or invalid API key",
                                    type_="authentication_error", code="invalid_api_key")
                 return Response(err.body(), 401, media_type="application/json")
-        return JSONResponse({"object": "list", "data": self.replicas.model_cards()})
+        return JSONResponse({"object": "list", "data": self.lanes.model_cards()})
 
     async def _health(self, request: Request) -> Response:
         if self.draining:
             return JSONResponse({"status": "draining", "tier": self.replicas.tier,
                                  "in_flight": len(self._active)}, status_code=503)
-        ready = self.replicas.ready_count()
-        ok = ready > 0 or self.replicas.on_demand is not None
+        ready = {lane.name: lane.replicas.ready_count() for lane in self.lanes}
+        ok = sum(ready.values()) > 0 or self.replicas.on_demand is not None
         return JSONResponse({"status": "ok" if ok else "no_ready_replica", "tier":
-                             self.replicas.tier, "ready_replicas": ready,
-                             "replicas": len(self.replicas.replicas)},
+                             self.replicas.tier, "ready_replicas": sum(ready.values()),
+                             "replicas": sum(len(lane.replicas.replicas) for lane in self.lanes),
+                             "tiers": ready},
                             status_code=200 if ok else 503)
 
     async def _metrics(self, request: Request) -> Response:

@@ -23,6 +23,7 @@ from strata.gateway.auth import ApiKeys
 from strata.gateway.proxy import ProxyConfig
 from strata.gateway.ratelimit import Limits
 from strata.gateway.replica_record import ReplicaSetConfig
+from strata.gateway.tiers import TierRoute
 from strata.internal_auth import ENV_VAR as INTERNAL_TOKEN_ENV
 from strata.internal_auth import load_token
 from strata.routing.prompt import PromptEstimator
@@ -47,6 +48,17 @@ def parse_policy_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_tier_models(items: list[str]) -> tuple[TierRoute, ...]:
+    """``["chat=smol", "code=coder"]`` -> one TierRoute per tier, in order."""
+    routes: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            raise typer.BadParameter(f"--tier-model {item!r} must look like tier=model")
+        routes.setdefault(name, []).append(model)
+    return tuple(TierRoute(name, tuple(models)) for name, models in routes.items())
+
+
 def gateway_command(
     replica: Annotated[list[str], typer.Option(
         "--replica", "-r", help="Replica base URL (repeat for several).")] = [],  # noqa: B006
@@ -57,6 +69,10 @@ def gateway_command(
     policy_param: Annotated[list[str], typer.Option(
         help="Policy parameter name=value (repeatable), e.g. load_factor=1.5.")] = [],  # noqa: B006
     tier: Annotated[str, typer.Option(help="Tier label of these replicas.")] = "engine",
+    tier_model: Annotated[list[str], typer.Option(
+        help="tier=model (repeatable): several tiers behind one gateway, each serving its "
+             "model; requests are routed by model. With --endpoints-from kubernetes each "
+             "tier follows its own Service (--kube-service with {tier}).")] = [],  # noqa: B006
     poll_interval_s: Annotated[float, typer.Option(help="Load polling period.")] = 0.2,
     health_interval_s: Annotated[float, typer.Option(help="Health check period.")] = 1.0,
     connect_timeout_s: Annotated[float, typer.Option(help="Upstream connect timeout.")] = 3.0,
@@ -121,7 +137,12 @@ def gateway_command(
         make_policy(policy, **params)
         keys = ApiKeys.load(api_keys_file, os.environ.get("STRATA_API_KEYS"))
         internal_token = load_token(internal_token_file, os.environ.get(INTERNAL_TOKEN_ENV))
+        tiers = parse_tier_models(tier_model)
+        if tiers and replica:
+            raise ValueError("--replica goes with one tier; with --tier-model the replicas "
+                             "come from --endpoints-from kubernetes")
         config = GatewayConfig(
+            tiers=tiers,
             replicas=tuple(replica), tier=tier, policy=policy, policy_params=params,
             replica_set=ReplicaSetConfig(
                 poll_interval_s=poll_interval_s, health_interval_s=health_interval_s,
@@ -143,8 +164,10 @@ def gateway_command(
         raise typer.BadParameter(str(err)) from None
     served: Any = app
     if endpoints_from == "kubernetes":
-        served = _endpointslice_feed(app, kube_namespace, kube_service.format(tier=tier),
-                                     kube_api_server)
+        services: str | dict[str, str] = kube_service.format(tier=tier)
+        if tiers:
+            services = {t.name: kube_service.format(tier=t.name) for t in tiers}
+        served = _endpointslice_feed(app, kube_namespace, services, kube_api_server)
     elif endpoints_from != "static":
         raise typer.BadParameter("--endpoints-from must be static or kubernetes")
     elif not replica:
@@ -202,7 +225,8 @@ class DrainingServer(uvicorn.Server):
         return ended
 
 
-def _endpointslice_feed(app: Any, namespace: str, service: str, api_server: str | None) -> Any:
+def _endpointslice_feed(app: Any, namespace: str, service: str | dict[str, str],
+                        api_server: str | None) -> Any:
     """The gateway wrapped so its replicas follow the Service's EndpointSlices."""
     from kubernetes import client
 

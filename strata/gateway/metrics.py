@@ -53,7 +53,7 @@ class GatewayMetrics:
                                    "Clients that left before the response ended.", registry=r)
         # Set by the gateway to a function (requests in flight are counted per replica).
         self.in_flight = Gauge("strata_gateway_requests_in_flight",
-                               "Requests being proxied now.", registry=r)
+                               "Requests being proxied now.", ["tier"], registry=r)
         self.queued = Gauge("strata_gateway_queue_depth",
                             "Requests waiting for admission or for a replica.", ["model"],
                             registry=r)

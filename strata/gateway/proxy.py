@@ -69,6 +69,12 @@ class GatewayError(Exception):
                                      "param": self.param, "code": self.code}}).encode()
 
 
+def model_not_found(model: str) -> GatewayError:
+    """vLLM's answer for a model nobody serves, in the OpenAI error format."""
+    return GatewayError(404, f"The model `{model}` does not exist.", type_="NotFoundError",
+                        code="model_not_found", param="model")
+
+
 class MidstreamFailure(Exception):
     """A replica failed after the response started and it cannot be repaired."""
 
@@ -207,9 +213,7 @@ class Proxy:
             return
         known = bool(rs) and all(r.models for r in rs)
         if known or (configured and not any(r.models for r in rs)):
-            served = sorted(set(configured).union(*(r.models for r in rs)))
-            raise GatewayError(404, f"model {model!r} is not served here; available: "
-                               f"{', '.join(served)}", code="model_not_found", param="model")
+            raise model_not_found(model)
 
     async def open(self, replica: Replica, path: str, body: bytes
                    ) -> tuple[UpstreamResponse, bytes]:

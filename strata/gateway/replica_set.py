@@ -71,6 +71,8 @@ class ReplicaSet:
         self._http: httpx.AsyncClient | None = None
         self._retiring: set[Replica] = set()  # removed, still carrying requests
         self.metrics.tier_replicas.labels(tier=tier).set(0)
+        # Model names whose metric labels stay; the gateway widens it to every tier's.
+        self.models_in_use: Callable[[], frozenset[str]] = self.known_models
 
     # -- membership ----------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class ReplicaSet:
                 r.task.cancel()
             self.metrics.forget_replica(url)
             await r.pool.close()
-        self.metrics.keep_models(self.known_models() | {"other"})
+        self.metrics.keep_models(self.models_in_use() | {"other"})
         self._notify()
 
     async def close(self) -> None:

@@ -71,26 +71,27 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
             exporter, _ = start_http_server(metrics_port, metrics_host, registry)
         await platform.start()
         source: SignalSource
+        models = {t: (config.served_model(t),) for t in config.tiers}
         if config.prometheus.url is not None:
             custom = {n: t.custom_metrics for n, t in config.tiers.items() if t.custom_metrics}
             source = PrometheusSource(config.prometheus.url, http, config.autoscaler.window_s,
-                                      custom)
+                                      custom, models=models)
         else:
             source = ScrapeSource(_gateway_metrics(http, gateway_url), http,
-                                  config.autoscaler.window_s)
+                                  config.autoscaler.window_s, models=models)
         policies: dict[str, AutoscalingPolicy] = {
             name: build_policy(config.autoscaling_for(name))
             for name, tier in config.tiers.items() if tier.autoscaling is not None}
         observer: TierObserver = Observer(platform, source, http, registry=registry)
         max_replicas = {n: t.max_replicas for n, t in config.tiers.items()}
         pipeline = pipeline_tiers(config)
-        if pipeline:  # each later stage on its busy ratio, the bottleneck first
-            stages = StageObserver(platform, http)
+        if pipeline and config.pipeline_tier is not None:  # each later stage on its busy
+            stages = StageObserver(platform, http)             # ratio, the bottleneck first
             policies.update(pipeline_policies(
-                pipeline, config.tiers[config.tier_name].stage_scaling, stages))
+                pipeline, config.tiers[config.pipeline_tier].stage_scaling, stages))
             observer = PipelineObservers(observer, stages,
                                          {t.name for t in pipeline if not t.head})
-            max_replicas = {t.name: t.max_replicas for t in pipeline}
+            max_replicas.update({t.name: t.max_replicas for t in pipeline})
         autoscaler = Autoscaler(
             platform, observer, policies,
             period_s=config.autoscaler.period_s, source=source.name,

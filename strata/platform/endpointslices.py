@@ -215,12 +215,16 @@ class EndpointSliceFeed:
     cluster's platform feed makes); the watch stops before the app's own shutdown.
     """
 
-    def __init__(self, app: Any, api: client.DiscoveryV1Api, namespace: str, service: str,
-                 **watch_options: Any) -> None:
-        """``watch_options`` go to ``EndpointSliceWatch`` (port name, timeouts, backoff)."""
+    def __init__(self, app: Any, api: client.DiscoveryV1Api, namespace: str,
+                 services: str | dict[str, str], **watch_options: Any) -> None:
+        """``services``: one Service (the gateway's one tier) or tier -> Service.
+
+        ``watch_options`` go to ``EndpointSliceWatch`` (port name, timeouts, backoff).
+        """
         self.app = app
-        self.service = service
-        self.watch = EndpointSliceWatch(api, namespace, [service],
+        self.services: dict[str | None, str] = (
+            {None: services} if isinstance(services, str) else dict(services))
+        self.watch = EndpointSliceWatch(api, namespace, list(self.services.values()),
                                         on_change=self._changed_from_thread, **watch_options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
@@ -232,13 +236,17 @@ class EndpointSliceFeed:
             loop.call_soon_threadsafe(self._changed.set)
 
     async def _feed(self) -> None:
-        last: list[str] | None = None
+        last: dict[str | None, list[str]] = {}
         while True:
-            urls = [e.url for e in self.watch.endpoints(self.service) if e.routable]
-            if urls != last:
-                log.info("service %s: %d routable endpoint(s)", self.service, len(urls))
-                await self.app.set_endpoints(urls)
-                last = urls
+            for tier, service in self.services.items():
+                urls = [e.url for e in self.watch.endpoints(service) if e.routable]
+                if urls != last.get(tier):
+                    log.info("service %s: %d routable endpoint(s)", service, len(urls))
+                    if tier is None:
+                        await self.app.set_endpoints(urls)
+                    else:
+                        await self.app.set_endpoints(urls, tier)
+                    last[tier] = urls
             try:
                 async with asyncio.timeout(5.0):
                     await self._changed.wait()
@@ -250,7 +258,8 @@ class EndpointSliceFeed:
         """Start the watch and the feed (called once the app's lifespan has started)."""
         self._loop = asyncio.get_running_loop()
         self.watch.start()
-        self._task = asyncio.create_task(self._feed(), name=f"endpointslices {self.service}")
+        self._task = asyncio.create_task(
+            self._feed(), name=f"endpointslices {', '.join(self.services.values())}")
 
     async def stop(self) -> None:
         """Stop the feed and the watch."""

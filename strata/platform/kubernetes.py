@@ -90,15 +90,15 @@ def _retryable(err: BaseException) -> bool:
 
 
 def pipeline_tiers(config: ClusterConfig) -> list[StageTier]:
-    """The head and stage tiers of the cluster's pipeline, head first; [] for engine tiers.
+    """The head and stage tiers of the cluster's pipeline, head first; [] without one.
 
     Only explicit layer ranges: ``stages: auto`` splits by costs measured at start-up, so
     its stage Deployments cannot be named in advance.
     """
-    tier = config.tier_name
-    t = config.tiers[tier]
-    if t.kind != "stages":
+    tier = config.pipeline_tier
+    if tier is None:
         return []
+    t = config.tiers[tier]
     if not isinstance(t.stages, list):
         raise ValueError(f"tiers.{tier}.stages: auto splits by costs measured at start-up, so "
                          "the stage Deployments cannot be named in advance; write the layer "
@@ -161,10 +161,11 @@ class KubernetesPlatform:
         """Every tier of the cluster file, named by the platform's name patterns.
 
         A stage pipeline is its head and one tier per later stage (``pipeline_tiers``),
-        each a Deployment scaled like an engine tier.
+        each a Deployment scaled like an engine tier; the engine tiers beside it are one each.
         """
         opts = config.platform
-        names = [t.name for t in pipeline_tiers(config)] or list(config.tiers)
+        names = [n for n, t in config.tiers.items() if t.kind == "engine"]
+        names += [t.name for t in pipeline_tiers(config)]
         tiers = {name: KubeTier(opts.deployment_name.format(tier=name),
                                 opts.service_name.format(tier=name)) for name in names}
         return cls(tiers, opts, api or api_client(opts), internal_token=internal_token)

@@ -98,11 +98,11 @@ def guarded(argv: list[str]) -> list[str]:
 
 
 def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> ProcessSpec:
-    """``strata engine`` for ``tier`` with the cluster file's model and engine options."""
+    """``strata engine`` for ``tier`` with the tier's model and engine options."""
     opts = config.engine_for(tier)
     total_max = sum(t.max_replicas for t in config.tiers.values())
     threads = opts.threads or threads_per_replica(cores or available_cores(), total_max)
-    model = config.model
+    model = config.model_for(tier)
 
     def argv(host: str, port: int) -> list[str]:
         # A share of the cores is the engine's ceiling (OMP_NUM_THREADS, see ProcessSpec): it

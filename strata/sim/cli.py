@@ -2,7 +2,8 @@
 
 ``strata simulate -f cluster.yaml --trace azure-conv --hardware a100-80g --model
 llama-2-13b`` runs strata's real scheduler, routing and autoscaling policies against a
-performance model of the hardware; ``strata simulate profile`` measures strata's engine on
+performance model of the hardware (a file with several tiers: each tier on its share of
+the trace, ``--model-share``, see ``strata.sim.tiers``); ``strata simulate profile`` measures strata's engine on
 this machine for ``--hardware cpu-local``. The root CLI mounts :data:`app` as ``simulate``.
 """
 
@@ -22,6 +23,7 @@ from strata.sim.hardware import CPU_LOCAL, hardware_names, model_names
 from strata.sim.replica_cost import build_replica_model
 from strata.sim.report import result_document, save, summary_rows
 from strata.sim.scenario import SimOptions, build_setup, describe, simulate
+from strata.sim.tiers import model_shares, simulate_tiers, tiers_document
 
 DEFAULT_PROFILE = Path("results") / "sim" / "cpu-local-profile.json"
 
@@ -64,8 +66,12 @@ def simulate_command(
         help="Result JSON (default results/sim_<trace>_<time>.json).")] = None,
     save_requests: Annotated[bool, typer.Option(help="Include per-request records.")
                              ] = False,
+    model_share: Annotated[list[str], typer.Option(
+        help="NAME=WEIGHT (repeatable), a file with several tiers: the share of the trace's "
+             "requests sent to the served model NAME (drawn with --seed); default: equal.")
+    ] = [],  # noqa: B006
 ) -> None:
-    """Simulate the cluster file's tier serving a trace; print and save the summary."""
+    """Simulate the cluster file's tiers serving a trace; print and save the summary."""
     if ctx.invoked_subcommand is not None:
         return
     console = Console()
@@ -75,26 +81,50 @@ def simulate_command(
         cfg = load_cluster_config(file)
         replica = build_replica_model(hardware, model, tp=tp, stages=stages,
                                       profile_path=profile if hardware == CPU_LOCAL else None)
-        engine_opts = cfg.engine_for(cfg.tier_name)
-        context = max_context or min(engine_opts.max_model_len or replica.max_model_len,
-                                     replica.max_model_len)
+        context = max_context or min(min(
+            cfg.engine_for(t).max_model_len or replica.max_model_len for t in cfg.tiers),
+            replica.max_model_len)
         workload = WorkloadOptions(
             trace=trace, data_dir=data_dir, skip_bad_rows=on_bad_rows == "skip",
             rate_scale=rate_scale, time_scale=time_scale, window=parse_window(window),
             max_requests=max_requests, length_factor=length_factor, max_context=context,
             seed=seed)
         tr = build_trace(workload)
-        setup = build_setup(cfg, replica, tr, SimOptions(
-            stages=stages, prefix_caching=prefix_caching, fast_forward=fast_forward))
-        with console.status(f"simulating {len(tr.records):,} requests ..."):
-            cluster, stats = simulate(setup, tr)
+        options = SimOptions(stages=stages, prefix_caching=prefix_caching,
+                             fast_forward=fast_forward)
+        if len(cfg.tiers) > 1:
+            shares = model_shares(cfg, model_share)
+            with console.status(f"simulating {len(tr.records):,} requests over "
+                                f"{len(cfg.tiers)} tiers ..."):
+                runs = simulate_tiers(cfg, replica, tr, options, shares, seed)
+        elif model_share:
+            raise ValueError("--model-share needs a cluster file with several tiers")
+        else:
+            setup = build_setup(cfg, replica, tr, options)
+            with console.status(f"simulating {len(tr.records):,} requests ..."):
+                cluster, stats = simulate(setup, tr)
     except (ValueError, FileNotFoundError, ClusterConfigError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    doc = result_document(cluster, stats, describe(setup, tr, {
-        "cluster_file": str(file) if file else None, "seed": seed}), with_requests=save_requests)
+    extra = {"cluster_file": str(file) if file else None, "seed": seed}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = output or Path("results") / f"sim_{Path(tr.name).stem}_{stamp}.json"
+    if len(cfg.tiers) > 1:
+        doc = tiers_document(runs, extra, with_requests=save_requests)
+        save(doc, path)
+        for run in runs:
+            table = Table(title=f"tier {run.tier} (model {run.model}): {tr.name} on "
+                                f"{hardware} / {replica.model_name}", show_header=False)
+            for label, value in summary_rows(doc["tiers"][run.tier]["summary"]):
+                table.add_row(label, value)
+            console.print(table)
+        total = doc["summary"]
+        console.print(f"all tiers: {total['completed']:,} of {total['requests']:,} requests "
+                      f"completed, SLO attainment {total['slo_attainment']:.1%}, "
+                      f"{total['provisioned_gpu_hours']:.2f} GPU-hours provisioned")
+        console.print(f"results: {path}")
+        return
+    doc = result_document(cluster, stats, describe(setup, tr, extra), with_requests=save_requests)
     save(doc, path)
     table = Table(title=f"strata simulate: {tr.name} on {hardware} / {replica.model_name}",
                   show_header=False)

@@ -1,7 +1,8 @@
 """From a cluster file, a hardware/model choice and a trace to a runnable simulation.
 
-The cluster file (``strata.config.ClusterConfig``) is the very one ``strata up`` reads:
-its tier's engine options size the simulated engines, its routing and autoscaling blocks
+The cluster file (``strata.config.ClusterConfig``) is the very one ``strata serve`` reads:
+a tier's engine options size its simulated engines (one tier per setup; a file with
+several is simulated tier by tier, ``strata.sim.tiers``), its routing and autoscaling blocks
 pick the policies, its SLOs and autoscaler period/window drive the control loop. KV
 blocks: the engine's ``num_kv_blocks`` if set, else what fits the GPU beside the weights
 (GPU hardware) or the engine's ``kv_cache`` bytes (cpu-local, as ``strata engine`` sizes it).
@@ -32,9 +33,9 @@ class SimOptions:
 
 
 def engine_settings(cfg: ClusterConfig, replica: ReplicaModel, stages: int,
-                    prefix_caching: bool) -> EngineSettings:
-    """The simulated engines' limits and KV size from the tier's engine options."""
-    opts = cfg.engine_for(cfg.tier_name)
+                    prefix_caching: bool, tier: str | None = None) -> EngineSettings:
+    """The simulated engines' limits and KV size from the tier's (default: first) engine options."""
+    opts = cfg.engine_for(tier or cfg.default_tier)
     max_len = min(opts.max_model_len or replica.max_model_len, replica.max_model_len)
     if opts.num_kv_blocks is not None:
         blocks = opts.num_kv_blocks
@@ -51,21 +52,22 @@ def engine_settings(cfg: ClusterConfig, replica: ReplicaModel, stages: int,
 
 
 def build_setup(cfg: ClusterConfig, replica: ReplicaModel, trace: Trace,
-                options: SimOptions | None = None) -> SimSetup:
-    """A SimSetup for the cluster file's (single) tier."""
+                options: SimOptions | None = None, tier_name: str | None = None) -> SimSetup:
+    """A SimSetup for one tier of the cluster file (default: the first)."""
     o = options or SimOptions()
-    tier = cfg.tiers[cfg.tier_name]
+    name = tier_name or cfg.default_tier
+    tier = cfg.tiers[name]
     has_hashes = trace.block_tokens is not None and any(r.hash_ids for r in trace.records)
     if o.prefix_caching not in ("auto", "on", "off"):
         raise ValueError(f"--prefix-caching must be auto, on or off, got {o.prefix_caching!r}")
-    caching = cfg.engine_for(cfg.tier_name).prefix_caching and (
+    caching = cfg.engine_for(name).prefix_caching and (
         o.prefix_caching == "on" or (o.prefix_caching == "auto" and has_hashes))
-    engine = engine_settings(cfg, replica, o.stages, caching)
+    engine = engine_settings(cfg, replica, o.stages, caching, name)
     slos = cfg.slos
     return SimSetup(
-        replica=replica, engine=engine, tier=cfg.tier_name,
+        replica=replica, engine=engine, tier=name,
         initial_units=tier.initial_replicas if o.initial_units is None else o.initial_units,
-        autoscaling=cfg.autoscaling_for(cfg.tier_name),
+        autoscaling=cfg.autoscaling_for(name),
         routing_policy=cfg.routing.policy, routing_params=dict(cfg.routing.params),
         virtual_engines=o.stages, poll_interval_s=cfg.gateway.poll_interval_s,
         hold_timeout_s=cfg.gateway.hold_timeout_s,

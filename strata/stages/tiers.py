@@ -111,7 +111,7 @@ def resolve_stages(
 
     t = config.tiers[tier]
     assert t.kind == "stages" and t.stages is not None
-    path = resolve_model(config.model.path)
+    path = resolve_model(config.model_for(tier).path)
     num_layers = load_config(path).num_hidden_layers
     where = f"tiers.{tier}.stages"
     if t.stages == "auto":
@@ -157,15 +157,17 @@ def cluster_stage_specs(
     """
     opts = config.engine_for(tier)
     tiers = stage_tiers(tier, stages)
+    others = sum(t.max_replicas for n, t in config.tiers.items() if n != tier)  # engine tiers
     threads = opts.threads or threads_per_replica(cores or available_cores(),
-                                                  sum(t.max_replicas for t in tiers))
+                                                  sum(t.max_replicas for t in tiers) + others)
     dtype = opts.dtype
     if dtype == "auto":
         dtype = "bfloat16" if opts.device == "cuda" else "float32"
     head = opts.kv_and_batch_args()
-    if config.model.served_model_name is not None:
-        head += ["--served-model-name", config.model.served_model_name]
-    specs = stage_process_specs(stages, head_url=None, model=config.model.path, threads=threads,
+    model = config.model_for(tier)
+    if model.served_model_name is not None:
+        head += ["--served-model-name", model.served_model_name]
+    specs = stage_process_specs(stages, head_url=None, model=model.path, threads=threads,
                                 dtype=dtype, device=opts.device, head_args=head, drained=drained)
     head_key = stage_tier_name(stages[0].layers)
     return {tier if name == head_key else name: spec for name, spec in specs.items()}

@@ -33,6 +33,7 @@ from strata.internal_auth import ENV_VAR, HEADER
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "cluster.example.yaml"
 PIPELINE = ROOT / "deploy" / "cluster.pipeline.example.yaml"
+MODELS = ROOT / "deploy" / "cluster.models.example.yaml"
 GOLDEN_DIR = Path(__file__).parent / "golden"
 K8S_VERSION = "1.31.0"
 # Custom resources: kubernetes-validate knows only the core schemas (see crd_schemas.py).
@@ -321,6 +322,8 @@ GOLDENS = [
     (EXAMPLE, "keda", "cluster.example.keda.yaml"),
     (PIPELINE, "strata", "cluster.pipeline.example.yaml"),
     (PIPELINE, "hpa", "cluster.pipeline.example.hpa.yaml"),
+    (MODELS, "strata", "cluster.models.example.yaml"),
+    (MODELS, "keda", "cluster.models.example.keda.yaml"),
 ]
 
 
