@@ -110,7 +110,7 @@ def engine_spec(config: ClusterConfig, tier: str, cores: int | None = None) -> P
         pinned = ["--threads", str(threads)] if opts.threads else []
         cmd = [sys.executable, "-m", "strata.cli", "engine", "--host", host, "--port", str(port),
                *pinned, "--dtype", opts.dtype, "--device", opts.device,
-               *opts.kv_and_batch_args(), *opts.lora_args(),
+               *opts.kv_and_batch_args(), *opts.lora_args(), *opts.tool_args(),
                # The platform's SIGKILL comes stop_timeout_s after this drain (see local).
                "--drain-timeout-s", str(config.platform.drain_timeout_s),
                "--log-level", "warning"]

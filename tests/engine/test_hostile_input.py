@@ -103,7 +103,8 @@ def test_bounds_are_inclusive_where_vllm_accepts() -> None:
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"max_completion_tokens": 2**40}, "max_completion_tokens"),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"chat_template_kwargs": {f"k{i}": 1 for i in range(65)}}, "chat_template_kwargs"),
 ])
 def test_chat_fields_are_range_checked_with_a_param(fields: dict, param: str) -> None:

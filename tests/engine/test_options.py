@@ -23,7 +23,8 @@ from strata.stages.tiers import cluster_stage_specs
 
 # Options the pipeline head does not take: its KV cache is in the model's dtype.
 # LoRA adapters run in a whole engine only (strata.engine.lora).
-NOT_ON_THE_HEAD = {"kv_cache_dtype", "enable_lora", "lora_modules", "max_loras", "max_lora_rank"}
+NOT_ON_THE_HEAD = {"kv_cache_dtype", "enable_lora", "lora_modules", "max_loras", "max_lora_rank",
+                   "tool_call_parser", "enable_auto_tool_choice", "chat_template"}
 
 
 def _command(name: str) -> click.Command:
@@ -77,7 +78,8 @@ def test_the_platforms_flags_read_back_as_the_cluster_files_options() -> None:
               "num_kv_blocks": 40, "block_size": 32, "max_num_seqs": 8,
               "max_num_batched_tokens": 128, "max_model_len": 1024, "prefix_caching": False,
               "threads": 3, "enable_lora": True, "lora_modules": ["a=/x", "b=/y"], "max_loras": 3,
-              "max_lora_rank": 8}
+              "max_lora_rank": 8, "tool_call_parser": "hermes", "enable_auto_tool_choice": False,
+              "chat_template": "hermes_tools"}
     cfg = parse_cluster_config({"engine": engine})
     argv = engine_spec(cfg, "engine").argv("127.0.0.1", 8001)
     back = _options_from(_parsed("engine", argv[4:]), set(EngineOptions.model_fields))
