@@ -118,39 +118,44 @@ def _path_fns(name: str, weights: dict[str, torch.Tensor]) -> dict[str, Callable
     return fns
 
 
-def _time(fn: Callable[[], object], reps: int = 2) -> float:
-    """Best of ``reps`` (after one warm call): robust to a busy neighbour."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def measure_paths(names: list[str], config: LlamaConfig, rounds: int = 3) -> dict[str, PathSpeed]:
+    """Each path's step time on this model's shapes: layers x (q/k/v, o, gate/up, down),
+    plus the head on the decode rows (a prefill chunk samples only its last rows).
 
-
-def measure_path(name: str, config: LlamaConfig, weights: dict[str, torch.Tensor] | None = None) -> PathSpeed:
-    """One path's step time on this model's shapes: layers x (q/k/v, o, gate/up, down),
-    plus the head on the decode rows (a prefill chunk samples only its last rows)."""
-    weights = _weights(config) if weights is None else weights
-    fns = _path_fns(name, weights)
-    dtype = TORCH_DTYPES[name]
+    The paths take turns, round after round, and each keeps its best time: on a shared
+    CPU a burst of someone else's work then hits every path alike instead of one.
+    """
+    weights = _weights(config)
     rows = max(*DECODE_ROWS, PREFILL_ROWS)
-    xs = {kind: torch.randn(rows, w.shape[1]).to(dtype) for kind, w in weights.items()}
     head_scale = config.vocab_size / weights["head"].shape[0]
+    cases: dict[tuple[str, str, int], Callable[[], None]] = {}
+    for name in names:
+        fns = _path_fns(name, weights)
+        xs = {kind: torch.randn(rows, w.shape[1]).to(TORCH_DTYPES[name]) for kind, w in weights.items()}
+        for m in (*DECODE_ROWS, PREFILL_ROWS):
+            def layer(fns=fns, xs=xs, m=m) -> None:  # type: ignore[no-untyped-def]
+                for kind in ("qkv", "o", "gate_up", "down"):
+                    fns[kind](xs[kind][:m])
 
-    def layer_s(m: int) -> float:
-        def run() -> None:
-            for kind in ("qkv", "o", "gate_up", "down"):
-                fns[kind](xs[kind][:m])
-
-        return config.num_hidden_layers * _time(run)
-
-    def head_s(m: int) -> float:
-        return head_scale * _time(lambda: fns["head"](xs["head"][:m]))
-
-    return PathSpeed(decode_s={m: layer_s(m) + head_s(m) for m in DECODE_ROWS},
-                     prefill_s=layer_s(PREFILL_ROWS))
+            cases[(name, "layer", m)] = layer
+        for m in DECODE_ROWS:
+            cases[(name, "head", m)] = lambda fns=fns, xs=xs, m=m: fns["head"](xs["head"][:m])
+    best = dict.fromkeys(cases, float("inf"))
+    for fn in cases.values():
+        fn()  # warm: kernels, packing, first touch
+    for _ in range(rounds):
+        for key, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t)
+    layers = config.num_hidden_layers
+    return {
+        name: PathSpeed(
+            decode_s={m: layers * best[(name, "layer", m)] + head_scale * best[(name, "head", m)]
+                      for m in DECODE_ROWS},
+            prefill_s=layers * best[(name, "layer", PREFILL_ROWS)])
+        for name in names
+    }
 
 
 def candidates(device: torch.device, allow_int8: bool = True) -> list[str]:
@@ -167,7 +172,7 @@ def candidates(device: torch.device, allow_int8: bool = True) -> list[str]:
 
 def choose_dtype(dtype: str, device: torch.device, config: LlamaConfig,
                  allow_int8: bool = True) -> DtypeChoice:
-    """Resolve ``--dtype``: as asked, or under auto by `measure_path` and `choose`
+    """Resolve ``--dtype``: as asked, or under auto by `measure_paths` and `choose`
     (``allow_int8``: False where the engine needs float weights, as LoRA does)."""
     if dtype != "auto":
         if dtype not in TORCH_DTYPES:
@@ -176,12 +181,18 @@ def choose_dtype(dtype: str, device: torch.device, config: LlamaConfig,
     if device.type == "cuda":
         return DtypeChoice("bfloat16", torch.bfloat16, file_blocks=False)
     t = time.perf_counter()
-    with torch.inference_mode():
-        weights = _weights(config)
-        speeds = {name: measure_path(name, config, weights) for name in candidates(device, allow_int8)}
+    # On one thread: the formats rank alike on one core or all of them, and a parallel
+    # region on a shared CPU waits for its slowest thread, which would time the neighbours.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            speeds = measure_paths(candidates(device, allow_int8), config)
+    finally:
+        torch.set_num_threads(threads)
     name = choose(speeds)
     log.info(
-        "dtype auto: step projections per token (decode %s rows, prefill %d) %s -> %s (%.2f s)",
+        "dtype auto: projections per token on 1 thread (decode %s rows, prefill %d) %s -> %s (%.2f s)",
         "/".join(map(str, DECODE_ROWS)), PREFILL_ROWS,
         ", ".join(f"{n} {s.cost_per_token_s() * 1e6:.0f} us" for n, s in speeds.items()),
         name, time.perf_counter() - t,

@@ -17,7 +17,7 @@ from strata.engine.dtype_choice import (
     candidates,
     choose,
     choose_dtype,
-    measure_path,
+    measure_paths,
 )
 from strata.engine.model import _padded_linear
 from strata.engine.weights import load_config
@@ -68,7 +68,7 @@ def test_auto_measures_the_real_shapes_and_is_quick(bundled_gguf: Path) -> None:
     assert choice.file_blocks
     # About a second on a quiet 2-core machine; generous for a busy one.
     assert elapsed < 10, elapsed
-    speed = measure_path("float32", config)
+    speed = measure_paths(["float32"], config, rounds=1)["float32"]
     assert set(speed.decode_s) == set(DECODE_ROWS)
     assert all(t > 0 for t in speed.decode_s.values()) and speed.prefill_s > 0
     assert "int8" not in candidates(torch.device("cpu"), allow_int8=False)
