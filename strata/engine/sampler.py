@@ -71,7 +71,7 @@ class Sampler:
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         if any(
-            r.params.logit_bias or r.params.needs_penalties or r.banned is not None
+            r.params.logit_bias or r.params.needs_penalties
             or len(r.output_token_ids) < r.params.min_tokens
             for r in rows
         ):
@@ -87,8 +87,7 @@ class Sampler:
                     logits[i, banned] = float("-inf")
             if p.needs_penalties:
                 self._penalize(logits[i], r)
-            if r.banned is not None:
-                logits[i].masked_fill_(r.banned, float("-inf"))
+        logits = self._ban(logits, rows)
 
         greedy_rows = [r.params.greedy for r in rows]
         if all(greedy_rows):  # the common serving case: one argmax, no masks or copies
@@ -119,6 +118,19 @@ class Sampler:
             else:
                 lps.append(logprobs_of(raw_logprobs[i], token_list[i], r.params.logprobs))
         return token_list, lps
+
+    @staticmethod
+    def _ban(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """The logits with each grammar's banned tokens at -inf, in one out-of-place op
+        (the caller's logits stay intact); rows without a grammar pass unchanged."""
+        masked = [i for i, r in enumerate(rows) if r.banned is not None]
+        if not masked:
+            return logits
+        ban = torch.stack([rows[i].banned for i in masked])  # type: ignore[misc]
+        if len(masked) == len(rows):
+            return logits.masked_fill(ban, float("-inf"))
+        idx = torch.tensor(masked)
+        return logits.index_put((idx,), logits[idx].masked_fill(ban, float("-inf")))
 
     @staticmethod
     def _penalize(row: torch.Tensor, r: SampleRequest) -> None:
