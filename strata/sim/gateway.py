@@ -110,7 +110,9 @@ class SimGateway:
         for i, ep in enumerate(self._routable):
             ep.index = i
         for url in replica_ids:
-            self.endpoints[url].index = -1
+            ep = self.endpoints.get(url)
+            if ep is not None:  # (a unit drained while starting never joined)
+                ep.index = -1
         self._states = [ep.state for ep in self._routable]  # type: ignore[misc]
 
     def flush_held(self, now: float) -> None:

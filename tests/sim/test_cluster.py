@@ -98,3 +98,16 @@ def test_requests_that_can_never_fit_are_rejected(a100_13b: ReplicaModel) -> Non
     cluster = SimCluster(make_setup(a100_13b, initial_units=1))
     cluster.run([SimRequest(0, 0.0, 4000, 200), SimRequest(1, 0.0, 10, 5)])
     assert [r.status for r in cluster.requests] == ["rejected", "ok"]
+
+
+def test_a_unit_scaled_down_while_starting_stops_and_the_rest_serve(a100_13b: ReplicaModel
+                                                                    ) -> None:
+    # A scale-up then a scale-down before the new unit is ready (the KPA has no down-scale
+    # window): the starting unit is drained first; it never joined the gateway.
+    cluster = SimCluster(make_setup(a100_13b, initial_units=1, routing_policy="round_robin"))
+    reqs = [SimRequest(i, 0.5 * i, 100, 20) for i in range(20)]
+    cluster.loop.at(1.0, lambda: cluster.scale_to(2, cluster.loop.now))
+    cluster.loop.at(2.0, lambda: cluster.scale_to(1, cluster.loop.now))
+    stats = cluster.run(reqs)
+    assert all(r.status == "ok" and r.replica == "u0" for r in reqs)
+    assert stats.units_started == 2 and stats.units_stopped == 1
