@@ -24,6 +24,17 @@ measured anything, prefill_token_s = 1 and decode_step_s = 0: the estimate degen
 Replicas without a strata report (vLLM, other OpenAI servers) use the median rates and
 assume each waiting request holds as many prompt tokens as this one.
 
+The cache term: ``pick`` minimizes ``cost = ttft + cache_weight * (top - hit) *
+prefill_token_s``, where ``top`` is the largest expected hit among the candidates. The TTFT
+alone is myopic: a replica whose queue is a little shorter wins even when the request would
+recompute thousands of tokens there that another replica holds, and that recomputation is
+work every later request waits behind (near saturation, prefill work is throughput). The
+term charges a replica for the prefill it does beyond the best-cached one; with nothing
+cached anywhere (or the same hit everywhere) it is zero and the choice is the TTFT's alone.
+``cache_weight`` 4 (default) was chosen in the simulator (``benchmarks/routing_sim.py``):
+multi-turn chat near saturation gains most of prefix affinity's benefit, a hot prefix
+(cached everywhere after one miss each) is unaffected, and 0 restores the TTFT-only choice.
+
 KV fit: the request needs ceil((prompt - hit + max_tokens) / block_size) new blocks; a
 replica fits now when that many are free after the queued and pending prompt tokens claim
 theirs. Replicas that fit now win over replicas that would queue for memory; a replica whose
@@ -101,6 +112,7 @@ class Estimate:
     ttft_s: float
     fits_now: bool
     fits_ever: bool  # now, or once the queue ahead has released its blocks
+    cost_s: float = 0.0  # what pick minimizes: ttft_s plus the cache term (module docstring)
 
 
 class ReplicaTerms:
@@ -167,14 +179,15 @@ class ReplicaTerms:
         return self.routable and (not self.models or not model or model in self.models)
 
 
-Pool = list[tuple[float, ReplicaTerms]]  # (estimated TTFT, replica), in snapshot order
+Pool = list[tuple[float, ReplicaTerms, float]]  # (cost, replica, estimated TTFT), snapshot order
 
 
 def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_tokens: int,
-                   fallback: Rates) -> tuple[Pool, Pool, Pool]:
+                   fallback: Rates, cache_weight: float = 0.0) -> tuple[Pool, Pool, Pool]:
     """The estimate of the module docstring for one request on each candidate, by KV fit:
     the candidates that can hold it now, those that can once their queue has drained, and
-    those whose whole cache is too small.
+    those whose whole cache is too small. Each entry's cost is its TTFT plus
+    ``cache_weight`` times the prefill it does beyond the best-cached candidate's.
 
     ``fallback``: the rates of a candidate that has measured none. One loop over the
     candidates rather than a call per candidate: this runs for every request.
@@ -187,6 +200,9 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
     slot_tokens = max(1, max_tokens)
     total_tokens = prompt_tokens + max_tokens
     need_bs = need_total = 0  # need_total: ceil(total_tokens / need_bs), the whole request's blocks
+    top = 0  # the largest expected hit among the candidates (the cache term's reference)
+    if cache_weight and last > 0:
+        top = min(last, max(map(_hit_of, candidates), default=0))
     for t in candidates:
         p = t.prefill_token_s
         if p is None:
@@ -200,7 +216,8 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
         if not t.reported:
             work = t.queued_requests * prompt_tokens + new_tokens
             ttft = work * p + (d if t.running else 0.0)
-            (ever_pool if t.kv_full else now_pool).append((ttft, t))
+            cost = ttft + cache_weight * (new_tokens - prompt_tokens + top) * p if top else ttft
+            (ever_pool if t.kv_full else now_pool).append((cost, t, ttft))
             continue
         work = t.queued_tokens + new_tokens
         ttft = work * p
@@ -211,29 +228,34 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
                 ttft += t.slot_position / t.completions_per_s
             else:
                 ttft += t.slot_position * (t.slot_free_tokens or slot_tokens) * d
+        cost = ttft + cache_weight * (new_tokens - prompt_tokens + top) * p if top else ttft
         bs = t.block_size
         if not bs:
-            now_pool.append((ttft, t))
+            now_pool.append((cost, t, ttft))
             continue
         if bs != need_bs:  # a fleet shares one block size: divide once per request
             need_bs = bs
             need_total = ceil(total_tokens / bs)
         need = need_total if new_tokens == prompt_tokens else ceil((new_tokens + max_tokens) / bs)
         if need <= t.free_blocks:
-            now_pool.append((ttft, t))
+            now_pool.append((cost, t, ttft))
         elif need_total <= t.total_blocks:
-            ever_pool.append((ttft, t))
+            ever_pool.append((cost, t, ttft))
         else:
-            never_pool.append((ttft, t))
+            never_pool.append((cost, t, ttft))
     return now_pool, ever_pool, never_pool
 
 
+_hit_of = attrgetter("prefix_match_tokens")
+
+
 def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimate:
-    """Estimate this request's TTFT on replica ``r`` and whether its KV cache can hold it."""
+    """Estimate this request's TTFT on replica ``r`` and whether its KV cache can hold it
+    (alone, so its cost is its TTFT; ``ResourceMatch.estimates`` compares a fleet)."""
     now, ever, never = estimate_pools(
         [ReplicaTerms(r)], request.prompt_tokens, request.max_tokens, fallback)
-    ttft = (now or ever or never)[0][0]
-    return Estimate(r, ttft, fits_now=bool(now), fits_ever=bool(now or ever))
+    cost, _, ttft = (now or ever or never)[0]
+    return Estimate(r, ttft, fits_now=bool(now), fits_ever=bool(now or ever), cost_s=cost)
 
 
 class _TermsCache:
@@ -284,13 +306,14 @@ def _flag(t: ReplicaTerms, model: str) -> int:
 
 
 _load_score = attrgetter("load_score")
-_ttft = itemgetter(0)  # of a (ttft, terms) pair
+_cost = itemgetter(0)  # of a (cost, terms, ttft) entry
 
 
 class ResourceMatch:
-    """Minimum estimated TTFT among replicas that can hold the request (module docstring).
+    """Minimum cost (estimated TTFT plus the cache term) among replicas that can hold the
+    request (module docstring).
 
-    Estimates within ``tie_tolerance`` (relative) of the best count as equal, and equal
+    Costs within ``tie_tolerance`` (relative) of the best count as equal, and equal
     replicas are ordered by load_score, so an idle fleet still spreads requests.
 
     The decision depends only on the request and the snapshot. ``pick`` keeps each
@@ -298,28 +321,38 @@ class ResourceMatch:
     keeps a replica's state until it changes pays only the per-request arithmetic.
     """
 
-    __slots__ = ("tie_tolerance", "name", "_cache")
+    __slots__ = ("tie_tolerance", "cache_weight", "name", "_cache")
 
-    def __init__(self, tie_tolerance: float = 0.05, name: str = "resource_match") -> None:
+    def __init__(self, tie_tolerance: float = 0.05, cache_weight: float = 4.0,
+                 name: str = "resource_match") -> None:
         if not 0.0 <= tie_tolerance < 1.0:
             raise ValueError("resource_match tie_tolerance must be in [0, 1)")
+        if cache_weight < 0.0:
+            raise ValueError("resource_match cache_weight must be >= 0")
         self.tie_tolerance = tie_tolerance
+        self.cache_weight = cache_weight
         self.name = name
         self._cache = _TermsCache()
 
     def __repr__(self) -> str:
-        return f"ResourceMatch(tie_tolerance={self.tie_tolerance!r}, name={self.name!r})"
+        return (f"ResourceMatch(tie_tolerance={self.tie_tolerance!r}, "
+                f"cache_weight={self.cache_weight!r}, name={self.name!r})")
 
     def estimates(self, request: RouteRequest, snapshot: Snapshot) -> list[Estimate]:
         """Estimates for every candidate replica (for metrics, debugging and tests)."""
         cands = snapshot.candidates(request)
         fallback = fleet_rates(cands)
-        return [estimate(request, r, fallback) for r in cands]
+        pools = estimate_pools([ReplicaTerms(r) for r in cands], request.prompt_tokens,
+                               request.max_tokens, fallback, self.cache_weight)
+        out = {id(t.state): Estimate(t.state, ttft, fits_now=k == 0, fits_ever=k < 2,
+                                     cost_s=cost)
+               for k, pool in enumerate(pools) for cost, t, ttft in pool}
+        return [out[id(r)] for r in cands]
 
     def pick(self, request: RouteRequest, snapshot: Snapshot) -> ReplicaState | None:
-        """The replica with the lowest estimated TTFT that fits, else None.
+        """The replica with the lowest cost that fits, else None.
 
-        pool = the candidates that fit now, else those that fit ever; best = min ttft over
+        pool = the candidates that fit now, else those that fit ever; best = min cost over
         pool; near = pool within tie_tolerance of best (in snapshot order); among near, the
         least load_score; ties rotate by snapshot.seq.
         """
@@ -328,11 +361,12 @@ class ResourceMatch:
             return None
         fallback = fleet_rates(tuple(t.state for t in cands)) if unmeasured else _UNIT_RATES
         now_pool, ever_pool, _ = estimate_pools(cands, request.prompt_tokens,
-                                                request.max_tokens, fallback)
+                                                request.max_tokens, fallback,
+                                                self.cache_weight)
         pool = now_pool or ever_pool
         if not pool:
             return None
-        best = min(map(_ttft, pool))
+        best = min(map(_cost, pool))
         limit = best * (1.0 + self.tie_tolerance) + 1e-9
         near = [e[1] for e in pool if e[0] <= limit]
         least = min(map(_load_score, near))

@@ -52,9 +52,28 @@ def test_expected_prefix_hit_attracts_the_request() -> None:
     a = replica("a", report(waiting_prompt_tokens=500))
     b = replica("b", report(waiting_prompt_tokens=500), prefix_match_tokens=2800)
     assert pick(a, b, req=req) == "b"
-    # But not when b's queue outweighs the saving.
+    # b's queue is 4,500 tokens longer, more than the 2,800 it saves this request, but
+    # a would recompute them: the cache term (4 x 2,800 tokens) keeps the request on b.
     b2 = replica("b", report(waiting_prompt_tokens=5000), prefix_match_tokens=2800)
-    assert pick(a, b2, req=req) == "a"
+    assert pick(a, b2, req=req) == "b"
+    # With cache_weight 0 the choice is the TTFT's alone: a.
+    ttft_only = ResourceMatch(cache_weight=0.0)
+    assert ttft_only.pick(req, Snapshot((a, b2))).url == "a"
+    # And a queue longer than the saving plus the term (500 + 5 x 2,800) sends it to a.
+    b3 = replica("b", report(waiting_prompt_tokens=15_000), prefix_match_tokens=2800)
+    assert pick(a, b3, req=req) == "a"
+
+
+def test_the_cache_term_is_zero_when_no_replica_or_every_replica_holds_the_prefix() -> None:
+    # Nothing cached anywhere, or the same hit everywhere: cost equals TTFT, so the choice
+    # is the TTFT-only policy's (a load-only workload routes exactly as before).
+    req = request(prompt_tokens=3000)
+    for hit in (0, 2000):
+        a = replica("a", report(waiting_prompt_tokens=2000), prefix_match_tokens=hit)
+        b = replica("b", report(waiting_prompt_tokens=500), prefix_match_tokens=hit)
+        ests = RM.estimates(req, Snapshot((a, b)))
+        assert [e.cost_s for e in ests] == [e.ttft_s for e in ests]
+        assert pick(a, b, req=req) == "b"
 
 
 def test_running_decodes_slow_chunked_prefill() -> None:
@@ -152,14 +171,27 @@ def test_skips_draining_replicas() -> None:
 
 
 def _reference_pick(policy: ResourceMatch, req, snap: Snapshot) -> ReplicaState | None:
-    """The straightforward selection over estimates(), as the module docstring states it."""
-    ests = policy.estimates(req, snap)
+    """The straightforward selection, as the module docstring states it: each replica's
+    estimate written out plainly, plus the cache term against the best-cached replica."""
+    cands = snap.candidates(req)
+    fallback = fleet_rates(cands)
+    hits = [max(0, min(r.prefix_match_tokens, req.prompt_tokens - 1)) for r in cands]
+    top = max(hits, default=0)
+    ests = []
+    for r, hit in zip(cands, hits, strict=True):
+        e = _reference_estimate(req, r, fallback)
+        if top and policy.cache_weight:
+            p = (measured_rates(r) or fallback).prefill_token_s
+            e = Estimate(r, e.ttft_s, e.fits_now, e.fits_ever,
+                         cost_s=e.ttft_s + policy.cache_weight * (top - hit) * p)
+        ests.append(e)
+    assert ests == policy.estimates(req, snap)
     pool = [e for e in ests if e.fits_now] or [e for e in ests if e.fits_ever]
     if not pool:
         return None
-    best = min(e.ttft_s for e in pool)
+    best = min(e.cost_s for e in pool)
     limit = best * (1.0 + policy.tie_tolerance) + 1e-9
-    near = [e.replica for e in pool if e.ttft_s <= limit]
+    near = [e.replica for e in pool if e.cost_s <= limit]
     least = min(r.load_score for r in near)
     ties = [r for r in near if r.load_score == least]
     return ties[snap.seq % len(ties)]
@@ -174,7 +206,7 @@ def _reference_estimate(req: RouteRequest, r: ReplicaState, fallback: Rates) -> 
     if load is None:
         work = (r.waiting + r.pending_requests) * req.prompt_tokens + new_tokens
         ttft = work * rates.prefill_token_s + (rates.decode_step_s if r.running else 0.0)
-        return Estimate(r, ttft, fits_now=r.kv_usage < 1.0, fits_ever=True)
+        return Estimate(r, ttft, fits_now=r.kv_usage < 1.0, fits_ever=True, cost_s=ttft)
     queued = load.waiting_prompt_tokens + r.pending_prompt_tokens
     work = queued + new_tokens
     ttft = work * rates.prefill_token_s
@@ -189,13 +221,14 @@ def _reference_estimate(req: RouteRequest, r: ReplicaState, fallback: Rates) -> 
         else:
             slot_tokens = load.slot_free_tokens or max(1, req.max_tokens)
             ttft += position * slot_tokens * rates.decode_step_s
+    cost = ttft
     if load.block_size <= 0 or load.total_kv_blocks <= 0:
-        return Estimate(r, ttft, fits_now=True, fits_ever=True)
+        return Estimate(r, ttft, fits_now=True, fits_ever=True, cost_s=cost)
     bs = load.block_size
     fits_now = math.ceil((new_tokens + req.max_tokens) / bs) <= (
         load.free_kv_blocks - math.ceil(queued / bs))
     fits_ever = fits_now or math.ceil(req.total_tokens / bs) <= load.total_kv_blocks
-    return Estimate(r, ttft, fits_now=fits_now, fits_ever=fits_ever)
+    return Estimate(r, ttft, fits_now=fits_now, fits_ever=fits_ever, cost_s=cost)
 
 
 def _random_state(rng, i: int) -> ReplicaState:
@@ -246,7 +279,8 @@ def test_pick_equals_the_straightforward_selection_on_random_fleets(seed: int) -
     import random
 
     rng = random.Random(seed)
-    policy = ResourceMatch(tie_tolerance=rng.choice((0.0, 0.05, 0.3)))
+    policy = ResourceMatch(tie_tolerance=rng.choice((0.0, 0.05, 0.3)),
+                           cache_weight=rng.choice((0.0, 1.0, 4.0)))
     states = [_random_state(rng, i) for i in range(rng.randrange(8, 40))]
     chosen: set[str] = set()
     for seq in range(300):
