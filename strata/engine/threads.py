@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from strata.engine.cpu_readings import (
     CpuReading,
@@ -37,6 +38,7 @@ from strata.engine.cpu_readings import (
     ProcSampler,
     cgroup_stat_path,
     compute_thread_ids,
+    parse_proc_stat_idle,
     read_quota_cores,
     usable_cores,
 )
@@ -189,11 +191,33 @@ def governor_for(requested: int | None, device_type: str = "cpu") -> ThreadGover
     if requested:
         torch.set_num_threads(requested)
         return ThreadGovernor(requested, fixed=True)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else (os.cpu_count() or 1)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else list(range(os.cpu_count() or 1))
     quota = read_quota_cores()
-    cap = usable_cores(affinity, quota, torch.get_num_threads())
-    torch.set_num_threads(cap)
-    log.info("compute threads: up to %d (%d CPUs allowed, quota %s), following the free cores",
-             cap, affinity, "none" if quota is None else f"{quota:g} cores")
-    return ThreadGovernor(cap, fixed=device_type != "cpu")
+    cap = usable_cores(len(cpus), quota, torch.get_num_threads())
+    start = cap if device_type != "cpu" else starting_threads(cap, idle_cores_now(cpus))
+    torch.set_num_threads(start)
+    log.info("compute threads: %d, up to %d (%d CPUs allowed, quota %s), following the free "
+             "cores", start, cap, len(cpus), "none" if quota is None else f"{quota:g} cores")
+    gov = ThreadGovernor(cap, fixed=device_type != "cpu")
+    gov.state = replace(gov.state, threads=start)
+    return gov
+
+
+def starting_threads(cap: int, idle_cores: float | None) -> int:
+    """Threads to load the model and warm up on, before any step has been measured: the
+    cores idle now plus the one this process is using, at most ``cap`` (None: unknown)."""
+    if idle_cores is None:
+        return cap
+    return max(1, min(cap, math.floor(idle_cores + 1.5)))
+
+
+def idle_cores_now(cpus: list[int], window_s: float = 0.25) -> float | None:
+    """Cores of ``cpus`` idle over a short window now (/proc/stat), None where unreadable."""
+    try:
+        a = parse_proc_stat_idle(Path("/proc/stat").read_text(), cpus)
+        time.sleep(window_s)
+        b = parse_proc_stat_idle(Path("/proc/stat").read_text(), cpus)
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, b - a) / window_s

@@ -19,7 +19,13 @@ from strata.engine.cpu_readings import (
     read_quota_cores,
     usable_cores,
 )
-from strata.engine.threads import GovernorConfig, GovernorState, ThreadGovernor, decide
+from strata.engine.threads import (
+    GovernorConfig,
+    GovernorState,
+    ThreadGovernor,
+    decide,
+    starting_threads,
+)
 
 CFG = GovernorConfig()
 
@@ -208,3 +214,10 @@ def test_pinned_count_never_changes() -> None:
     for _ in range(3):
         g.tick()
     assert g.threads == 2
+
+
+def test_start_up_runs_on_the_cores_idle_now() -> None:
+    assert starting_threads(2, 0.9) == 2  # this process holds one core, the other is idle
+    assert starting_threads(2, 0.2) == 1  # another process holds the other core
+    assert starting_threads(8, 3.0) == 4
+    assert starting_threads(2, 5.0) == 2 and starting_threads(4, None) == 4
