@@ -20,6 +20,14 @@ across machines. Peers are installed by ``benchmarks/peers.py`` (under peers/, g
     python benchmarks/engine.py                    # full run: 45 min on a busy 2-core box
     python benchmarks/engine.py --concurrency 1,4 --requests 4 --servers strata,llama-server
 
+With ``--neighbour`` every level is measured twice, quiet and then beside a busy process
+(a bare Python loop) pinned to the last CPU this script may use, started and stopped by the
+script around each server's second pass: a shared node, a pod next to another, a gateway on
+the same cores. A second table gives each server's throughput and TPOT under the neighbour
+as a share of its quiet figures.
+
+    python benchmarks/engine.py --concurrency 4,64 --neighbour
+
 Writes ``results/engine_bench.json`` and prints a markdown table for docs/results.md.
 """
 
@@ -34,7 +42,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +70,11 @@ TARGET_ROOFLINE_TOKENS_S = 8900.0
 TARGET_VS_BEST_PEER = 1.5
 TARGET_TPOT_VS_LLAMA_CPP = 1.2
 WARMUP = 4  # unmeasured requests per server before its first level
+# The issue's neighbour target: throughput beside a busy process on one core, as a share of
+# quiet, at these concurrencies; and no worse a share than the best peer's.
+TARGET_NEIGHBOUR_SHARE = 0.5
+TARGET_NEIGHBOUR_LEVELS = (4, 64)
+NEIGHBOUR_SETTLE_S = 2.0  # after starting the neighbour, before the first request
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class LevelResult:
     roofline_tokens_s: float
     weight_format: str
     first_error: str | None = None
+    neighbour: bool = False  # measured beside the busy process of --neighbour
 
     @property
     def roofline_fraction(self) -> float:
@@ -192,7 +207,7 @@ async def served_model(base_url: str) -> str:
 
 
 def level_result(server: ServerPlan, concurrency: int, records: Sequence[RequestRecord],
-                 roofline_tokens_s: float) -> LevelResult:
+                 roofline_tokens_s: float, neighbour: bool = False) -> LevelResult:
     """Summarize one level with strata.bench's definitions of TTFT, TPOT and throughput."""
     s = summarize(records, slo_ttft_ms=1e9, slo_tpot_ms=1e9, ignore_eos_sent=True)
     ok = [r for r in records if r.status == "ok"]
@@ -206,7 +221,8 @@ def level_result(server: ServerPlan, concurrency: int, records: Sequence[Request
         early_stops=early, prompt_token_mismatches=s.prompt_token_mismatches,
         errors=s.errors, roofline_tokens_s=roofline_tokens_s,
         weight_format=server.weight_format,
-        first_error=next((r.error for r in records if r.status != "ok"), None))
+        first_error=next((r.error for r in records if r.status != "ok"), None),
+        neighbour=neighbour)
 
 
 # ---------------------------------------------------------------- the run
@@ -227,6 +243,7 @@ class Options:
     llama_cpp_python_max_c: int
     output: Path
     seed: int
+    neighbour_cpu: int | None = None  # --neighbour: the CPU the busy process is pinned to
 
 
 def requests_for(opts: Options, concurrency: int) -> int:
@@ -235,18 +252,39 @@ def requests_for(opts: Options, concurrency: int) -> int:
     return opts.requests or min(max(2 * concurrency, 4), 64)
 
 
-def prompt_offset(opts: Options, concurrency: int | None) -> int:
-    """Index of the first prompt of a level (None: the total needed).
+def prompt_offset(opts: Options, concurrency: int | None, neighbour: bool = False) -> int:
+    """Index of the first prompt of a level (None: the total needed); ``neighbour``: of the
+    level's pass beside the neighbour, whose prompts follow all the quiet ones.
 
     Every request of a run, warm-up included, gets a prompt of its own, so no server's
     prefix cache can turn a measured prefill into a cache hit.
     """
+    quiet_total = WARMUP + sum(requests_for(opts, c) for c in opts.concurrency)
     offset = WARMUP
     for c in opts.concurrency:
         if c == concurrency:
-            return offset
+            return quiet_total + offset - WARMUP if neighbour else offset
         offset += requests_for(opts, c)
-    return offset
+    return quiet_total if opts.neighbour_cpu is None else 2 * quiet_total - WARMUP
+
+
+@contextmanager
+def busy_neighbour(cpu: int, settle_s: float = NEIGHBOUR_SETTLE_S
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """A bare Python loop pinned to ``cpu`` while the block runs (always stopped after)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(proc.pid, {cpu})
+        time.sleep(settle_s)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def neighbour_passes(opts: Options) -> list[bool]:
+    """The passes of each level: quiet, and beside the neighbour with --neighbour."""
+    return [False] if opts.neighbour_cpu is None else [False, True]
 
 
 def make_prompts(n: int, tokens: int, seed: int) -> tuple[list[str], list[list[int]]]:
@@ -329,20 +367,23 @@ def run_server(plan: ServerPlan, opts: Options, roof: rl.Roofline, shape: rl.Mod
     out: list[LevelResult] = []
     if plan.start is None:  # transformers: generate in a child process, no HTTP
         hf_dir = peers.ensure_hf_dir(opts.peer_dtype)
-        for c in levels:
-            n = requests_for(opts, c)
-            first = prompt_offset(opts, c)
-            raw = peers.transformers_static_subprocess(
-                hf_dir, ids[first:first + n], c, opts.output_tokens, opts.threads,
-                opts.peer_dtype)
-            records = [RequestRecord(
-                index=i, scheduled_s=float(r["sent_s"]), sent_s=float(r["sent_s"]),
-                status="ok", ttft_s=float(r["ttft_s"]), e2e_s=float(r["e2e_s"]),
-                tpot_s=(float(r["e2e_s"]) - float(r["ttft_s"])) / (int(r["output_tokens"]) - 1),
-                prompt_tokens=opts.input_tokens, output_tokens=int(r["output_tokens"]),
-                max_tokens=opts.output_tokens) for i, r in enumerate(raw)]
-            out.append(level_result(plan, c, records, roof_at(c)))
-            _print_level(console, out[-1])
+        for nb in neighbour_passes(opts):
+            with pass_load(opts, nb, console):
+                for c in levels:
+                    n = requests_for(opts, c)
+                    first = prompt_offset(opts, c, nb)
+                    raw = peers.transformers_static_subprocess(
+                        hf_dir, ids[first:first + n], c, opts.output_tokens, opts.threads,
+                        opts.peer_dtype)
+                    records = [RequestRecord(
+                        index=i, scheduled_s=float(r["sent_s"]), sent_s=float(r["sent_s"]),
+                        status="ok", ttft_s=float(r["ttft_s"]), e2e_s=float(r["e2e_s"]),
+                        tpot_s=(float(r["e2e_s"]) - float(r["ttft_s"]))
+                        / (int(r["output_tokens"]) - 1),
+                        prompt_tokens=opts.input_tokens, output_tokens=int(r["output_tokens"]),
+                        max_tokens=opts.output_tokens) for i, r in enumerate(raw)]
+                    out.append(level_result(plan, c, records, roof_at(c), nb))
+                    _print_level(console, out[-1])
         return out
     groups = [[c] for c in levels] if plan.restart_per_level else [levels]
     for group in groups:
@@ -371,15 +412,28 @@ def _serve_levels(plan: ServerPlan, levels: Sequence[int], opts: Options, texts:
         bad = [r.error for r in warm if r.status != "ok"]
         if bad:
             raise RuntimeError(f"{plan.name} failed its warm-up requests: {bad[0]}")
-        for c in levels:
-            n = requests_for(opts, c)
-            first = prompt_offset(opts, c)
-            records = asyncio.run(closed_loop(server.url, model, texts[first:first + n],
-                                              opts.input_tokens, c, opts.output_tokens,
-                                              plan.extra_body))
-            out.append(level_result(plan, c, records, roof_at(c)))
-            _print_level(console, out[-1])
+        for nb in neighbour_passes(opts):
+            with pass_load(opts, nb, console):
+                for c in levels:
+                    n = requests_for(opts, c)
+                    first = prompt_offset(opts, c, nb)
+                    records = asyncio.run(closed_loop(server.url, model, texts[first:first + n],
+                                                      opts.input_tokens, c, opts.output_tokens,
+                                                      plan.extra_body))
+                    out.append(level_result(plan, c, records, roof_at(c), nb))
+                    _print_level(console, out[-1])
     return out
+
+
+@contextmanager
+def pass_load(opts: Options, neighbour: bool, console: Console) -> Iterator[None]:
+    """The load beside one pass of a server: none, or the busy neighbour of --neighbour."""
+    if not neighbour or opts.neighbour_cpu is None:
+        yield
+        return
+    console.print(f"  beside a busy process on CPU {opts.neighbour_cpu}:")
+    with busy_neighbour(opts.neighbour_cpu):
+        yield
 
 
 def _print_level(console: Console, r: LevelResult) -> None:
@@ -388,6 +442,8 @@ def _print_level(console: Console, r: LevelResult) -> None:
         flags += f" FAILED {r.requests - r.completed}: {r.first_error}"
     if r.early_stops:
         flags += f" early-EOS {r.early_stops}"
+    if r.neighbour:
+        flags += " (beside the neighbour)"
     console.print(f"  {r.server:<16} c={r.concurrency:<3} {r.output_tokens_s:8.1f} tok/s  "
                   f"TTFT p50 {_ms(r.ttft_p50_ms)}  TPOT p50 {_ms(r.tpot_p50_ms)}  "
                   f"({r.completed}/{r.requests} in {r.duration_s:.0f} s){flags}")
@@ -438,6 +494,89 @@ def verdicts(results: Sequence[LevelResult], roof: rl.Roofline, shape: rl.ModelS
     return out
 
 
+def neighbour_rows(results: Sequence[LevelResult]) -> list[dict[str, Any]]:
+    """Each server and level measured both ways: its figures beside the neighbour as a share
+    of its quiet ones (throughput: higher is better; TPOT: the slow-down factor)."""
+    quiet = {(r.server, r.concurrency): r for r in results if not r.neighbour}
+    rows = []
+    for r in results:
+        q = quiet.get((r.server, r.concurrency))
+        if not r.neighbour or q is None:
+            continue
+        rows.append({
+            "server": r.server, "weights": r.weight_format, "concurrency": r.concurrency,
+            "quiet_tokens_s": q.output_tokens_s, "neighbour_tokens_s": r.output_tokens_s,
+            "share": r.output_tokens_s / q.output_tokens_s if q.output_tokens_s else 0.0,
+            "quiet_tpot_p50_ms": q.tpot_p50_ms, "neighbour_tpot_p50_ms": r.tpot_p50_ms,
+            "tpot_factor": (r.tpot_p50_ms / q.tpot_p50_ms
+                            if r.tpot_p50_ms and q.tpot_p50_ms else None),
+            "complete": r.completed == r.requests and q.completed == q.requests})
+    return sorted(rows, key=lambda x: (x["concurrency"], not is_strata(x["server"])))
+
+
+def neighbour_verdicts(rows: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The issue's neighbour targets for strata variant ``name``: at c=4 and c=64 it keeps at
+    least half its quiet throughput, and no smaller a share than the peer that keeps most."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        c = row["concurrency"]
+        if row["server"] != name or c not in TARGET_NEIGHBOUR_LEVELS:
+            continue
+        out.append({"target": f"{name}: c={c} beside a busy core: >= "
+                              f"{TARGET_NEIGHBOUR_SHARE:.0%} of quiet throughput",
+                    "value": row["share"], "met": row["share"] >= TARGET_NEIGHBOUR_SHARE})
+        peers_here = [p for p in rows if p["concurrency"] == c and not is_strata(p["server"])
+                      and p["complete"]]
+        best = max(peers_here, key=lambda p: p["share"], default=None)
+        if best is not None:
+            out.append({"target": f"{name}: c={c} beside a busy core: share >= the best "
+                                  f"peer's ({best['server']}, {best['share']:.2f})",
+                        "value": row["share"], "met": row["share"] >= best["share"]})
+    return out
+
+
+def neighbour_table(rows: Sequence[dict[str, Any]], cpu: int | None) -> Table:
+    """Rich table of `neighbour_rows`."""
+    table = Table(title=f"beside a busy process on CPU {cpu}: share of quiet")
+    for col in ("server", "c", "quiet tok/s", "neighbour tok/s", "share", "quiet TPOT p50",
+                "neighbour TPOT p50", "TPOT x"):
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for x in rows:
+        table.add_row(f"{x['server']} ({x['weights']})", str(x["concurrency"]),
+                      f"{x['quiet_tokens_s']:,.1f}", f"{x['neighbour_tokens_s']:,.1f}",
+                      f"{x['share']:.0%}", _ms(x["quiet_tpot_p50_ms"]),
+                      _ms(x["neighbour_tpot_p50_ms"]), _factor(x["tpot_factor"]),
+                      style="bold" if is_strata(x["server"]) else None)
+    return table
+
+
+def neighbour_markdown(rows: Sequence[dict[str, Any]], cpu: int | None,
+                       checks: Sequence[dict[str, Any]]) -> str:
+    """`neighbour_table` in markdown, with its targets."""
+    lines = [f"Beside a busy process (a bare Python loop) pinned to CPU {cpu}:", "",
+             "| server (weights) | c | quiet tok/s | neighbour tok/s | share of quiet "
+             "| TPOT p50 quiet / neighbour (ms) | TPOT x |", "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        name = f"**{x['server']}**" if is_strata(x["server"]) else x["server"]
+        lines.append(f"| {name} ({x['weights']}) | {x['concurrency']} | "
+                     f"{x['quiet_tokens_s']:,.1f} | {x['neighbour_tokens_s']:,.1f} | "
+                     f"{x['share']:.0%} | {_num(x['quiet_tpot_p50_ms'])} / "
+                     f"{_num(x['neighbour_tpot_p50_ms'])} | {_factor(x['tpot_factor'])} |")
+    return "\n".join(lines + _targets_markdown(checks))
+
+
+def _targets_markdown(checks: Sequence[dict[str, Any]]) -> list[str]:
+    """The targets as markdown table lines (none without targets)."""
+    if not checks:
+        return []
+    return ["", "| target | value | met |", "|---|---|---|"] + [
+        f"| {c['target']} | {c['value']:,.2f} | {'yes' if c['met'] else 'no'} |" for c in checks]
+
+
+def _factor(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def results_table(results: Sequence[LevelResult]) -> Table:
     """Rich table: one row per server and concurrency."""
     table = Table(title="engine benchmark: 128-token prompts, 128 output tokens, ignore_eos")
@@ -470,11 +609,7 @@ def markdown(results: Sequence[LevelResult], header: Sequence[str], command: str
             f"{_num(r.ttft_p50_ms)} / {_num(r.ttft_p99_ms)} | {_num(r.tpot_p50_ms)} / "
             f"{_num(r.tpot_p99_ms)} | {r.roofline_fraction:.0%} of "
             f"{r.roofline_tokens_s:,.0f} | {ratio} |")
-    if checks:
-        lines += ["", "| target | value | met |", "|---|---|---|"]
-        lines += [f"| {c['target']} | {c['value']:,.2f} | {'yes' if c['met'] else 'no'} |"
-                  for c in checks]
-    return "\n".join(lines)
+    return "\n".join(lines + _targets_markdown(checks))
 
 
 def _num(v: float | None) -> str:
@@ -512,6 +647,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help="it serves one request at a time: skip levels above this")
     p.add_argument("--output", type=Path, default=REPO / "results" / "engine_bench.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--neighbour", action="store_true",
+                   help="measure every level again beside a busy process (a bare Python "
+                        "loop) pinned to the last CPU this script may use")
     a = p.parse_args(argv)
     servers = tuple(s for s in a.servers.split(",") if s)
     unknown = [s for s in servers if s not in ALL_SERVERS]
@@ -530,7 +668,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    threads=a.threads,
                    strata_variants=tuple(tuple(shlex.split(v)) for v in a.strata_args or [""]),
                    peer_dtype=a.peer_dtype, llama_cpp_python_max_c=a.llama_cpp_python_max_c,
-                   output=a.output, seed=a.seed)
+                   output=a.output, seed=a.seed,
+                   neighbour_cpu=max(os.sched_getaffinity(0)) if a.neighbour else None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -564,8 +703,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             failures[plan.name] = f"{type(err).__name__}: {err}"[:2000]
             console.print(f"[red]{plan.name} failed:[/red] {failures[plan.name]}")
         console.print(f"  ({plan.name}: {time.monotonic() - t0:.0f} s)")
+    loaded = [r for r in results if r.neighbour]
+    results = [r for r in results if not r.neighbour]
+    nb_rows = neighbour_rows(results + loaded)
     checks = [check for p in plans if is_strata(p.name)
               for check in verdicts(results, roof, shape, p.weight_format, p.name)]
+    checks += [check for p in plans if is_strata(p.name)
+               for check in neighbour_verdicts(nb_rows, p.name)]
     header = rl.describe(roof, shape) + [
         f"strata at {_git_revision()}; load average before the run {load_before[0]:.2f}; "
         f"{opts.threads} threads per server; servers run one at a time",
@@ -573,12 +717,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(Q4_1 computes at the measured int8 rate)",
     ]
     console.print(results_table(results))
+    if nb_rows:
+        console.print(neighbour_table(nb_rows, opts.neighbour_cpu))
     for c in checks:
         console.print(f"target: {c['target']}: {c['value']:,.2f} -> "
                       f"{'[green]met[/green]' if c['met'] else '[red]not met[/red]'}")
     for name, err in failures.items():
         console.print(f"[red]not measured:[/red] {name}: {err.splitlines()[0]}")
-    md = markdown(results, header, command, checks)
+    md = markdown(results, header, command, [c for c in checks if "busy core" not in c["target"]])
+    if nb_rows:
+        md += "\n\n" + neighbour_markdown(nb_rows, opts.neighbour_cpu,
+                                          [c for c in checks if "busy core" in c["target"]])
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps({
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
@@ -587,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "load_average_before": load_before,
         "servers": {p.name: {"weights": p.weight_format, "note": p.note} for p in plans},
         "results": [{**asdict(r), "roofline_fraction": r.roofline_fraction} for r in results],
+        "neighbour": {"cpu": opts.neighbour_cpu, "results": [asdict(r) for r in loaded],
+                      "shares": nb_rows} if opts.neighbour_cpu is not None else None,
         "targets": checks, "failures": failures, "markdown": md,
     }, indent=2) + "\n")
     console.print(f"\nresults: {opts.output}\n\n--- markdown for docs/results.md ---\n")

@@ -294,11 +294,13 @@ class PeerServer:
 
 def strata_server(threads: int, extra: Sequence[str] = (), port: int | None = None
                   ) -> PeerServer:
-    """strata's engine from this checkout, in this interpreter."""
+    """strata's engine from this checkout, in this interpreter, in its default configuration:
+    up to ``threads`` compute threads (``OMP_NUM_THREADS``, its ceiling), fewer while other
+    processes hold cores (strata.engine.threads); ``--threads`` in ``extra`` pins the count."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "strata.cli", "engine", "--port", str(port),
-            "--threads", str(threads), *extra]
-    return PeerServer("strata", argv, port, health_path="/health")
+    argv = [sys.executable, "-m", "strata.cli", "engine", "--port", str(port), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return PeerServer("strata", argv, port, health_path="/health", env=env)
 
 
 def llama_server(gguf: Path, threads: int, slots: int, ctx_per_slot: int = 512,

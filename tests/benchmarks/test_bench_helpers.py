@@ -81,13 +81,13 @@ def test_ggml_flags_follow_the_cpu_and_never_enable_amx() -> None:
     assert "-DGGML_AVX512_BF16=ON" in amx and "-DGGML_AMX_BF16=OFF" in amx
 
 
-def _level(server: str, c: int, tok_s: float, tpot_ms: float) -> object:
+def _level(server: str, c: int, tok_s: float, tpot_ms: float, neighbour: bool = False) -> object:
     engine = _load("engine")
     return engine.LevelResult(
         server=server, concurrency=c, requests=4, completed=4, output_tokens_s=tok_s,
         ttft_p50_ms=100.0, ttft_p99_ms=120.0, tpot_p50_ms=tpot_ms, tpot_p99_ms=tpot_ms,
         duration_s=10.0, mean_output_tokens=128.0, early_stops=0, prompt_token_mismatches=0,
-        errors={}, roofline_tokens_s=200.0, weight_format="float32")
+        errors={}, roofline_tokens_s=200.0, weight_format="float32", neighbour=neighbour)
 
 
 def test_best_peer_ignores_strata_variants_and_targets_use_ratios() -> None:
@@ -117,3 +117,46 @@ def test_parse_args_accepts_several_strata_variants() -> None:
     assert engine.requests_for(opts, 1) == 4 and engine.requests_for(opts, 64) == 64
     assert engine.prompt_offset(opts, 1) == engine.WARMUP
     assert engine.prompt_offset(opts, 4) == engine.WARMUP + 4
+
+
+def test_neighbour_passes_get_prompts_of_their_own() -> None:
+    engine = _load("engine")
+    quiet = engine.parse_args(["--concurrency", "1,4"])
+    opts = engine.parse_args(["--concurrency", "1,4", "--neighbour"])
+    assert quiet.neighbour_cpu is None and opts.neighbour_cpu in engine.os.sched_getaffinity(0)
+    assert engine.neighbour_passes(quiet) == [False]
+    assert engine.neighbour_passes(opts) == [False, True]
+    ranges = [(engine.prompt_offset(opts, c, nb), engine.requests_for(opts, c))
+              for nb in (False, True) for c in (1, 4)]
+    used = [i for first, n in ranges for i in range(first, first + n)]
+    assert len(used) == len(set(used)) and min(used) == engine.WARMUP
+    assert engine.prompt_offset(opts, None) == max(used) + 1
+    assert engine.prompt_offset(quiet, None) == engine.WARMUP + 4 + 8
+
+
+def test_neighbour_shares_and_targets() -> None:
+    engine = _load("engine")
+    results = [_level("strata", 4, 100.0, 30.0), _level("strata", 4, 60.0, 50.0, True),
+               _level("vllm", 4, 90.0, 36.0), _level("vllm", 4, 81.0, 38.0, True),
+               _level("strata", 64, 400.0, 100.0), _level("strata", 64, 100.0, 400.0, True)]
+    rows = engine.neighbour_rows(results)
+    assert [(r["server"], r["concurrency"]) for r in rows] == [
+        ("strata", 4), ("vllm", 4), ("strata", 64)]
+    assert rows[0]["share"] == pytest.approx(0.6)
+    assert rows[0]["tpot_factor"] == pytest.approx(50.0 / 30.0)
+    checks = {c["target"]: c for c in engine.neighbour_verdicts(rows, "strata")}
+    half4 = next(c for t, c in checks.items() if "c=4" in t and "50%" in t)
+    peer4 = next(c for t, c in checks.items() if "c=4" in t and "peer" in t)
+    half64 = next(c for t, c in checks.items() if "c=64" in t and "50%" in t)
+    assert half4["met"] and not peer4["met"]  # 0.6 of quiet, but vllm kept 0.9
+    assert half64["value"] == pytest.approx(0.25) and not half64["met"]
+    assert "share of quiet" in engine.neighbour_markdown(rows, 1, list(checks.values()))
+
+
+def test_busy_neighbour_is_pinned_and_stopped() -> None:
+    engine = _load("engine")
+    cpu = max(engine.os.sched_getaffinity(0))
+    with engine.busy_neighbour(cpu, settle_s=0.0) as proc:
+        assert engine.os.sched_getaffinity(proc.pid) == {cpu}
+        assert proc.poll() is None
+    assert proc.poll() is not None
