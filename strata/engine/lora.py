@@ -361,9 +361,12 @@ class LoraManager:
         gidx = torch.zeros(k * g, dtype=torch.long)
         gidx[flat] = rows
         dtype, device = self.a["qkv"].dtype, self.a["qkv"].device
+        assert int(rows.max()) < num_rows
+        if k * g == len(rows):  # no pads: nothing to mask; in batch order: nothing to gather
+            identity = k * g == num_rows and bool((gidx == torch.arange(num_rows)).all())
+            return LoraBatch(self.a, self.b, lo, hi, g, None if identity else gidx.to(device), None)
         mask = torch.zeros(k * g, dtype=dtype)
         mask[flat] = 1
-        assert int(rows.max()) < num_rows
         return LoraBatch(self.a, self.b, lo, hi, g, gidx.to(device), mask.view(k, g, 1).to(device))
 
 
@@ -376,16 +379,23 @@ class LoraBatch:
     lo: int
     hi: int
     group: int  # padded rows per slot
-    gidx: torch.Tensor  # [k * group] row of each place (pads: row 0, masked out)
-    mask: torch.Tensor  # [k, group, 1] 1 for a real row, 0 for a pad
+    # [k * group] row of each place (pads: row 0, masked out); None: the batch's own rows,
+    # in order (one adapter for every row, no pads), so nothing is gathered or scattered.
+    gidx: torch.Tensor | None
+    mask: torch.Tensor | None  # [k, group, 1] 1 for a real row, 0 for a pad; None: no pads
 
     def add(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y += x @ A @ B`` of each row's adapter, in place, for one projection of one layer."""
         k = self.hi - self.lo
-        xg = x.index_select(0, self.gidx).view(k, self.group, x.shape[-1])
-        xa = torch.bmm(xg, self.a[proj][layer, self.lo:self.hi]).mul_(self.mask)
-        d = torch.bmm(xa, self.b[proj][layer, self.lo:self.hi])
-        y.index_add_(0, self.gidx, d.view(k * self.group, -1))
+        xg = x if self.gidx is None else x.index_select(0, self.gidx)
+        xa = torch.bmm(xg.view(k, self.group, x.shape[-1]), self.a[proj][layer, self.lo:self.hi])
+        if self.mask is not None:
+            xa.mul_(self.mask)
+        d = torch.bmm(xa, self.b[proj][layer, self.lo:self.hi]).view(k * self.group, -1)
+        if self.gidx is None:
+            y.add_(d)
+        else:
+            y.index_add_(0, self.gidx, d)
 
 
 def _step_rows(entries: Sequence[ScheduledSeq], meta: AttentionMetadata) -> list[tuple[int, int, int]]:

@@ -179,19 +179,28 @@ def test_grouped_delta_equals_the_per_row_sum(bundled_hf_dir: Path) -> None:
         m.a[proj].normal_()
         m.b[proj].normal_()
     from strata.engine.lora import LoadedLora
-    for slot, lid in ((1, 11), (3, 13)):
+    for slot, lid in ((1, 11), (2, 12), (3, 13)):
         m.by_id[lid] = LoadedLora(f"l{lid}", Path("."), lid, slot, 4)
-    # (first row, rows, lora id): a decode of 13, a base row, a prefill of 11, a decode of 11.
-    rows = [(0, 1, 13), (1, 1, 0), (2, 5, 11), (7, 1, 11), (8, 3, 13)]
-    batch = m.batch(rows, 11)
-    assert batch is not None and (batch.lo, batch.hi) == (1, 4)
-    x = torch.randn(11, config.hidden_size)
-    y = torch.randn(11, m.b["qkv"].shape[-1])
-    want = y.clone()
-    for start, n, lid in rows:
-        if lid:
-            s = m.by_id[lid].slot
-            want[start:start + n] += x[start:start + n] @ m.a["qkv"][0, s] @ m.b["qkv"][0, s]
-    batch.add(0, "qkv", x, y)
-    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-3)
+    layouts = {
+        # (first row, rows, lora id): a decode of 13, a base row, a prefill of 11, a decode
+        # of 11, a prefill of 13: padded groups over slots 1..3 (slot 2 unused).
+        "padded": [(0, 1, 13), (1, 1, 0), (2, 5, 11), (7, 1, 11), (8, 3, 13)],
+        "no pads": [(0, 1, 13), (1, 1, 11), (2, 1, 0), (3, 1, 12)],  # gathered, not masked
+        "one adapter": [(0, 3, 11), (3, 1, 11)],  # every row, in order: no gather at all
+    }
+    for name, rows in layouts.items():
+        num_rows = sum(n for _, n, _ in rows)
+        batch = m.batch(rows, num_rows)
+        assert batch is not None
+        assert (batch.mask is None) == (name != "padded")
+        assert (batch.gidx is None) == (name == "one adapter")
+        x = torch.randn(num_rows, config.hidden_size)
+        y = torch.randn(num_rows, m.b["qkv"].shape[-1])
+        want = y.clone()
+        for start, n, lid in rows:
+            if lid:
+                s = m.by_id[lid].slot
+                want[start:start + n] += x[start:start + n] @ m.a["qkv"][0, s] @ m.b["qkv"][0, s]
+        batch.add(0, "qkv", x, y)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-3, msg=name)
     assert m.batch([(0, 4, 0)], 4) is None
