@@ -82,6 +82,37 @@ def run_scenario(core, prompts: list[list[int]], lora_ids: list[int], new_tokens
     return out / wall, sum(decode_s) / max(1, len(decode_s))
 
 
+def decode_forward_s(core, prompts: list[list[int]], ids: list[int], reps: int  # type: ignore[no-untyped-def]
+                     ) -> dict[int, float]:
+    """Best seconds of one decode forward of the whole batch per scenario, interleaved.
+
+    The same decode step (same tokens, positions and KV slots) is run again and again with
+    only the adapter grouping changed, so the difference is the LoRA delta alone.
+    """
+    base = 20_000 + max(core.states, default=0)
+    for i, p in enumerate(prompts):
+        core.add(base + i, p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), 0.0)
+    while core.scheduler.waiting or any(s.is_prefill for s in core.scheduler.running):
+        core.step()
+    batch = core.scheduler.step()
+    runner = core.runner
+    inputs = runner.prepare(batch)
+    n = len(batch.decodes)
+    best = {k: float("inf") for k in SCENARIOS}
+    with torch.inference_mode():
+        x = runner.model.embed_tokens(inputs.input_ids)
+        for _ in range(reps):
+            for k in SCENARIOS:
+                rows = [(i, 1, ids[i % k] if k else 0) for i in range(n)]
+                inputs.meta.lora = runner.loras.batch(rows, n)
+                t = time.perf_counter()
+                runner.model._forward_native(x.clone(), inputs.positions, inputs.meta, runner.kv_caches)
+                best[k] = min(best[k], time.perf_counter() - t)
+    for i in range(len(prompts)):
+        core.abort(base + i)
+    return best
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -91,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--forward-reps", type=int, default=20)
     p.add_argument("--output", type=Path, default=None, help="also write JSON here")
     opts = p.parse_args(argv)
 
@@ -131,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append({"adapters": k, "output_tokens_per_s": tok_s, "decode_step_s": step_s,
                      "vs_base": ratio})
     print(f"best of {opts.rounds} interleaved rounds")
+    fwd = decode_forward_s(core, prompts, ids, opts.forward_reps)
+    print(f"one decode forward of {opts.batch} rows (best of {opts.forward_reps}, interleaved):")
+    for k in SCENARIOS:
+        print(f"{k if k else 'base':>18} {fwd[k] * 1e3:>10.1f} ms {fwd[k] / fwd[0]:>8.2f}")
+        rows[SCENARIOS.index(k)]["decode_forward_s"] = fwd[k]
     if opts.output is not None:
         opts.output.write_text(json.dumps({"cpu": cpu.model, "threads": torch.get_num_threads(),
                                            "options": {k: str(v) for k, v in vars(opts).items()},
