@@ -6,7 +6,9 @@ Teacher-forced over a held-out text (default: docs/architecture.md, not the cali
 text), for each weight format: perplexity, mean KL(fp32 || variant) of the next-token
 distributions, and top-1 agreement with fp32. Variants: fp32 (the reference, the
 dequantized Q4_1 GGUF), plain W8A8 on every projection (fbgemm, per-tensor activations),
-and strata's int8 (SmoothQuant folded into the norms, fp16 down projection).
+strata's int8 (SmoothQuant folded into the norms, fp16 down projection), and bf16 as
+`--dtype auto` serves it on a bf16 CPU (bf16 GEMMs for batched rows, the file's blocks for
+1-3 rows).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from strata.engine.quant import (
     CALIBRATION_TEXT,
     FileBlocks,
     Int8Linear,
+    attach_hybrid_blocks,
     blocks_available,
     quantize_model,
 )
@@ -80,6 +83,11 @@ def main() -> None:
         blocks = FileBlocks(functools.partial(weight_blocks, path, config))
         quantize_model(decode, tok.encode(CALIBRATION_TEXT), blocks=blocks, small_max_tokens=1 << 30)
         variants.append(("strata int8, batch-1 decode (file's Q4_1/Q8_0 blocks)", decode))
+    variants.append(("bf16, batched (auto on a bf16 CPU)", copy.deepcopy(model).to(torch.bfloat16)))
+    if blocks_available():
+        hybrid = copy.deepcopy(model).to(torch.bfloat16)
+        attach_hybrid_blocks(hybrid, blocks, small_max_tokens=1 << 30)
+        variants.append(("bf16 auto, batch-1 decode (file's blocks, no smoothing)", hybrid))
     rows = []
     for name, m in variants:
         lp = ref if m is model else logits(m)
