@@ -150,19 +150,23 @@ class ModelRunner:
         decode_slots = decode_mask = tables = lens_t = None
         if d:
             bs = self.block_size
-            lens = [e.start + 1 for e in batch.decodes]
-            nblocks = -(-max(lens) // bs)
-            tables = torch.zeros((d, nblocks), dtype=torch.int32)
+            starts = [e.start for e in batch.decodes]
+            lens = [s + 1 for s in starts]
+            nblocks = max(starts) // bs + 1
+            # One tensor from padded Python rows: a tensor and a copy per sequence cost
+            # more than the rest of the step's bookkeeping at batch 64.
+            rows: list[list[int]] = []
             last_slots = []
-            for i, e in enumerate(batch.decodes):
+            for e, start in zip(batch.decodes, starts, strict=True):
                 bt = e.seq.block_table
-                n = -(-lens[i] // bs)
-                tables[i, :n] = torch.tensor(bt[:n], dtype=torch.int32)
-                ids.append(e.seq.token_at(e.start))
-                last_slots.append(bt[e.start // bs] * bs + e.start % bs)
-                sample_rows.append(i)
+                n = start // bs + 1  # blocks holding positions 0..start
+                rows.append(bt[:n] + [0] * (nblocks - n) if n < nblocks else bt[:n])
+                ids.append(e.seq.token_at(start))
+                last_slots.append(bt[n - 1] * bs + start % bs)
+            tables = torch.tensor(rows, dtype=torch.int32)
+            sample_rows.extend(range(d))
             slot_parts.append(torch.tensor(last_slots, dtype=torch.long))
-            positions.append(torch.tensor([e.start for e in batch.decodes], dtype=torch.long))
+            positions.append(torch.tensor(starts, dtype=torch.long))
             lens_t = torch.tensor(lens, dtype=torch.int32)
             if not self.native_attention:
                 lmax = max(lens)
