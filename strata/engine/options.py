@@ -53,7 +53,7 @@ class EngineOptions(BaseModel):
                                       description="KV blocks (overrides --kv-cache).")
     block_size: int = Field(default=16, ge=1, description="Tokens per KV block.")
     max_num_seqs: int = Field(default=64, ge=1, description="Max sequences per batch.")
-    max_num_batched_tokens: int = Field(default=512, ge=1,
+    max_num_batched_tokens: int = Field(default=2048, ge=1,
                                         description="Token budget per step (prefill chunk).")
     max_model_len: int | None = Field(default=None, ge=16, description="Context length cap.")
     prefix_caching: bool = Field(default=True, description="Automatic prefix caching.")

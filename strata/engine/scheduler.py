@@ -28,7 +28,10 @@ class SchedulerConfig:
     """Batching limits."""
 
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512  # token budget of one step (chunked-prefill size)
+    # Token budget of one step (chunked-prefill size). vLLM's CPU server default: a burst of
+    # prompts is admitted in a few large steps instead of many small ones, each of which
+    # pays the step's fixed cost (weights streamed, decodes run) again.
+    max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
 
     def __post_init__(self) -> None:

@@ -145,7 +145,7 @@ def profile_command(
                      ] = "float32",
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step.")
-                                      ] = 512,
+                                      ] = 2048,
     max_num_seqs: Annotated[int, typer.Option(help="Max sequences per batch.")] = 64,
     repeats: Annotated[int, typer.Option(help="Passes over the measurement sweep.")] = 2,
 ) -> None:

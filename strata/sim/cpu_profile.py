@@ -129,7 +129,7 @@ class ProfileOptions:
     threads: int = 1
     dtype: str = "float32"  # fixed, not "auto": auto measures at start-up and may differ
     block_size: int = 16
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     kv_cache_bytes: int = 1 << 30
     decode_batches: tuple[int, ...] = (1, 4, 16)

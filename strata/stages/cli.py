@@ -35,7 +35,7 @@ def stage_command(
     num_kv_blocks: Annotated[int | None, typer.Option(help="Head: KV blocks of the pipeline (overrides --kv-cache).")] = None,
     block_size: Annotated[int, typer.Option(help="Head: tokens per KV block.")] = 16,
     max_num_seqs: Annotated[int, typer.Option(help="Head: max sequences running.")] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="Head: token budget per micro-batch.")] = 512,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Head: token budget per micro-batch.")] = 2048,
     max_model_len: Annotated[int | None, typer.Option(help="Head: context length cap.")] = None,
     no_prefix_caching: Annotated[bool, typer.Option(help="Head: disable automatic prefix caching.")] = False,
     max_inflight: Annotated[int | None, typer.Option(help="Head: micro-batches in flight per pipeline path; default: the number of stages.")] = None,
