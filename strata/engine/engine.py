@@ -155,7 +155,7 @@ def build_engine_core(cfg: EngineConfig) -> EngineCore:
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
     log.info(
         "engine: %s, %s on %s, %d threads, %d KV blocks of %d tokens (%.0f MiB, %s)",
-        name, choice.name, device, torch.get_num_threads(), num_blocks,
+        name, "int8" if choice.name == "int8" else dtype, device, torch.get_num_threads(), num_blocks,
         cfg.block_size,
         num_blocks * per_block / 2**20, kv_dtype,
     )
