@@ -387,11 +387,12 @@ class LoraBatch:
     def add(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y += x @ A @ B`` of each row's adapter, in place, for one projection of one layer."""
         k = self.hi - self.lo
+        a = self.a[proj][layer, self.lo:self.hi]
         xg = x if self.gidx is None else x.index_select(0, self.gidx)
-        xa = torch.bmm(xg.view(k, self.group, x.shape[-1]), self.a[proj][layer, self.lo:self.hi])
+        xa = torch.bmm(xg.view(k, self.group, x.shape[-1]).to(a.dtype), a)
         if self.mask is not None:
             xa.mul_(self.mask)
-        d = torch.bmm(xa, self.b[proj][layer, self.lo:self.hi]).view(k * self.group, -1)
+        d = torch.bmm(xa, self.b[proj][layer, self.lo:self.hi]).view(k * self.group, -1).to(y.dtype)
         if self.gidx is None:
             y.add_(d)
         else:
@@ -424,8 +425,11 @@ def attach_loras(runner: ModelRunner, options: EngineOptions) -> LoraManager | N
         raise ValueError("--enable-lora: LoRA adapters need the native CPU path (device cpu with "
                          "strata's compiled kernels)")
     model = runner.model
+    # The slots are float32 whatever the model's dtype: the delta's GEMMs are small (rank
+    # rows or columns), and the CPU runs small float32 GEMMs several times faster than
+    # bfloat16 ones; the activations are converted in and out, which costs less.
     manager = LoraManager(model.config, model.num_layers, model.layer_start, options.max_loras,
-                          options.max_lora_rank, runner.dtype, runner.device)
+                          options.max_lora_rank, torch.float32, runner.device)
     specs = parse_lora_modules(options.lora_modules)
     if len(specs) > options.max_loras:
         raise ValueError(f"--lora-modules names {len(specs)} adapters but --max-loras is "
