@@ -264,7 +264,9 @@ class Cluster:
                                   self._status)
         self.http = httpx.AsyncClient(timeout=config.prometheus.query_timeout_s)
         source: SignalSource
-        models = {t: (config.served_model(t),) for t in config.tiers}
+        # Several tiers share the gateway's series: each tier reads its own model's.
+        models = {t: (config.served_model(t),) for t in config.tiers} \
+            if len(config.tiers) > 1 else None
         if config.prometheus.url is not None:
             custom = {n: t.custom_metrics for n, t in config.tiers.items() if t.custom_metrics}
             source = PrometheusSource(config.prometheus.url, self.http,
@@ -436,9 +438,13 @@ class Cluster:
 
     def _write_targets(self, path: Path, engines: dict[str, list[str]]) -> None:
         gateway = self.url.removeprefix("http://")
-        # The gateway's series carry their own tier (arrivals, in flight) or model (queue,
-        # TTFT) label, so its target has none that would override them.
-        groups = [{"targets": [gateway], "labels": {"role": "gateway"}}]
+        # One tier: the gateway's series are that tier's (custom PromQL may select them by
+        # it). Several: its series carry their own tier (arrivals, in flight) or model
+        # (queue, TTFT) label, so its target has none that would override them.
+        labels = {"role": "gateway"}
+        if len(engines) == 1:
+            labels["tier"] = next(iter(engines))
+        groups: list[dict[str, Any]] = [{"targets": [gateway], "labels": labels}]
         groups += [{"targets": urls, "labels": {"tier": tier, "role": "engine"}}
                    for tier, urls in engines.items()]
         tmp = path.with_name(path.name + ".tmp")

@@ -71,7 +71,9 @@ async def run_controller(config: ClusterConfig, stop: asyncio.Event, *,
             exporter, _ = start_http_server(metrics_port, metrics_host, registry)
         await platform.start()
         source: SignalSource
-        models = {t: (config.served_model(t),) for t in config.tiers}
+        # Several tiers share the gateway's series: each tier reads its own model's.
+        models = {t: (config.served_model(t),) for t in config.tiers} \
+            if len(config.tiers) > 1 else None
         if config.prometheus.url is not None:
             custom = {n: t.custom_metrics for n, t in config.tiers.items() if t.custom_metrics}
             source = PrometheusSource(config.prometheus.url, http, config.autoscaler.window_s,
