@@ -62,12 +62,14 @@ class DayOptions:
     peak_to_trough: float = 4.0
     peak_hour: float = 14.0
     seed: int = 0
+    period_hours: float = 24.0  # < 24: a compressed day (the cosine's period)
 
 
-def diurnal_factor(t_s: float, peak_to_trough: float, peak_hour: float) -> float:
+def diurnal_factor(t_s: float, peak_to_trough: float, peak_hour: float,
+                   period_hours: float = 24.0) -> float:
     """Mean-one daily rate factor at ``t_s`` seconds after midnight."""
     amp = (peak_to_trough - 1.0) / (peak_to_trough + 1.0)
-    return 1.0 + amp * math.cos(2.0 * math.pi * (t_s / HOUR_S - peak_hour) / 24.0)
+    return 1.0 + amp * math.cos(2.0 * math.pi * (t_s / HOUR_S - peak_hour) / period_hours)
 
 
 def day_trace(base: Trace, opts: DayOptions) -> Trace:
@@ -88,7 +90,8 @@ def day_trace(base: Trace, opts: DayOptions) -> Trace:
             t = offset + rec.arrival_s
             if t >= horizon:
                 break
-            m = opts.rate_scale * diurnal_factor(t, opts.peak_to_trough, opts.peak_hour)
+            m = opts.rate_scale * diurnal_factor(t, opts.peak_to_trough, opts.peak_hour,
+                                                 opts.period_hours)
             copies = math.floor(m) + (1 if rng.random() < m % 1 else 0)
             nxt = offset + recs[i + 1].arrival_s if i + 1 < len(recs) else offset + period
             for k in range(copies):
@@ -97,7 +100,8 @@ def day_trace(base: Trace, opts: DayOptions) -> Trace:
         tile += 1
     out.sort(key=lambda r: r.arrival_s)
     label = (f"day {opts.hours:g} h x{opts.rate_scale:g} peak/trough {opts.peak_to_trough:g} "
-             f"peak {opts.peak_hour:g}h seed {opts.seed}")
+             f"peak {opts.peak_hour:g}h seed {opts.seed}"
+             + (f" period {opts.period_hours:g} h" if opts.period_hours != 24.0 else ""))
     return replace(base, name=f"{base.name}-day", records=tuple(out),
                    transforms=(*base.transforms, label))
 
@@ -148,6 +152,13 @@ def _cluster(opts: PaperOptions, routing: str, replicas: int,
     return parse_cluster_config({
         "engine": opts.engine, "tiers": {"engine": tier}, "routing": {"policy": routing},
         "slos": {"ttft_s": opts.slo_ttft_s, "tpot_s": opts.slo_tpot_s}})
+
+
+def run_configuration(opts: PaperOptions, cluster: dict[str, Any], trace: Trace,
+                      stages: int, units: int | None = None) -> dict[str, Any]:
+    """Simulate one configuration (``{"routing", "replicas", "autoscaling"?}``) on ``trace``:
+    its summary, GPU series, unit start-up, GPUs per unit and scaling decisions."""
+    return _run(opts, cluster, trace, stages, units)
 
 
 def _run(opts: PaperOptions, cluster: dict[str, Any], trace: Trace, stages: int,

@@ -30,6 +30,17 @@ def test_diurnal_factor_has_mean_one_and_the_asked_peak_to_trough() -> None:
     assert max(range(len(xs)), key=xs.__getitem__) == 14 * 60
 
 
+def test_a_compressed_day_repeats_the_curve_every_period() -> None:
+    xs = [diurnal_factor(t * 60.0, 4.0, 3.5, period_hours=6.0) for t in range(6 * 60)]
+    assert sum(xs) / len(xs) == pytest.approx(1.0, abs=1e-9)
+    assert max(xs) / min(xs) == pytest.approx(4.0, rel=1e-3)
+    assert max(range(len(xs)), key=xs.__getitem__) == 210
+    day = day_trace(hour_trace(), DayOptions(hours=6, peak_hour=3.5, period_hours=6.0, seed=1))
+    hourly = rates(day, 3600.0)
+    assert len(day.records) / (6 * 3600 * 0.25) == pytest.approx(1.0, rel=0.03)
+    assert hourly.index(max(hourly)) == 3 and hourly.index(min(hourly)) == 0
+
+
 def test_day_trace_follows_the_curve_and_keeps_lengths() -> None:
     base = hour_trace()
     day = day_trace(base, DayOptions(hours=24, rate_scale=1.5, seed=3))
