@@ -217,7 +217,7 @@ class Serving:
                 "\"auto\" tool choice needs --enable-auto-tool-choice and a --tool-call-parser "
                 "that knows this model's format; or send tool_choice \"required\", a named "
                 "function, or \"none\"", param="tool_choice")
-        return ToolMode("auto", parser=parser)
+        return ToolMode("auto", parser=parser, parallel=req.parallel_tool_calls is not False)
 
     def check_fan_out(self, n_prompts: int, n: int) -> None:
         """Cap the sequences one request creates (prompts x n), before any tokenizing."""

@@ -315,6 +315,7 @@ class ToolMode:
     kind: str  # auto, named, required
     parser: str = ""  # auto: the call-format parser
     name: str = ""  # named: the function
+    parallel: bool = True  # auto: False keeps the first call only (parallel_tool_calls)
 
 
 class ChoiceTools:
@@ -340,6 +341,7 @@ class ChoiceTools:
                 pass  # cut short (length): the text is all there is
         else:
             content, calls = parse(self.mode.parser, text)
+            calls = calls if self.mode.parallel else calls[:1]
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             msg["tool_calls"] = [c.message() for c in calls]
@@ -383,7 +385,6 @@ class ChoiceTools:
         content, calls = self.stream.finish()
         return self._deltas(content, calls), self._finish(bool(self.stream.calls), finish_reason)
 
-    @staticmethod
-    def _deltas(content: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _deltas(self, content: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"content": content}] if content else []
-        return out + [{"tool_calls": [d]} for d in calls]
+        return out + [{"tool_calls": [d]} for d in calls if self.mode.parallel or d["index"] == 0]

@@ -95,6 +95,16 @@ def test_streamed_deltas_reassemble_to_the_whole_parse(case: tuple[str, str], cu
     assert content == (msg["content"] or "")
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed() -> None:
+    mode = ToolMode("auto", parser="hermes", parallel=False)
+    msg, finish = ChoiceTools(mode).message(HERMES_OUT, "stop")
+    assert finish == "tool_calls" and len(msg["tool_calls"]) == 1
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    tools = ChoiceTools(mode)
+    deltas = tools.feed(HERMES_OUT) + tools.finish("stop")[0]
+    assert {tc["index"] for d in deltas for tc in d.get("tool_calls", [])} == {0}
+
+
 def _req(**kw: object) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **kw})
