@@ -300,7 +300,7 @@ def strata_dtype(server: peers.PeerServer, strata_args: Sequence[str]) -> str:
         asked = strata_args[list(strata_args).index("--dtype") + 1]
         if asked != "auto":
             return asked
-    found = re.search(r"engine: .*?, torch\.(\w+) on", server.log_text())
+    found = re.search(r"engine: .*?, (?:torch\.)?(\w+) on", server.log_text())
     return found.group(1) if found else "float32"
 
 
