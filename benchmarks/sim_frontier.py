@@ -48,8 +48,6 @@ from strata.sim.experiments import (
 )
 from strata.sim.replica_cost import build_replica_model
 
-FAMILIES = ("static", "hpa", "kpa", "llm", "predictive")
-
 
 def points(day: Trace, cap: float, mean_tokens: float, quick: bool
            ) -> list[tuple[str, str, float, dict[str, Any]]]:
@@ -152,12 +150,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, key, label in zip(axes, ("e2e_mean_s", "e2e_p90_s", "slo_attainment"),
                               ("E2E mean s", "E2E p90 s", "SLO attainment"), strict=True):
-        for fam in FAMILIES:
-            rs = sorted((r for r in doc["rows"] if r["family"] == fam),
+        series = dict.fromkeys((r["family"], r["knob_name"]) for r in doc["rows"])
+        for fam, knob in series:
+            rs = sorted((r for r in doc["rows"] if (r["family"], r["knob_name"]) == (fam, knob)),
                         key=lambda r: r["gpu_hours"])
-            if rs:
-                ax.plot([r["gpu_hours"] for r in rs], [r[key] for r in rs], marker="o",
-                        label=fam, ls="-" if fam != "static" else "--")
+            ax.plot([r["gpu_hours"] for r in rs], [r[key] for r in rs], marker="o",
+                    label=f"{fam}: {knob}", ls="-" if fam != "static" else "--")
         ax.axvline(doc["oracle"]["gpu_hours"], color="k", ls=":", label="oracle GPU-hours")
         ax.set_xlabel("GPU-hours")
         ax.set_ylabel(label)
