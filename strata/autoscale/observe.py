@@ -68,6 +68,7 @@ ENGINE_SERIES = (PROMPT_TOKENS, GENERATION_TOKENS, FINISHED, ENGINE_TPOT)
 # A histogram page with more distinct bucket bounds than this is garbage: each bound keeps
 # a window, so an unbounded set would grow the autoscaler's memory without limit.
 MAX_BUCKET_BOUNDS = 64
+_MAX_NAMES = 4096  # a /load list of names (adapters) longer than this is garbage
 DEFAULT_TIMEOUT_S = 5.0  # one /load, /metrics or Prometheus answer, body included
 
 log = logging.getLogger("strata.autoscaler")
@@ -96,7 +97,7 @@ def parse_load_report(data: Any) -> LoadReport:
     values: dict[str, Any] = {}
     for f in fields(LoadReport):
         if f.name not in data:
-            if f.name in ("ready", "draining", "stage"):
+            if f.name in ("ready", "draining", "stage", "lora_adapters"):
                 continue  # defaulted fields an older replica may not send
             raise ValueError(f"/load lacks {f.name!r}")
         v = data[f.name]
@@ -106,6 +107,10 @@ def parse_load_report(data: Any) -> LoadReport:
             ok = isinstance(v, bool)
         elif f.type == "int":
             ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        elif f.type == "tuple[str, ...]":  # names (LoRA adapters): a bounded JSON list
+            ok = isinstance(v, list) and len(v) <= _MAX_NAMES \
+                and all(isinstance(x, str) for x in v)
+            v = tuple(v) if ok else v
         else:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
                 and v >= 0
