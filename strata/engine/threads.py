@@ -183,6 +183,12 @@ class ThreadGovernor:
         torch.set_num_threads(n)
 
 
+def omp_threads_env() -> int | None:
+    """``OMP_NUM_THREADS`` as a count (its first entry, as libgomp reads it), or None."""
+    raw = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
 def governor_for(requested: int | None, device_type: str = "cpu") -> ThreadGovernor:
     """The engine's governor, its count applied: pinned at ``requested`` (``--threads``), else
     following the free cores under the ceiling of `usable_cores` (CPU devices only)."""
@@ -194,7 +200,9 @@ def governor_for(requested: int | None, device_type: str = "cpu") -> ThreadGover
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else list(range(os.cpu_count() or 1))
     quota = read_quota_cores()
-    cap = usable_cores(len(cpus), quota, torch.get_num_threads())
+    # The ceiling the process was started with: OMP_NUM_THREADS, not torch's current count,
+    # which an earlier engine's governor in the same process may have lowered.
+    cap = usable_cores(len(cpus), quota, omp_threads_env())
     start = cap if device_type != "cpu" else starting_threads(cap, idle_cores_now(cpus))
     torch.set_num_threads(start)
     log.info("compute threads: %d, up to %d (%d CPUs allowed, quota %s), following the free "

@@ -3,6 +3,7 @@ tests/integration/test_threads_neighbour.py runs it against a real busy process)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,27 @@ def test_start_up_runs_on_the_cores_idle_now() -> None:
     assert starting_threads(2, 0.2) == 1  # another process holds the other core
     assert starting_threads(8, 3.0) == 4
     assert starting_threads(2, 5.0) == 2 and starting_threads(4, None) == 4
+
+
+def test_the_ceiling_is_the_start_count_not_torchs_current_one(monkeypatch) -> None:
+    """An earlier engine's governor in the same process may have lowered torch's count; a
+    new engine's ceiling is still what the process was started with."""
+    import torch
+
+    from strata.engine.threads import governor_for, omp_threads_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert omp_threads_env() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert omp_threads_env() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert omp_threads_env() is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gov = governor_for(None)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert gov.state.cap == usable_cores(cpus, read_quota_cores(), None)
+    finally:
+        torch.set_num_threads(before)
