@@ -108,7 +108,7 @@ def parse_load_report(data: Any) -> LoadReport:
         elif f.type == "int":
             ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
         elif f.type == "tuple[str, ...]":  # names (LoRA adapters): a bounded JSON list
-            ok = isinstance(v, list) and len(v) <= _MAX_NAMES \
+            ok = isinstance(v, list | tuple) and len(v) <= _MAX_NAMES \
                 and all(isinstance(x, str) for x in v)
             v = tuple(v) if ok else v
         else:
