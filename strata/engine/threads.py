@@ -55,9 +55,12 @@ class GovernorConfig:
 
     # Compute threads waiting this many thread-s per s in time-slice-long waits: one thread
     # too many (each barrier waits out a neighbour's slice); in brief waits, only past
-    # wait_down_brief (their cost is about their length, less than a thread's worth).
-    wait_down: float = 0.08
-    wait_down_brief: float = 0.3
+    # wait_down_brief (their cost is about their length, less than a thread's worth). A
+    # CPU-bound neighbour on one core makes the thread there wait about half its time; the
+    # client and HTTP threads of a busy server, a tenth or two, which costs the second
+    # thread far less than dropping it would: those must not flap the count.
+    wait_down: float = 0.3
+    wait_down_brief: float = 0.45
     throttled_down: float = 0.02  # cgroup throttled this share of the time
     idle_up: float = 0.5  # this much of a core idle while stepping: probe one thread more
     up_windows: int = 2  # idle for this many windows in a row before a probe
