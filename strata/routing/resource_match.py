@@ -29,8 +29,11 @@ prefill_token_s``, where ``top`` is the largest expected hit among the candidate
 alone is myopic: a replica whose queue is a little shorter wins even when the request would
 recompute thousands of tokens there that another replica holds, and that recomputation is
 work every later request waits behind (near saturation, prefill work is throughput). The
-term charges a replica for the prefill it does beyond the best-cached one; with nothing
-cached anywhere (or the same hit everywhere) it is zero and the choice is the TTFT's alone.
+term charges a replica for the prefill it does beyond the best-cached one that has a free
+sequence slot; with nothing cached anywhere (or the same hit everywhere) it is zero and the
+choice is the TTFT's alone. A full replica is no reference: the request would queue there for
+a slot, which its TTFT already counts, and charging the others for not being it would pile a
+hot prefix onto a replica that cannot take it (what prefix affinity does).
 ``cache_weight`` 4 (default) was chosen in the simulator (``benchmarks/routing_sim.py``):
 multi-turn chat near saturation gains most of prefix affinity's benefit, a hot prefix
 (cached everywhere after one miss each) is unaffected, and 0 restores the TTFT-only choice.
@@ -200,9 +203,10 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
     slot_tokens = max(1, max_tokens)
     total_tokens = prompt_tokens + max_tokens
     need_bs = need_total = 0  # need_total: ceil(total_tokens / need_bs), the whole request's blocks
-    top = 0  # the largest expected hit among the candidates (the cache term's reference)
+    top = 0  # the largest expected hit among the candidates that have a free sequence slot
     if cache_weight and last > 0:
-        top = min(last, max(map(_hit_of, candidates), default=0))
+        top = min(last, max((t.prefix_match_tokens for t in candidates if not t.slot_position),
+                            default=0))
     for t in candidates:
         p = t.prefill_token_s
         if p is None:
@@ -216,7 +220,7 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
         if not t.reported:
             work = t.queued_requests * prompt_tokens + new_tokens
             ttft = work * p + (d if t.running else 0.0)
-            cost = ttft + cache_weight * (new_tokens - prompt_tokens + top) * p if top else ttft
+            cost = ttft + cache_weight * max(0, top + new_tokens - prompt_tokens) * p if top else ttft
             (ever_pool if t.kv_full else now_pool).append((cost, t, ttft))
             continue
         work = t.queued_tokens + new_tokens
@@ -228,7 +232,7 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
                 ttft += t.slot_position / t.completions_per_s
             else:
                 ttft += t.slot_position * (t.slot_free_tokens or slot_tokens) * d
-        cost = ttft + cache_weight * (new_tokens - prompt_tokens + top) * p if top else ttft
+        cost = ttft + cache_weight * max(0, top + new_tokens - prompt_tokens) * p if top else ttft
         bs = t.block_size
         if not bs:
             now_pool.append((cost, t, ttft))
@@ -244,9 +248,6 @@ def estimate_pools(candidates: list[ReplicaTerms], prompt_tokens: int, max_token
         else:
             never_pool.append((cost, t, ttft))
     return now_pool, ever_pool, never_pool
-
-
-_hit_of = attrgetter("prefix_match_tokens")
 
 
 def estimate(request: RouteRequest, r: ReplicaState, fallback: Rates) -> Estimate:

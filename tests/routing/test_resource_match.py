@@ -64,6 +64,24 @@ def test_expected_prefix_hit_attracts_the_request() -> None:
     assert pick(a, b3, req=req) == "a"
 
 
+def test_a_full_replica_holding_the_prefix_charges_no_one() -> None:
+    # b holds the prefix but every sequence slot is taken: the request would wait there for
+    # a slot (its TTFT counts that), so the others are not charged for not being b, and the
+    # request goes where it starts now, as the TTFT-only choice would send it.
+    req = request(prompt_tokens=3000)
+    a = replica("a", report())
+    b = replica("b", report(running=64, slot_free_tokens=400), prefix_match_tokens=2800,
+                completions_per_s=2.0)
+    ests = RM.estimates(req, Snapshot((a, b)))
+    assert [e.cost_s for e in ests] == [e.ttft_s for e in ests]
+    assert pick(a, b, req=req) == ResourceMatch(cache_weight=0.0).pick(
+        req, Snapshot((a, b))).url == "a"
+    # With a slot free on b again, the term is back: a pays for the 2,800 tokens b holds.
+    b_free = replica("b", report(running=63), prefix_match_tokens=2800)
+    a_cost, b_cost = (e.cost_s for e in RM.estimates(req, Snapshot((a, b_free))))
+    assert pick(a, b_free, req=req) == "b" and a_cost > b_cost
+
+
 def test_the_cache_term_is_zero_when_no_replica_or_every_replica_holds_the_prefix() -> None:
     # Nothing cached anywhere, or the same hit everywhere: cost equals TTFT, so the choice
     # is the TTFT-only policy's (a load-only workload routes exactly as before).
@@ -172,18 +190,25 @@ def test_skips_draining_replicas() -> None:
 
 def _reference_pick(policy: ResourceMatch, req, snap: Snapshot) -> ReplicaState | None:
     """The straightforward selection, as the module docstring states it: each replica's
-    estimate written out plainly, plus the cache term against the best-cached replica."""
+    estimate written out plainly, plus the cache term against the best-cached replica that
+    has a free sequence slot."""
     cands = snap.candidates(req)
     fallback = fleet_rates(cands)
     hits = [max(0, min(r.prefix_match_tokens, req.prompt_tokens - 1)) for r in cands]
-    top = max(hits, default=0)
+
+    def slot_free(r: ReplicaState) -> bool:
+        load = r.load
+        return load is None or load.max_num_seqs <= 0 or (
+            load.running + load.waiting + r.pending_requests < load.max_num_seqs)
+
+    top = max((h for r, h in zip(cands, hits, strict=True) if slot_free(r)), default=0)
     ests = []
     for r, hit in zip(cands, hits, strict=True):
         e = _reference_estimate(req, r, fallback)
         if top and policy.cache_weight:
             p = (measured_rates(r) or fallback).prefill_token_s
             e = Estimate(r, e.ttft_s, e.fits_now, e.fits_ever,
-                         cost_s=e.ttft_s + policy.cache_weight * (top - hit) * p)
+                         cost_s=e.ttft_s + policy.cache_weight * max(0, top - hit) * p)
         ests.append(e)
     assert ests == policy.estimates(req, snap)
     pool = [e for e in ests if e.fits_now] or [e for e in ests if e.fits_ever]
