@@ -20,15 +20,27 @@ DTYPES = [
 @pytest.mark.parametrize(("dtype", "cache_dtype"), DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1), (12, 1)])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
+# Small blocks; the kernel's 16-key score chunks with full and partial chunks; two chunks
+# per block, and long contexts that end mid-chunk.
+@pytest.mark.parametrize(
+    ("bs", "context_lens"),
+    [(4, [1, 3, 4, 17, 30, 61]), (16, [1, 15, 16, 33, 200, 1001]), (32, [5, 31, 32, 47, 130, 999])],
+)
 def test_paged_decode_attention_matches_sdpa(
-    dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    bs: int,
+    context_lens: list[int],
 ) -> None:
     assert load_paged_attention()
     g = torch.Generator().manual_seed(0)
-    seqs, bs, num_blocks = 6, 4, 80
+    seqs, num_blocks = 6, 80
     kc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(cache_dtype)
     vc = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=g).to(cache_dtype)
-    lens = torch.tensor([1, 3, 4, 17, 30, 61], dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
     max_blocks = -(-int(lens.max()) // bs)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(seqs)])
     tables = tables.to(torch.int32)

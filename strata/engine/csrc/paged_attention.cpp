@@ -26,6 +26,31 @@ static inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
+// Sums of 16 vectors at once: out[j] = sum of r[slot(j)]'s lanes, where key j's vector sits in
+// slot 4 * (j % 4) + j / 4 (that order makes the transposing adds below land in key order).
+// 15 adds and 30 shuffles for 16 keys instead of a 4-step horizontal sum per key.
+static inline int reduce_slot(int j) { return 4 * (j & 3) + (j >> 2); }
+static inline __m512 reduce16x16(const float* r) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_load_ps(r + 32 * k), b = _mm512_load_ps(r + 32 * k + 16);
+    t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
+  const __m512 v0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+  const __m512 v1 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+  const __m512d d0 = _mm512_castps_pd(v0), d1 = _mm512_castps_pd(v1);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)), _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
+}
+
+// bf16 keys under bf16 queries: vdpbf16ps multiplies pairs of bf16 exactly into fp32 sums,
+// half the instructions of widening to fp32 first. Compiled only where the build's -march has it.
+#if defined(__AVX512BF16__)
+#define STRATA_DPBF16 1
+#endif
+
 template <int NV, int G, typename QT, typename CT>
 static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* tables,
                         const int32_t* lens, QT* out, int64_t num_seqs, int64_t num_kv_heads,
@@ -33,8 +58,14 @@ static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* 
                        int64_t window) {
   constexpr int64_t D = NV * 16;
   const int64_t slot_stride = num_kv_heads * D;
+#if defined(STRATA_DPBF16)
+  constexpr bool kDp = std::is_same_v<CT, at::BFloat16> && std::is_same_v<QT, at::BFloat16>;
+#else
+  constexpr bool kDp = false;
+#endif
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(G * block_size + 16);
+    alignas(64) float part[G * 256] = {};  // per-key partial products, 16 keys per query head
     for (int64_t work = begin; work < end; ++work) {
       const int64_t s = work / num_kv_heads, kvh = work % num_kv_heads;
       const int64_t len = lens[s];
@@ -42,6 +73,9 @@ static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* 
       const int64_t p_begin = first / block_size * block_size;
       const int32_t* table = tables + s * max_blocks;
       __m512 qv[G][NV], acc[G][NV];
+#if defined(STRATA_DPBF16)
+      __m512bh qb[G][NV / 2];  // the raw bf16 query (scaled after the dot) for vdpbf16ps
+#endif
       float mx[G], sum[G];
       for (int g = 0; g < G; ++g) {
         const QT* qp = q + s * q_row + (kvh * G + g) * D;
@@ -49,6 +83,10 @@ static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* 
           qv[g][v] = _mm512_mul_ps(strata_vec::load16(qp + 16 * v), _mm512_set1_ps(scale));
           acc[g][v] = _mm512_setzero_ps();
         }
+#if defined(STRATA_DPBF16)
+        if constexpr (kDp)
+          for (int v = 0; v < NV / 2; ++v) qb[g][v] = (__m512bh)_mm512_loadu_si512(qp + 32 * v);
+#endif
         mx[g] = -INFINITY;
         sum[g] = 0.f;
       }
@@ -65,27 +103,55 @@ static void decode_fast(const QT* q, const CT* kc, const CT* vc, const int32_t* 
         const CT* vb = vc + base;
         // This head's rows are D values every slot_stride: a strided walk through blocks
         // scattered over the cache, which the hardware prefetcher does not follow. Ask
-        // for this block's values and the next block's keys now, so the misses overlap
-        // with the arithmetic instead of stalling it (worth most at high batch, where the
-        // cache reads bound the step; measured in docs/results.md).
+        // for this block's values (already asked for after the first block) and the next
+        // block's keys and values now, so the misses overlap with the arithmetic instead of
+        // stalling it (worth most at high batch, where the cache reads bound the step;
+        // measured in docs/results.md).
         for (int64_t i = i0; i < n; ++i) prefetch_row(vb + i * slot_stride, D * sizeof(CT));
         if (p0 + block_size < len) {
           const int64_t nn = std::min(block_size, len - p0 - block_size);
-          const CT* kn = kc + static_cast<int64_t>(table[p0 / block_size + 1]) * block_size * slot_stride + kvh * D;
-          for (int64_t i = 0; i < nn; ++i) prefetch_row(kn + i * slot_stride, D * sizeof(CT));
+          const int64_t next = static_cast<int64_t>(table[p0 / block_size + 1]) * block_size * slot_stride + kvh * D;
+          for (int64_t i = 0; i < nn; ++i) {
+            prefetch_row(kc + next + i * slot_stride, D * sizeof(CT));
+            prefetch_row(vc + next + i * slot_stride, D * sizeof(CT));
+          }
         }
         float bmax[G];
         for (int g = 0; g < G; ++g) bmax[g] = -INFINITY;
-        for (int64_t i = i0; i < n; ++i) {
-          const CT* kp = kb + i * slot_stride;
-          __m512 kv[NV];
-          for (int v = 0; v < NV; ++v) kv[v] = strata_vec::load16(kp + 16 * v);
+        // Scores 16 keys at a time: each key's per-lane products go to a scratch slot, then
+        // one transposing reduction gives the 16 scores as a vector.
+        for (int64_t c = i0; c < n; c += 16) {
+          const int64_t m = std::min<int64_t>(16, n - c);
+          for (int64_t j = 0; j < m; ++j) {
+            const CT* kp = kb + (c + j) * slot_stride;
+            float* slot = part + reduce_slot(static_cast<int>(j)) * 16;
+#if defined(STRATA_DPBF16)
+            if constexpr (kDp) {
+              __m512bh kr[NV / 2];
+              for (int v = 0; v < NV / 2; ++v) kr[v] = (__m512bh)_mm512_loadu_si512(kp + 32 * v);
+              for (int g = 0; g < G; ++g) {
+                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[g][0], kr[0]);
+                for (int v = 1; v < NV / 2; ++v) a = _mm512_dpbf16_ps(a, qb[g][v], kr[v]);
+                _mm512_store_ps(slot + g * 256, a);
+              }
+              continue;
+            }
+#endif
+            __m512 kv[NV];
+            for (int v = 0; v < NV; ++v) kv[v] = strata_vec::load16(kp + 16 * v);
+            for (int g = 0; g < G; ++g) {
+              __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+              for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+              _mm512_store_ps(slot + g * 256, a);
+            }
+          }
+          const __mmask16 mk = static_cast<__mmask16>((1u << m) - 1);
           for (int g = 0; g < G; ++g) {
-            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-            for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-            const float x = _mm512_reduce_add_ps(a);
-            sc[g * block_size + i] = x;
-            bmax[g] = x > bmax[g] ? x : bmax[g];
+            __m512 x = reduce16x16(part + g * 256);
+            if constexpr (kDp) x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sc.data() + g * block_size + c, mk, x);
+            const float xm = _mm512_mask_reduce_max_ps(mk, x);
+            bmax[g] = xm > bmax[g] ? xm : bmax[g];
           }
         }
         for (int g = 0; g < G; ++g) {
