@@ -54,13 +54,14 @@ class GovernorConfig:
     """Thresholds of `decide` (per-second rates over one window)."""
 
     # Compute threads waiting this many thread-s per s in time-slice-long waits: one thread
-    # too many (each barrier waits out a neighbour's slice); in brief waits, only past
-    # wait_down_brief (their cost is about their length, less than a thread's worth). A
-    # CPU-bound neighbour on one core makes the thread there wait about half its time; the
-    # client and HTTP threads of a busy server, a tenth or two, which costs the second
-    # thread far less than dropping it would: those must not flap the count.
+    # too many (each barrier waits out a neighbour's slice); in brief waits, past
+    # wait_down_brief (a small model's short regions make even a CPU-bound neighbour's
+    # waits brief: 0.35 thread-s per s measured). A CPU-bound neighbour on one core makes
+    # the thread there wait about a third to half its time; the client and HTTP threads of
+    # a busy server, a tenth or two, which costs the second thread far less than dropping
+    # it would: those must not flap the count.
     wait_down: float = 0.3
-    wait_down_brief: float = 0.45
+    wait_down_brief: float = 0.3
     throttled_down: float = 0.02  # cgroup throttled this share of the time
     idle_up: float = 0.5  # this much of a core idle while stepping: probe one thread more
     up_windows: int = 2  # idle for this many windows in a row before a probe
